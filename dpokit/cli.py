@@ -1,0 +1,170 @@
+"""The `dpokit` command: run, list, copy and print recipes and their configs.
+
+Recipes are the `*.py` files of the `dpokit.recipes` folder; the configs of recipe R are the
+`configs/R/*.yaml` files beside them. Both are found by scanning those folders, so adding a recipe
+is adding a file. The CLI itself never parses a config: the recipe does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
+CONFIGS_DIR = RECIPES_DIR / "configs"
+
+
+class CliError(Exception):
+    pass
+
+
+def recipes() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(RECIPES_DIR.glob("*.py")) if not p.name.startswith("_")}
+
+
+def configs(recipe: str) -> dict[str, Path]:
+    return {p.stem: p for p in sorted((CONFIGS_DIR / recipe).glob("*.yaml"))}
+
+
+def _suggest(word: str, options) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def resolve_recipe(name: str) -> Path:
+    """A packaged recipe name, or a path to a local `.py` recipe (e.g. one made by `dpokit cp`)."""
+    if name.endswith(".py"):
+        path = Path(name)
+        if not path.is_file():
+            raise CliError(f"recipe file not found: {name}")
+        return path
+    available = recipes()
+    if name not in available:
+        raise CliError(f"unknown recipe {name!r}{_suggest(name, available)}; `dpokit ls` lists them")
+    return available[name]
+
+
+def resolve_config(recipe: Path, name: str) -> Path:
+    """A path to a `.yaml` file, or the name of one of the recipe's packaged configs
+    (`tiny`, or `recipe/tiny` to name another recipe's)."""
+    if name.endswith((".yaml", ".yml")) or Path(name).is_file():
+        path = Path(name)
+        if not path.is_file():
+            raise CliError(f"config file not found: {name}")
+        return path
+    recipe_name, _, config_name = name.rpartition("/")
+    recipe_name = recipe_name or recipe.stem
+    available = configs(recipe_name)
+    if config_name not in available:
+        listing = ", ".join(available) or "none"
+        raise CliError(
+            f"no config {config_name!r} for recipe {recipe_name!r}{_suggest(config_name, available)}; "
+            f"its configs: {listing}"
+        )
+    return available[config_name]
+
+
+def _split_config_name(name: str) -> tuple[str, str]:
+    recipe_name, sep, config_name = name.partition("/")
+    return recipe_name, config_name if sep else ""
+
+
+def cmd_ls(args) -> int:
+    for name in recipes():
+        print(name)
+        for config in configs(name):
+            print(f"    {name}/{config}")
+    return 0
+
+
+def cmd_cat(args) -> int:
+    recipe_name, config_name = _split_config_name(args.name)
+    if not config_name:
+        raise CliError(f"name a config as RECIPE/CONFIG, e.g. dpo_lora_single_device/tiny (got {args.name!r})")
+    print(resolve_config(resolve_recipe(recipe_name), args.name).read_text(), end="")
+    return 0
+
+
+def cmd_cp(args) -> int:
+    recipe_name, config_name = _split_config_name(args.name)
+    source = resolve_config(resolve_recipe(recipe_name), args.name) if config_name else resolve_recipe(recipe_name)
+    destination = Path(args.destination)
+    if destination.is_dir():
+        destination = destination / source.name
+    if destination.exists() and not args.force:
+        raise CliError(f"{destination} exists; pass --force to overwrite")
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, destination)
+    print(f"copied {source.name} to {destination}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    recipe = resolve_recipe(args.recipe)
+    config = resolve_config(recipe, args.config)
+    recipe_args = [str(recipe), "--config", str(config), *args.overrides]
+    distributed = [args.nproc_per_node, args.nnodes, args.rdzv_endpoint]
+    if any(value is not None for value in distributed):
+        launcher = [sys.executable, "-m", "torch.distributed.run"]
+        launcher.append(f"--nproc_per_node={args.nproc_per_node or 'gpu'}")
+        if args.nnodes is not None:
+            launcher.append(f"--nnodes={args.nnodes}")
+        if args.rdzv_endpoint is not None:
+            launcher += ["--rdzv_backend=c10d", f"--rdzv_endpoint={args.rdzv_endpoint}"]
+        command = launcher + recipe_args
+    else:
+        command = [sys.executable, *recipe_args]
+    return subprocess.call(command)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dpokit", description="Preference alignment recipes (DPO and family).")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run a recipe with a config", description="Run a recipe with a config.")
+    run.add_argument("recipe", help="recipe name (see `dpokit ls`) or a local .py file")
+    run.add_argument("--config", required=True, help="config name (e.g. tiny) or a local .yaml file")
+    run.add_argument("--nproc_per_node", help="launch through torchrun with this many processes per node")
+    run.add_argument("--nnodes", help="torchrun: number of nodes (or MIN:MAX)")
+    run.add_argument("--rdzv_endpoint", help="torchrun: rendezvous host:port for multi-node runs")
+    run.add_argument("overrides", nargs="*", help="config overrides: key=value, +key=value (add), ~key (remove)")
+    run.set_defaults(func=cmd_run)
+
+    ls = sub.add_parser("ls", help="list recipes and their configs", description="List recipes and configs.")
+    ls.set_defaults(func=cmd_ls)
+
+    cp = sub.add_parser("cp", help="copy a recipe or config to customise it",
+                        description="Copy a recipe (NAME) or a config (RECIPE/CONFIG) to DESTINATION.")
+    cp.add_argument("name", help="recipe name, or RECIPE/CONFIG for a config")
+    cp.add_argument("destination", help="file or directory to copy to")
+    cp.add_argument("--force", action="store_true", help="overwrite an existing file")
+    cp.set_defaults(func=cmd_cp)
+
+    cat = sub.add_parser("cat", help="print a config", description="Print a packaged config (RECIPE/CONFIG).")
+    cat.add_argument("name", help="RECIPE/CONFIG, e.g. dpo_lora_single_device/tiny")
+    cat.set_defaults(func=cmd_cat)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    # Overrides may come before or after the options, so they are collected from the leftovers.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        flags = [e for e in extra if e.startswith("-") and not e.startswith("--") or e.startswith("--")]
+        if args.command != "run" or flags:
+            parser.error(f"unrecognized arguments: {' '.join(flags or extra)}")
+        args.overrides = [*args.overrides, *extra]
+    try:
+        return args.func(args)
+    except CliError as e:
+        print(f"dpokit: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""Tokenizers on tiktoken, with chat templates that also say which tokens are trained on.
+
+A `Tokenizer` = a tiktoken `Encoding` (ordinary text; special-token strings inside user text are
+encoded as plain text, never as control tokens) + a `ChatTemplate` that lays out messages with
+special tokens. Only assistant content and its end-of-turn token are trained on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import tiktoken
+
+Message = dict  # {"role": "system" | "user" | "assistant", "content": str}
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """How a message list becomes text around special tokens.
+
+    A message renders as  header(role) + content + end_of_turn + trailer,  where header may contain
+    special tokens written as "<|name|>" inside `header_format` (filled with {role}).
+    """
+
+    name: str
+    begin: str  # once, before the first message ("" for none)
+    header_format: str
+    end_of_turn: str  # a special token, trained on for assistant messages
+    trailer: str = ""  # untrained text after end_of_turn (chatml's newline)
+    default_system_prompt: str | None = None
+
+
+LLAMA3_TEMPLATE = ChatTemplate(
+    name="llama3",
+    begin="<|begin_of_text|>",
+    header_format="<|start_header_id|>{role}<|end_header_id|>\n\n",
+    end_of_turn="<|eot_id|>",
+)
+
+CHATML_TEMPLATE = ChatTemplate(
+    name="chatml",
+    begin="",
+    header_format="<|im_start|>{role}\n",
+    end_of_turn="<|im_end|>",
+    trailer="\n",
+)
+
+
+class Tokenizer:
+    def __init__(self, encoding: tiktoken.Encoding, template: ChatTemplate, *, pad_token: str | None = None):
+        self.encoding = encoding
+        self.template = template
+        self.special_tokens = dict(encoding._special_tokens)
+        for token in (template.begin, template.end_of_turn):
+            if token and token not in self.special_tokens:
+                raise ValueError(f"chat template {template.name!r} needs special token {token!r}")
+        self.eot_id = self.special_tokens[template.end_of_turn]
+        self.pad_id = self.special_tokens[pad_token] if pad_token else self.eot_id
+
+    @property
+    def vocab_size(self) -> int:
+        return self.encoding.n_vocab
+
+    def encode(self, text: str) -> list[int]:
+        """Ordinary text -> ids. "<|eot_id|>" typed by a user stays text, not a control token."""
+        return self.encoding.encode(text, allowed_special=set(), disallowed_special=())
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.encoding.decode(list(ids))
+
+    def _with_specials(self, text: str) -> list[int]:
+        # Template-owned text: its "<|...|>" pieces are the real special tokens.
+        return self.encoding.encode(text, allowed_special="all")
+
+    def _header(self, role: str) -> list[int]:
+        return self._with_specials(self.template.header_format.format(role=role))
+
+    def tokenize_messages(
+        self, messages: Sequence[Message], *, add_generation_prompt: bool = False
+    ) -> tuple[list[int], list[bool]]:
+        """messages -> (ids, trained_mask): True only for assistant content + its end-of-turn."""
+        messages = self._with_default_system(messages)
+        ids = self._with_specials(self.template.begin) if self.template.begin else []
+        mask = [False] * len(ids)
+        for message in messages:
+            role, content = message["role"], message["content"]
+            if role not in ROLES:
+                raise ValueError(f"unknown role {role!r}; expected one of {ROLES}")
+            trained = role == "assistant"
+            pieces = [
+                (self._header(role), False),
+                (self.encode(content) + [self.eot_id], trained),
+                (self.encode(self.template.trailer) if self.template.trailer else [], False),
+            ]
+            for piece_ids, piece_trained in pieces:
+                ids += piece_ids
+                mask += [piece_trained] * len(piece_ids)
+        if add_generation_prompt:
+            header = self._header("assistant")
+            ids += header
+            mask += [False] * len(header)
+        return ids, mask
+
+    def encode_prompt(self, messages: Sequence[Message]) -> list[int]:
+        """The prompt of a preference pair, ending with the assistant header."""
+        ids, _ = self.tokenize_messages(messages, add_generation_prompt=True)
+        return ids
+
+    def encode_response(self, content: str) -> list[int]:
+        """One assistant reply as it follows `encode_prompt`: content + end-of-turn (all trained)."""
+        return self.encode(content) + [self.eot_id]
+
+    def _with_default_system(self, messages: Sequence[Message]) -> list[Message]:
+        messages = list(messages)
+        default = self.template.default_system_prompt
+        if default is not None and not (messages and messages[0]["role"] == "system"):
+            messages.insert(0, {"role": "system", "content": default})
+        return messages
+
+
+BYTE_SPECIAL_TOKENS = (
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+    "<|im_start|>",
+    "<|im_end|>",
+)
+BYTE_VOCAB_SIZE = 272  # 256 bytes + 16 special slots (the rest reserved)
+
+
+def byte_tokenizer(template: ChatTemplate = LLAMA3_TEMPLATE) -> Tokenizer:
+    """A byte-level tokenizer built in code: one token per UTF-8 byte, no merges, no file.
+
+    Ids 0..255 are bytes, 256.. special tokens (llama3 and chatml markers, then reserved slots).
+    """
+    ranks = {bytes([i]): i for i in range(256)}
+    names = list(BYTE_SPECIAL_TOKENS) + [
+        f"<|reserved_special_token_{i}|>" for i in range(BYTE_VOCAB_SIZE - 256 - len(BYTE_SPECIAL_TOKENS))
+    ]
+    specials = {name: 256 + i for i, name in enumerate(names)}
+    # Pre-tokenisation only splits text into pieces before BPE; with no merges any split is exact.
+    encoding = tiktoken.Encoding(
+        name="dpokit_bytes", pat_str=r"\s*\S+|\s+", mergeable_ranks=ranks, special_tokens=specials
+    )
+    return Tokenizer(encoding, template, pad_token="<|end_of_text|>")

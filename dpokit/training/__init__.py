@@ -1,0 +1,16 @@
+"""Pieces every recipe needs: the preference forward, reference policies, metrics, evaluation,
+LR schedules, runtime helpers and checkpoints. Plain functions and classes taking plain values."""
+
+from dpokit.training.checkpoint import save_lora_checkpoint
+from dpokit.training.evaluate import evaluate_preference, move_batch
+from dpokit.training.forward import PolicyLogps, policy_logps
+from dpokit.training.metrics import JsonlLogger, PairMetrics, preference_accuracy
+from dpokit.training.reference import AdapterOffReference
+from dpokit.training.runtime import batches_forever, resolve_device, resolve_dtype, seed_everything
+from dpokit.training.schedules import warmup_cosine_schedule
+
+__all__ = [
+    "AdapterOffReference", "JsonlLogger", "PairMetrics", "PolicyLogps", "batches_forever", "evaluate_preference",
+    "move_batch", "policy_logps", "preference_accuracy", "resolve_device", "resolve_dtype", "save_lora_checkpoint",
+    "seed_everything", "warmup_cosine_schedule",
+]

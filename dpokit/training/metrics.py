@@ -1,0 +1,66 @@
+"""Preference metrics accumulated over pairs, and a JSONL metrics log."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from dpokit.losses.types import PreferenceLossOutput
+
+
+def preference_accuracy(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> torch.Tensor:
+    """Per-pair accuracy: 1 if the chosen reward is higher, 0 if lower, 0.5 on a tie.
+
+    Ties count half so that a policy identical to its reference (all rewards 0, as at step 0)
+    scores 0.5, the chance level, rather than 0.
+    """
+    margin = chosen_rewards - rejected_rewards
+    return (margin > 0).float() + 0.5 * (margin == 0).float()
+
+
+class PairMetrics:
+    """Sums per-pair quantities over micro-batches (and, in distributed recipes, ranks) so the
+    reported means are over every pair of the step, whatever the micro-batch split."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = defaultdict(float)
+        self.pairs = 0
+
+    def add(self, out: PreferenceLossOutput, chosen_logps: torch.Tensor, rejected_logps: torch.Tensor) -> None:
+        per_pair = {
+            "preference_loss": out.losses.detach(),
+            "acc": preference_accuracy(out.chosen_rewards, out.rejected_rewards),
+            "rewards_chosen_mean": out.chosen_rewards,
+            "rewards_rejected_mean": out.rejected_rewards,
+            "reward_margin": out.chosen_rewards - out.rejected_rewards,
+            "logps_chosen": chosen_logps.detach(),
+            "logps_rejected": rejected_logps.detach(),
+        }
+        for name, values in per_pair.items():
+            self.sums[name] += values.float().sum().item()
+        self.pairs += out.losses.numel()
+
+    def means(self) -> dict[str, float]:
+        if not self.pairs:
+            raise ValueError("no pairs were added")
+        return {name: total / self.pairs for name, total in self.sums.items()}
+
+
+class JsonlLogger:
+    """Writes one JSON object per line and flushes each, so a killed run keeps its log.
+    A new run starts the file afresh; `append=True` continues it (resumed runs)."""
+
+    def __init__(self, path: str | Path, *, append: bool = False):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a" if append else "w", encoding="utf-8")
+
+    def log(self, record: dict) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()

@@ -1,0 +1,47 @@
+"""Small runtime helpers shared by recipes: device and dtype by name, seeding, batch streams."""
+
+from __future__ import annotations
+
+import random
+from typing import Iterable, Iterator
+
+import torch
+
+from dpokit.errors import DpokitError
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """"auto" -> cuda if available, else cpu; otherwise any torch device string."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DpokitError(f"device {name!r} requested but CUDA is not available")
+    return device
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise DpokitError(f"unknown dtype {name!r}; choose from {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seeds python and torch; returns a generator for the data order."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def batches_forever(loader: Iterable[dict]) -> Iterator[dict]:
+    """Epoch after epoch of `loader` (a shuffling loader reshuffles each epoch)."""
+    while True:
+        yielded = False
+        for batch in loader:
+            yielded = True
+            yield batch
+        if not yielded:
+            raise DpokitError("the training data loader produced no batch")

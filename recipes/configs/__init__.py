@@ -1,0 +1,237 @@
+"""The config layer of the recipes (the library itself never sees a config).
+
+- `load_config(path, overrides)`: an omegaconf YAML file plus command-line overrides
+  (`key=value` sets an existing key, `+key=value` adds one, `~key` removes one).
+- `check_keys(cfg, known)`: the top-level keys a recipe reads; anything else is a typo.
+- `instantiate(node, **extra)`: builds `node._component_` (a dotted import path) with the node's
+  other keys as arguments; `_partial_: true` returns a `functools.partial` instead.
+- `recipe_main(main, known_keys)`: the `__main__` entry of a recipe: parses `--config` and
+  overrides, and turns every `DpokitError` (bad config, bad data) into one `error: ...` line and exit code 2.
+
+Every mistake is a `ConfigError` whose message names the file and key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import functools
+import importlib
+import inspect
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import yaml
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from dpokit.errors import DpokitError
+
+
+class ConfigError(DpokitError):
+    """A bad config file, key, override or component; the message is meant for the user."""
+
+
+def _did_you_mean(word: str, candidates: Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(candidates), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _all_keys(cfg: Any, prefix: str = "") -> list[str]:
+    keys = []
+    if isinstance(cfg, DictConfig):
+        for key in cfg.keys():
+            full = f"{prefix}{key}"
+            keys.append(full)
+            keys += _all_keys(cfg._get_node(key), f"{full}.")
+    return keys
+
+
+def _parse_value(raw: str) -> Any:
+    try:
+        return yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        return raw
+
+
+def _check_override_type(source: str, override: str, old: Any, new: Any) -> None:
+    if old is None or new is None or isinstance(old, (dict, list, DictConfig, ListConfig)):
+        return
+    numbers = (int, float)
+    ok = (
+        isinstance(new, type(old))
+        or (isinstance(old, float) and isinstance(new, int) and not isinstance(new, bool))
+        or (isinstance(old, str) and isinstance(new, (*numbers, bool)))  # "1e-3" style strings stay usable
+    )
+    if isinstance(old, bool) != isinstance(new, bool) and not isinstance(old, str):
+        ok = False
+    if not ok:
+        raise ConfigError(
+            f"{source}: override {override!r}: expected {type(old).__name__} (current value {old!r}), "
+            f"got {type(new).__name__}"
+        )
+
+
+def apply_overrides(cfg: DictConfig, overrides: list[str], source: str) -> DictConfig:
+    for override in overrides:
+        if override.startswith("~"):
+            key = override[1:]
+            parent_key, _, leaf = key.rpartition(".")
+            parent = OmegaConf.select(cfg, parent_key) if parent_key else cfg
+            if not isinstance(parent, DictConfig) or leaf not in parent:
+                raise ConfigError(f"{source}: override {override!r}: no key {key!r} to remove")
+            parent.pop(leaf)
+            continue
+        if "=" not in override:
+            raise ConfigError(f"{source}: bad override {override!r}: expected key=value, +key=value or ~key")
+        key, raw = override.split("=", 1)
+        adding = key.startswith("+")
+        key = key.lstrip("+")
+        if not key:
+            raise ConfigError(f"{source}: bad override {override!r}: empty key")
+        exists = OmegaConf.select(cfg, key, default="__missing__", throw_on_missing=False) != "__missing__"
+        if not exists and not adding:
+            hint = _did_you_mean(key, _all_keys(cfg))
+            raise ConfigError(
+                f"{source}: override {override!r}: no key {key!r} in the config{hint}; use '+{key}=...' to add one"
+            )
+        if exists and adding:
+            raise ConfigError(f"{source}: override {override!r}: key {key!r} already exists; drop the '+'")
+        new = _parse_value(raw)
+        if exists:
+            _check_override_type(source, override, OmegaConf.select(cfg, key), new)
+        try:
+            OmegaConf.update(cfg, key, new, merge=False, force_add=adding)
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"{source}: override {override!r}: {e.msg if hasattr(e, 'msg') else e}") from None
+    return cfg
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> DictConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        cfg = OmegaConf.load(path)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"{path}: a config must be a YAML mapping at the top level")
+    cfg = apply_overrides(cfg, list(overrides), str(path))
+    try:
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{path}: {e}") from None
+    return cfg
+
+
+def check_keys(cfg: DictConfig, known: Iterable[str]) -> None:
+    """Every top-level key must be one the recipe reads."""
+    known = set(known)
+    for key in cfg.keys():
+        if key not in known:
+            raise ConfigError(f"unknown key {key!r}{_did_you_mean(str(key), known)}")
+    missing = sorted(known - set(cfg.keys()))
+    if missing:
+        raise ConfigError(f"missing key(s) {missing}")
+
+
+def _import(dotted: str, where: str) -> Any:
+    module_name, _, attr = dotted.rpartition(".")
+    if not module_name:
+        raise ConfigError(f"{where}: _component_ {dotted!r} must be a dotted path such as 'torch.optim.AdamW'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        # Maybe a nested attribute such as pkg.Class.method
+        parent, _, _ = module_name.rpartition(".")
+        if parent:
+            try:
+                return getattr(_import(module_name, where), attr)
+            except (ConfigError, AttributeError):
+                pass
+        raise ConfigError(f"{where}: cannot import {module_name!r} for _component_ {dotted!r} ({e})") from None
+    if not hasattr(module, attr):
+        public = [n for n in dir(module) if not n.startswith("_")]
+        raise ConfigError(f"{where}: {module_name!r} has no {attr!r}{_did_you_mean(attr, public)}")
+    return getattr(module, attr)
+
+
+def _node_path(node: DictConfig) -> str:
+    try:
+        key = node._get_full_key(None)
+    except Exception:  # noqa: BLE001 - the path is only for messages
+        key = ""
+    return key or "<root>"
+
+
+def _value(value: Any) -> Any:
+    if isinstance(value, DictConfig) and "_component_" in value:
+        return instantiate(value)
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
+
+
+def instantiate(node: DictConfig, *args: Any, **extra: Any) -> Any:
+    """Build `node._component_(*args, **node_keys, **extra)`; extra arguments win over the node's."""
+    if not isinstance(node, DictConfig) or "_component_" not in node:
+        where = _node_path(node) if isinstance(node, DictConfig) else "value"
+        raise ConfigError(f"config key {where!r} needs a '_component_' to instantiate")
+    where = _node_path(node)
+    target = _import(str(node["_component_"]), where)
+    kwargs = {str(k): _value(node[k]) for k in node.keys() if not str(k).startswith("_")}
+    kwargs.update(extra)
+    partial = bool(node.get("_partial_", False))
+    try:
+        signature = inspect.signature(target)
+    except (TypeError, ValueError):
+        signature = None
+    if signature is not None:
+        params = signature.parameters
+        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        if not takes_any:
+            for name in kwargs:
+                if name not in params:
+                    accepted = [n for n, p in params.items() if p.kind is not inspect.Parameter.VAR_POSITIONAL]
+                    raise ConfigError(
+                        f"{where}.{name}: not a parameter of {node['_component_']}{_did_you_mean(name, accepted)}"
+                    )
+        if not partial:
+            try:
+                signature.bind(*args, **kwargs)
+            except TypeError as e:
+                raise ConfigError(f"{where}: cannot call {node['_component_']}: {e}") from None
+    if partial:
+        return functools.partial(target, *args, **kwargs)
+    try:
+        return target(*args, **kwargs)
+    except ValueError as e:
+        # A builder refusing its arguments (e.g. a LoRA rank of 0) is a config mistake.
+        raise ConfigError(f"{where} ({node['_component_']}): {e}") from e
+
+
+def parse_recipe_args(argv: list[str] | None = None, description: str | None = None) -> tuple[Path, list[str]]:
+    parser = argparse.ArgumentParser(description=description, allow_abbrev=False)
+    parser.add_argument("--config", required=True, help="YAML config file")
+    parser.add_argument("overrides", nargs="*", help="key=value (set), +key=value (add), ~key (remove)")
+    args = parser.parse_args(argv)
+    return Path(args.config), args.overrides
+
+
+def recipe_main(main: Callable[[DictConfig], Any], known_keys: Iterable[str], argv: list[str] | None = None) -> None:
+    """Entry point of a recipe file: config errors become one line on stderr and exit code 2."""
+    path, overrides = parse_recipe_args(argv, description=(main.__doc__ or "").strip().splitlines()[0] or None)
+    try:
+        cfg = load_config(path, overrides)  # its errors name the file already
+        try:
+            check_keys(cfg, known_keys)
+            main(cfg)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+    except DpokitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

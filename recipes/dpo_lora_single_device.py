@@ -1,0 +1,142 @@
+"""DPO with LoRA adapters on one device (CPU, one GPU or Apple MPS).
+
+The reference policy is the same model with its adapters switched off, so there is exactly one
+copy of the weights. Run it with
+
+    dpokit run dpo_lora_single_device --config tiny [key=value ...]
+
+or copy it (`dpokit cp dpo_lora_single_device my_dpo.py`) and edit: this file is the whole loop.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from dpokit.data import collate_preference_pairs
+from dpokit.errors import DpokitError
+from dpokit.models import adapter_params
+from dpokit.recipes.configs import instantiate, recipe_main
+from dpokit.training import (
+    AdapterOffReference,
+    JsonlLogger,
+    PairMetrics,
+    batches_forever,
+    evaluate_preference,
+    move_batch,
+    policy_logps,
+    resolve_device,
+    resolve_dtype,
+    save_lora_checkpoint,
+    seed_everything,
+)
+
+CONFIG_KEYS = (
+    "output_dir", "seed", "device", "dtype", "tokenizer", "model", "train_dataset", "validation_dataset",
+    "loss", "average_logps", "optimizer", "lr_scheduler", "batch_size", "gradient_accumulation_steps",
+    "epochs", "max_steps", "max_grad_norm", "eval_every", "eval_batch_size",
+)
+
+
+def main(cfg) -> None:
+    """DPO with LoRA on a single device; the reference is the model with adapters off."""
+    data_generator = seed_everything(cfg.seed)
+    device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
+    output_dir = Path(cfg.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, output_dir / "config.yaml")
+
+    # Data: chosen and rejected of a batch go through the model as one padded batch.
+    tokenizer = instantiate(cfg.tokenizer)
+    train_set = instantiate(cfg.train_dataset, tokenizer=tokenizer)
+    validation_set = instantiate(cfg.validation_dataset, tokenizer=tokenizer)
+    collate = partial(collate_preference_pairs, pad_id=tokenizer.pad_id)
+    pairs_per_step = cfg.batch_size * cfg.gradient_accumulation_steps
+    if len(train_set) < pairs_per_step:
+        raise DpokitError(f"{train_set.path}: {len(train_set)} pairs, fewer than one step's {pairs_per_step}")
+    train_loader = DataLoader(
+        train_set, batch_size=cfg.batch_size, shuffle=True, drop_last=True, collate_fn=collate,
+        generator=data_generator,
+    )
+    validation_loader = DataLoader(validation_set, batch_size=cfg.eval_batch_size, collate_fn=collate)
+    print(f"train: {train_set.stats.summary()}\nvalidation: {validation_set.stats.summary()}")
+
+    # Model: only the adapters train; the reference is the same module with adapters off.
+    model = instantiate(cfg.model).to(device=device, dtype=dtype)
+    trainable = list(adapter_params(model).values())
+    reference = AdapterOffReference(model, average_logps=cfg.average_logps)
+    loss_fn = instantiate(cfg.loss)
+    print(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, "
+          f"{sum(p.numel() for p in trainable):,} trainable (LoRA)")
+
+    steps_per_epoch = len(train_set) // pairs_per_step
+    total_steps = cfg.epochs * steps_per_epoch
+    if cfg.max_steps is not None:
+        total_steps = min(total_steps, cfg.max_steps)
+    optimizer = instantiate(cfg.optimizer, trainable)
+    scheduler = instantiate(cfg.lr_scheduler, optimizer, total_steps=total_steps)
+
+    log = JsonlLogger(output_dir / "metrics.jsonl")
+
+    def validate(step: int) -> dict:
+        metrics = evaluate_preference(
+            model, reference, validation_loader, loss_fn, device=device, average_logps=cfg.average_logps
+        )
+        log.log({"step": step, "split": "validation", **metrics})
+        return metrics
+
+    val = validate(0)
+    first_val_acc = val["acc"]
+    progress = tqdm(total=total_steps, desc="dpo", dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 5)
+    progress.write(f"step 0: validation loss {val['preference_loss']:.4f} acc {val['acc']:.3f}")
+    batches = batches_forever(train_loader)
+    model.train()
+    for step in range(1, total_steps + 1):
+        started = time.perf_counter()
+        metrics, tokens = PairMetrics(), 0
+        for _ in range(cfg.gradient_accumulation_steps):
+            batch = move_batch(next(batches), device)
+            policy = policy_logps(model, batch, average=cfg.average_logps)
+            ref = reference.logps(batch)
+            out = loss_fn(policy.chosen, policy.rejected, ref.chosen, ref.rejected)
+            # Sum over pairs / pairs in the whole step: the gradient is the mean over every pair of
+            # the step, however it is split into micro-batches.
+            (out.losses.sum() / pairs_per_step).backward()
+            metrics.add(out, policy.chosen, policy.rejected)
+            tokens += batch["num_tokens"]
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+        train = metrics.means()
+        if not (math.isfinite(train["preference_loss"]) and torch.isfinite(grad_norm)):
+            raise DpokitError(f"step {step}: non-finite loss ({train['preference_loss']}) or grad norm "
+                              f"({grad_norm.item()}); stopping before the optimizer step")
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        record = {"step": step, "split": "train", "loss": train["preference_loss"], **train, "lr": lr,
+                  "grad_norm": grad_norm.item(), "tokens_per_s": tokens / (time.perf_counter() - started)}
+        log.log(record)
+        progress.update()
+        progress.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['acc']:.2f}", refresh=False)
+        if step % cfg.eval_every == 0 or step == total_steps:
+            val = validate(step)
+            progress.write(f"step {step}: validation loss {val['preference_loss']:.4f} acc {val['acc']:.3f}")
+    progress.close()
+    log.close()
+
+    checkpoint_dir = save_lora_checkpoint(model, output_dir / "final")
+    print(f"validation accuracy {first_val_acc:.3f} -> {val['acc']:.3f}")
+    print(f"metrics: {log.path}\ncheckpoint: {checkpoint_dir}\noutput directory: {output_dir.resolve()}")
+
+
+if __name__ == "__main__":
+    recipe_main(main, CONFIG_KEYS)
