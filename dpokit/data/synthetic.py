@@ -15,6 +15,8 @@ import json
 import random
 from pathlib import Path
 
+from dpokit.errors import DpokitError
+
 ASSETS = Path(__file__).parent / "assets"
 WORDS = (
     "apple river stone cloud garden light music paper window forest ocean silver mountain "
@@ -51,5 +53,5 @@ def bundled_task_path(name: str, split: str) -> Path:
     path = ASSETS / name / f"{split}.jsonl"
     if not path.is_file():
         available = sorted(p.name for p in ASSETS.iterdir() if p.is_dir())
-        raise FileNotFoundError(f"no bundled task split {name}/{split}; bundled tasks: {available}")
+        raise DpokitError(f"no bundled task split {name}/{split}; bundled tasks: {available}")
     return path

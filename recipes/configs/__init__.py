@@ -49,9 +49,10 @@ def _all_keys(cfg: Any, prefix: str = "") -> list[str]:
 
 
 def _parse_value(raw: str) -> Any:
+    """The value as the YAML file would give it (omegaconf's loader: `1e-3` is a float)."""
     try:
-        return yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError:
+        return OmegaConf.to_container(OmegaConf.from_dotlist([f"v={raw}"]), resolve=False)["v"]
+    except (OmegaConfBaseException, yaml.YAMLError):
         return raw
 
 

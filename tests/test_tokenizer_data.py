@@ -1,0 +1,144 @@
+"""Vertical-slice tests of the byte tokenizer, the JSONL preference dataset, collation and the
+bundled task."""
+
+import json
+
+import pytest
+import torch
+
+from dpokit.data import (
+    CHATML_TEMPLATE,
+    PreferenceDataError,
+    PreferenceDataset,
+    byte_tokenizer,
+    bundled_task_path,
+    collate_preference_pairs,
+)
+from dpokit.data.synthetic import case_following_pairs, write_case_following_task
+
+
+def test_byte_tokenizer_round_trips_any_text():
+    tok = byte_tokenizer()
+    text = "héllo wörld 🙂\n\tcode: x = 1  # done"
+    ids = tok.encode(text)
+    assert ids == list(text.encode("utf-8"))
+    assert tok.decode(ids) == text
+
+
+def test_special_token_text_in_user_content_stays_text():
+    tok = byte_tokenizer()
+    ids = tok.encode("<|eot_id|>")
+    assert tok.eot_id not in ids and len(ids) == len("<|eot_id|>")
+
+
+def test_prompt_plus_response_equals_full_conversation_and_mask_covers_response():
+    tok = byte_tokenizer()
+    prompt = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    ids, mask = tok.tokenize_messages(prompt + [{"role": "assistant", "content": "hello"}])
+    prompt_ids, response_ids = tok.encode_prompt(prompt), tok.encode_response("hello")
+    assert ids == prompt_ids + response_ids
+    assert mask == [False] * len(prompt_ids) + [True] * len(response_ids)
+    assert response_ids[-1] == tok.eot_id
+    assert tok.decode(prompt_ids).endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
+
+
+def test_chatml_template_layout():
+    tok = byte_tokenizer(CHATML_TEMPLATE)
+    ids, mask = tok.tokenize_messages([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}])
+    assert tok.decode(ids) == "<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\na<|im_end|>\n"
+    trained = tok.decode([i for i, m in zip(ids, mask) if m])
+    assert trained == "a<|im_end|>"
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def test_dataset_reads_strings_and_message_lists(tmp_path):
+    tok = byte_tokenizer()
+    path = write_jsonl(tmp_path / "d.jsonl", [
+        {"prompt": "2+2?", "chosen": "4", "rejected": "5"},
+        {"prompt": [{"role": "user", "content": "2+2?"}], "chosen": [{"role": "assistant", "content": "4"}],
+         "rejected": [{"role": "assistant", "content": "5"}]},
+    ])
+    ds = PreferenceDataset(path, tok, max_seq_len=128)
+    assert len(ds) == 2 and ds[0] == ds[1]
+    assert ds[0]["chosen_ids"] == tok.encode_response("4")
+    assert ds[0]["prompt_ids"] == tok.encode_prompt([{"role": "user", "content": "2+2?"}])
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"prompt": "p", "chosen": "a"', "d.jsonl:2: invalid JSON"),
+    ('{"prompt": "p", "chosen": "a"}', "d.jsonl:2: missing field 'rejected'"),
+    ('{"prompt": "p", "chosen": 3, "rejected": "b"}', "d.jsonl:2: field 'chosen': expected a string"),
+    ('{"prompt": "p", "chosen": "", "rejected": "b"}', "d.jsonl:2: field 'chosen': empty response"),
+    ('{"prompt": "p", "chosen": "a", "rejected": "a"}', "d.jsonl:2: field 'rejected': identical to 'chosen'"),
+    ('{"prompt": [{"role": "robot", "content": "x"}], "chosen": "a", "rejected": "b"}',
+     "d.jsonl:2: field 'prompt'[0].role: unknown role 'robot'"),
+])
+def test_malformed_lines_name_file_line_and_field(tmp_path, line, message):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"}, line])
+    with pytest.raises(PreferenceDataError) as info:
+        PreferenceDataset(path, byte_tokenizer(), max_seq_len=64)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_non_utf8_line_is_reported(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b'{"prompt": "p", "chosen": "a", "rejected": "b"}\n{"prompt": "\xff"}\n')
+    with pytest.raises(PreferenceDataError, match=r"d.jsonl:2: not valid UTF-8"):
+        PreferenceDataset(path, byte_tokenizer(), max_seq_len=64)
+
+
+def test_skip_invalid_counts_every_skipped_line(tmp_path):
+    good = {"prompt": "p", "chosen": "a", "rejected": "b"}
+    path = write_jsonl(tmp_path / "d.jsonl", [good, "{oops", good, {"prompt": "p", "chosen": "a", "rejected": "a"}])
+    ds = PreferenceDataset(path, byte_tokenizer(), max_seq_len=64, skip_invalid=True)
+    assert len(ds) == 2
+    assert sum(ds.stats.skipped.values()) == 2
+    assert "2 pairs, 2 skipped" in ds.stats.summary()
+
+
+def test_truncation_keeps_prompt_end_and_response_start_and_is_counted(tmp_path):
+    tok = byte_tokenizer()
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "x" * 100 + "END", "chosen": "abc" * 30, "rejected": "b"}])
+    ds = PreferenceDataset(path, tok, max_seq_len=64, max_prompt_len=24)
+    item = ds[0]
+    assert len(item["prompt_ids"]) == 24 and len(item["prompt_ids"]) + len(item["chosen_ids"]) == 64
+    assert tok.decode(item["prompt_ids"]).endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert tok.decode(item["chosen_ids"]).startswith("abcabc")
+    assert item["rejected_ids"] == tok.encode_response("b")
+    assert ds.stats.truncated == 1
+
+
+def test_collate_puts_chosen_then_rejected_with_shifted_response_labels():
+    items = [
+        {"prompt_ids": [1, 2, 3], "chosen_ids": [4, 5], "rejected_ids": [6]},
+        {"prompt_ids": [7], "chosen_ids": [8, 9, 10], "rejected_ids": [11, 12]},
+    ]
+    batch = collate_preference_pairs(items, pad_id=0)
+    assert batch["num_pairs"] == 2 and batch["num_tokens"] == 5 + 4 + 4 + 3
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5], [7, 8, 9, 10, 0], [1, 2, 3, 6, 0], [7, 11, 12, 0, 0]]
+    x = -100
+    assert batch["labels"].tolist() == [[x, x, 4, 5, x], [8, 9, 10, x, x], [x, x, 6, x, x], [11, 12, x, x, x]]
+    # Every label is the next input token: logits at t score input t+1.
+    ids, labels = batch["input_ids"], batch["labels"]
+    keep = labels[:, :-1] != -100
+    assert torch.equal(labels[:, :-1][keep], ids[:, 1:][keep])
+
+
+def test_bundled_task_is_what_the_generator_writes(tmp_path):
+    write_case_following_task(tmp_path)
+    for split in ("train", "validation"):
+        assert (tmp_path / f"{split}.jsonl").read_bytes() == bundled_task_path("case_following", split).read_bytes()
+
+
+def test_bundled_task_balances_the_two_instructions():
+    pairs = case_following_pairs(2000, seed=0)
+    upper = sum("UPPER" in p["prompt"] for p in pairs)
+    assert 900 < upper < 1100
+    for p in pairs:
+        wanted = str.upper if "UPPER" in p["prompt"] else str.lower
+        assert p["chosen"] == wanted(p["chosen"]) and p["rejected"] != p["chosen"]
+        assert p["chosen"].lower() == p["rejected"].lower() == p["prompt"].split(": ", 1)[1].lower()
