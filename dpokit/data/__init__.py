@@ -1,7 +1,22 @@
-"""Preference data: tokenizers, datasets, collation and the bundled synthetic task."""
+"""Preference data: tokenizers, file formats, datasets, collation, packing and the bundled task."""
 
 from dpokit.data.collate import IGNORE_INDEX, collate_preference_pairs
-from dpokit.data.preference import DatasetStats, PreferenceDataError, PreferenceDataset
+from dpokit.data.formats import FORMATS, PreferenceDataError, detect_format, parse_record
+from dpokit.data.packed import (
+    PackedPreferenceDataset,
+    collate_packed,
+    load_packed_dataset,
+    pack_preference_dataset,
+    pair_length,
+)
+from dpokit.data.packing import PackingStats, first_fit_decreasing, first_fit_shuffle, pack_lengths, packing_stats
+from dpokit.data.preference import (
+    DatasetStats,
+    PreferenceDataset,
+    check_enough_pairs,
+    load_preference_records,
+    truncate_pair,
+)
 from dpokit.data.synthetic import bundled_task_path
 from dpokit.data.tokenizer import CHATML_TEMPLATE, LLAMA3_TEMPLATE, ChatTemplate, Tokenizer, byte_tokenizer
 
@@ -12,7 +27,10 @@ def bundled_preference_dataset(name: str, split: str, tokenizer: Tokenizer, **kw
 
 
 __all__ = [
-    "CHATML_TEMPLATE", "ChatTemplate", "DatasetStats", "IGNORE_INDEX", "LLAMA3_TEMPLATE", "PreferenceDataError",
-    "PreferenceDataset", "Tokenizer", "bundled_preference_dataset", "bundled_task_path", "byte_tokenizer",
-    "collate_preference_pairs",
+    "CHATML_TEMPLATE", "ChatTemplate", "DatasetStats", "FORMATS", "IGNORE_INDEX", "LLAMA3_TEMPLATE",
+    "PackedPreferenceDataset", "PackingStats", "PreferenceDataError", "PreferenceDataset", "Tokenizer",
+    "bundled_preference_dataset", "bundled_task_path", "byte_tokenizer", "check_enough_pairs", "collate_packed",
+    "collate_preference_pairs", "detect_format", "first_fit_decreasing", "first_fit_shuffle",
+    "load_packed_dataset", "load_preference_records", "pack_lengths", "pack_preference_dataset", "packing_stats",
+    "pair_length", "parse_record", "truncate_pair",
 ]

@@ -1,0 +1,274 @@
+"""The on-disk shapes of preference data, each turned into one normalised record.
+
+A normalised record is  {"prompt": [messages], "chosen": str, "rejected": str}  plus, when the
+source has them, "chosen_reward" / "rejected_reward" (floats). The formats:
+
+  "standard"      prompt / chosen / rejected; the prompt is a string (one user turn) or a message
+                  list, a response a string or a one-assistant-message list (TRL, NeMo RL's
+                  BinaryPreferenceDataset, conversational data with an explicit prompt).
+  "nemo_aligner"  prompt / chosen_response / rejected_response, optional chosen_reward /
+                  rejected_reward (the RPO losses need them).
+  "nemo_rl"       context (message list) + completions: exactly two {rank, completion}; the
+                  lower rank is preferred and a tie is an error. A completion is a string or a
+                  one-assistant-message list.
+  "hh_rlhf"       chosen / rejected are whole "\\n\\nHuman: ... \\n\\nAssistant: ..." transcripts;
+                  the turns they share are the prompt, the last assistant turn the response.
+  "conversational" chosen / rejected are whole message lists (OpenAI roles) with an implicit
+                  prompt: the shared messages are the prompt, the last assistant message the response.
+
+Key names are configurable: `keys={"prompt": "question", "chosen": "good", ...}` maps a canonical
+field name to the one used in the file. Every error is one line naming file, line and field.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Callable, Mapping
+
+from dpokit.data.tokenizer import ROLES
+from dpokit.errors import DpokitError
+
+FORMATS = ("standard", "nemo_aligner", "nemo_rl", "hh_rlhf", "conversational")
+
+# Canonical field name -> default key in the file.
+DEFAULT_KEYS = {
+    "prompt": "prompt",
+    "chosen": "chosen",
+    "rejected": "rejected",
+    "chosen_response": "chosen_response",
+    "rejected_response": "rejected_response",
+    "chosen_reward": "chosen_reward",
+    "rejected_reward": "rejected_reward",
+    "context": "context",
+    "completions": "completions",
+    "rank": "rank",
+    "completion": "completion",
+}
+
+
+class PreferenceDataError(DpokitError):
+    """A malformed preference record; the message names file, line and field.
+
+    `reason` is a short category ("empty response", "invalid JSON", ...) used to count skips.
+    """
+
+    def __init__(self, message: str, reason: str = "invalid record"):
+        super().__init__(message)
+        self.reason = reason
+
+
+def resolve_keys(keys: Mapping[str, str] | None) -> dict[str, str]:
+    unknown = set(keys or {}) - set(DEFAULT_KEYS)
+    if unknown:
+        raise DpokitError(f"unknown preference field name(s) {sorted(unknown)} in keys; known: {sorted(DEFAULT_KEYS)}")
+    return {**DEFAULT_KEYS, **(keys or {})}
+
+
+def detect_format(record: Any, keys: Mapping[str, str] = DEFAULT_KEYS) -> str | None:
+    """The format a record looks like, from its keys (None when it matches none)."""
+    if not isinstance(record, dict):
+        return None
+    if keys["completions"] in record and keys["context"] in record:
+        return "nemo_rl"
+    if keys["chosen_response"] in record:
+        return "nemo_aligner"
+    if keys["chosen"] in record:
+        if keys["prompt"] in record:
+            return "standard"
+        return "conversational" if isinstance(record[keys["chosen"]], list) else "hh_rlhf"
+    return None
+
+
+# --- field helpers -------------------------------------------------------------------------------
+
+
+def _field(record: dict, key: str, where: str) -> Any:
+    if key not in record:
+        raise PreferenceDataError(f"{where}: missing field {key!r}", "missing field")
+    return record[key]
+
+
+def _messages(value: Any, where: str) -> list[dict]:
+    """A non-empty list of {"role", "content"} with known roles."""
+    if not isinstance(value, list) or not value:
+        raise PreferenceDataError(
+            f"{where}: expected a non-empty list of messages, got {type(value).__name__}", "mistyped field"
+        )
+    out = []
+    for i, message in enumerate(value):
+        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+            raise PreferenceDataError(f"{where}[{i}]: expected {{'role': str, 'content': str}}", "mistyped field")
+        if message.get("role") not in ROLES:
+            raise PreferenceDataError(
+                f"{where}[{i}].role: unknown role {message.get('role')!r} (expected one of {list(ROLES)})",
+                "unknown role",
+            )
+        out.append({"role": message["role"], "content": message["content"]})
+    return out
+
+
+def _prompt(value: Any, where: str) -> list[dict]:
+    if isinstance(value, str):
+        if not value:
+            raise PreferenceDataError(f"{where}: empty prompt", "empty prompt")
+        return [{"role": "user", "content": value}]
+    if not isinstance(value, list):
+        raise PreferenceDataError(
+            f"{where}: expected a string or a list of messages, got {type(value).__name__}", "mistyped field"
+        )
+    return _messages(value, where)
+
+
+def _response(value: Any, where: str) -> str:
+    """A response: a string, or a list holding exactly one assistant message."""
+    if isinstance(value, list):
+        messages = _messages(value, where)
+        if len(messages) != 1 or messages[0]["role"] != "assistant":
+            raise PreferenceDataError(f"{where}: a response must be one assistant message", "mistyped field")
+        value = messages[0]["content"]
+    elif not isinstance(value, str):
+        raise PreferenceDataError(
+            f"{where}: expected a string or one assistant message, got {type(value).__name__}", "mistyped field"
+        )
+    if not value.strip():
+        raise PreferenceDataError(f"{where}: empty response", "empty response")
+    return value
+
+
+def _reward(record: dict, key: str, where: str) -> float | None:
+    if key not in record or record[key] is None:
+        return None
+    value = record[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise PreferenceDataError(f"{where}: field {key!r}: expected a finite number, got {value!r}", "mistyped field")
+    return float(value)
+
+
+def _finish(prompt: list[dict], chosen: str, rejected: str, where: str, rejected_key: str, chosen_key: str,
+            **extra) -> dict:
+    if chosen == rejected:
+        raise PreferenceDataError(f"{where}: field {rejected_key!r}: identical to {chosen_key!r}", "chosen == rejected")
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, **{k: v for k, v in extra.items() if v is not None}}
+
+
+def _split_shared(chosen: list[dict], rejected: list[dict], where: str, keys: Mapping[str, str]) -> tuple:
+    """Implicit prompt: the messages both share are the prompt; each side must then hold exactly
+    one more message, an assistant one (its response)."""
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+        shared += 1
+    for side, messages in (("chosen", chosen), ("rejected", rejected)):
+        rest = messages[shared:]
+        if len(rest) != 1 or rest[0]["role"] != "assistant":
+            raise PreferenceDataError(
+                f"{where}: field {keys[side]!r}: after the {shared} shared message(s) expected exactly one "
+                f"assistant message, got {len(rest)} message(s)",
+                "no single final assistant turn",
+            )
+    if shared == 0:
+        raise PreferenceDataError(f"{where}: field {keys['chosen']!r}: no shared prompt turns", "no shared prompt")
+    return chosen[:shared], chosen[shared]["content"], rejected[shared]["content"]
+
+
+_HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+_HH_ROLES = {"Human": "user", "Assistant": "assistant"}
+
+
+def split_hh_transcript(text: str, where: str) -> list[dict]:
+    """"\\n\\nHuman: a\\n\\nAssistant: b" -> [{"role": "user", "content": "a"}, {"role": "assistant", ...}]."""
+    pieces = _HH_TURN.split(text)
+    if pieces[0].strip():
+        raise PreferenceDataError(f"{where}: text before the first '\\n\\nHuman:' turn", "bad transcript")
+    if len(pieces) < 3:
+        raise PreferenceDataError(f"{where}: no '\\n\\nHuman:' / '\\n\\nAssistant:' turns", "bad transcript")
+    return [{"role": _HH_ROLES[role], "content": content.strip()} for role, content in zip(pieces[1::2], pieces[2::2])]
+
+
+# --- one parser per format -----------------------------------------------------------------------
+
+
+def parse_standard(record: dict, where: str, keys: Mapping[str, str]) -> dict:
+    prompt = _prompt(_field(record, keys["prompt"], where), f"{where}: field {keys['prompt']!r}")
+    chosen = _response(_field(record, keys["chosen"], where), f"{where}: field {keys['chosen']!r}")
+    rejected = _response(_field(record, keys["rejected"], where), f"{where}: field {keys['rejected']!r}")
+    return _finish(prompt, chosen, rejected, where, keys["rejected"], keys["chosen"])
+
+
+def parse_nemo_aligner(record: dict, where: str, keys: Mapping[str, str]) -> dict:
+    prompt = _prompt(_field(record, keys["prompt"], where), f"{where}: field {keys['prompt']!r}")
+    chosen_key, rejected_key = keys["chosen_response"], keys["rejected_response"]
+    chosen = _response(_field(record, chosen_key, where), f"{where}: field {chosen_key!r}")
+    rejected = _response(_field(record, rejected_key, where), f"{where}: field {rejected_key!r}")
+    chosen_reward = _reward(record, keys["chosen_reward"], where)
+    rejected_reward = _reward(record, keys["rejected_reward"], where)
+    if (chosen_reward is None) != (rejected_reward is None):
+        missing = keys["rejected_reward"] if rejected_reward is None else keys["chosen_reward"]
+        raise PreferenceDataError(f"{where}: missing field {missing!r} (rewards come in pairs)", "missing field")
+    return _finish(prompt, chosen, rejected, where, rejected_key, chosen_key,
+                   chosen_reward=chosen_reward, rejected_reward=rejected_reward)
+
+
+def parse_nemo_rl(record: dict, where: str, keys: Mapping[str, str]) -> dict:
+    context_key, completions_key, rank_key = keys["context"], keys["completions"], keys["rank"]
+    prompt = _prompt(_field(record, context_key, where), f"{where}: field {context_key!r}")
+    completions = _field(record, completions_key, where)
+    if not isinstance(completions, list) or len(completions) != 2:
+        got = f"{len(completions)} items" if isinstance(completions, list) else type(completions).__name__
+        raise PreferenceDataError(f"{where}: field {completions_key!r}: expected exactly two completions, got {got}",
+                                  "mistyped field")
+    ranked = []
+    for i, item in enumerate(completions):
+        field_where = f"{where}: field '{completions_key}[{i}]'"
+        if not isinstance(item, dict):
+            raise PreferenceDataError(f"{field_where}: expected an object, got {type(item).__name__}", "mistyped field")
+        rank = _field(item, rank_key, field_where)
+        if isinstance(rank, bool) or not isinstance(rank, (int, float)):
+            raise PreferenceDataError(f"{field_where}.{rank_key}: expected a number, got {rank!r}", "mistyped field")
+        response = _response(_field(item, keys["completion"], field_where), f"{field_where}.{keys['completion']}")
+        ranked.append((rank, response))
+    if ranked[0][0] == ranked[1][0]:
+        raise PreferenceDataError(f"{where}: field {completions_key!r}: both completions have rank {ranked[0][0]} (a tie)",
+                                  "tied ranks")
+    (_, chosen), (_, rejected) = sorted(ranked, key=lambda r: r[0])
+    return _finish(prompt, chosen, rejected, where, f"{completions_key}[1]", f"{completions_key}[0]")
+
+
+def parse_hh_rlhf(record: dict, where: str, keys: Mapping[str, str]) -> dict:
+    sides = []
+    for side in ("chosen", "rejected"):
+        value = _field(record, keys[side], where)
+        if not isinstance(value, str):
+            raise PreferenceDataError(f"{where}: field {keys[side]!r}: expected a transcript string, got "
+                                      f"{type(value).__name__}", "mistyped field")
+        sides.append(split_hh_transcript(value, f"{where}: field {keys[side]!r}"))
+    prompt, chosen, rejected = _split_shared(*sides, where, keys)
+    chosen = _response(chosen, f"{where}: field {keys['chosen']!r}")
+    rejected = _response(rejected, f"{where}: field {keys['rejected']!r}")
+    return _finish(prompt, chosen, rejected, where, keys["rejected"], keys["chosen"])
+
+
+def parse_conversational(record: dict, where: str, keys: Mapping[str, str]) -> dict:
+    sides = [_messages(_field(record, keys[s], where), f"{where}: field {keys[s]!r}") for s in ("chosen", "rejected")]
+    prompt, chosen, rejected = _split_shared(*sides, where, keys)
+    chosen = _response(chosen, f"{where}: field {keys['chosen']!r}")
+    rejected = _response(rejected, f"{where}: field {keys['rejected']!r}")
+    return _finish(prompt, chosen, rejected, where, keys["rejected"], keys["chosen"])
+
+
+PARSERS: dict[str, Callable[[dict, str, Mapping[str, str]], dict]] = {
+    "standard": parse_standard,
+    "nemo_aligner": parse_nemo_aligner,
+    "nemo_rl": parse_nemo_rl,
+    "hh_rlhf": parse_hh_rlhf,
+    "conversational": parse_conversational,
+}
+
+
+def parse_record(record: Any, where: str, format: str, keys: Mapping[str, str] = DEFAULT_KEYS) -> dict:
+    """Validate one decoded record of `format` -> a normalised record (see the module docstring)."""
+    if format not in PARSERS:
+        raise DpokitError(f"unknown preference data format {format!r}; choose from {list(FORMATS)} or 'auto'")
+    if not isinstance(record, dict):
+        raise PreferenceDataError(f"{where}: expected a JSON object, got {type(record).__name__}", "mistyped field")
+    return PARSERS[format](record, where, keys)

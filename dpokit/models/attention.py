@@ -1,0 +1,86 @@
+"""The attention-backend seam: plain causal SDPA, SDPA with a boolean mask, or FlexAttention.
+
+Packed and prefix-shared batches describe their attention pattern per token with
+`document_ids` and `branch_ids` (see `dpokit.data.packed`): query q may attend to key k iff
+
+    document[q] == document[k]  and  k <= q  and  branch[k] in {0, branch[q]}
+
+(branch 0 = shared tokens such as the prompt; 1 / 2 = the chosen / rejected branch of a
+prefix-shared pair, which never see each other). `build_attention_mask` turns that into
+
+  - a boolean [B, 1, T, T] tensor (True = may attend) for `F.scaled_dot_product_attention`: used on
+    CPU and anywhere FlexAttention is unavailable (torch 2.13 has no FlexAttention backward on CPU);
+  - a FlexAttention `BlockMask` on CUDA, which skips fully-masked blocks instead of materialising
+    T x T booleans.
+
+`attention(q, k, v, mask)` dispatches on the mask's type, so the model calls one function.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+try:  # FlexAttention is in torch >= 2.5; dpokit supports older builds without it.
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+except ImportError:  # pragma: no cover - depends on the torch build
+    BlockMask = create_block_mask = flex_attention = None
+
+_compiled_flex = None
+
+
+def packed_attention_mask(document_ids: torch.Tensor, branch_ids: torch.Tensor) -> torch.Tensor:
+    """document_ids, branch_ids [B, T] -> boolean mask [B, 1, T, T] (True = may attend)."""
+    seq = document_ids.shape[-1]
+    same_document = document_ids[:, :, None] == document_ids[:, None, :]
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=document_ids.device).tril()
+    key_branch = branch_ids[:, None, :]
+    visible_branch = (key_branch == 0) | (key_branch == branch_ids[:, :, None])
+    return (same_document & causal & visible_branch).unsqueeze(1)
+
+
+def packed_mask_mod(document_ids: torch.Tensor, branch_ids: torch.Tensor):
+    """The same rule as `packed_attention_mask`, as a FlexAttention mask_mod."""
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        same_document = document_ids[b, q_idx] == document_ids[b, kv_idx]
+        key_branch = branch_ids[b, kv_idx]
+        visible_branch = (key_branch == 0) | (key_branch == branch_ids[b, q_idx])
+        return same_document & (kv_idx <= q_idx) & visible_branch
+
+    return mask_mod
+
+
+def flex_available(device: torch.device) -> bool:
+    return flex_attention is not None and device.type == "cuda"
+
+
+def build_attention_mask(document_ids: torch.Tensor, branch_ids: torch.Tensor, backend: str = "auto"):
+    """The mask object the model's attention consumes. backend: "auto" (FlexAttention on CUDA,
+    else SDPA), "sdpa" (boolean tensor) or "flex" (BlockMask)."""
+    if backend == "auto":
+        backend = "flex" if flex_available(document_ids.device) else "sdpa"
+    if backend == "sdpa":
+        return packed_attention_mask(document_ids, branch_ids)
+    if backend == "flex":
+        if create_block_mask is None:
+            raise RuntimeError("FlexAttention needs torch >= 2.5")
+        batch, seq = document_ids.shape
+        return create_block_mask(packed_mask_mod(document_ids, branch_ids), batch, None, seq, seq,
+                                 device=document_ids.device)
+    raise ValueError(f"unknown attention backend {backend!r}; choose from 'auto', 'sdpa', 'flex'")
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None, *, enable_gqa: bool = False):
+    """q [B, H, T, D], k/v [B, Hkv, T, D]; mask None (causal), a boolean tensor, or a BlockMask."""
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=enable_gqa)
+    if BlockMask is not None and isinstance(mask, BlockMask):
+        global _compiled_flex
+        if q.device.type != "cuda":  # eager FlexAttention: forward only, slow; for checks on CPU
+            return flex_attention(q, k, v, block_mask=mask, enable_gqa=enable_gqa)
+        if _compiled_flex is None:
+            # Compiled once per process; uncompiled FlexAttention materialises the full score matrix.
+            _compiled_flex = torch.compile(flex_attention, dynamic=False)
+        return _compiled_flex(q, k, v, block_mask=mask, enable_gqa=enable_gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=enable_gqa)

@@ -1,0 +1,109 @@
+"""Packed and prefix-shared batches give the log-probs, DPO loss and gradients of the padded batch
+(the reference path: `collate_preference_pairs` + `policy_logps`), with LoRA adapters on and off."""
+
+import random
+
+import pytest
+import torch
+
+from dpokit.data import collate_packed, collate_preference_pairs, first_fit_decreasing, first_fit_shuffle, pair_length
+from dpokit.losses import dpo_loss
+from dpokit.models import disable_adapter, lora_llama
+from dpokit.training.forward import policy_logps
+from dpokit.training.packed_forward import packed_policy_logps, segment_logps
+
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def tiny_lora_model():
+    model = lora_llama(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, max_seq_len=256,
+                       rope_theta=10_000.0, lora_targets=["q_proj", "v_proj", "o_proj", "down_proj"], lora_rank=4)
+    # Non-zero adapters, so "adapters on" differs from "adapters off".
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_b" in name:
+                p.normal_(std=0.2)
+    return model
+
+
+def random_pairs(n, seed):
+    rng = random.Random(seed)
+    ids = lambda lo, hi: [rng.randrange(1, 64) for _ in range(rng.randint(lo, hi))]  # noqa: E731
+    return [{"prompt_ids": ids(1, 14), "chosen_ids": ids(1, 10), "rejected_ids": ids(1, 10)} for _ in range(n)]
+
+
+def batches(pairs, prefix_sharing, packer):
+    """The same pairs as one packed batch and as one padded batch in the packed pair order."""
+    lengths = [pair_length(p, prefix_sharing=prefix_sharing) for p in pairs]
+    packs = packer(lengths, 64)
+    assert len(packs) < len(pairs)  # several pairs really share a row
+    ordered = [pairs[i] for pack in packs for i in pack]
+    packed = collate_packed([[pairs[i] for i in pack] for pack in packs], pad_id=0, pack_size=64,
+                            prefix_sharing=prefix_sharing)
+    return packed, collate_preference_pairs(ordered, pad_id=0)
+
+
+@pytest.mark.parametrize("prefix_sharing", [False, True], ids=["packed", "prefix_shared+packed"])
+@pytest.mark.parametrize("adapters", ["on", "off"])
+@pytest.mark.parametrize("average", [False, True])
+def test_packed_logps_equal_padded_logps(prefix_sharing, adapters, average):
+    model = tiny_lora_model()
+    packed, padded = batches(random_pairs(9, seed=1), prefix_sharing, first_fit_shuffle)
+    with torch.no_grad():
+        if adapters == "off":
+            with disable_adapter(model):
+                got, want = packed_policy_logps(model, packed, average=average), policy_logps(model, padded, average=average)
+        else:
+            got, want = packed_policy_logps(model, packed, average=average), policy_logps(model, padded, average=average)
+    torch.testing.assert_close(got.chosen, want.chosen, **TOL)
+    torch.testing.assert_close(got.rejected, want.rejected, **TOL)
+
+
+def dpo_step(model, batch, forward):
+    """DPO loss (policy = adapters on, reference = adapters off) and the adapter gradients."""
+    model.zero_grad(set_to_none=True)
+    with torch.no_grad(), disable_adapter(model):
+        ref = forward(model, batch)
+    policy = forward(model, batch)
+    out = dpo_loss(policy.chosen, policy.rejected, ref.chosen, ref.rejected, beta=0.5)
+    out.losses.mean().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return out.losses.detach(), grads
+
+
+@pytest.mark.parametrize("prefix_sharing", [False, True], ids=["packed", "prefix_shared+packed"])
+def test_packed_dpo_loss_and_gradients_equal_padded(prefix_sharing):
+    model = tiny_lora_model()
+    packed, padded = batches(random_pairs(10, seed=2), prefix_sharing, first_fit_decreasing)
+    losses, grads = dpo_step(model, packed, packed_policy_logps)
+    want_losses, want_grads = dpo_step(model, padded, policy_logps)
+    assert want_losses.abs().sum() > 0 and len(grads) > 0
+    torch.testing.assert_close(losses, want_losses, **TOL)
+    for name, grad in want_grads.items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(grads[name], grad, **TOL, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_prefix_sharing_without_packing_is_a_pack_per_pair():
+    model = tiny_lora_model()
+    pairs = random_pairs(4, seed=3)
+    shared = collate_packed([[p] for p in pairs], pad_id=0, prefix_sharing=True)
+    padded = collate_preference_pairs(pairs, pad_id=0)
+    with torch.no_grad():
+        got, want = packed_policy_logps(model, shared), policy_logps(model, padded)
+    torch.testing.assert_close(torch.cat(got), torch.cat(want), **TOL)
+    # Each pair's prompt is computed once: fewer tokens than the two sequences of the padded layout.
+    saved = sum(len(p["prompt_ids"]) - 1 for p in pairs)
+    assert shared["num_tokens"] == padded["num_tokens"] - saved
+
+
+def test_segment_logps_against_a_python_loop_and_empty_sequence_error():
+    values = torch.randn(12, dtype=torch.float64)
+    ids = torch.tensor([2, 0, 0, 1, 2, 2, 3, 1, 0, 3, 3, 3])
+    sums, counts = segment_logps(values, ids, 4)
+    for s in range(4):
+        assert sums[s].item() == pytest.approx(sum(v for v, i in zip(values.tolist(), ids.tolist()) if i == s))
+    means, _ = segment_logps(values, ids, 4, average=True)
+    torch.testing.assert_close(means, sums / counts)
+    with pytest.raises(ValueError, match=r"sequence\(s\) \[4\] have no response tokens"):
+        segment_logps(values, ids, 5)
