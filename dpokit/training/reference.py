@@ -1,11 +1,22 @@
 """Reference policies: where the DPO reference log-probs come from.
 
 Every strategy exposes `logps(batch) -> (chosen_logps, rejected_logps)` computed without grad, so
-recipes swap strategies without touching the training step. This module holds the adapter-off
-strategy used by LoRA recipes (the base model is the reference; no second copy of the weights).
+recipes swap strategies without touching the training step:
+
+- `AdapterOffReference`: LoRA recipes; the base model (adapters off) is the reference.
+- `StateDictSwapReference`: full fine-tuning with one model (NeMo-Aligner's method). Each rank keeps
+  a CPU copy of its own reference shards and swaps them into the model for the reference forward.
+- `FrozenCopyReference`: a second (sharded) model that never trains: more memory, no swap time.
+- `PrecomputedReference`: log-probs computed once before training (see `reference_cache`).
+- `NoReference`: reference-free losses (SimPO, ORPO-style SFT terms): returns None for both.
 """
 
 from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from collections import defaultdict
 
 import torch
 from torch import nn
@@ -24,3 +35,135 @@ class AdapterOffReference:
     def logps(self, batch: dict) -> PolicyLogps:
         with disable_adapter(self.model):
             return policy_logps(self.model, batch, average=self.average_logps)
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard, or the tensor itself."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _reshard(model: nn.Module) -> None:
+    """Free FSDP2's unsharded parameters (no-op for a plain model)."""
+    # Importing FSDP costs seconds; if nothing imported it, no module can be sharded.
+    if "torch.distributed.fsdp" not in sys.modules:
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module):
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+class StateDictSwapReference:
+    """Full fine-tuning with a single model: the reference weights are kept off the device and
+    swapped in for the reference forward (NeMo-Aligner's full-parameter DPO).
+
+    Each rank holds a CPU copy of only its own shards (pinned when the model is on CUDA, so the
+    copies are asynchronous DMA). `logps` copies the training shards out to a CPU stash, copies
+    the reference shards in, runs the forward, and copies the training shards back: nothing is
+    ever gathered and the training weights come back bitwise unchanged. Under FSDP2 every module
+    reshards after forward, and `reshard` frees anything left unsharded, so no all-gathered copy
+    of the reference weights outlives the reference forward.
+
+    `seconds["swap"]` accumulates the time spent copying (for the benchmark).
+    """
+
+    def __init__(self, model: nn.Module, *, average_logps: bool = False):
+        self.model, self.average_logps = model, average_logps
+        self.params = [p for p in model.parameters()]
+        device = _local(self.params[0]).device
+        pin = device.type == "cuda"
+        # The policy starts as the reference: snapshot the current shards.
+        self.reference = [_local(p).detach().to("cpu", copy=True) for p in self.params]
+        self.stash = [torch.empty_like(t) for t in self.reference]
+        if pin:
+            self.reference = [t.pin_memory() for t in self.reference]
+            self.stash = [t.pin_memory() for t in self.stash]
+        self.device = device
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    @torch.no_grad()
+    def _copy(self, sources, destinations) -> None:
+        started = time.perf_counter()
+        for src, dst in zip(sources, destinations):
+            dst.copy_(src, non_blocking=True)
+        _sync(self.device)
+        self.seconds["swap"] += time.perf_counter() - started
+
+    @contextlib.contextmanager
+    def swapped(self):
+        """Inside the block the model holds the reference weights."""
+        shards = [_local(p) for p in self.params]
+        _reshard(self.model)  # an earlier no-grad forward may have left policy weights unsharded
+        self._copy(shards, self.stash)
+        self._copy(self.reference, shards)
+        try:
+            yield self.model
+        finally:
+            # FSDP2 keeps the root's parameters unsharded after a forward (it expects a backward
+            # next): free them, or the next forward would reuse the reference's embedding/head.
+            _reshard(self.model)
+            self._copy(self.stash, shards)
+
+    @torch.no_grad()
+    def logps(self, batch: dict) -> PolicyLogps:
+        with self.swapped(), _eval_mode(self.model):
+            return policy_logps(self.model, batch, average=self.average_logps)
+
+
+class FrozenCopyReference:
+    """A second model holding the reference weights (sharded like the policy under FSDP2).
+    Costs a second copy of the parameters (no gradients, no optimizer state); saves the swap."""
+
+    def __init__(self, model: nn.Module, *, average_logps: bool = False):
+        self.model, self.average_logps = model, average_logps
+        model.eval()
+        model.requires_grad_(False)
+
+    @torch.no_grad()
+    def logps(self, batch: dict) -> PolicyLogps:
+        try:
+            return policy_logps(self.model, batch, average=self.average_logps)
+        finally:
+            _reshard(self.model)  # no backward follows: don't keep the root's weights gathered
+
+
+class PrecomputedReference:
+    """Reference log-probs looked up by each pair's dataset index (`batch["pair_index"]`).
+
+    `chosen` / `rejected` are [num_pairs] tables for one dataset split, computed once before
+    training by `dpokit.training.reference_cache.precompute_reference_logps`."""
+
+    def __init__(self, chosen: torch.Tensor, rejected: torch.Tensor):
+        if chosen.shape != rejected.shape or chosen.dim() != 1:
+            raise ValueError(f"expected two [num_pairs] tables, got {tuple(chosen.shape)} and {tuple(rejected.shape)}")
+        self.chosen, self.rejected = chosen, rejected
+
+    def logps(self, batch: dict) -> PolicyLogps:
+        if "pair_index" not in batch:
+            raise KeyError("a precomputed reference needs batch['pair_index'] (see dpokit.training.dist_data)")
+        index = batch["pair_index"].to(self.chosen.device)
+        device = batch["input_ids"].device
+        return PolicyLogps(self.chosen[index].to(device), self.rejected[index].to(device))
+
+
+class NoReference:
+    """For reference-free losses: no reference forward at all (`logps` returns None)."""
+
+    def logps(self, batch: dict) -> None:
+        return None

@@ -1,0 +1,119 @@
+"""The gradient-accumulation step and the validation pass of the distributed recipes.
+
+Normalisation over the global batch. With N pairs in an optimizer step over all micro-batches of
+all W ranks, the gradient should be that of the per-pair mean
+
+    L = (1 / N) * sum_{ranks r} sum_{micro-batches m} sum_{pairs i in (r, m)} loss_i.
+
+FSDP averages gradients over ranks (divides the sum by W), so each micro-batch backpropagates
+`loss.sum() * W / N`. N is all-reduced before the first backward, so uneven micro-batches are
+weighted per pair too (the bug of averaging per micro-batch, then per rank, which weights pairs in
+small micro-batches up).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+from torch.distributed.fsdp import FSDPModule
+
+from dpokit.losses.types import PreferenceLossOutput
+from dpokit.training.distributed import all_reduce_pair_metrics, all_reduce_sum, get_world_size
+from dpokit.training.evaluate import move_batch
+from dpokit.training.forward import policy_logps, preference_loss
+from dpokit.training.fsdp import reshard
+from dpokit.training.metrics import PairMetrics
+
+
+class StepTimer:
+    """Accumulates wall time per phase (synchronising CUDA so the numbers mean something)."""
+
+    def __init__(self, device: torch.device | None = None):
+        self.device = device
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    def sync(self) -> None:
+        if self.device is not None and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def __call__(self, name: str):
+        timer = self
+
+        class _Phase:
+            def __enter__(self):
+                timer.sync()
+                self.started = time.perf_counter()
+
+            def __exit__(self, *exc):
+                timer.sync()
+                timer.seconds[name] += time.perf_counter() - self.started
+
+        return _Phase()
+
+
+def _set_gradient_sync(model: nn.Module, enabled: bool) -> None:
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(enabled)
+
+
+def accumulate_gradients(
+    model: nn.Module, reference, micro_batches: list[dict], loss_fn: Callable, *, device: torch.device,
+    average_logps: bool = False, timer: StepTimer | None = None,
+) -> tuple[PairMetrics, int]:
+    """Forward + backward over this rank's micro-batches of one optimizer step, with the loss
+    normalised over the global batch (module docstring). Returns the step's metrics summed over
+    all ranks and this rank's token count. Gradients are reduced across ranks only after the
+    last micro-batch."""
+    timer = timer or StepTimer(device)
+    local_pairs = sum(b["num_pairs"] for b in micro_batches)
+    global_pairs = all_reduce_sum([local_pairs])[0]
+    scale = get_world_size() / global_pairs
+    metrics, tokens = PairMetrics(), 0
+    for m, batch in enumerate(micro_batches):
+        batch = move_batch(batch, device)
+        with timer("reference"):
+            ref = reference.logps(batch)  # before the policy forward: nothing of it is saved for backward
+        _set_gradient_sync(model, m == len(micro_batches) - 1)
+        with timer("policy"):
+            policy = policy_logps(model, batch, average=average_logps)
+            out = preference_loss(loss_fn, policy, ref, batch, averaged=average_logps)
+            (out.losses.sum() * scale).backward()
+        metrics.add(out, policy.chosen, policy.rejected)
+        tokens += batch["num_tokens"]
+    _set_gradient_sync(model, True)
+    return all_reduce_pair_metrics(metrics), tokens
+
+
+def _valid_only(out: PreferenceLossOutput, valid: torch.Tensor) -> PreferenceLossOutput:
+    return PreferenceLossOutput(*(t[valid] for t in out))
+
+
+@torch.no_grad()
+def evaluate_distributed(
+    model: nn.Module, reference, batches: Iterable[dict], loss_fn: Callable, *, device: torch.device,
+    average_logps: bool = False,
+) -> dict[str, float]:
+    """Mean preference metrics over every pair of every rank's `batches` (from
+    `dist_data.eval_batches`; padding pairs, `valid == False`, are not counted)."""
+    was_training = model.training
+    model.eval()
+    metrics = PairMetrics()
+    try:
+        for batch in batches:
+            batch = move_batch(batch, device)
+            policy = policy_logps(model, batch, average=average_logps)
+            ref = reference.logps(batch)
+            out = preference_loss(loss_fn, policy, ref, batch, averaged=average_logps)
+            valid = batch.get("valid")
+            if valid is not None:
+                out = _valid_only(out, valid)
+                policy = type(policy)(policy.chosen[valid], policy.rejected[valid])
+            metrics.add(out, policy.chosen, policy.rejected)
+    finally:
+        model.train(was_training)
+        reshard(model)  # FSDP2 leaves the root gathered after a forward with no backward
+    return all_reduce_pair_metrics(metrics).means()

@@ -1,0 +1,123 @@
+"""Precomputed reference log-probs: one no-grad pass over the data before training, cached on disk.
+
+The cache file is named by a hash of everything the numbers depend on:
+- the reference weights (hashed as they stream through the loader, name + dtype + shape + bytes),
+- each split's tokenized pairs (prompt/chosen/rejected ids: this covers the data file, the
+  tokenizer, the chat template and truncation settings at once),
+- the settings of the forward (`average_logps`, the compute dtype, ...).
+So a later epoch, or a later run with the same model and data, reuses it, and anything that
+changes the numbers misses it.
+
+Under FSDP2 every rank runs the same number of forwards (FSDP's collectives need that): pairs are
+dealt round-robin, the last batch padded, and the per-pair results all-gathered so every rank ends
+with the full tables. The result does not depend on the number of ranks, so a cache written by an
+8-rank run serves a 1-rank run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from dpokit.training.dist_data import eval_batches
+from dpokit.training.distributed import all_gather_tensor, get_rank, get_world_size
+from dpokit.training.evaluate import move_batch
+from dpokit.training.forward import policy_logps
+from dpokit.training.fsdp import reshard
+from dpokit.training.reference import PrecomputedReference
+
+
+class TensorFingerprint:
+    """Wraps a (key, tensor) stream and hashes it as it passes: `wrap(tensors)` yields the same
+    items; `hexdigest()` afterwards names the weights (independent of how they are sharded)."""
+
+    def __init__(self):
+        self._hash = hashlib.sha256()
+
+    def wrap(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+        for key, tensor in tensors:
+            data = tensor.detach().to("cpu").contiguous()
+            self._hash.update(f"{key}|{data.dtype}|{tuple(data.shape)}|".encode())
+            self._hash.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
+            yield key, tensor
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
+
+
+def dataset_fingerprint(dataset: Sequence[dict]) -> str:
+    """Hash of a tokenized preference dataset (every pair's prompt, chosen and rejected ids)."""
+    digest = hashlib.sha256()
+    for i in range(len(dataset)):
+        item = dataset[i]
+        digest.update(json.dumps([item["prompt_ids"], item["chosen_ids"], item["rejected_ids"]]).encode())
+    return digest.hexdigest()
+
+
+def reference_cache_key(*, weights: str, datasets: dict[str, str], settings: dict) -> str:
+    payload = json.dumps({"weights": weights, "datasets": datasets, "settings": settings}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+@torch.no_grad()
+def compute_reference_logps(
+    model: nn.Module, dataset: Sequence[dict], collate: Callable[[list[dict]], dict], *, batch_size: int,
+    device: torch.device, average_logps: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """[num_pairs] chosen and rejected reference log-probs (fp32, CPU) of every pair, on every rank."""
+    rank, world_size = get_rank(), get_world_size()
+    was_training = model.training
+    model.eval()
+    local = []  # rows of (index, valid, chosen, rejected)
+    try:
+        for batch in eval_batches(dataset, collate, batch_size=batch_size, rank=rank, world_size=world_size):
+            out = policy_logps(model, move_batch(batch, device), average=average_logps)
+            local.append(torch.stack([batch["pair_index"].double(), batch["valid"].double(),
+                                      out.chosen.double().cpu(), out.rejected.double().cpu()], dim=1))
+    finally:
+        model.train(was_training)
+        reshard(model)  # FSDP2 leaves the root gathered after a forward with no backward
+    rows = torch.cat([r for r in all_gather_tensor(torch.cat(local))])
+    rows = rows[rows[:, 1] > 0]
+    chosen = torch.full((len(dataset),), float("nan"), dtype=torch.float64)
+    rejected = torch.full((len(dataset),), float("nan"), dtype=torch.float64)
+    index = rows[:, 0].long()
+    chosen[index], rejected[index] = rows[:, 2], rows[:, 3]
+    if torch.isnan(chosen).any() or torch.isnan(rejected).any():
+        raise RuntimeError("precomputing reference log-probs missed some pairs")
+    return chosen.float(), rejected.float()
+
+
+def _write_atomic(obj, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)  # atomic: readers see the old file or the whole new one
+
+
+def precompute_reference_logps(
+    model: nn.Module, datasets: dict[str, Sequence[dict]], collate: Callable[[list[dict]], dict], *,
+    cache_dir: str | Path | None, key: str, batch_size: int, device: torch.device, average_logps: bool = False,
+) -> tuple[dict[str, PrecomputedReference], bool]:
+    """One `PrecomputedReference` per split (e.g. {"train": ..., "validation": ...}), loaded from
+    `cache_dir/reference_logps-<key>.pt` when present, else computed with `model` (which must hold
+    the reference weights) and written there by rank 0. Returns (references, loaded_from_cache)."""
+    path = Path(cache_dir) / f"reference_logps-{key[:32]}.pt" if cache_dir is not None else None
+    if path is not None and path.is_file():
+        cached = torch.load(path, map_location="cpu", weights_only=True)
+        if cached.get("key") == key and set(cached["splits"]) >= set(datasets):
+            return {name: PrecomputedReference(*cached["splits"][name]) for name in datasets}, True
+    tables = {
+        name: compute_reference_logps(model, data, collate, batch_size=batch_size, device=device,
+                                      average_logps=average_logps)
+        for name, data in datasets.items()
+    }
+    if path is not None and get_rank() == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomic({"key": key, "splits": tables}, path)
+    return {name: PrecomputedReference(*table) for name, table in tables.items()}, False

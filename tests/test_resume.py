@@ -1,0 +1,99 @@
+"""Exact resume of the `dpo_full_distributed` recipe (its `main`, on 2 gloo ranks)
+and atomic checkpoints: a half-written checkpoint is never picked as the latest."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+
+from _distributed_helpers import spawn
+from dpokit.data.synthetic import case_following_pairs
+from dpokit.training.dist_checkpoint import COMPLETE, latest_checkpoint
+
+RECIPE_CONFIG = Path(__file__).resolve().parents[1] / "recipes" / "configs" / "dpo_full_distributed" / "tiny.yaml"
+
+
+def _write_jsonl(path: Path, pairs: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    return path
+
+
+def _config(tmp_path: Path) -> Path:
+    """The tiny config, made smaller: 2-layer dim-32 model, 64 train / 8 validation pairs."""
+    cfg = OmegaConf.load(RECIPE_CONFIG)
+    cfg.model = {"_component_": "dpokit.models.llama", "vocab_size": 272, "dim": 32, "n_layers": 2, "n_heads": 4,
+                 "n_kv_heads": 2, "hidden_dim": 64, "max_seq_len": 128, "rope_theta": 10000.0}
+    for name, n, seed in (("train_dataset", 64, 0), ("validation_dataset", 8, 1)):
+        path = _write_jsonl(tmp_path / f"{name}.jsonl", case_following_pairs(n, seed))
+        cfg[name] = {"_component_": "dpokit.data.PreferenceDataset", "path": str(path), "max_seq_len": 64}
+    cfg.batch_size, cfg.gradient_accumulation_steps, cfg.max_steps = 2, 2, 4
+    cfg.eval_every, cfg.eval_batch_size = 100, 8
+    cfg.checkpoint.every, cfg.checkpoint.keep_last = 2, 5
+    cfg.lr_scheduler.warmup_steps = 1
+    path = tmp_path / "config.yaml"
+    OmegaConf.save(cfg, path)
+    return path
+
+
+def _interrupt(full: Path, resumed: Path) -> None:
+    """What an interrupted run leaves: only the step-2 checkpoint survived, plus the leftovers of
+    killed saves (a temp folder, and a step folder whose save never completed)."""
+    checkpoints = resumed / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    shutil.copytree(full / "checkpoints" / "step_00000002", checkpoints / "step_00000002")
+    shutil.copytree(full / "checkpoints" / "step_00000004", checkpoints / ".tmp-step_00000004")
+    half = shutil.copytree(full / "checkpoints" / "step_00000004", checkpoints / "step_00000006")
+    (half / COMPLETE).unlink()
+    (half / "__1_0.distcp").write_bytes(b"truncated")
+
+
+def _recipe_worker(rank, config, full, resumed):
+    """The recipe's own `main` on 2 gloo ranks: an uninterrupted run, then a resumed one."""
+    import torch.distributed as dist
+
+    from dpokit.recipes.configs import recipe_main
+    from dpokit.recipes.dpo_full_distributed import CONFIG_KEYS, main
+
+    recipe_main(main, CONFIG_KEYS, ["--config", str(config), f"output_dir={full}"])
+    if rank == 0:
+        _interrupt(full, resumed)
+    dist.barrier()
+    recipe_main(main, CONFIG_KEYS, ["--config", str(config), f"output_dir={resumed}", "resume=true"])
+
+
+def _train_losses(output_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if r["split"] == "train"}
+
+
+def test_resume_after_step_k_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
+    config = _config(tmp_path)
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    spawn(_recipe_worker, 2, config, full, resumed)
+    assert [c.name for c in sorted((full / "checkpoints").iterdir())] == ["step_00000002", "step_00000004"]
+    checkpoints = resumed / "checkpoints"
+    a = load_file(full / "final" / "model.safetensors")
+    b = load_file(resumed / "final" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    losses_full, losses_resumed = _train_losses(full), _train_losses(resumed)
+    assert sorted(losses_resumed) == [3, 4]
+    assert all(losses_resumed[s] == losses_full[s] for s in (3, 4))
+    # The resumed run's own save at step 4 removed the stale temp folder.
+    assert not (checkpoints / ".tmp-step_00000004").exists()
+
+
+def test_latest_checkpoint_ignores_incomplete_saves(tmp_path):
+    assert latest_checkpoint(tmp_path / "nothing") is None
+    for name, complete in (("step_00000010", True), ("step_00000020", True), ("step_00000030", False),
+                           (".tmp-step_00000040", True), ("step_x", True)):
+        (tmp_path / name).mkdir()
+        if complete:
+            (tmp_path / name / COMPLETE).write_text("{}")
+    assert latest_checkpoint(tmp_path).name == "step_00000020"
