@@ -52,11 +52,13 @@ def _interrupt(full: Path, resumed: Path) -> None:
     (half / "__1_0.distcp").write_bytes(b"truncated")
 
 
-def _recipe_worker(rank, config, full, resumed):
-    """The recipe's own `main` on 2 gloo ranks: an uninterrupted run, then a resumed one."""
+def _recipe_worker(rank, config, full, resumed, diverged):
+    """The recipe's own `main` on 2 gloo ranks: an uninterrupted run, a resumed one, and one whose
+    loss is NaN from the first step (beta = NaN)."""
     import torch.distributed as dist
 
-    from dpokit.recipes.configs import recipe_main
+    from dpokit.errors import DpokitError
+    from dpokit.recipes.configs import load_config, recipe_main
     from dpokit.recipes.dpo_full_distributed import CONFIG_KEYS, main
 
     recipe_main(main, CONFIG_KEYS, ["--config", str(config), f"output_dir={full}"])
@@ -64,6 +66,10 @@ def _recipe_worker(rank, config, full, resumed):
         _interrupt(full, resumed)
     dist.barrier()
     recipe_main(main, CONFIG_KEYS, ["--config", str(config), f"output_dir={resumed}", "resume=true"])
+    try:
+        main(load_config(config, [f"output_dir={diverged}", "loss.beta=.nan"]))
+    except DpokitError as e:
+        (diverged / f"error{rank}.txt").write_text(str(e))
 
 
 def _train_losses(output_dir: Path) -> dict[int, float]:
@@ -73,8 +79,8 @@ def _train_losses(output_dir: Path) -> dict[int, float]:
 
 def test_resume_after_step_k_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
     config = _config(tmp_path)
-    full, resumed = tmp_path / "full", tmp_path / "resumed"
-    spawn(_recipe_worker, 2, config, full, resumed)
+    full, resumed, diverged = tmp_path / "full", tmp_path / "resumed", tmp_path / "diverged"
+    spawn(_recipe_worker, 2, config, full, resumed, diverged)
     assert [c.name for c in sorted((full / "checkpoints").iterdir())] == ["step_00000002", "step_00000004"]
     checkpoints = resumed / "checkpoints"
     a = load_file(full / "final" / "model.safetensors")
@@ -87,6 +93,12 @@ def test_resume_after_step_k_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
     assert all(losses_resumed[s] == losses_full[s] for s in (3, 4))
     # The resumed run's own save at step 4 removed the stale temp folder.
     assert not (checkpoints / ".tmp-step_00000004").exists()
+
+    # A NaN loss stops every rank before the optimizer step, naming the step; nothing is saved.
+    for rank in (0, 1):
+        message = (diverged / f"error{rank}.txt").read_text()
+        assert message.startswith("step 1: non-finite loss (nan)"), message
+    assert not (diverged / "final").exists() and latest_checkpoint(diverged / "checkpoints") is None
 
 
 def test_latest_checkpoint_ignores_incomplete_saves(tmp_path):
