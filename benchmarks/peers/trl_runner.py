@@ -1,0 +1,145 @@
+"""TRL's `DPOTrainer` on the benchmark workload. Run with the TRL venv's python (setup_trl.sh);
+no dpokit import.
+
+The pairs are already token ids, so `_prepare_dataset` is replaced by the identity (TRL would
+otherwise decode nothing and re-tokenize text; it is not timed either way) and the sampler is
+sequential, so TRL sees the same pairs in the same batches as the other runners. Everything timed
+is TRL's own: its `DataCollatorForPreference`, its fused LM head (log-probs without the full
+logits), its reference forward on an explicit `ref_model` (or `precompute_ref_log_probs`), its
+sigmoid DPO loss, transformers' Trainer step with torch AdamW.
+
+Settings (best honest ones on this stack): bf16 = `bf16=True` (autocast over fp32 weights, as
+dpokit's bf16), `attn_implementation="sdpa"`, gradient checkpointing off (TRL's default is on: it
+trades a second forward for memory; --gradient-checkpointing turns it back on), no gradient
+clipping, constant learning rate. `padding_free` is not offered: TRL 1.16 disables it ("temporarily
+unavailable after a refactor": setting it warns and falls back to padding). Step time = wall time
+between the Trainer's on_step_begin and on_step_end callbacks, after the warmup steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from shared_io import emit, read_model_config, read_workload, throughput_result  # noqa: E402
+
+import transformers  # noqa: E402
+import trl  # noqa: E402
+from datasets import Dataset  # noqa: E402
+from tokenizers import Tokenizer, models  # noqa: E402
+from torch.utils.data import SequentialSampler  # noqa: E402
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, TrainerCallback  # noqa: E402
+from trl import DPOConfig, DPOTrainer  # noqa: E402
+
+
+class PretokenizedDPOTrainer(DPOTrainer):
+    """DPOTrainer over a dataset that already has prompt_ids / chosen_ids / rejected_ids, in order."""
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        return dataset
+
+    def _get_train_sampler(self, *args, **kwargs):
+        return SequentialSampler(self.train_dataset)
+
+
+class StepTimes(TrainerCallback):
+    def __init__(self):
+        self.seconds, self.logs = [], []
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.seconds.append(time.perf_counter() - self._start)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append(dict(logs or {}))
+
+
+def id_tokenizer(pad_id: int, eos_id: int, vocab_size: int) -> PreTrainedTokenizerFast:
+    """A tokenizer object that only carries the special ids (the data is already ids)."""
+    vocab = {f"<t{i}>": i for i in range(vocab_size)}
+    vocab["<pad>"], vocab["</s>"] = pad_id, eos_id
+    del vocab[f"<t{pad_id}>"], vocab[f"<t{eos_id}>"]
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--assets", required=True)
+    ap.add_argument("--dtype", default="bf16", choices=("fp32", "bf16"))
+    ap.add_argument("--reference", default="frozen_copy", choices=("frozen_copy", "precomputed"))
+    ap.add_argument("--gradient-checkpointing", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="TrainingArguments.torch_compile")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--warmup-steps", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--name", default=None)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    assets = Path(args.assets)
+    config = read_model_config(assets / "model")
+    workload = read_workload(assets / "pairs.json")
+    pairs, meta = workload["pairs"], workload["meta"]
+    total_steps = args.warmup_steps + args.steps
+    used = pairs[: total_steps * args.batch_size]
+    dataset = Dataset.from_list([{k: p[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for p in used])
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    def load():
+        return AutoModelForCausalLM.from_pretrained(assets / "model", attn_implementation="sdpa",
+                                                    dtype=torch.float32)
+
+    model, ref_model = load(), load()
+    with tempfile.TemporaryDirectory() as out:
+        training_args = DPOConfig(
+            output_dir=out, per_device_train_batch_size=args.batch_size, max_steps=total_steps,
+            learning_rate=1e-5, lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=0.0,
+            beta=0.1, loss_type=["sigmoid"], bf16=args.dtype == "bf16", max_length=None,
+            gradient_checkpointing=args.gradient_checkpointing, torch_compile=args.compile,
+            precompute_ref_log_probs=args.reference == "precomputed", logging_steps=1, report_to=[],
+            save_strategy="no", dataloader_num_workers=0, use_cpu=device == "cpu", seed=0,
+            disable_dropout=True, optim="adamw_torch",
+        )
+        times = StepTimes()
+        started = time.perf_counter()
+        trainer = PretokenizedDPOTrainer(
+            model=model, ref_model=None if args.reference == "precomputed" else ref_model, args=training_args,
+            train_dataset=dataset, processing_class=id_tokenizer(meta["pad_id"], meta["eos_id"],
+                                                                 config["vocab_size"]),
+            callbacks=[times],
+        )
+        setup_seconds = time.perf_counter() - started  # includes the precompute pass when enabled
+        trainer.train()
+    timed = times.seconds[args.warmup_steps:]
+    step_logs = [log for log in times.logs if "loss" in log]
+    emit(throughput_result(
+        name=args.name or f"TRL {args.dtype}" + (" precomputed-ref" if args.reference == "precomputed" else ""),
+        framework="trl", config=config, pairs=used[args.warmup_steps * args.batch_size:], seconds=sum(timed),
+        steps=len(timed), device=device, reference_forward=args.reference != "precomputed",
+        losses=[log["loss"] for log in step_logs], dtype=args.dtype, reference=args.reference,
+        compile=args.compile, gradient_checkpointing=args.gradient_checkpointing, batch_size=args.batch_size,
+        first_mean_chosen_logp=step_logs[0].get("logps/chosen") if step_logs else None,
+        setup_seconds=setup_seconds, version=trl.__version__, transformers_version=transformers.__version__,
+        torch_version=torch.__version__, threads=torch.get_num_threads(),
+    ))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
