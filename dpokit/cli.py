@@ -121,6 +121,34 @@ def cmd_run(args) -> int:
     return subprocess.call(command)
 
 
+def cmd_pack(args) -> int:
+    """Offline packing: tokenize a preference file, pack pairs, write the packs + their stats."""
+    import importlib
+
+    from dpokit.data import PreferenceDataset, pack_preference_dataset
+    from dpokit.errors import DpokitError
+
+    if args.pack_size < 2 * args.max_seq_len:
+        raise CliError(f"--pack-size {args.pack_size} must be at least 2 x --max-seq-len ({2 * args.max_seq_len})")
+    module_name, _, attr = args.tokenizer.rpartition(".")
+    try:
+        tokenizer = getattr(importlib.import_module(module_name), attr)()
+    except (ImportError, AttributeError, ValueError) as e:
+        raise CliError(f"cannot build tokenizer {args.tokenizer!r}: {e}") from None
+    try:
+        dataset = PreferenceDataset(args.input, tokenizer, max_seq_len=args.max_seq_len, format=args.format,
+                                    skip_invalid=args.skip_invalid)
+        packed = pack_preference_dataset(dataset, pack_size=args.pack_size, algorithm=args.algorithm,
+                                         prefix_sharing=args.prefix_sharing, seed=args.seed)
+    except DpokitError as e:
+        raise CliError(str(e)) from None
+    path, stats_path = packed.save(args.output, source=str(args.input), tokenizer=args.tokenizer,
+                                   max_seq_len=args.max_seq_len, dataset=dataset.stats.summary())
+    print(f"{args.input}: {dataset.stats.summary()}")
+    print(f"{packed.stats.summary()}\npacks: {path}\nstats: {stats_path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dpokit", description="Preference alignment recipes (DPO and family).")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -147,6 +175,24 @@ def build_parser() -> argparse.ArgumentParser:
     cat = sub.add_parser("cat", help="print a config", description="Print a packaged config (RECIPE/CONFIG).")
     cat.add_argument("name", help="RECIPE/CONFIG, e.g. dpo_lora_single_device/tiny")
     cat.set_defaults(func=cmd_cat)
+
+    pack = sub.add_parser("pack", help="pack a preference dataset offline",
+                          description="Tokenize a preference file and pack its pairs (chosen and rejected of a "
+                                      "pair stay in one pack); writes OUTPUT (JSONL, a pack per line) and "
+                                      "OUTPUT.stats.json. Recipes read it with dpokit.data.load_packed_dataset.")
+    pack.add_argument("input", help="preference data: .jsonl, .jsonl.gz, .json or .parquet")
+    pack.add_argument("output", help="packed dataset file to write (.jsonl)")
+    pack.add_argument("--max-seq-len", type=int, required=True, help="truncate prompt+response to this length")
+    pack.add_argument("--pack-size", type=int, required=True, help="tokens per pack (>= 2 x max-seq-len)")
+    pack.add_argument("--algorithm", choices=["ffd", "ffs"], default="ffd",
+                      help="first-fit-decreasing or first-fit-shuffle (default ffd)")
+    pack.add_argument("--prefix-sharing", action="store_true", help="lay pairs out as [prompt][chosen][rejected]")
+    pack.add_argument("--format", default="auto", help="data format (default: auto-detect)")
+    pack.add_argument("--tokenizer", default="dpokit.data.byte_tokenizer",
+                      help="dotted path of a zero-argument tokenizer builder (default dpokit.data.byte_tokenizer)")
+    pack.add_argument("--skip-invalid", action="store_true", help="skip and count malformed records")
+    pack.add_argument("--seed", type=int, default=0, help="shuffle seed for ffs")
+    pack.set_defaults(func=cmd_pack)
     return parser
 
 
