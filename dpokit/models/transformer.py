@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dpokit.models.attention import attention
+
 # Builds the q/k/v/o and MLP projections; LoRA builders pass a factory that returns LoRALinear
 # for the projections they adapt, so the model code itself never knows about adapters.
 LinearFactory = Callable[[str, int, int, bool], nn.Module]
@@ -93,12 +95,8 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if attn_mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)
-        else:
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=attn_mask, enable_gqa=self.n_kv_heads != self.n_heads
-            )
+        # None = causal SDPA; a boolean tensor = masked SDPA; a FlexAttention BlockMask = flex (CUDA).
+        out = attention(q, k, v, attn_mask, enable_gqa=self.n_kv_heads != self.n_heads)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
 
 
