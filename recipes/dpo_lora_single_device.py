@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from dpokit.data import collate_preference_pairs
 from dpokit.errors import DpokitError
+from dpokit.losses import is_reference_free
 from dpokit.models import adapter_params
 from dpokit.recipes.configs import instantiate, recipe_main
 from dpokit.training import (
@@ -33,6 +34,7 @@ from dpokit.training import (
     evaluate_preference,
     move_batch,
     policy_logps,
+    preference_loss,
     resolve_device,
     resolve_dtype,
     save_lora_checkpoint,
@@ -72,8 +74,9 @@ def main(cfg) -> None:
     # Model: only the adapters train; the reference is the same module with adapters off.
     model = instantiate(cfg.model).to(device=device, dtype=dtype)
     trainable = list(adapter_params(model).values())
-    reference = AdapterOffReference(model, average_logps=cfg.average_logps)
     loss_fn = instantiate(cfg.loss)
+    # Reference-free losses (SimPO, CPO, ORPO, ...) never run the reference forward.
+    reference = None if is_reference_free(loss_fn) else AdapterOffReference(model, average_logps=cfg.average_logps)
     print(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, "
           f"{sum(p.numel() for p in trainable):,} trainable (LoRA)")
 
@@ -105,8 +108,8 @@ def main(cfg) -> None:
         for _ in range(cfg.gradient_accumulation_steps):
             batch = move_batch(next(batches), device)
             policy = policy_logps(model, batch, average=cfg.average_logps)
-            ref = reference.logps(batch)
-            out = loss_fn(policy.chosen, policy.rejected, ref.chosen, ref.rejected)
+            ref = None if reference is None else reference.logps(batch)
+            out = preference_loss(loss_fn, policy, ref, batch, averaged=cfg.average_logps)
             # Sum over pairs / pairs in the whole step: the gradient is the mean over every pair of
             # the step, however it is split into micro-batches.
             (out.losses.sum() / pairs_per_step).backward()
@@ -122,7 +125,7 @@ def main(cfg) -> None:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
-        record = {"step": step, "split": "train", "loss": train["preference_loss"], **train, "lr": lr,
+        record = {"step": step, "split": "train", "loss": train["loss"], **train, "lr": lr,
                   "grad_norm": grad_norm.item(), "tokens_per_s": tokens / (time.perf_counter() - started)}
         log.log(record)
         progress.update()

@@ -5,7 +5,8 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from dpokit.training.forward import policy_logps
+from dpokit.losses.registry import is_reference_free
+from dpokit.training.forward import policy_logps, preference_loss
 from dpokit.training.metrics import PairMetrics
 
 
@@ -17,7 +18,8 @@ def move_batch(batch: dict, device: torch.device | str) -> dict:
 def evaluate_preference(
     model: nn.Module, reference, batches: Iterable[dict], loss_fn: Callable, *, device, average_logps: bool = False
 ) -> dict[str, float]:
-    """Mean preference metrics over every pair of `batches` (model in eval mode, then restored)."""
+    """Mean preference metrics over every pair of `batches` (model in eval mode, then restored).
+    `reference` may be None, and is not run, when `loss_fn` is reference-free."""
     was_training = model.training
     model.eval()
     metrics = PairMetrics()
@@ -25,8 +27,8 @@ def evaluate_preference(
         for batch in batches:
             batch = move_batch(batch, device)
             policy = policy_logps(model, batch, average=average_logps)
-            ref = reference.logps(batch)
-            out = loss_fn(policy.chosen, policy.rejected, ref.chosen, ref.rejected)
+            ref = None if reference is None or is_reference_free(loss_fn) else reference.logps(batch)
+            out = preference_loss(loss_fn, policy, ref, batch, averaged=average_logps)
             metrics.add(out, policy.chosen, policy.rejected)
     finally:
         model.train(was_training)

@@ -1,13 +1,22 @@
-"""One forward over a collated preference batch -> per-sequence log-probs of chosen and rejected."""
+"""One forward over a collated preference batch -> per-sequence log-probs of chosen and rejected,
+and the call of a preference loss with what it needs from the batch.
+
+By default the log-probs never materialise the [2B, T, V] logits: the model returns its final
+hidden states, only the labelled (response) positions are kept, and `chunked_token_logps` projects
+them through the output head a chunk of tokens at a time, in the forward and in the backward.
+"""
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
 
-from dpokit.losses.logprobs import sequence_logps
+from dpokit.losses.chunked import DEFAULT_CHUNK_SIZE, chunked_token_logps
+from dpokit.losses.logprobs import IGNORE_INDEX, length_desensitized_logps, token_logps
+from dpokit.losses.registry import call_loss
+from dpokit.models.lora import LoRALinear
 
 
 class PolicyLogps(NamedTuple):
@@ -15,9 +24,107 @@ class PolicyLogps(NamedTuple):
     rejected: torch.Tensor  # [B]
 
 
-def policy_logps(model: nn.Module, batch: dict, *, average: bool = False) -> PolicyLogps:
-    """Chosen rows are the first half of the batch, rejected rows the second (see collate)."""
-    logits = model(batch["input_ids"])
-    logps, _ = sequence_logps(logits, batch["labels"], average=average)
+def _plain(weight: torch.Tensor) -> torch.Tensor:
+    """A plain tensor for a plain or quantised (torchao NF4, QLoRA) frozen weight."""
+    return weight.get_original_weight() if hasattr(weight, "get_original_weight") else weight
+
+
+def _output_head(model: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(hidden', weight) with hidden' @ weight.T equal to the model's logits, or None when the head
+    is something the chunked path does not know (then the caller materialises the logits).
+
+    A LoRA output head computes h W^T + s (h A^T) B^T = [h, s h A^T] @ [W, B]^T, so the adapter is
+    folded in by widening the hidden states by the rank and the weight by B; gradients reach A and
+    B through the concatenations. With the adapter disabled (the reference pass) it is plain W.
+    """
+    head = getattr(model, "lm_head", None)
+    if head is None:  # tied embeddings
+        return hidden, model.output_weight
+    if getattr(head, "bias", None) is not None or not isinstance(getattr(head, "weight", None), torch.Tensor):
+        return None
+    if isinstance(head, LoRALinear):
+        weight = _plain(head.weight)
+        if not head.adapter_enabled:
+            return hidden, weight
+        low_rank = head.scaling * head.lora_a(head.dropout(hidden))
+        return torch.cat([hidden, low_rank.to(hidden.dtype)], -1), torch.cat([weight, head.lora_b.weight.to(weight.dtype)], 1)
+    if isinstance(head, nn.Linear) or hasattr(head.weight, "get_original_weight"):
+        return hidden, _plain(head.weight)
+    return None
+
+
+def _per_token_logps(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, chunk_size: int, materialize: bool):
+    """[2B, T] fp32 log-probs of the labels (0 where unlabelled)."""
+    if not materialize and hasattr(model, "hidden_states") and hasattr(model, "output_weight"):
+        hidden = model.hidden_states(input_ids)
+        mask = labels != IGNORE_INDEX
+        head = _output_head(model, hidden[mask])
+        if head is not None:
+            flat = chunked_token_logps(*head, labels[mask], chunk_size=chunk_size)
+            return torch.zeros(labels.shape, dtype=flat.dtype, device=flat.device).masked_scatter(mask, flat)
+        return token_logps(model.project(hidden), labels)
+    return token_logps(model(input_ids), labels)
+
+
+def policy_logps(
+    model: nn.Module,
+    batch: dict,
+    *,
+    average: bool = False,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    materialize_logits: bool = False,
+    ld_alpha: float | None = None,
+) -> PolicyLogps:
+    """Chosen rows are the first half of the batch, rejected rows the second (see collate).
+
+    average: mean over response tokens instead of the sum.
+    chunk_size: tokens per chunk of logits in the memory-lean path (see `chunked_token_logps`).
+    materialize_logits: compute full logits with `model(input_ids)` and log-softmax them instead
+        (the reference path; also used automatically for models without `hidden_states`).
+    ld_alpha: LD-DPO length desensitisation (`length_desensitized_logps`); None = plain sum.
+    """
+    labels = batch["labels"]
+    counts = (labels != IGNORE_INDEX).sum(-1)
+    if (counts == 0).any():
+        rows = (counts == 0).nonzero().flatten().tolist()
+        raise ValueError(f"sequence(s) {rows[:5]} have no response tokens to score")
+    per_token = _per_token_logps(model, batch["input_ids"], labels, chunk_size, materialize_logits)
     num_pairs = batch["num_pairs"]
+    if ld_alpha is None:
+        logps = per_token.sum(-1)
+    else:
+        logps = length_desensitized_logps(per_token, labels, num_pairs, ld_alpha=ld_alpha)
+    if average:
+        logps = logps / counts
     return PolicyLogps(logps[:num_pairs], logps[num_pairs:])
+
+
+def response_lengths(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Response token counts [B] of the chosen and the rejected rows."""
+    counts = (batch["labels"] != IGNORE_INDEX).sum(-1)
+    return counts[: batch["num_pairs"]], counts[batch["num_pairs"] :]
+
+
+def preference_loss(
+    loss_fn: Callable, policy: PolicyLogps, reference: PolicyLogps | None, batch: dict, *, averaged: bool = False
+):
+    """Call `loss_fn` on the batch's log-probs with whatever else it takes (`dpokit.losses.call_loss`):
+    response token counts, and per-pair ground-truth rewards when the batch carries
+    `chosen_reward` / `rejected_reward` tensors [B] (RPO). `reference` is None for reference-free
+    losses. averaged: the log-probs are already per-token means, so the losses get counts of 1
+    (a length-normalising loss must not divide twice).
+    """
+    chosen_lengths, rejected_lengths = response_lengths(batch)
+    if averaged:
+        chosen_lengths, rejected_lengths = torch.ones_like(chosen_lengths), torch.ones_like(rejected_lengths)
+    return call_loss(
+        loss_fn,
+        policy.chosen,
+        policy.rejected,
+        None if reference is None else reference.chosen,
+        None if reference is None else reference.rejected,
+        chosen_lengths=chosen_lengths,
+        rejected_lengths=rejected_lengths,
+        chosen_gt_rewards=batch.get("chosen_reward"),
+        rejected_gt_rewards=batch.get("rejected_reward"),
+    )

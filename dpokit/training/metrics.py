@@ -30,8 +30,11 @@ class PairMetrics:
         self.pairs = 0
 
     def add(self, out: PreferenceLossOutput, chosen_logps: torch.Tensor, rejected_logps: torch.Tensor) -> None:
+        """`out` is any loss output; a `CombinedLossOutput` also reports its preference and SFT
+        parts ("loss" is always the total that is optimised)."""
         per_pair = {
-            "preference_loss": out.losses.detach(),
+            "loss": out.losses.detach(),
+            "preference_loss": getattr(out, "preference_losses", out.losses).detach(),
             "acc": preference_accuracy(out.chosen_rewards, out.rejected_rewards),
             "rewards_chosen_mean": out.chosen_rewards,
             "rewards_rejected_mean": out.rejected_rewards,
@@ -39,6 +42,8 @@ class PairMetrics:
             "logps_chosen": chosen_logps.detach(),
             "logps_rejected": rejected_logps.detach(),
         }
+        if hasattr(out, "sft_losses"):
+            per_pair["sft_loss"] = out.sft_losses.detach()
         for name, values in per_pair.items():
             self.sums[name] += values.float().sum().item()
         self.pairs += out.losses.numel()

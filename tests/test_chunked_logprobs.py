@@ -1,0 +1,204 @@
+"""chunked_token_logps against the materialised log_softmax + gather path, its memory behaviour,
+and policy_logps (the recipes' default path) against the materialised model forward."""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from dpokit.losses import chunked_token_logps, length_desensitized_logps
+from dpokit.models import disable_adapter, llama, lora_llama
+from dpokit.training import policy_logps
+
+N, D, V = 45, 24, 97
+
+
+def plain(hidden, weight, labels):
+    """log_softmax(hidden @ weight.T) gathered at the labels; 0 where ignored."""
+    logp = torch.log_softmax((hidden @ weight.t()).float(), -1)
+    mask = labels != -100
+    picked = logp.gather(-1, labels.clamp(min=0)[:, None]).squeeze(-1)
+    return torch.where(mask, picked, 0.0)
+
+
+def make(dtype=torch.float32, weight_grad=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = (torch.randn(N, D, generator=g) * 2).to(dtype).requires_grad_()
+    weight = (torch.randn(V, D, generator=g) / 3).to(dtype).requires_grad_(weight_grad)
+    labels = torch.randint(0, V, (N,), generator=g)
+    labels[::4] = -100
+    return hidden, weight, labels
+
+
+def twins(hidden, weight):
+    return hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_(weight.requires_grad)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 8, 16, 1000])
+@pytest.mark.parametrize("weight_grad", [True, False])
+def test_values_and_both_gradients_match_materialised_path(chunk_size, weight_grad):
+    hidden, weight, labels = make(weight_grad=weight_grad)
+    h2, w2 = twins(hidden, weight)
+    got = chunked_token_logps(hidden, weight, labels, chunk_size=chunk_size)
+    want = plain(h2, w2, labels)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    upstream = torch.randn(N)  # a non-uniform downstream gradient, like DPO's per-sequence weights
+    (got * upstream).sum().backward()
+    (want * upstream).sum().backward()
+    torch.testing.assert_close(hidden.grad, h2.grad, rtol=1e-5, atol=1e-5)
+    if weight_grad:
+        torch.testing.assert_close(weight.grad, w2.grad, rtol=1e-5, atol=1e-5)
+    assert torch.all(got[labels == -100] == 0)
+
+
+def test_gradcheck_float64():
+    hidden = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(11, 5, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([3, -100, 0, 10, 3, -100, 7])
+    assert torch.autograd.gradcheck(lambda h, w: chunked_token_logps(h, w, labels, chunk_size=2), (hidden, weight))
+
+
+def test_no_grad_reference_pass_matches_and_builds_no_graph():
+    hidden, weight, labels = make()
+    with torch.no_grad():
+        got = chunked_token_logps(hidden, weight, labels, chunk_size=7)
+    assert not got.requires_grad
+    torch.testing.assert_close(got, plain(hidden, weight, labels).detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_inputs_match_materialised_bf16_logits():
+    hidden, weight, labels = make(torch.bfloat16)
+    h2, w2 = twins(hidden, weight)
+    got = chunked_token_logps(hidden, weight, labels, chunk_size=8)
+    want = plain(h2, w2, labels)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # same bf16 logits, fp32 softmax
+    got.sum().backward()
+    want.sum().backward()
+    assert hidden.grad.dtype == weight.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(hidden.grad.float(), h2.grad.float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(weight.grad.float(), w2.grad.float(), rtol=2e-2, atol=2e-2)
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest tensor any op produces."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("weight_grad", [True, False])
+def test_never_more_than_one_chunk_of_logits(weight_grad):
+    """No op in the forward or the backward produces a tensor larger than one chunk of logits
+    (or the weight-sized gradient), and nothing logits-sized is saved for the backward."""
+    hidden, weight, labels = make(weight_grad=weight_grad)
+    labels[:] = 3  # every row scored
+    chunk = 5
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        with LargestTensor() as mode:
+            out = chunked_token_logps(hidden, weight, labels, chunk_size=chunk)
+            (out * torch.randn(N)).sum().backward()
+    assert mode.largest <= max(chunk * V, V * D, N * D)
+    assert max(saved) <= max(V * D, N * D)
+    with LargestTensor() as materialised:
+        plain(*twins(hidden, weight), labels).sum().backward()
+    assert materialised.largest >= N * V  # the check can see a full logits tensor
+
+
+def test_shape_errors_are_clear():
+    hidden, weight, labels = make()
+    with pytest.raises(ValueError, match="hidden size 24 does not match the weight's 23"):
+        chunked_token_logps(hidden, weight[:, :23], labels)
+    with pytest.raises(ValueError, match=r"labels \[N\]"):
+        chunked_token_logps(hidden, weight, labels[:3])
+
+
+TINY = dict(vocab_size=61, dim=32, n_layers=1, n_heads=4, n_kv_heads=2, hidden_dim=48, max_seq_len=32, rope_theta=10_000.0)
+
+
+def batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(0, 61, (6, 14), generator=g)
+    labels = torch.randint(0, 61, (6, 14), generator=g)
+    labels[:, :4] = -100
+    labels[1, 9:] = -100
+    labels[4, 11:] = -100
+    return {"input_ids": input_ids, "labels": labels, "num_pairs": 3}
+
+
+def compare_paths(model, params, **kwargs):
+    b = batch()
+    grads = []
+    for materialize in (False, True):
+        for p in params:
+            p.grad = None
+        out = policy_logps(model, b, materialize_logits=materialize, chunk_size=5, **kwargs)
+        upstream = torch.tensor([0.3, -1.2, 0.7])
+        ((out.chosen * upstream).sum() + (out.rejected * upstream.flip(0)).sum()).backward()
+        grads.append((out, [p.grad.clone() for p in params]))
+    (lean, lean_grads), (full, full_grads) = grads
+    torch.testing.assert_close(lean.chosen, full.chosen, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lean.rejected, full.rejected, rtol=1e-5, atol=1e-5)
+    for a, b_ in zip(lean_grads, full_grads):
+        torch.testing.assert_close(a, b_, rtol=1e-5, atol=1e-5)
+
+
+def _perturb_adapters(model):
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_b" in name:
+                p.normal_(0, 0.1)
+
+
+def test_policy_logps_lora_with_adapter_on_output_head():
+    model = lora_llama(lora_targets=["q_proj", "v_proj", "lm_head"], lora_rank=4, lora_alpha=8.0, **TINY)
+    _perturb_adapters(model)  # B = 0 at init would hide a missing adapter term
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert any("lm_head" in n for n, p in model.named_parameters() if p.requires_grad)
+    compare_paths(model, params)
+    with torch.no_grad(), disable_adapter(model):  # the reference pass: adapters off, no grad
+        lean = policy_logps(model, batch(), chunk_size=5)
+        full = policy_logps(model, batch(), materialize_logits=True)
+    torch.testing.assert_close(lean.chosen, full.chosen, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        on = policy_logps(model, batch(), chunk_size=5)
+    assert not torch.allclose(on.chosen, lean.chosen)  # the head adapter does contribute
+
+
+def test_policy_logps_full_finetune_tied_and_untied():
+    for tie in (True, False):
+        model = llama(tie_embeddings=tie, **TINY)
+        compare_paths(model, list(model.parameters()))
+
+
+def test_policy_logps_average_and_ld_alpha_match_materialised():
+    model = lora_llama(lora_targets=["q_proj"], lora_rank=4, lora_alpha=8.0, **TINY)
+    compare_paths(model, [p for p in model.parameters() if p.requires_grad], average=True)
+    compare_paths(model, [p for p in model.parameters() if p.requires_grad], ld_alpha=0.5)
+
+
+def test_length_desensitized_logps_matches_loop():
+    b = batch()
+    per_token = torch.randn(6, 14)
+    per_token[b["labels"] == -100] = 0
+    got = length_desensitized_logps(per_token, b["labels"], 3, ld_alpha=0.25)
+    mask = b["labels"] != -100
+    counts = mask.sum(-1).tolist()
+    want = []
+    for row in range(6):
+        shared = min(counts[row % 3], counts[row % 3 + 3])
+        seen, total = 0, 0.0
+        for t in range(14):
+            if mask[row, t]:
+                seen += 1
+                total += per_token[row, t].item() * (1.0 if seen <= shared else 0.25)
+        want.append(total)
+    torch.testing.assert_close(got, torch.tensor(want), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(length_desensitized_logps(per_token, b["labels"], 3, ld_alpha=1.0), per_token.sum(-1))
