@@ -13,6 +13,8 @@ from safetensors.torch import load_file
 
 from _distributed_helpers import spawn
 from dpokit.data.synthetic import case_following_pairs
+from dpokit.models import load_hf_checkpoint, save_hf_checkpoint
+from dpokit.recipes.configs import instantiate
 from dpokit.training.dist_checkpoint import COMPLETE, latest_checkpoint
 
 RECIPE_CONFIG = Path(__file__).resolve().parents[1] / "recipes" / "configs" / "dpo_full_distributed" / "tiny.yaml"
@@ -52,9 +54,9 @@ def _interrupt(full: Path, resumed: Path) -> None:
     (half / "__1_0.distcp").write_bytes(b"truncated")
 
 
-def _recipe_worker(rank, config, full, resumed, diverged):
-    """The recipe's own `main` on 2 gloo ranks: an uninterrupted run, a resumed one, and one whose
-    loss is NaN from the first step (beta = NaN)."""
+def _recipe_worker(rank, config, full, resumed, diverged, from_hf, hf_dir):
+    """The recipe's own `main` on 2 gloo ranks: an uninterrupted run, a resumed one, one whose
+    loss is NaN from the first step (beta = NaN), and one loading its weights from an HF folder."""
     import torch.distributed as dist
 
     from dpokit.errors import DpokitError
@@ -70,6 +72,7 @@ def _recipe_worker(rank, config, full, resumed, diverged):
         main(load_config(config, [f"output_dir={diverged}", "loss.beta=.nan"]))
     except DpokitError as e:
         (diverged / f"error{rank}.txt").write_text(str(e))
+    main(load_config(config, [f"output_dir={from_hf}", f"checkpoint_dir={hf_dir}", "max_steps=2"]))
 
 
 def _train_losses(output_dir: Path) -> dict[int, float]:
@@ -79,8 +82,11 @@ def _train_losses(output_dir: Path) -> dict[int, float]:
 
 def test_resume_after_step_k_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
     config = _config(tmp_path)
-    full, resumed, diverged = tmp_path / "full", tmp_path / "resumed", tmp_path / "diverged"
-    spawn(_recipe_worker, 2, config, full, resumed, diverged)
+    full, resumed, diverged, from_hf = (tmp_path / name for name in ("full", "resumed", "diverged", "from_hf"))
+    # The random init the recipe makes from `seed`, written as an HF checkpoint folder.
+    torch.manual_seed(OmegaConf.load(config).seed)
+    hf_dir = save_hf_checkpoint(instantiate(OmegaConf.load(config).model), tmp_path / "hf")
+    spawn(_recipe_worker, 2, config, full, resumed, diverged, from_hf, hf_dir)
     assert [c.name for c in sorted((full / "checkpoints").iterdir())] == ["step_00000002", "step_00000004"]
     checkpoints = resumed / "checkpoints"
     a = load_file(full / "final" / "model.safetensors")
@@ -99,6 +105,13 @@ def test_resume_after_step_k_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
         message = (diverged / f"error{rank}.txt").read_text()
         assert message.startswith("step 1: non-finite loss (nan)"), message
     assert not (diverged / "final").exists() and latest_checkpoint(diverged / "checkpoints") is None
+
+    # Loading the same weights from an HF folder (rank-local, through `iter_hf_weights`) trains
+    # identically, and the final folder is an HF checkpoint that loads back.
+    losses_hf = _train_losses(from_hf)
+    assert losses_hf == {1: losses_full[1], 2: losses_full[2]}
+    assert sum(p.numel() for p in load_hf_checkpoint(from_hf / "final").parameters()) == \
+        sum(t.numel() for t in load_file(from_hf / "final" / "model.safetensors").values())
 
 
 def test_latest_checkpoint_ignores_incomplete_saves(tmp_path):
