@@ -7,7 +7,8 @@ special tokens. Only assistant content and its end-of-turn token are trained on.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import unicodedata
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import tiktoken
@@ -30,6 +31,7 @@ class ChatTemplate:
     end_of_turn: str  # a special token, trained on for assistant messages
     trailer: str = ""  # untrained text after end_of_turn (chatml's newline)
     default_system_prompt: str | None = None
+    trim_content: bool = False  # strip surrounding whitespace of each message (Llama 3's `| trim`)
 
 
 LLAMA3_TEMPLATE = ChatTemplate(
@@ -37,6 +39,7 @@ LLAMA3_TEMPLATE = ChatTemplate(
     begin="<|begin_of_text|>",
     header_format="<|start_header_id|>{role}<|end_header_id|>\n\n",
     end_of_turn="<|eot_id|>",
+    trim_content=True,
 )
 
 CHATML_TEMPLATE = ChatTemplate(
@@ -47,11 +50,34 @@ CHATML_TEMPLATE = ChatTemplate(
     trailer="\n",
 )
 
+# The chatml families differ only in the system prompt their own Jinja template inserts when the
+# conversation has none.
+QWEN2_5_TEMPLATE = replace(
+    CHATML_TEMPLATE, name="qwen2_5",
+    default_system_prompt="You are Qwen, created by Alibaba Cloud. You are a helpful assistant.",
+)
+SMOLLM2_TEMPLATE = replace(
+    CHATML_TEMPLATE, name="smollm2",
+    default_system_prompt="You are a helpful AI assistant named SmolLM, trained by Hugging Face",
+)
+TEMPLATES = {t.name: t for t in (LLAMA3_TEMPLATE, CHATML_TEMPLATE, QWEN2_5_TEMPLATE, SMOLLM2_TEMPLATE)}
+
 
 class Tokenizer:
-    def __init__(self, encoding: tiktoken.Encoding, template: ChatTemplate, *, pad_token: str | None = None):
+    """tiktoken `Encoding` + chat template.
+
+    text_tokens: added tokens that are matched inside ordinary text (HF "added, non-special"
+    tokens); normalizer: "NFC" for tokenizers whose tokenizer.json normalises (Qwen2).
+    """
+
+    def __init__(
+        self, encoding: tiktoken.Encoding, template: ChatTemplate, *, pad_token: str | None = None,
+        text_tokens: frozenset[str] = frozenset(), normalizer: str | None = None,
+    ):
         self.encoding = encoding
         self.template = template
+        self.text_tokens = frozenset(text_tokens)
+        self.normalizer = normalizer
         self.special_tokens = dict(encoding._special_tokens)
         for token in (template.begin, template.end_of_turn):
             if token and token not in self.special_tokens:
@@ -65,7 +91,9 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Ordinary text -> ids. "<|eot_id|>" typed by a user stays text, not a control token."""
-        return self.encoding.encode(text, allowed_special=set(), disallowed_special=())
+        if self.normalizer:
+            text = unicodedata.normalize(self.normalizer, text)
+        return self.encoding.encode(text, allowed_special=self.text_tokens, disallowed_special=())
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.encoding.decode(list(ids))
@@ -86,6 +114,8 @@ class Tokenizer:
         mask = [False] * len(ids)
         for message in messages:
             role, content = message["role"], message["content"]
+            if self.template.trim_content:
+                content = content.strip()
             if role not in ROLES:
                 raise ValueError(f"unknown role {role!r}; expected one of {ROLES}")
             trained = role == "assistant"
@@ -110,6 +140,8 @@ class Tokenizer:
 
     def encode_response(self, content: str) -> list[int]:
         """One assistant reply as it follows `encode_prompt`: content + end-of-turn (all trained)."""
+        if self.template.trim_content:
+            content = content.strip()
         return self.encode(content) + [self.eot_id]
 
     def _with_default_system(self, messages: Sequence[Message]) -> list[Message]:

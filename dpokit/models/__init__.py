@@ -1,8 +1,26 @@
-"""Model builders: plain `nn.Module`s, generic builders plus zero-argument presets."""
+"""Model builders: plain `nn.Module`s, generic builders plus zero-argument presets.
+
+Families (each with a `lora_` twin taking lora_targets/lora_rank/lora_alpha/lora_dropout/quantize_base):
+Llama 3 / 3.1 / 3.2 (`llama3.py`), Qwen2.5 (`qwen2_5.py`), SmolLM2 (`smollm2.py`). Any Llama/Qwen2
+Hugging Face directory: `model_from_hf_config`, `load_hf_checkpoint` (see `hf_checkpoint.py`).
+"""
 
 from dpokit.models.builders import llama, lora_llama
+from dpokit.models.hf_checkpoint import (
+    iter_hf_weights,
+    load_hf_checkpoint,
+    load_peft_adapter,
+    save_hf_checkpoint,
+    save_peft_adapter,
+)
+from dpokit.models.hf_config import CheckpointError, hf_config_from_model, model_from_hf_config
+from dpokit.models.llama3 import (
+    llama3_1_8b, llama3_1_70b, llama3_1_405b, llama3_2_1b, llama3_2_3b, llama3_8b, llama3_70b, lora_llama3_1_8b,
+    lora_llama3_1_70b, lora_llama3_1_405b, lora_llama3_2_1b, lora_llama3_2_3b, lora_llama3_8b, lora_llama3_70b,
+)
 from dpokit.models.lora import (
     LoRALinear,
+    NF4Linear,
     adapter_params,
     adapter_state_dict,
     disable_adapter,
@@ -10,11 +28,21 @@ from dpokit.models.lora import (
     merged_state_dict,
     set_trainable_params,
 )
-from dpokit.models.presets import llama3_8b, lora_llama3_8b, lora_tiny, tiny
+from dpokit.models.presets import ARCHITECTURES, lora_tiny, tiny
+from dpokit.models.qwen2_5 import (
+    lora_qwen2_5_0_5b, lora_qwen2_5_1_5b, lora_qwen2_5_3b, lora_qwen2_5_7b, lora_qwen2_5_14b, lora_qwen2_5_32b,
+    lora_qwen2_5_72b, qwen2_5_0_5b, qwen2_5_1_5b, qwen2_5_3b, qwen2_5_7b, qwen2_5_14b, qwen2_5_32b, qwen2_5_72b,
+)
+from dpokit.models.smollm2 import (
+    lora_smollm2_1_7b, lora_smollm2_135m, lora_smollm2_360m, smollm2_1_7b, smollm2_135m, smollm2_360m,
+)
 from dpokit.models.transformer import RMSNorm, RopeScaling, TransformerDecoder
 
 __all__ = [
-    "LoRALinear", "RMSNorm", "RopeScaling", "TransformerDecoder", "adapter_params", "adapter_state_dict",
-    "disable_adapter", "llama", "llama3_8b", "load_adapter_state_dict", "lora_llama", "lora_llama3_8b",
-    "lora_tiny", "merged_state_dict", "set_trainable_params", "tiny",
+    "ARCHITECTURES", "CheckpointError", "LoRALinear", "NF4Linear", "RMSNorm", "RopeScaling", "TransformerDecoder",
+    "adapter_params", "adapter_state_dict", "disable_adapter", "hf_config_from_model", "iter_hf_weights", "llama",
+    "load_adapter_state_dict", "load_hf_checkpoint", "load_peft_adapter", "lora_llama", "lora_tiny",
+    "merged_state_dict", "model_from_hf_config", "save_hf_checkpoint", "save_peft_adapter", "set_trainable_params",
+    "tiny",
+    *(name for arch in ARCHITECTURES if arch != "tiny" for name in (arch, f"lora_{arch}")),
 ]

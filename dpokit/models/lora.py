@@ -5,17 +5,40 @@
 B starts at zero, so a freshly adapted model computes exactly what the base model computes.
 `disable_adapter(model)` switches every adapter off at once; the LoRA recipes use the same model
 with adapters off as the DPO reference policy, so no second copy of the weights exists.
+
+QLoRA (Dettmers et al., 2023, arXiv:2305.14314): with `quantize_base=True` every frozen projection
+weight (the base of each LoRALinear and the non-adapted projections, `NF4Linear`) is stored as a
+torchao NF4 tensor (4-bit NormalFloat, blocks of 64 with double-quantised scales) and
+dequantised on the fly inside the matmul; the adapters stay in full precision. Quantisation
+happens when a weight is set (`set_base_weight`), so a checkpoint loader that builds the model on
+the meta device quantises each tensor as it arrives and never holds the whole model in bf16.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import math
+import sys
 from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+# torchao is imported only when something is quantised: importing it costs seconds and prints
+# warnings about optional CUDA kernels on CPU-only machines.
+_NF4_MODULE = "torchao.quantization.quantize_.workflows.nf4.nf4_tensor"
+
+
+def _nf4():
+    # `torchao.quantization.quantize_` is also a function name, so `import a.b as m` cannot be used.
+    return importlib.import_module(_NF4_MODULE)
+
+
+def is_nf4(tensor: torch.Tensor) -> bool:
+    module = sys.modules.get(_NF4_MODULE)  # no NF4 tensor can exist before torchao is imported
+    return module is not None and isinstance(tensor, module.NF4Tensor)
 
 # Projection names a LoRA builder may target (the HF module names of the decoder).
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -23,7 +46,67 @@ MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 ALL_PROJECTIONS = ATTENTION_PROJECTIONS + MLP_PROJECTIONS + ("lm_head",)
 
 
-class LoRALinear(nn.Module):
+NF4_BLOCK_SIZE = 64  # weights per 4-bit block (one absmax scale each)
+NF4_SCALER_BLOCK_SIZE = 256  # scales per double-quantisation block
+
+
+def quantize_nf4(weight: torch.Tensor) -> torch.Tensor:
+    """weight -> NF4 (QLoRA's defaults: blocks of 64, scales double-quantised in blocks of 256).
+
+    A matrix whose block count is not a multiple of 256 (only tiny test models) uses the largest
+    scaler block that divides it instead of failing.
+    """
+    if weight.numel() % NF4_BLOCK_SIZE:
+        raise ValueError(f"NF4 needs a weight with a multiple of {NF4_BLOCK_SIZE} elements, got {tuple(weight.shape)}")
+    scaler_block = math.gcd(weight.numel() // NF4_BLOCK_SIZE, NF4_SCALER_BLOCK_SIZE)
+    return _nf4().to_nf4(weight.detach(), NF4_BLOCK_SIZE, scaler_block)
+
+
+def dequantize(weight: torch.Tensor) -> torch.Tensor:
+    """A plain tensor for a plain or NF4 weight."""
+    return weight.get_original_weight() if is_nf4(weight) else weight
+
+
+def frozen_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    out = _nf4().linear_nf4(x, weight) if is_nf4(weight) else F.linear(x, weight)
+    return out if bias is None else out + bias
+
+
+class _FrozenBase:
+    """What a layer with a frozen, possibly NF4, `weight` shares: setting that weight."""
+
+    quantize_base: bool
+    weight: nn.Parameter
+
+    def set_base_weight(self, tensor: torch.Tensor) -> None:
+        """Replace the frozen weight (quantising it to NF4 when the layer is a QLoRA layer)."""
+        if tuple(tensor.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"weight shape {tuple(tensor.shape)} != {(self.out_features, self.in_features)}")
+        value = quantize_nf4(tensor) if self.quantize_base else tensor.detach()
+        self.weight = nn.Parameter(value, requires_grad=False)
+
+
+class NF4Linear(_FrozenBase, nn.Module):
+    """A frozen linear layer whose weight is stored in NF4 (the non-adapted projections of QLoRA)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        super().__init__()
+        self.in_features, self.out_features, self.quantize_base = in_features, out_features, True
+        plain = nn.Linear(in_features, out_features, bias=bias)  # same init as an unquantised layer
+        self.bias = nn.Parameter(plain.bias.detach(), requires_grad=False) if bias else None
+        if plain.weight.is_meta:
+            self.weight = nn.Parameter(plain.weight.detach(), requires_grad=False)
+        else:
+            self.set_base_weight(plain.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return frozen_linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, nf4"
+
+
+class LoRALinear(_FrozenBase, nn.Module):
     """A frozen linear layer plus a trainable low-rank update.
 
     The frozen weight keeps the name `weight` (and `bias`), so a base checkpoint loads into a LoRA
@@ -31,12 +114,14 @@ class LoRALinear(nn.Module):
     """
 
     def __init__(
-        self, in_features: int, out_features: int, rank: int, alpha: float, dropout: float = 0.0, bias: bool = False
+        self, in_features: int, out_features: int, rank: int, alpha: float, dropout: float = 0.0, bias: bool = False,
+        quantize_base: bool = False,
     ):
         super().__init__()
         if rank <= 0:
             raise ValueError(f"LoRA rank must be positive, got {rank}")
         self.in_features, self.out_features, self.rank, self.alpha = in_features, out_features, rank, alpha
+        self.quantize_base = quantize_base
         self.scaling = alpha / rank
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
@@ -47,17 +132,21 @@ class LoRALinear(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        if is_nf4(self.weight):
+            raise RuntimeError("cannot re-initialise an NF4 base weight; set it with set_base_weight")
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
         if self.bias is not None:
             nn.init.zeros_(self.bias)
         self.reset_adapter()
+        if self.quantize_base and not self.weight.is_meta:
+            self.set_base_weight(self.weight)
 
     def reset_adapter(self) -> None:
         nn.init.kaiming_uniform_(self.lora_a.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_b.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias)
+        out = frozen_linear(x, self.weight, self.bias)
         if not self.adapter_enabled:
             return out
         return out + self.scaling * self.lora_b(self.lora_a(self.dropout(x)))
@@ -65,14 +154,17 @@ class LoRALinear(nn.Module):
     def merged_weight(self) -> torch.Tensor:
         """W + (alpha / rank) B A, the weight of the equivalent plain linear layer."""
         delta = self.lora_b.weight.float() @ self.lora_a.weight.float()
-        return (self.weight.float() + self.scaling * delta).to(self.weight.dtype)
+        base = dequantize(self.weight)
+        return (base.float() + self.scaling * delta).to(base.dtype)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, alpha={self.alpha}"
+        nf4 = ", nf4" if self.quantize_base else ""
+        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, alpha={self.alpha}{nf4}"
 
 
-def lora_linear_factory(targets, rank: int, alpha: float, dropout: float = 0.0):
-    """A `LinearFactory` for the decoder: LoRALinear for projections named in `targets`."""
+def lora_linear_factory(targets, rank: int, alpha: float, dropout: float = 0.0, quantize_base: bool = False):
+    """A `LinearFactory` for the decoder: LoRALinear for projections named in `targets`; with
+    `quantize_base` (QLoRA) the other projections are frozen `NF4Linear`s."""
     unknown = set(targets) - set(ALL_PROJECTIONS)
     if unknown:
         raise ValueError(f"unknown LoRA target(s) {sorted(unknown)}; choose from {list(ALL_PROJECTIONS)}")
@@ -80,7 +172,9 @@ def lora_linear_factory(targets, rank: int, alpha: float, dropout: float = 0.0):
 
     def make(name: str, in_features: int, out_features: int, bias: bool) -> nn.Module:
         if name in targets:
-            return LoRALinear(in_features, out_features, rank, alpha, dropout, bias)
+            return LoRALinear(in_features, out_features, rank, alpha, dropout, bias, quantize_base)
+        if quantize_base:
+            return NF4Linear(in_features, out_features, bias)
         return nn.Linear(in_features, out_features, bias=bias)
 
     return make
@@ -136,7 +230,8 @@ def disable_adapter(model: nn.Module):
 
 
 def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict of the equivalent plain model: adapters folded into the base weights."""
+    """The state dict of the equivalent plain model: adapters folded into the base weights
+    (NF4 base weights are dequantised first)."""
     merged = {}
     for name, module in model.named_modules():
         if isinstance(module, LoRALinear):
@@ -144,5 +239,5 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     for key, value in model.state_dict().items():
         if ".lora_a." in key or ".lora_b." in key or key in merged:
             continue
-        merged[key] = value
+        merged[key] = dequantize(value)
     return {k: merged[k] for k in sorted(merged)}

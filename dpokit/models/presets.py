@@ -1,10 +1,11 @@
-"""Zero-argument model presets (and their LoRA twins) on top of the generic builders."""
+"""Zero-argument model presets (and their LoRA twins): the tiny demo model here, the real
+families in llama3.py, qwen2_5.py and smollm2.py (all re-exported from `dpokit.models`)."""
 
 from __future__ import annotations
 
-from functools import partial
-
+from dpokit.models import llama3, qwen2_5, smollm2
 from dpokit.models.builders import llama, lora_llama
+from dpokit.models.llama3 import LLAMA3_8B, llama3_8b, lora_llama3_8b  # noqa: F401  (historic home)
 from dpokit.models.transformer import TransformerDecoder
 
 # A 4-layer, ~0.2M-parameter decoder over the byte-level tokenizer (256 bytes + 16 specials):
@@ -14,10 +15,8 @@ TINY = dict(
     rope_theta=10_000.0,
 )
 
-LLAMA3_8B = dict(
-    vocab_size=128_256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, hidden_dim=14_336,
-    max_seq_len=8192, rope_theta=500_000.0, norm_eps=1e-5,
-)
+# Every named architecture: preset name -> `llama()` arguments.
+ARCHITECTURES = {"tiny": TINY, **llama3.ARCHITECTURES, **qwen2_5.ARCHITECTURES, **smollm2.ARCHITECTURES}
 
 
 def tiny() -> TransformerDecoder:
@@ -25,16 +24,6 @@ def tiny() -> TransformerDecoder:
 
 
 def lora_tiny(*, lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"), lora_rank=8, lora_alpha=16.0,
-              lora_dropout=0.0) -> TransformerDecoder:
+              lora_dropout=0.0, quantize_base=False) -> TransformerDecoder:
     return lora_llama(lora_targets=lora_targets, lora_rank=lora_rank, lora_alpha=lora_alpha,
-                      lora_dropout=lora_dropout, **TINY)
-
-
-def llama3_8b() -> TransformerDecoder:
-    return llama(**LLAMA3_8B)
-
-
-def lora_llama3_8b(*, lora_targets=("q_proj", "v_proj"), lora_rank=8, lora_alpha=16.0,
-                   lora_dropout=0.0) -> TransformerDecoder:
-    return lora_llama(lora_targets=lora_targets, lora_rank=lora_rank, lora_alpha=lora_alpha,
-                      lora_dropout=lora_dropout, **LLAMA3_8B)
+                      lora_dropout=lora_dropout, quantize_base=quantize_base, **TINY)

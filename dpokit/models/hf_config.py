@@ -1,0 +1,254 @@
+"""Hugging Face `config.json` <-> our builder arguments, and the per-family key tables.
+
+Everything family-specific about HF checkpoints lives in `FAMILIES` (one entry per `model_type`):
+the `architectures` name, the translation of our parameter names into HF names, and the config
+fields that must hold a given value for our decoder to compute the same function. A config
+field we do not understand is an error, never silently ignored: building a model that differs
+from the checkpoint without saying so is the one outcome this module exists to prevent.
+
+    model_from_hf_config("path/to/config.json")                 # plain decoder, random init
+    model_from_hf_config(cfg_dict, lora={"lora_rank": 16})      # LoRA twin (QLoRA: quantize_base)
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from dpokit.errors import DpokitError
+from dpokit.models.builders import llama, lora_llama
+from dpokit.models.transformer import RopeScaling, TransformerDecoder
+
+
+class CheckpointError(DpokitError):
+    """A Hugging Face checkpoint or config we cannot load exactly."""
+
+
+# Our parameter name -> the HF name; "{}" is the layer index. Our names are the HF names of the
+# decoder body without the `model.` prefix, so the tables are explicit rather than clever.
+_LLAMA_KEYS = {
+    "embed_tokens.weight": "model.embed_tokens.weight",
+    "layers.{}.input_layernorm.weight": "model.layers.{}.input_layernorm.weight",
+    "layers.{}.self_attn.q_proj.weight": "model.layers.{}.self_attn.q_proj.weight",
+    "layers.{}.self_attn.k_proj.weight": "model.layers.{}.self_attn.k_proj.weight",
+    "layers.{}.self_attn.v_proj.weight": "model.layers.{}.self_attn.v_proj.weight",
+    "layers.{}.self_attn.o_proj.weight": "model.layers.{}.self_attn.o_proj.weight",
+    "layers.{}.post_attention_layernorm.weight": "model.layers.{}.post_attention_layernorm.weight",
+    "layers.{}.mlp.gate_proj.weight": "model.layers.{}.mlp.gate_proj.weight",
+    "layers.{}.mlp.up_proj.weight": "model.layers.{}.mlp.up_proj.weight",
+    "layers.{}.mlp.down_proj.weight": "model.layers.{}.mlp.down_proj.weight",
+    "norm.weight": "model.norm.weight",
+    "lm_head.weight": "lm_head.weight",
+}
+_QWEN2_KEYS = {
+    **_LLAMA_KEYS,
+    "layers.{}.self_attn.q_proj.bias": "model.layers.{}.self_attn.q_proj.bias",
+    "layers.{}.self_attn.k_proj.bias": "model.layers.{}.self_attn.k_proj.bias",
+    "layers.{}.self_attn.v_proj.bias": "model.layers.{}.self_attn.v_proj.bias",
+}
+
+# Config fields that never change the function the network computes.
+_METADATA_FIELDS = frozenset({
+    "architectures", "model_type", "bos_token_id", "eos_token_id", "pad_token_id", "torch_dtype", "dtype",
+    "transformers_version", "use_cache", "initializer_range", "_name_or_path", "is_llama_config",
+    "pretraining_tp",  # HF splits the matmuls into tp slices: same math
+    "tokenizer_class", "_commit_hash", "output_attentions", "output_hidden_states", "return_dict",
+})
+
+
+@dataclass(frozen=True)
+class Family:
+    model_type: str
+    architecture: str
+    keys: Mapping[str, str]  # our name -> HF name
+    qkv_bias: bool
+    # field -> the only value we implement (absent fields take HF's default, which is this value)
+    required: Mapping[str, Any] = field(default_factory=dict)
+    # fields understood only as long as `required` holds (e.g. the window size when windows are off)
+    tolerated: frozenset = frozenset()
+
+    def hf_key(self, key: str) -> str | None:
+        return _translate(key, self.keys)
+
+    def our_key(self, hf_key: str) -> str | None:
+        return _translate(hf_key, {v: k for k, v in self.keys.items()})
+
+
+_LAYER = re.compile(r"(?<=layers\.)(\d+)(?=\.)")
+
+
+def _translate(key: str, table: Mapping[str, str]) -> str | None:
+    match = _LAYER.search(key)
+    template = _LAYER.sub("{}", key, count=1) if match else key
+    target = table.get(template)
+    if target is None:
+        return None
+    return target.format(match.group(1)) if match else target
+
+
+FAMILIES: dict[str, Family] = {
+    "llama": Family(
+        model_type="llama", architecture="LlamaForCausalLM", keys=_LLAMA_KEYS, qkv_bias=False,
+        required={"hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0,
+                  "rope_interleaved": False},
+    ),
+    "qwen2": Family(
+        model_type="qwen2", architecture="Qwen2ForCausalLM", keys=_QWEN2_KEYS, qkv_bias=True,
+        required={"hidden_act": "silu", "attention_dropout": 0.0, "use_sliding_window": False, "use_mrope": False},
+        tolerated=frozenset({"sliding_window", "max_window_layers", "layer_types"}),
+    ),
+}
+
+_ARCH_FIELDS = frozenset({
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+    "intermediate_size", "max_position_embeddings", "head_dim", "rms_norm_eps", "tie_word_embeddings",
+    "rope_theta", "rope_scaling", "rope_parameters",
+})
+_LLAMA3_ROPE_FIELDS = {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
+
+
+def read_hf_config(config: Mapping | str | Path) -> tuple[dict, str]:
+    """A config dict, a config.json path or a checkpoint directory -> (dict, where it came from)."""
+    if isinstance(config, Mapping):
+        return dict(config), "config"
+    path = Path(config)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no config.json (expected a Hugging Face model directory)")
+    try:
+        return json.loads(path.read_text()), str(path)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: line {e.lineno}: invalid JSON ({e.msg})") from None
+
+
+def family_of(config: Mapping, source: str = "config") -> Family:
+    model_type = config.get("model_type")
+    if model_type not in FAMILIES:
+        raise CheckpointError(
+            f"{source}: model_type {model_type!r} is not supported; supported: {sorted(FAMILIES)}"
+        )
+    return FAMILIES[model_type]
+
+
+def _rope(config: Mapping, source: str) -> tuple[float, RopeScaling | None]:
+    params = config.get("rope_parameters") or {}
+    scaling = config.get("rope_scaling") or params
+    theta = config.get("rope_theta", params.get("rope_theta", 10_000.0))
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type == "default":
+        extra = set(scaling) - {"rope_type", "type", "rope_theta"}
+        if extra:
+            raise CheckpointError(f"{source}: rope parameters {sorted(extra)} are not supported with default RoPE")
+        return float(theta), None
+    if rope_type != "llama3":
+        raise CheckpointError(
+            f"{source}: rope scaling type {rope_type!r} is not implemented (supported: default, llama3)"
+        )
+    extra = set(scaling) - _LLAMA3_ROPE_FIELDS - {"rope_type", "type", "rope_theta"}
+    missing = _LLAMA3_ROPE_FIELDS - set(scaling)
+    if extra or missing:
+        raise CheckpointError(f"{source}: llama3 rope scaling: missing {sorted(missing)}, unsupported {sorted(extra)}")
+    return float(theta), RopeScaling(
+        factor=float(scaling["factor"]), low_freq_factor=float(scaling["low_freq_factor"]),
+        high_freq_factor=float(scaling["high_freq_factor"]),
+        original_max_position_embeddings=int(scaling["original_max_position_embeddings"]),
+    )
+
+
+def hf_config_to_kwargs(config: Mapping | str | Path) -> tuple[Family, dict]:
+    """config.json -> (family, `llama()` keyword arguments). Refuses what we would not reproduce."""
+    config, source = read_hf_config(config)
+    family = family_of(config, source)
+    unknown = set(config) - _ARCH_FIELDS - _METADATA_FIELDS - set(family.required) - family.tolerated
+    if unknown:
+        raise CheckpointError(
+            f"{source}: config field(s) {sorted(unknown)} not understood for model_type {family.model_type!r}; "
+            "refusing rather than building a possibly different model"
+        )
+    for name, value in family.required.items():
+        if name in config and config[name] != value and not (config[name] is None and value is False):
+            raise CheckpointError(f"{source}: {name}={config[name]!r} is not supported (only {value!r})")
+    layer_types = config.get("layer_types")
+    if layer_types is not None and set(layer_types) != {"full_attention"}:
+        raise CheckpointError(f"{source}: layer_types {sorted(set(layer_types))}: only full attention is supported")
+    for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
+        if not isinstance(config.get(name), int):
+            raise CheckpointError(f"{source}: {name} must be an integer, got {config.get(name)!r}")
+    theta, scaling = _rope(config, source)
+    n_heads = config["num_attention_heads"]
+    kwargs = dict(
+        vocab_size=config["vocab_size"],
+        dim=config["hidden_size"],
+        n_layers=config["num_hidden_layers"],
+        n_heads=n_heads,
+        n_kv_heads=config.get("num_key_value_heads") or n_heads,
+        hidden_dim=config["intermediate_size"],
+        max_seq_len=config.get("max_position_embeddings", 2048),
+        head_dim=config.get("head_dim") or config["hidden_size"] // n_heads,
+        rope_theta=theta,
+        rope_scaling=scaling,
+        norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+        qkv_bias=family.qkv_bias,
+        tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+    )
+    return family, kwargs
+
+
+def model_from_hf_config(
+    config: Mapping | str | Path, *, lora: Mapping | bool | None = None, quantize_base: bool = False
+) -> TransformerDecoder:
+    """Build the decoder a checkpoint's config.json describes (random init; weights are loaded by
+    `dpokit.models.hf_checkpoint`). `lora`: True or a dict of `lora_llama` arguments
+    (lora_targets, lora_rank, lora_alpha, lora_dropout); `quantize_base`: QLoRA (needs `lora`)."""
+    _, kwargs = hf_config_to_kwargs(config)
+    if lora is None or lora is False:
+        if quantize_base:
+            raise ValueError("quantize_base (QLoRA) needs LoRA adapters: pass lora=True or lora={...}")
+        return llama(**kwargs)
+    lora_kwargs = {} if lora is True else dict(lora)
+    if "lora_targets" in lora_kwargs:
+        lora_kwargs["lora_targets"] = tuple(lora_kwargs["lora_targets"])
+    return lora_llama(quantize_base=quantize_base, **lora_kwargs, **kwargs)
+
+
+def family_for_model(model: TransformerDecoder) -> Family:
+    """The HF family a decoder saves as: q/k/v biases make it Qwen2, otherwise Llama."""
+    return FAMILIES["qwen2" if model.args["qkv_bias"] else "llama"]
+
+
+def hf_config_from_model(model: TransformerDecoder, dtype: torch.dtype, base: Mapping | None = None) -> dict:
+    """The config.json of `model` (legacy `rope_theta`/`rope_scaling` fields, which every
+    transformers version and vLLM read). Metadata such as token ids is kept from `base`."""
+    args, family = model.args, family_for_model(model)
+    config = {k: v for k, v in (base or {}).items() if k in _METADATA_FIELDS}
+    scaling = args["rope_scaling"]
+    config.update(
+        architectures=[family.architecture],
+        model_type=family.model_type,
+        vocab_size=args["vocab_size"],
+        hidden_size=args["dim"],
+        intermediate_size=args["hidden_dim"],
+        num_hidden_layers=args["n_layers"],
+        num_attention_heads=args["n_heads"],
+        num_key_value_heads=args["n_kv_heads"],
+        head_dim=args["head_dim"],
+        max_position_embeddings=args["max_seq_len"],
+        rms_norm_eps=args["norm_eps"],
+        rope_theta=args["rope_theta"],
+        rope_scaling=None if scaling is None else {
+            "rope_type": "llama3", "factor": scaling.factor, "low_freq_factor": scaling.low_freq_factor,
+            "high_freq_factor": scaling.high_freq_factor,
+            "original_max_position_embeddings": scaling.original_max_position_embeddings,
+        },
+        tie_word_embeddings=args["tie_embeddings"],
+        torch_dtype=str(dtype).removeprefix("torch."),
+        **{k: v for k, v in family.required.items() if k not in ("rope_interleaved", "use_mrope")},
+    )
+    config.pop("dtype", None)
+    return dict(sorted(config.items()))

@@ -1,0 +1,56 @@
+"""Tiny random Hugging Face checkpoints of each supported family, written with `transformers`."""
+
+from __future__ import annotations
+
+import torch
+
+transformers = __import__("pytest").importorskip("transformers")
+
+COMMON = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, max_position_embeddings=128)
+
+# name -> (config class, config kwargs): every feature the parity tests must cover.
+FAMILIES = {
+    "llama3_gqa": ("LlamaConfig", dict(COMMON, num_attention_heads=4, num_key_value_heads=2, rope_theta=500_000.0,
+                                       rms_norm_eps=1e-5)),
+    "llama3_1_rope_scaling": ("LlamaConfig", dict(
+        COMMON, num_attention_heads=4, num_key_value_heads=2, rope_theta=500_000.0, rms_norm_eps=1e-5,
+        rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                          original_max_position_embeddings=16))),
+    "llama3_2_tied_head_dim": ("LlamaConfig", dict(
+        COMMON, num_attention_heads=4, num_key_value_heads=1, head_dim=32, rope_theta=500_000.0, rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                          original_max_position_embeddings=16))),
+    "qwen2_5_tied_bias": ("Qwen2Config", dict(COMMON, num_attention_heads=4, num_key_value_heads=2,
+                                              rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=True)),
+    "qwen2_5_untied_bias": ("Qwen2Config", dict(COMMON, num_attention_heads=4, num_key_value_heads=2,
+                                                rope_theta=1_000_000.0, rms_norm_eps=1e-6)),
+    "smollm2_tied_mha": ("LlamaConfig", dict(COMMON, num_attention_heads=4, num_key_value_heads=4,
+                                             rope_theta=100_000.0, rms_norm_eps=1e-5, tie_word_embeddings=True)),
+}
+
+
+def hf_model(name: str, seed: int = 0):
+    """A transformers causal LM of family `name` with every weight random (norms and biases too)."""
+    class_name, kwargs = FAMILIES[name]
+    config = getattr(transformers, class_name)(**kwargs)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if "norm" in pname:
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            else:
+                p.normal_(0, 0.08)
+    return model
+
+
+def write_hf_checkpoint(name: str, directory, seed: int = 0, **save_kwargs):
+    model = hf_model(name, seed)
+    model.save_pretrained(directory, **save_kwargs)
+    return model
+
+
+def hf_logits(model, tokens: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=tokens).logits

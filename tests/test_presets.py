@@ -1,0 +1,97 @@
+"""Presets against the published checkpoints: parameter counts from the model cards / safetensors
+metadata of each Hugging Face repository, and config.json round trips through transformers."""
+
+import pytest
+import torch
+
+import dpokit.models as models
+from dpokit.models import ARCHITECTURES, hf_config_from_model, model_from_hf_config
+
+# Parameter counts as published for each checkpoint (safetensors total on the Hub).
+PUBLISHED_PARAMETERS = {
+    "llama3_8b": 8_030_261_248,
+    "llama3_70b": 70_553_706_496,
+    "llama3_1_8b": 8_030_261_248,
+    "llama3_1_70b": 70_553_706_496,
+    "llama3_1_405b": 405_853_388_800,
+    "llama3_2_1b": 1_235_814_400,
+    "llama3_2_3b": 3_212_749_824,
+    "qwen2_5_0_5b": 494_032_768,
+    "qwen2_5_1_5b": 1_543_714_304,
+    "qwen2_5_3b": 3_085_938_688,
+    "qwen2_5_7b": 7_615_616_512,
+    "qwen2_5_14b": 14_770_033_664,
+    "qwen2_5_32b": 32_763_876_352,
+    "qwen2_5_72b": 72_706_203_648,
+    "smollm2_135m": 134_515_008,
+    "smollm2_360m": 361_821_120,
+    "smollm2_1_7b": 1_711_376_384,
+}
+
+
+def meta_build(name, **kwargs):
+    with torch.device("meta"):
+        return getattr(models, name)(**kwargs)
+
+
+def full_count(name: str, lora: bool = False) -> int:
+    """Parameter count of the preset, from real 1- and 2-layer builds of its architecture
+    (every layer is identical, so count = P(1) + (L - 1) (P(2) - P(1)); 126-layer modules are slow)."""
+    arch = ARCHITECTURES[name]
+    builder = models.lora_llama if lora else models.llama
+
+    def count(n_layers):
+        with torch.device("meta"):
+            model = builder(**{**arch, "n_layers": n_layers})
+        return sum(p.numel() for n, p in model.named_parameters() if ".lora_" not in n)
+
+    one, two = count(1), count(2)
+    return one + (arch["n_layers"] - 1) * (two - one)
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_PARAMETERS))
+def test_parameter_count_matches_published_checkpoint(name):
+    assert full_count(name) == PUBLISHED_PARAMETERS[name]
+    assert full_count(name, lora=True) == PUBLISHED_PARAMETERS[name]
+
+
+def test_every_architecture_has_a_published_count_and_working_builders():
+    assert set(ARCHITECTURES) - {"tiny"} == set(PUBLISHED_PARAMETERS)
+    for name in ("smollm2_135m", "qwen2_5_0_5b", "llama3_2_1b"):  # the zero-argument functions themselves
+        assert sum(p.numel() for p in meta_build(name).parameters()) == PUBLISHED_PARAMETERS[name]
+        lora = meta_build(f"lora_{name}", lora_rank=4)
+        assert all(p.requires_grad == (".lora_" in n) for n, p in lora.named_parameters())
+        assert sum(p.numel() for n, p in lora.named_parameters() if ".lora_" not in n) == PUBLISHED_PARAMETERS[name]
+
+
+@pytest.mark.parametrize("name", ["llama3_1_8b", "llama3_2_1b", "qwen2_5_0_5b", "qwen2_5_7b", "smollm2_135m"])
+def test_config_json_round_trips_and_transformers_agrees(name):
+    transformers = pytest.importorskip("transformers")
+    with torch.device("meta"):  # two layers: what is compared is the config translation
+        model = models.llama(**{**ARCHITECTURES[name], "n_layers": 2})
+    config = hf_config_from_model(model, torch.bfloat16)
+    with torch.device("meta"):
+        again = model_from_hf_config(config)
+    assert again.args == model.args
+    hf_config = transformers.AutoConfig.for_model(**config)
+    with torch.device("meta"):
+        hf = transformers.AutoModelForCausalLM.from_config(hf_config)
+    ours = {n: p.shape for n, p in model.named_parameters()}
+    theirs = {n.removeprefix("model."): p.shape for n, p in hf.named_parameters()}
+    assert ours == theirs
+
+
+def test_llama3_rope_scaling_matches_transformers():
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    for name in ("llama3_1_8b", "llama3_2_1b", "llama3_2_3b"):
+        with torch.device("meta"):
+            model = models.llama(**{**ARCHITECTURES[name], "n_layers": 1})
+        hf_config = transformers.AutoConfig.for_model(**hf_config_from_model(model, torch.bfloat16))
+        expected, _ = ROPE_INIT_FUNCTIONS["llama3"](hf_config, "cpu")
+        from dpokit.models.transformer import rope_inverse_frequencies
+
+        args = model.args
+        ours = rope_inverse_frequencies(args["head_dim"], args["rope_theta"], args["rope_scaling"])
+        assert torch.equal(ours, expected), name

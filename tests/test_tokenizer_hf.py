@@ -1,0 +1,198 @@
+"""tokenizer.json -> tiktoken conversion and chat templates, against `tokenizers`/`transformers`."""
+
+import base64
+import json
+import unicodedata
+
+import pytest
+
+tokenizers = pytest.importorskip("tokenizers")
+from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers  # noqa: E402
+
+from dpokit.data.hf_tokenizer import (  # noqa: E402
+    LLAMA3_PATTERN,
+    TokenizerError,
+    hf_tokenizer,
+    llama3_tokenizer,
+    tokenizer_json_encoding,
+)
+
+QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                 r"\s*[\r\n]+|\s+(?!\S)|\s+")
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|begin_of_text|>", "<|start_header_id|>",
+            "<|end_header_id|>", "<|eot_id|>"]
+CORPUS = [
+    "Hello world! The quick brown fox jumps over the lazy dog 1234567890 times.",
+    "def f(x):\n    return x ** 2  # square\n\n\tif x > 10:\n\t\tprint('big')\r\n",
+    "Ünïcödé façade naïve café — “quotes” ‘single’ … ½ ² ³ ٣ ߁",
+    "日本語のテキストと中文文本，还有한국어 텍스트.",
+    "emoji 🙂🙃👍🏽 👨‍👩‍👧‍👦 🇫🇷 and symbols ∑∫√∞ ≠ ≤",
+    "     leading spaces, trailing spaces     \n\n\n   mixed \t tabs\t\t and newlines\r\n\r\n",
+    "numbers: 3.14159, 2,718, 1e-10, 0x1F, 007, 12345678901234567890",
+    "don't won't it's I'm we'll they'd you've SHOUTING'S",
+    "<|im_start|>user\nhi<|im_end|> and <tool_call>{\"a\": 1}</tool_call>",
+    "café vs cafe\u0301 (NFC matters)",
+]
+EVAL_TEXTS = CORPUS + [
+    "Completely unseen text: zebras quizzically vex jumpy fowl 98765 !!! ???",
+    "  x  \n  y  \n\n\n",
+    "a1b22c333 d 4 5  6   7",
+    "mixed<|endoftext|>specials<|eot_id|>inside",
+    "",
+    " ",
+    "\n",
+    "🙂" * 5 + "x" * 40,
+]
+
+
+def train(pre_tokenizer, normalizer=None, vocab_size=700):
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizer
+    if normalizer is not None:
+        tok.normalizer = normalizer
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=SPECIALS, show_progress=False)
+    tok.train_from_iterator(CORPUS * 20, trainer)
+    tok.add_tokens(["<tool_call>", "</tool_call>"])  # added, not special: matched inside text
+    return tok
+
+
+VARIANTS = {
+    "qwen2_split_nfc": lambda: train(pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]), normalizers.NFC()),
+    "llama3_split": lambda: train(pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])),
+    "gpt2_bytelevel": lambda: train(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)),
+    "smollm2_digits": lambda: train(pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])),
+    "gaps_split": lambda: train(pre_tokenizers.Sequence([  # a pattern that leaves text between matches
+        pre_tokenizers.Split(Regex(r"\p{L}+"), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_converted_tokenizer_json_matches_tokenizers_exactly(variant, tmp_path):
+    reference = VARIANTS[variant]()
+    reference.save(str(tmp_path / "tokenizer.json"))
+    tok = hf_tokenizer(tmp_path, template="chatml")
+    for text in EVAL_TEXTS:
+        expected = reference.encode(text, add_special_tokens=False).ids
+        # the raw encoding with every special allowed is what `tokenizers` does with any text
+        raw = unicodedata.normalize(tok.normalizer, text) if tok.normalizer else text
+        assert tok.encoding.encode(raw, allowed_special="all") == expected, (variant, text)
+        if not any(s in text for s in SPECIALS):
+            assert tok.encode(text) == expected, (variant, text)
+        assert tok.decode(tok.encode(text)) == (text if "NFC" not in variant and "nfc" not in variant
+                                                else reference.decode(expected, skip_special_tokens=False))
+    # user-typed special-token text stays text in dpokit (unlike the raw encoding)
+    assert tok.eot_id not in tok.encode("<|im_end|>")
+    assert tok.encode("<tool_call>") == [reference.token_to_id("<tool_call>")]
+
+
+def test_unconvertible_tokenizers_are_refused(tmp_path):
+    reference = VARIANTS["llama3_split"]()
+    data = json.loads(reference.to_str())
+    cases = {
+        "byte_fallback": lambda d: d["model"].update(byte_fallback=True),
+        "normalizer": lambda d: d.update(normalizer={"type": "NFKC"}),
+        "model type": lambda d: d["model"].update(type="Unigram"),
+        "add_prefix_space": lambda d: d["pre_tokenizer"]["pretokenizers"][1].update(add_prefix_space=True),
+        "behavior": lambda d: d["pre_tokenizer"]["pretokenizers"][0].update(behavior="Removed"),
+        "lstrip": lambda d: d["added_tokens"][-1].update(lstrip=True),
+        "not produced by any merge": lambda d: d["model"]["merges"].pop(),
+    }
+    for message, mutate in cases.items():
+        broken = json.loads(json.dumps(data))
+        mutate(broken)
+        (tmp_path / "tokenizer.json").write_text(json.dumps(broken))
+        with pytest.raises(TokenizerError, match=message):
+            tokenizer_json_encoding(tmp_path / "tokenizer.json")
+
+
+def test_llama3_tiktoken_model_file(tmp_path):
+    # a tokenizer.model in Meta's format, written from a trained BPE (ranks = ids, bytes only)
+    reference = VARIANTS["llama3_split"]()
+    encoding, _ = tokenizer_json_encoding(_save(reference, tmp_path))
+    ranks = encoding._mergeable_ranks
+    lines = [f"{base64.b64encode(token).decode()} {rank}" for token, rank in sorted(ranks.items(), key=lambda x: x[1])]
+    # Meta's file holds ranks 0..N-1; renumber densely and compare on texts without specials
+    dense = {token: i for i, (token, _) in enumerate(sorted(ranks.items(), key=lambda x: x[1]))}
+    lines = [f"{base64.b64encode(token).decode()} {i}" for token, i in dense.items()]
+    (tmp_path / "tokenizer.model").write_text("\n".join(lines) + "\n")
+    tok = llama3_tokenizer(tmp_path / "tokenizer.model")
+    n = len(dense)
+    assert tok.special_tokens["<|begin_of_text|>"] == n and tok.eot_id == n + 9
+    assert tok.special_tokens["<|reserved_special_token_247|>"] == n + 255 and tok.vocab_size == n + 256
+    to_dense = {rank: dense[token] for token, rank in ranks.items()}
+    for text in EVAL_TEXTS:
+        if any(s in text for s in SPECIALS) or "<tool_call>" in text:
+            continue
+        expected = [to_dense[i] for i in reference.encode(text, add_special_tokens=False).ids]
+        assert tok.encode(text) == expected, text
+        assert tok.decode(tok.encode(text)) == text
+
+
+def _save(reference, tmp_path):
+    reference.save(str(tmp_path / "tokenizer.json"))
+    return tmp_path / "tokenizer.json"
+
+
+# --------------------------------------------------------------------------- chat templates
+
+# The families' own Jinja templates (the tool-calling branches of Qwen2.5's are left out).
+LLAMA3_JINJA = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
+    "message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+QWEN2_5_JINJA = (
+    "{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}"
+    "{%- else %}{{- '<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+    "<|im_end|>\n' }}{%- endif %}{%- for message in messages %}{%- if (message.role == \"user\") or "
+    "(message.role == \"system\" and not loop.first) or (message.role == \"assistant\") %}{{- '<|im_start|>' + "
+    "message.role + '\n' + message.content + '<|im_end|>' + '\n' }}{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
+)
+SMOLLM2_JINJA = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
+    "You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+CONVERSATIONS = [
+    [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4, of course. 🙂"}],
+    [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "  Hello\n there  "},
+     {"role": "assistant", "content": "Bonjour !\n\n  ça va ?"}, {"role": "user", "content": "x=1;\ty = 22"}],
+]
+
+
+@pytest.mark.parametrize("jinja, expected_template", [
+    (LLAMA3_JINJA, "llama3"), (QWEN2_5_JINJA, "qwen2_5"), (SMOLLM2_JINJA, "smollm2")])
+def test_chat_template_ids_equal_transformers_apply_chat_template(jinja, expected_template, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    reference = VARIANTS["qwen2_split_nfc"]()
+    reference.save(str(tmp_path / "tokenizer.json"))
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=reference, bos_token="<|begin_of_text|>",
+                                              eos_token="<|endoftext|>", chat_template=jinja)
+    hf.save_pretrained(tmp_path)
+    tok = hf_tokenizer(tmp_path)  # the template is detected from tokenizer_config.json
+    assert tok.template.name == expected_template
+    for messages in CONVERSATIONS:
+        for generation_prompt in (False, True):
+            expected = hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt)
+            if isinstance(expected, dict) or hasattr(expected, "keys"):
+                expected = expected["input_ids"]
+            ids, mask = tok.tokenize_messages(messages, add_generation_prompt=generation_prompt)
+            assert ids == list(expected), (expected_template, messages)
+        # the training mask covers exactly the assistant contents and their end-of-turn tokens
+        trained = tok.decode([i for i, m in zip(ids, mask) if m])
+        end = tok.template.end_of_turn
+        replies = [m["content"].strip() if tok.template.trim_content else m["content"]
+                   for m in messages if m["role"] == "assistant"]
+        assert trained == "".join(r + end for r in replies)
