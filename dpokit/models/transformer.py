@@ -43,10 +43,18 @@ class RopeScaling:
 
 
 def rope_inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None = None) -> torch.Tensor:
-    """inv_freq[i] = theta^(-2i/head_dim), optionally rescaled as Llama 3.1 does."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    """inv_freq[i] = theta^(-2i/head_dim), optionally rescaled as Llama 3.1 does.
+
+    Computed in float32 exactly as Meta's reference code and `transformers` do, so checkpoints see
+    bit-identical rotation angles. With `scaling` (Llama 3.1/3.2 "llama3" type), with
+    wavelen = 2 pi / inv_freq and L = original_max_position_embeddings:
+        wavelen < L / high_freq_factor: unchanged;  wavelen > L / low_freq_factor: inv_freq / factor;
+        between: (1 - s) inv_freq / factor + s inv_freq,  s = (L / wavelen - low) / (high - low).
+    """
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+    inv_freq = 1.0 / (theta ** exponents)
     if scaling is None:
-        return inv_freq.float()
+        return inv_freq
     low_freq_wavelen = scaling.original_max_position_embeddings / scaling.low_freq_factor
     high_freq_wavelen = scaling.original_max_position_embeddings / scaling.high_freq_factor
     wavelen = 2 * math.pi / inv_freq
@@ -57,7 +65,7 @@ def rope_inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling |
     blended = (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
     scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / scaling.factor, inv_freq)
     is_medium = (wavelen <= low_freq_wavelen) & (wavelen >= high_freq_wavelen)
-    return torch.where(is_medium, blended, scaled).float()
+    return torch.where(is_medium, blended, scaled)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -151,6 +159,12 @@ class TransformerDecoder(nn.Module):
             raise ValueError(f"n_heads ({n_heads}) must be a multiple of n_kv_heads ({n_kv_heads})")
         head_dim = head_dim or dim // n_heads
         self.vocab_size, self.dim, self.max_seq_len = vocab_size, dim, max_seq_len
+        # The architecture as plain values: what `dpokit.models.hf_config` writes to config.json.
+        self.args = dict(
+            vocab_size=vocab_size, dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
+            hidden_dim=hidden_dim, max_seq_len=max_seq_len, head_dim=head_dim, rope_theta=rope_theta,
+            rope_scaling=rope_scaling, norm_eps=norm_eps, qkv_bias=qkv_bias, tie_embeddings=tie_embeddings,
+        )
         self.tie_embeddings = tie_embeddings
         self.embed_tokens = nn.Embedding(vocab_size, dim)
         self.layers = nn.ModuleList(
