@@ -83,7 +83,8 @@ def spawn(fn, world_size: int, *args) -> None:
     mp.spawn(_entry, args=(world_size, free_port(), fn, args), nprocs=world_size, join=True)
 
 
-def make_model(checkpoint: Path, *, sharded: bool, trainable: bool = True) -> torch.nn.Module:
+def make_model(checkpoint: Path, *, sharded: bool, trainable: bool = True,
+               activation_checkpointing: bool = False) -> torch.nn.Module:
     """The checkpoint's model: plain (loaded the ordinary way) or meta-built, FSDP2-sharded and
     loaded rank-locally through the seam under test."""
     from dpokit.training.fsdp import load_into_shards, materialize, shard_model
@@ -91,7 +92,7 @@ def make_model(checkpoint: Path, *, sharded: bool, trainable: bool = True) -> to
     if sharded:
         with torch.device("meta"):
             model = build_model()
-        shard_model(model)
+        shard_model(model, activation_checkpointing=activation_checkpointing)
         materialize(model, "cpu")
         load_into_shards(model, read_checkpoint(checkpoint))
     else:
@@ -124,7 +125,8 @@ def train_trajectory(checkpoint: Path, strategy: str, *, sharded: bool, rank: in
     from dpokit.training.preference_step import accumulate_gradients
 
     pairs = synthetic_pairs(num_pairs)
-    policy = make_model(checkpoint, sharded=sharded)
+    # The frozen-copy run also recomputes activations in backward (must not change any number).
+    policy = make_model(checkpoint, sharded=sharded, activation_checkpointing=strategy == "frozen")
     reference = make_reference(strategy, policy, checkpoint, pairs, sharded=sharded)
     # SGD: Adam's m / sqrt(v) turns 1e-9 differences in a near-zero gradient into lr-sized ones,
     # which would make the weight comparison test Adam rather than the distributed step.
