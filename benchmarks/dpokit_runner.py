@@ -112,7 +112,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--assets", required=True, help="directory written by make_assets.py")
     ap.add_argument("--layout", default="padded", choices=LAYOUTS)
-    ap.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="bf16 = autocast, fp32 weights")
+    ap.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "bf16w"),
+                    help="bf16 = autocast over fp32 weights; bf16w = bf16 weights, no autocast (torchtune's mode)")
     ap.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
     ap.add_argument("--reference", default="frozen_copy", choices=REFERENCES)
     ap.add_argument("--no-chunked", action="store_true", help="padded layout: materialise the full logits")
@@ -145,7 +146,7 @@ def main(argv=None) -> int:
     timed = make_steps(pairs, warm_pairs, timed_pairs, **build)
 
     device = args.device
-    model = load_hf_checkpoint(assets / "model", device=device)
+    model = load_hf_checkpoint(assets / "model", device=device, dtype="bf16" if args.dtype == "bf16w" else None)
     model.train()
     if args.compile:
         for layer in model.layers:

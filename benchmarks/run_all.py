@@ -37,6 +37,7 @@ def dpokit_variants(quick: bool) -> list[tuple[str, list[str]]]:
         ("dpokit prefix+ffd bf16", ["--layout", "prefix", "--dtype", "bf16"]),
         ("dpokit prefix+ffd fp32", ["--layout", "prefix", "--dtype", "fp32"]),
         ("dpokit prefix+ffd bf16 compile", ["--layout", "prefix", "--dtype", "bf16", "--compile"]),
+        ("dpokit prefix+ffd bf16-weights", ["--layout", "prefix", "--dtype", "bf16w"]),
         ("dpokit prefix+ffd bf16 ref=swap", ["--layout", "prefix", "--dtype", "bf16", "--reference", "swap"]),
         ("dpokit prefix+ffd bf16 ref=precomputed",
          ["--layout", "prefix", "--dtype", "bf16", "--reference", "precomputed"]),
@@ -104,14 +105,24 @@ def mean_first_logp(result: dict) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def dtype_class(result: dict) -> str:
+    """fp32, or bf16 for any bf16 mode (autocast over fp32 weights, or bf16 weights)."""
+    return "fp32" if result.get("dtype", "fp32") == "fp32" else "bf16"
+
+
+def fastest(results: list[dict], framework: str, dtype: str) -> dict | None:
+    runs = [r for r in results if r["framework"] == framework and dtype_class(r) == dtype]
+    return max(runs, key=lambda r: r["tokens_per_s"]) if runs else None
+
+
 def throughput_table(results: list[dict], peak: dict) -> list[str]:
-    """Markdown rows: tokens/s, x TRL and x torchtune of the same dtype, MFU, memory, logp check."""
-    by_name = {r["name"]: r for r in results}
+    """Markdown rows: tokens/s and its ratio to the fastest TRL / torchtune run of the same dtype
+    class (fp32 or any bf16 mode), MFU, memory and its ratios to those same peer runs, logp check."""
     lines = ["| run | useful tok/s | x TRL | x torchtune | MFU | peak mem GiB | mem / TRL | mem / torchtune "
              "| step-1 mean logp(chosen) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
-        dtype = r.get("dtype", "fp32")
-        trl, tt = by_name.get(f"TRL {dtype}"), by_name.get(f"torchtune {dtype}")
+        dtype = dtype_class(r)
+        trl, tt = fastest(results, "trl", dtype), fastest(results, "torchtune", dtype)
         cells = [r["name"], f"{r['tokens_per_s']:.1f}"]
         cells += [f"{r['tokens_per_s'] / p['tokens_per_s']:.2f}" if p else "-" for p in (trl, tt)]
         cells.append(f"{r['model_flops_per_s'] / peak[dtype]:.1%}" if peak.get(dtype) else "-")
@@ -120,6 +131,10 @@ def throughput_table(results: list[dict], peak: dict) -> list[str]:
         logp = mean_first_logp(r)
         cells.append("-" if logp is None else f"{logp:.3f}")
         lines.append("| " + " | ".join(cells) + " |")
+    refs = [f"{f} {d}: {p['name']}" for d in ("fp32", "bf16") for f in ("trl", "torchtune")
+            if (p := fastest(results, f, d))]
+    if refs:
+        lines += ["", "Ratios are to the fastest peer run of the same dtype class (" + "; ".join(refs) + ")."]
     return lines
 
 
@@ -137,7 +152,7 @@ def headline(results: list[dict], peak: dict) -> list[str]:
             lines.append(f"- best dpokit ({ours['name']}, {ours['tokens_per_s']:.1f} tok/s) / best {peer} "
                          f"({best[peer]['name']}, {best[peer]['tokens_per_s']:.1f} tok/s) = **{ratio:.2f}x** "
                          f"(goal >= 3x: {'met' if ratio >= 3 else 'missed'})")
-    bf16 = [r for r in results if r["framework"] == "dpokit" and r.get("dtype") == "bf16"]
+    bf16 = [r for r in results if r["framework"] == "dpokit" and dtype_class(r) == "bf16"]
     if bf16 and peak.get("bf16"):
         top = max(bf16, key=lambda r: r["model_flops_per_s"])
         mfu = top["model_flops_per_s"] / peak["bf16"]

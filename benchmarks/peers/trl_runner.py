@@ -105,7 +105,8 @@ def main(argv=None) -> int:
         return AutoModelForCausalLM.from_pretrained(assets / "model", attn_implementation="sdpa",
                                                     dtype=torch.float32)
 
-    model, ref_model = load(), load()
+    model = load()
+    ref_model = None if args.reference == "precomputed" else load()
     with tempfile.TemporaryDirectory() as out:
         training_args = DPOConfig(
             output_dir=out, per_device_train_batch_size=args.batch_size, max_steps=total_steps,
@@ -119,7 +120,7 @@ def main(argv=None) -> int:
         times = StepTimes()
         started = time.perf_counter()
         trainer = PretokenizedDPOTrainer(
-            model=model, ref_model=None if args.reference == "precomputed" else ref_model, args=training_args,
+            model=model, ref_model=ref_model, args=training_args,
             train_dataset=dataset, processing_class=id_tokenizer(meta["pad_id"], meta["eos_id"],
                                                                  config["vocab_size"]),
             callbacks=[times],
