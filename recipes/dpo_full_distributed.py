@@ -84,7 +84,7 @@ def build_sharded_model(cfg, env, *, trainable: bool, fingerprint: TensorFingerp
         cpu_offload=cfg.fsdp.cpu_offload, activation_checkpointing=trainable and cfg.fsdp.activation_checkpointing,
         compile_blocks=cfg.fsdp.compile,
     )
-    materialize(model, "cpu" if cfg.fsdp.cpu_offload else env.device)
+    materialize(model, "cpu" if cfg.fsdp.cpu_offload else env.device, buffer_device=env.device)
     tensors = weight_source(cfg)
     if fingerprint is not None:
         tensors = fingerprint.wrap(tensors)

@@ -74,7 +74,7 @@ def build_sharded_model(cfg, env):
         cpu_offload=cfg.fsdp.cpu_offload, activation_checkpointing=cfg.fsdp.activation_checkpointing,
         compile_blocks=cfg.fsdp.compile,
     )
-    materialize(model, "cpu" if cfg.fsdp.cpu_offload else env.device)
+    materialize(model, "cpu" if cfg.fsdp.cpu_offload else env.device, buffer_device=env.device)
     load_into_shards(model, weight_source(cfg, model), source=str(cfg.checkpoint_dir or "random init"))
     check_no_meta(model)
     return model

@@ -77,7 +77,7 @@ def shard_model(
     """
     kwargs = dict(mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype))
     if cpu_offload:
-        kwargs["offload_policy"] = CPUOffloadPolicy()
+        kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
     for block in transformer_blocks(model):
         if activation_checkpointing:
             enable_activation_checkpointing(block)
@@ -111,11 +111,13 @@ def init_rope_buffers(model: nn.Module, device: torch.device | str) -> None:
     model.inv_freq = rope_inverse_frequencies(args["head_dim"], args["rope_theta"], args["rope_scaling"]).to(device)
 
 
-def materialize(model: nn.Module, device: torch.device | str) -> nn.Module:
+def materialize(model: nn.Module, device: torch.device | str, *, buffer_device: torch.device | str | None = None
+                ) -> nn.Module:
     """Allocate a meta-built (and usually sharded) model on `device`: each rank gets only its
-    shards; values are garbage until `load_into_shards` fills them."""
+    shards; values are garbage until `load_into_shards` fills them. `buffer_device`: where the
+    RoPE table goes when it differs (CPU offload keeps shards on CPU, computes on the GPU)."""
     model.to_empty(device=device)
-    init_rope_buffers(model, device)
+    init_rope_buffers(model, buffer_device or device)
     return model
 
 
