@@ -42,7 +42,7 @@ from dpokit.training import (
 )
 
 CONFIG_KEYS = (
-    "output_dir", "seed", "device", "dtype", "tokenizer", "model", "train_dataset", "validation_dataset",
+    "output_dir", "seed", "device", "dtype", "checkpoint_dir", "tokenizer", "model", "train_dataset", "validation_dataset",
     "loss", "average_logps", "optimizer", "lr_scheduler", "batch_size", "gradient_accumulation_steps",
     "epochs", "max_steps", "max_grad_norm", "eval_every", "eval_batch_size",
 )
@@ -136,7 +136,8 @@ def main(cfg) -> None:
     progress.close()
     log.close()
 
-    checkpoint_dir = save_lora_checkpoint(model, output_dir / "final")
+    # With an HF checkpoint_dir, the output is a complete HF folder (its config and tokenizer files too).
+    checkpoint_dir = save_lora_checkpoint(model, output_dir / "final", source_dir=cfg.checkpoint_dir)
     print(f"validation accuracy {first_val_acc:.3f} -> {val['acc']:.3f}")
     print(f"metrics: {log.path}\ncheckpoint: {checkpoint_dir}\noutput directory: {output_dir.resolve()}")
 
