@@ -149,6 +149,18 @@ def cmd_pack(args) -> int:
     return 0
 
 
+def cmd_download(args) -> int:
+    from dpokit.errors import DpokitError
+    from dpokit.models.hub import download_checkpoint
+
+    try:
+        path = download_checkpoint(args.repo_id, args.output_dir)
+    except DpokitError as e:
+        raise CliError(str(e)) from None
+    print(f"downloaded {args.repo_id} to {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dpokit", description="Preference alignment recipes (DPO and family).")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -193,6 +205,14 @@ def build_parser() -> argparse.ArgumentParser:
     pack.add_argument("--skip-invalid", action="store_true", help="skip and count malformed records")
     pack.add_argument("--seed", type=int, default=0, help="shuffle seed for ffs")
     pack.set_defaults(func=cmd_pack)
+
+    download = sub.add_parser(
+        "download", help="download a model from the Hugging Face Hub",
+        description="Download weights (safetensors), configs and tokenizer files of REPO_ID (token: $HF_TOKEN).",
+    )
+    download.add_argument("repo_id", help="e.g. meta-llama/Llama-3.2-1B-Instruct")
+    download.add_argument("--output-dir", help="where to put it (default ./checkpoints/<model name>)")
+    download.set_defaults(func=cmd_download)
     return parser
 
 

@@ -54,3 +54,26 @@ def write_hf_checkpoint(name: str, directory, seed: int = 0, **save_kwargs):
 def hf_logits(model, tokens: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model(input_ids=tokens).logits
+
+
+def write_tokenizer(directory, chat_template: str, vocab_size: int = 96) -> None:
+    """A byte-level BPE tokenizer.json (+ tokenizer_config.json with `chat_template`) whose ids
+    stay below `vocab_size` - 8, so they fit the tiny models; the chat special tokens come last."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"\p{L}+|\p{N}|\s+|[^\s\p{L}\p{N}]+"), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    # 256 byte tokens do not fit a 96-token model, so the tiny checkpoints use a bigger vocabulary:
+    # callers pass vocab_size >= 300 for real tokenizers; the model fixtures below do so.
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - 8, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(["hello world 123, UPPER lower case"] * 10, trainer)
+    tok.add_special_tokens(["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                            "<|eot_id|>", "<|im_start|>", "<|im_end|>", "<|endoftext|>"])
+    tok.save(str(directory / "tokenizer.json"))
+    import json
+
+    (directory / "tokenizer_config.json").write_text(json.dumps({"chat_template": chat_template}))

@@ -48,9 +48,9 @@ def test_demo_learns_the_bundled_task_and_writes_metrics_and_checkpoint(tmp_path
     merged = load_file(final / "model.safetensors")
     base = tiny()
     base.load_state_dict({k.removeprefix("model."): v for k, v in merged.items()})  # strict: every key fits
-    adapter = load_file(final / "adapter_model.safetensors")
+    adapter = load_file(final / "adapter" / "adapter_model.safetensors")
     assert adapter and all(k.startswith("base_model.model.model.layers.") and ".lora_" in k for k in adapter)
-    config = json.loads((final / "adapter_config.json").read_text())
+    config = json.loads((final / "adapter" / "adapter_config.json").read_text())
     assert config["r"] == 8 and config["target_modules"] == ["k_proj", "o_proj", "q_proj", "v_proj"]
     assert any(torch.count_nonzero(v) for k, v in adapter.items() if "lora_B" in k)  # it trained
 
@@ -79,7 +79,7 @@ def test_cp_then_run_the_copies(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     train, validation = read_metrics(tmp_path / "out")
     assert len(train) == 2 and len(validation) == 3
-    assert (tmp_path / "out" / "final" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "out" / "final" / "adapter" / "adapter_model.safetensors").is_file()
 
 
 def test_ls_and_cat():

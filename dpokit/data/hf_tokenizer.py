@@ -235,6 +235,10 @@ def detect_template(checkpoint_dir: str | Path) -> ChatTemplate:
 def hf_tokenizer(checkpoint_dir: str | Path, template: str | None = None) -> Tokenizer:
     """The tokenizer of an HF checkpoint directory: `original/tokenizer.model` (Llama 3) if present,
     else `tokenizer.json`. template: a name in `TEMPLATES`, or None to detect it."""
+    if checkpoint_dir is None:
+        raise TokenizerError("checkpoint_dir is not set: pass checkpoint_dir=/path/to/a/hugging-face/model")
+    if template is not None and template not in TEMPLATES:
+        raise TokenizerError(f"unknown chat template {template!r}; choose from {sorted(TEMPLATES)}")
     directory = Path(checkpoint_dir)
     chosen = TEMPLATES[template] if template else detect_template(directory)
     if (directory / "original" / "tokenizer.model").is_file() and chosen.name == "llama3":

@@ -175,6 +175,9 @@ def iter_hf_weights(
                 yield ours, tensor if dtype is None else tensor.to(dtype)
 
 
+iter_hf_tensors = iter_hf_weights  # the name the FSDP2 recipe imports
+
+
 def assign_weight(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
     """Make `tensor` the parameter `key` of `model` (no copy; NF4 layers quantise it)."""
     module_path, _, name = key.rpartition(".")
@@ -202,6 +205,8 @@ def load_hf_checkpoint(
 
     dtype: None keeps the checkpoint's dtype ("bf16"/"fp32"/torch dtypes accepted).
     """
+    if checkpoint_dir is None:
+        raise CheckpointError("checkpoint_dir is not set: pass checkpoint_dir=/path/to/a/hugging-face/model")
     checkpoint_dir = Path(checkpoint_dir)
     dtype = _resolve_dtype(dtype)
     with torch.device("meta"):

@@ -1,0 +1,101 @@
+"""The real-model configs of dpo_lora_single_device load against a checkpoint folder: tiny fake
+checkpoints of each family (written with transformers) stand in for the real ones."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("tokenizers")
+
+from hf_fixtures import write_tokenizer  # noqa: E402
+
+from dpokit.models import LoRALinear, load_hf_checkpoint  # noqa: E402
+from dpokit.recipes.configs import check_keys, instantiate, load_config  # noqa: E402
+
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "dpo_lora_single_device.py"
+CONFIGS = RECIPE.parent / "configs" / "dpo_lora_single_device"
+SMALL = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)
+# config name -> (transformers config, chat template text, template dpokit must detect)
+FAKES = {
+    "llama3_2_1b": (transformers.LlamaConfig(**SMALL, rope_theta=500_000.0, rope_scaling=dict(
+        rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=64)), "{{ '<|start_header_id|>' }}", "llama3"),
+    "qwen2_5_0_5b": (transformers.Qwen2Config(**SMALL, rope_theta=1e6), "<|im_start|>system\nYou are Qwen", "qwen2_5"),
+    "smollm2_135m": (transformers.LlamaConfig(**SMALL, rope_theta=1e5), "<|im_start|> named SmolLM", "smollm2"),
+}
+
+
+def recipe_module():
+    spec = importlib.util.spec_from_file_location("dpo_lora_recipe_under_test", RECIPE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def fake_checkpoint(name, directory):
+    config, chat_template, _ = FAKES[name]
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(directory)
+    write_tokenizer(directory, chat_template, vocab_size=320)
+    return directory
+
+
+def preference_file(path):
+    rows = [{"prompt": f"Say {w} in UPPER case", "chosen": w.upper(), "rejected": w} for w in
+            ("hello", "world", "case", "lower", "upper", "hello world")]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize("name", sorted(FAKES))
+def test_config_validates_and_builds_against_a_checkpoint(name, tmp_path):
+    ckpt = fake_checkpoint(name, tmp_path / "ckpt")
+    data = preference_file(tmp_path / "pairs.jsonl")
+    cfg = load_config(CONFIGS / f"{name}.yaml", [f"checkpoint_dir={ckpt}", f"train_dataset.path={data}",
+                                                  f"validation_dataset.path={data}"])
+    check_keys(cfg, recipe_module().CONFIG_KEYS)
+    tokenizer = instantiate(cfg.tokenizer)
+    assert tokenizer.template.name == FAKES[name][2]
+    model = instantiate(cfg.model)
+    lora = [n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+    assert sorted(set(lora)) == sorted(cfg.model.lora.lora_targets)
+    plain = load_hf_checkpoint(ckpt)
+    tokens = torch.randint(0, 320, (1, 9))
+    assert torch.equal(model(tokens), plain(tokens))  # weights loaded, adapters start at zero
+    dataset = instantiate(cfg.train_dataset, tokenizer=tokenizer)
+    assert len(dataset) == 6
+
+
+def test_recipe_trains_on_a_checkpoint_and_writes_an_hf_folder(tmp_path):
+    ckpt = fake_checkpoint("smollm2_135m", tmp_path / "ckpt")
+    data = preference_file(tmp_path / "pairs.jsonl")
+    module = recipe_module()
+    from dpokit.recipes.configs import recipe_main
+
+    recipe_main(module.main, module.CONFIG_KEYS, [
+        "--config", str(CONFIGS / "smollm2_135m.yaml"), f"checkpoint_dir={ckpt}", f"train_dataset.path={data}",
+        f"validation_dataset.path={data}", f"output_dir={tmp_path / 'out'}", "device=cpu", "dtype=fp32",
+        "batch_size=2", "gradient_accumulation_steps=1", "max_steps=2", "eval_every=2", "eval_batch_size=6",
+        "lr_scheduler.warmup_steps=1", "optimizer.lr=1e-2",
+    ])
+    final = tmp_path / "out" / "final"
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= {
+        p.name for p in final.iterdir()}
+    assert {p.name for p in (final / "adapter").iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
+    merged = transformers.AutoModelForCausalLM.from_pretrained(final).float().eval()
+    trained = load_hf_checkpoint(final)
+    tokens = torch.randint(0, 320, (1, 9))
+    with torch.no_grad():
+        assert (merged(input_ids=tokens).logits - trained(tokens)).abs().max() <= 1e-5
+        assert not torch.allclose(trained(tokens), load_hf_checkpoint(ckpt)(tokens))  # it trained
+
+
+def test_missing_checkpoint_dir_is_one_clear_error():
+    cfg = load_config(CONFIGS / "qwen2_5_0_5b.yaml")
+    with pytest.raises(Exception, match="checkpoint_dir is not set"):
+        instantiate(cfg.tokenizer)
