@@ -40,7 +40,6 @@ from torch import nn
 
 from dpokit.models.hf_config import (
     CheckpointError,
-    Family,
     family_for_model,
     hf_config_from_model,
     hf_config_to_kwargs,
@@ -124,8 +123,8 @@ def _expected_keys(kwargs: dict) -> dict[str, torch.Size]:
         return {k: v.shape for k, v in llama(**kwargs).state_dict().items()}
 
 
-def _plan(checkpoint_dir: Path) -> tuple[Family, dict, list[tuple[Path, list[tuple[str, str]]]]]:
-    """Check the checkpoint's keys against config.json; return (family, kwargs, per-file key pairs)."""
+def _plan(checkpoint_dir: Path) -> tuple[dict, list[tuple[Path, list[tuple[str, str]]]]]:
+    """Check the checkpoint's keys against config.json; return (expected shapes, per-file key pairs)."""
     family, kwargs = hf_config_to_kwargs(checkpoint_dir)
     expected = _expected_keys(kwargs)
     plan, seen, unexpected = [], {}, []
@@ -149,7 +148,7 @@ def _plan(checkpoint_dir: Path) -> tuple[Family, dict, list[tuple[Path, list[tup
             f"{checkpoint_dir}: checkpoint does not match its config.json ({family.model_type}): "
             f"missing {_summary(missing)}, unexpected {_summary(unexpected)}"
         )
-    return family, kwargs, plan
+    return expected, plan
 
 
 def iter_hf_weights(
@@ -162,8 +161,7 @@ def iter_hf_weights(
     `dtype` casts each tensor as it is read (None keeps the checkpoint's dtype).
     """
     checkpoint_dir = Path(checkpoint_dir)
-    _, kwargs, plan = _plan(checkpoint_dir)
-    shapes = _expected_keys(kwargs)
+    shapes, plan = _plan(checkpoint_dir)
     for path, pairs in plan:
         with safe_open(path, framework="pt") as f:
             for name, ours in pairs:
