@@ -121,7 +121,7 @@ def main(cfg) -> None:
 
 def train(cfg, env) -> None:
     main_rank = env.is_main
-    say = print if main_rank else (lambda *a, **k: None)
+    say = tqdm.write if main_rank else (lambda message: None)  # rank 0 speaks; tqdm keeps its bar intact
     seed_everything(cfg.seed + env.rank)
     output_dir = Path(cfg.output_dir)
     if main_rank:
@@ -254,14 +254,13 @@ def train(cfg, env) -> None:
                              refresh=False)
         if step % cfg.eval_every == 0 or step == total_steps:
             val = validate(step)
-            progress.write(f"step {step}: validation loss {val['preference_loss']:.4f} acc {val['acc']:.3f}") \
-                if main_rank else None
+            say(f"step {step}: validation loss {val['preference_loss']:.4f} acc {val['acc']:.3f}")
         if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
             path = save_checkpoint(
                 checkpoint_root, step, model, optimizer, keep_last=cfg.checkpoint.keep_last,
                 trainer_state={"scheduler": scheduler.state_dict(), "data": sampler.state_dict()},
             )
-            progress.write(f"step {step}: checkpoint {path}") if main_rank else None
+            say(f"step {step}: checkpoint {path}")
     progress.close()
     if log:
         log.close()
