@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from dpokit.data import collate_preference_pairs
+from dpokit.data import PackedPreferenceDataset, collate_packed, collate_preference_pairs
 from dpokit.errors import DpokitError
 from dpokit.losses import is_reference_free
 from dpokit.models import adapter_params
@@ -44,7 +44,7 @@ from dpokit.training import (
 CONFIG_KEYS = (
     "output_dir", "seed", "device", "dtype", "checkpoint_dir", "tokenizer", "model", "train_dataset", "validation_dataset",
     "loss", "average_logps", "optimizer", "lr_scheduler", "batch_size", "gradient_accumulation_steps",
-    "epochs", "max_steps", "max_grad_norm", "eval_every", "eval_batch_size",
+    "epochs", "max_steps", "max_grad_norm", "eval_every", "eval_batch_size", "packing",
 )
 
 
@@ -56,20 +56,29 @@ def main(cfg) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, output_dir / "config.yaml")
 
-    # Data: chosen and rejected of a batch go through the model as one padded batch.
+    # Data: chosen and rejected of a batch go through the model as one padded batch, or, with
+    # packing, several pairs share each row (a batch is then `batch_size` packs).
     tokenizer = instantiate(cfg.tokenizer)
     train_set = instantiate(cfg.train_dataset, tokenizer=tokenizer)
     validation_set = instantiate(cfg.validation_dataset, tokenizer=tokenizer)
+    print(f"train: {train_set.stats.summary()}\nvalidation: {validation_set.stats.summary()}")
     collate = partial(collate_preference_pairs, pad_id=tokenizer.pad_id)
-    pairs_per_step = cfg.batch_size * cfg.gradient_accumulation_steps
-    if len(train_set) < pairs_per_step:
-        raise DpokitError(f"{train_set.path}: {len(train_set)} pairs, fewer than one step's {pairs_per_step}")
+    if cfg.packing is not None:
+        train_set = instantiate(cfg.packing, train_set)  # e.g. dpokit.data.pack_preference_dataset
+    if isinstance(train_set, PackedPreferenceDataset):  # packed online, or a `dpokit pack` file
+        print(f"packing: {train_set.stats.summary()}")
+        train_collate = partial(collate_packed, pad_id=tokenizer.pad_id, pack_size=train_set.pack_size,
+                                prefix_sharing=train_set.prefix_sharing)
+    else:
+        train_collate = collate
+    items_per_step = cfg.batch_size * cfg.gradient_accumulation_steps
+    if len(train_set) < items_per_step:
+        raise DpokitError(f"{train_set.path}: {len(train_set)} training items, fewer than one step's {items_per_step}")
     train_loader = DataLoader(
-        train_set, batch_size=cfg.batch_size, shuffle=True, drop_last=True, collate_fn=collate,
+        train_set, batch_size=cfg.batch_size, shuffle=True, drop_last=True, collate_fn=train_collate,
         generator=data_generator,
     )
     validation_loader = DataLoader(validation_set, batch_size=cfg.eval_batch_size, collate_fn=collate)
-    print(f"train: {train_set.stats.summary()}\nvalidation: {validation_set.stats.summary()}")
 
     # Model: only the adapters train; the reference is the same module with adapters off.
     model = instantiate(cfg.model).to(device=device, dtype=dtype)
@@ -80,7 +89,7 @@ def main(cfg) -> None:
     print(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, "
           f"{sum(p.numel() for p in trainable):,} trainable (LoRA)")
 
-    steps_per_epoch = len(train_set) // pairs_per_step
+    steps_per_epoch = len(train_set) // items_per_step
     total_steps = cfg.epochs * steps_per_epoch
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
@@ -105,14 +114,15 @@ def main(cfg) -> None:
     for step in range(1, total_steps + 1):
         started = time.perf_counter()
         metrics, tokens = PairMetrics(), 0
-        for _ in range(cfg.gradient_accumulation_steps):
-            batch = move_batch(next(batches), device)
+        micro_batches = [move_batch(next(batches), device) for _ in range(cfg.gradient_accumulation_steps)]
+        pairs_in_step = sum(batch["num_pairs"] for batch in micro_batches)  # varies when packed
+        for batch in micro_batches:
             policy = policy_logps(model, batch, average=cfg.average_logps)
             ref = None if reference is None else reference.logps(batch)
             out = preference_loss(loss_fn, policy, ref, batch, averaged=cfg.average_logps)
             # Sum over pairs / pairs in the whole step: the gradient is the mean over every pair of
             # the step, however it is split into micro-batches.
-            (out.losses.sum() / pairs_per_step).backward()
+            (out.losses.sum() / pairs_in_step).backward()
             metrics.add(out, policy.chosen, policy.rejected)
             tokens += batch["num_tokens"]
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)

@@ -185,8 +185,11 @@ def _ids(value, where: str) -> list[int]:
     return value
 
 
-def load_packed_dataset(path: str | Path) -> PackedPreferenceDataset:
-    """Read a file written by `dpokit pack` (or `PackedPreferenceDataset.save`) and its stats."""
+def load_packed_dataset(path: str | Path, tokenizer=None) -> PackedPreferenceDataset:
+    """Read a file written by `dpokit pack` (or `PackedPreferenceDataset.save`) and its stats.
+
+    With `tokenizer`, every token id is checked to lie in its vocabulary (a file packed with another
+    tokenizer is an error, not a silently different dataset)."""
     path = Path(path)
     stats_path = stats_path_for(path)
     for p in (path, stats_path):
@@ -223,6 +226,14 @@ def load_packed_dataset(path: str | Path) -> PackedPreferenceDataset:
             if used > pack_size:
                 raise PreferenceDataError(f"{where}: field 'pairs': {used} tokens, more than the pack size "
                                           f"{pack_size} in {stats_path.name}", "pack too long")
+            if tokenizer is not None:
+                for i in pack:
+                    for key in ("prompt_ids", "chosen_ids", "rejected_ids"):
+                        if max(pairs[i][key]) >= tokenizer.vocab_size:
+                            raise PreferenceDataError(
+                                f"{where}: field '{key}': token id {max(pairs[i][key])} is outside the tokenizer's "
+                                f"vocabulary ({tokenizer.vocab_size}); was it packed with another tokenizer?",
+                                "token id out of range")
             packs.append(pack)
     return PackedPreferenceDataset(pairs, pack_size=pack_size, algorithm=stats.get("algorithm", "ffd"),
                                    prefix_sharing=prefix_sharing, seed=stats.get("seed", 0), packs=packs)

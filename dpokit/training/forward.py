@@ -82,7 +82,16 @@ def policy_logps(
     materialize_logits: compute full logits with `model(input_ids)` and log-softmax them instead
         (the reference path; also used automatically for models without `hidden_states`).
     ld_alpha: LD-DPO length desensitisation (`length_desensitized_logps`); None = plain sum.
+
+    A packed or prefix-shared batch (one with `sequence_ids`, from `dpokit.data.collate_packed`)
+    goes through `dpokit.training.packed_forward.packed_policy_logps` instead.
     """
+    if "sequence_ids" in batch:
+        if ld_alpha is not None:
+            raise ValueError("ld_alpha is not supported on packed batches")
+        from dpokit.training.packed_forward import packed_policy_logps  # it imports this module
+
+        return packed_policy_logps(model, batch, average=average)
     labels = batch["labels"]
     counts = (labels != IGNORE_INDEX).sum(-1)
     if (counts == 0).any():
@@ -100,9 +109,14 @@ def policy_logps(
 
 
 def response_lengths(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Response token counts [B] of the chosen and the rejected rows."""
-    counts = (batch["labels"] != IGNORE_INDEX).sum(-1)
-    return counts[: batch["num_pairs"]], counts[batch["num_pairs"] :]
+    """Response token counts [B] of the chosen and the rejected sequences (padded or packed batch)."""
+    num_pairs = batch["num_pairs"]
+    if "sequence_ids" in batch:  # packed: labelled positions name their sequence
+        sequence_ids = batch["sequence_ids"].reshape(-1)
+        counts = torch.bincount(sequence_ids[sequence_ids >= 0], minlength=2 * num_pairs)
+    else:
+        counts = (batch["labels"] != IGNORE_INDEX).sum(-1)
+    return counts[:num_pairs], counts[num_pairs:]
 
 
 def preference_loss(
