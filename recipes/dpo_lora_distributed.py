@@ -95,11 +95,15 @@ def write_hf_metadata(model, directory: Path, cfg) -> None:
 
 
 def write_peft_adapter(model, adapters: dict, directory: Path, cfg) -> None:
-    """adapter_model.safetensors (PEFT key names) + adapter_config.json."""
+    """adapter_model.safetensors (PEFT key names) + adapter_config.json in `directory`.
+
+    Never the merged model's own folder: transformers would apply an adapter it finds next to
+    config.json on top of the already-merged weights."""
     from safetensors.torch import save_file
 
     from dpokit.models.hf_checkpoint import peft_adapter_config, peft_key
 
+    directory.mkdir(parents=True, exist_ok=True)
     save_file({peft_key(k): v.contiguous() for k, v in adapters.items()}, directory / "adapter_model.safetensors",
               metadata={"format": "pt"})
     config = peft_adapter_config(model, cfg.checkpoint_dir)
@@ -231,13 +235,14 @@ def train(cfg, env) -> None:
     if log:
         log.close()
 
-    # Final: the merged model (HF safetensors, gathered one module at a time) + the adapter (PEFT).
+    # Final: the merged model (HF safetensors, gathered one module at a time) in final/, the adapter
+    # alone (PEFT layout) in final/adapter/.
     final_dir = save_hf_safetensors(merged_full_tensors(model, dtype=resolve_dtype(cfg.save_dtype)),
                                     output_dir / "final")
     adapters = adapter_full_tensors(model)
     if main_rank:
         write_hf_metadata(model, final_dir, cfg)
-        write_peft_adapter(model, adapters, final_dir, cfg)
+        write_peft_adapter(model, adapters, final_dir / "adapter", cfg)
     barrier()
     if main_rank:
         if first_val and val:
