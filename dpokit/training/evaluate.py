@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from dpokit.losses.registry import is_reference_free
+from dpokit.losses.types import PreferenceLossOutput
 from dpokit.training.forward import policy_logps, preference_loss
 from dpokit.training.metrics import PairMetrics
 
@@ -15,11 +16,15 @@ def move_batch(batch: dict, device: torch.device | str) -> dict:
 
 
 @torch.no_grad()
-def evaluate_preference(
+def preference_eval_metrics(
     model: nn.Module, reference, batches: Iterable[dict], loss_fn: Callable, *, device, average_logps: bool = False
-) -> dict[str, float]:
-    """Mean preference metrics over every pair of `batches` (model in eval mode, then restored).
-    `reference` may be None, and is not run, when `loss_fn` is reference-free."""
+) -> PairMetrics:
+    """Preference metrics summed over every pair of `batches` (model in eval mode, then restored).
+
+    `reference` may be None, and is not run, when `loss_fn` is reference-free. A batch may carry a
+    boolean `valid` [B] (padding pairs that let every rank run the same number of forwards): only
+    valid pairs are counted.
+    """
     was_training = model.training
     model.eval()
     metrics = PairMetrics()
@@ -29,7 +34,20 @@ def evaluate_preference(
             policy = policy_logps(model, batch, average=average_logps)
             ref = None if reference is None or is_reference_free(loss_fn) else reference.logps(batch)
             out = preference_loss(loss_fn, policy, ref, batch, averaged=average_logps)
+            valid = batch.get("valid")
+            if valid is not None:
+                out = PreferenceLossOutput(*(t[valid] for t in out))
+                policy = type(policy)(policy.chosen[valid], policy.rejected[valid])
             metrics.add(out, policy.chosen, policy.rejected)
     finally:
         model.train(was_training)
-    return metrics.means()
+    return metrics
+
+
+def evaluate_preference(
+    model: nn.Module, reference, batches: Iterable[dict], loss_fn: Callable, *, device, average_logps: bool = False
+) -> dict[str, float]:
+    """Mean preference metrics over every pair of `batches` (see `preference_eval_metrics`)."""
+    return preference_eval_metrics(
+        model, reference, batches, loss_fn, device=device, average_logps=average_logps
+    ).means()

@@ -21,9 +21,8 @@ import torch
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
-from dpokit.losses.types import PreferenceLossOutput
 from dpokit.training.distributed import all_reduce_pair_metrics, all_reduce_sum, get_world_size
-from dpokit.training.evaluate import move_batch
+from dpokit.training.evaluate import move_batch, preference_eval_metrics
 from dpokit.training.forward import policy_logps, preference_loss
 from dpokit.training.fsdp import reshard
 from dpokit.training.metrics import PairMetrics
@@ -88,32 +87,16 @@ def accumulate_gradients(
     return all_reduce_pair_metrics(metrics), tokens
 
 
-def _valid_only(out: PreferenceLossOutput, valid: torch.Tensor) -> PreferenceLossOutput:
-    return PreferenceLossOutput(*(t[valid] for t in out))
-
-
-@torch.no_grad()
 def evaluate_distributed(
     model: nn.Module, reference, batches: Iterable[dict], loss_fn: Callable, *, device: torch.device,
     average_logps: bool = False,
 ) -> dict[str, float]:
     """Mean preference metrics over every pair of every rank's `batches` (from
     `dist_data.eval_batches`; padding pairs, `valid == False`, are not counted)."""
-    was_training = model.training
-    model.eval()
-    metrics = PairMetrics()
     try:
-        for batch in batches:
-            batch = move_batch(batch, device)
-            policy = policy_logps(model, batch, average=average_logps)
-            ref = reference.logps(batch)
-            out = preference_loss(loss_fn, policy, ref, batch, averaged=average_logps)
-            valid = batch.get("valid")
-            if valid is not None:
-                out = _valid_only(out, valid)
-                policy = type(policy)(policy.chosen[valid], policy.rejected[valid])
-            metrics.add(out, policy.chosen, policy.rejected)
+        metrics = preference_eval_metrics(
+            model, reference, batches, loss_fn, device=device, average_logps=average_logps
+        )
     finally:
-        model.train(was_training)
         reshard(model)  # FSDP2 leaves the root gathered after a forward with no backward
     return all_reduce_pair_metrics(metrics).means()
