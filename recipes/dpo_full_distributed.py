@@ -22,7 +22,6 @@ What happens, top to bottom:
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from functools import partial
@@ -41,6 +40,7 @@ from dpokit.training.dist_checkpoint import latest_checkpoint, load_checkpoint, 
 from dpokit.training.dist_data import GlobalBatchSampler, eval_batches
 from dpokit.training.distributed import barrier, destroy_distributed, init_distributed
 from dpokit.training.fsdp import check_no_meta, load_into_shards, materialize, reshard, shard_model, state_dict_tensors
+from dpokit.training.optim_step import clip_and_step
 from dpokit.training.preference_step import StepTimer, accumulate_gradients, evaluate_distributed
 from dpokit.training.reference import FrozenCopyReference, NoReference, StateDictSwapReference
 from dpokit.training.reference_cache import (
@@ -225,19 +225,12 @@ def train(cfg, env) -> None:
             timer=timer,
         )
         with timer("optimizer"):
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
             train_metrics = metrics.means()
-            if not (math.isfinite(train_metrics["preference_loss"]) and torch.isfinite(grad_norm)):
-                last = latest_checkpoint(checkpoint_root)
-                raise DpokitError(
-                    f"step {step}: non-finite loss ({train_metrics['preference_loss']}) or gradient norm "
-                    f"({grad_norm.item()}); stopped before the optimizer step. Last good checkpoint: {last or 'none'}"
-                )
-            lr = float(scheduler.get_last_lr()[0])  # torchao optimizers keep lr as a tensor
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm, lr = clip_and_step(
+                model.parameters(), optimizer, scheduler, max_grad_norm=cfg.max_grad_norm,
+                loss=train_metrics["preference_loss"], step=step,
+                last_checkpoint=partial(latest_checkpoint, checkpoint_root),
+            )
             reshard(model)  # nothing gathered before the update may serve the next forward
 
         elapsed = time.perf_counter() - started
@@ -245,7 +238,7 @@ def train(cfg, env) -> None:
             swap = swap_seconds.get("swap", 0.0) - swap_before
             log.log({
                 "step": step, "split": "train", "loss": train_metrics["preference_loss"], **train_metrics, "lr": lr,
-                "grad_norm": grad_norm.item(), "tokens_per_s_rank0": tokens / elapsed, "step_s": elapsed,
+                "grad_norm": grad_norm, "tokens_per_s_rank0": tokens / elapsed, "step_s": elapsed,
                 "policy_s": timer.seconds["policy"], "reference_s": timer.seconds["reference"] - swap,
                 "swap_s": swap, "optimizer_s": timer.seconds["optimizer"],
             })

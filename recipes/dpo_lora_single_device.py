@@ -10,13 +10,11 @@ or copy it (`dpokit cp dpo_lora_single_device my_dpo.py`) and edit: this file is
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 from functools import partial
 from pathlib import Path
 
-import torch
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -31,6 +29,7 @@ from dpokit.training import (
     JsonlLogger,
     PairMetrics,
     batches_forever,
+    clip_and_step,
     evaluate_preference,
     move_batch,
     policy_logps,
@@ -125,18 +124,12 @@ def main(cfg) -> None:
             (out.losses.sum() / pairs_in_step).backward()
             metrics.add(out, policy.chosen, policy.rejected)
             tokens += batch["num_tokens"]
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
         train = metrics.means()
-        if not (math.isfinite(train["preference_loss"]) and torch.isfinite(grad_norm)):
-            raise DpokitError(f"step {step}: non-finite loss ({train['preference_loss']}) or grad norm "
-                              f"({grad_norm.item()}); stopping before the optimizer step")
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm, lr = clip_and_step(trainable, optimizer, scheduler, max_grad_norm=cfg.max_grad_norm,
+                                      loss=train["preference_loss"], step=step)
 
         record = {"step": step, "split": "train", "loss": train["loss"], **train, "lr": lr,
-                  "grad_norm": grad_norm.item(), "tokens_per_s": tokens / (time.perf_counter() - started)}
+                  "grad_norm": grad_norm, "tokens_per_s": tokens / (time.perf_counter() - started)}
         log.log(record)
         progress.update()
         progress.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['acc']:.2f}", refresh=False)
