@@ -42,6 +42,7 @@ from dpokit.training.reference import StateDictSwapReference  # noqa: E402
 
 LAYOUTS = ("padded", "ffd", "ffs", "prefix")
 REFERENCES = ("frozen_copy", "swap", "precomputed")
+ATTENTION = "auto"  # packed layouts: FlexAttention on CUDA, per-document SDPA on CPU (--attention)
 
 
 def make_steps(pairs: list[dict], start: int, count: int, *, layout: str, batch_size: int, pack_size: int,
@@ -72,8 +73,7 @@ def make_steps(pairs: list[dict], start: int, count: int, *, layout: str, batch_
 
 def forward_logps(model, batch: dict, *, chunked: bool) -> PolicyLogps:
     if "sequence_ids" in batch:
-        return packed_policy_logps(model, batch, attention_backend="sdpa" if batch["input_ids"].device.type == "cpu"
-                                   else "auto")
+        return packed_policy_logps(model, batch, attention_backend=ATTENTION)
     return policy_logps(model, batch, materialize_logits=not chunked)
 
 
@@ -116,6 +116,8 @@ def main(argv=None) -> int:
                     help="bf16 = autocast over fp32 weights; bf16w = bf16 weights, no autocast (torchtune's mode)")
     ap.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
     ap.add_argument("--reference", default="frozen_copy", choices=REFERENCES)
+    ap.add_argument("--attention", default="auto", choices=("auto", "segments", "sdpa", "flex"),
+                    help="packed layouts' attention backend (dpokit.models.attention); sdpa = one dense mask")
     ap.add_argument("--no-chunked", action="store_true", help="padded layout: materialise the full logits")
     ap.add_argument("--batch-size", type=int, default=8, help="pairs per step")
     ap.add_argument("--steps", type=int, default=4, help="timed steps (of --batch-size pairs)")
@@ -128,6 +130,8 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", action="store_true",
                     help="run the timed steps under torch.profiler and print where the time goes")
     args = ap.parse_args(argv)
+    global ATTENTION
+    ATTENTION = args.attention
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

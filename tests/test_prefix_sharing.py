@@ -14,6 +14,7 @@ from dpokit.models.attention import (
     flex_attention,
     packed_attention_mask,
     packed_mask_mod,
+    SegmentMask,
 )
 from dpokit.training.packed_forward import packed_policy_logps
 
@@ -73,8 +74,30 @@ def test_flex_block_mask_path_equals_sdpa_boolean_path():
     torch.testing.assert_close(flex, sdpa, rtol=1e-5, atol=1e-5)
 
 
-def test_auto_backend_is_sdpa_on_cpu():
+@pytest.mark.parametrize("prefix_sharing", [False, True])
+def test_per_document_sdpa_equals_the_dense_mask_values_and_gradients(prefix_sharing):
+    pairs = [{"prompt_ids": list(range(1, 1 + n)), "chosen_ids": [3] * (n % 4 + 1), "rejected_ids": [4] * (n % 3 + 1)}
+             for n in (3, 7, 2, 5, 1)]
+    batch = collate_packed([pairs[:2], pairs[2:]], pad_id=0, pack_size=48, prefix_sharing=prefix_sharing)
+    real = (batch["document_ids"] >= 0)[:, None, :, None]  # padding: zero output per-document, not compared
+    assert not real.all()
+    weights = torch.randn(2, 4, 48, 16, dtype=torch.float64)
+    results = []
+    for backend in ("segments", "sdpa"):
+        torch.manual_seed(0)
+        q = torch.randn(2, 4, 48, 16, dtype=torch.float64, requires_grad=True)
+        k, v = (torch.randn(2, 2, 48, 16, dtype=torch.float64, requires_grad=True) for _ in range(2))
+        out = attention(q, k, v, build_attention_mask(batch["document_ids"], batch["branch_ids"], backend),
+                        enable_gqa=True)
+        (out * weights * real).sum().backward()
+        results.append((out * real, q.grad, k.grad, v.grad))
+    for segmented, dense in zip(*results):
+        torch.testing.assert_close(segmented, dense, rtol=1e-10, atol=1e-10)
+
+
+def test_auto_backend_is_per_document_sdpa_on_cpu():
     doc = torch.zeros(1, 4, dtype=torch.long)
-    assert isinstance(build_attention_mask(doc, doc), torch.Tensor)
+    mask = build_attention_mask(doc, doc)
+    assert isinstance(mask, SegmentMask) and [(s.start, s.end, s.mask) for s in mask.segments] == [(0, 4, None)]
     with pytest.raises(ValueError, match="unknown attention backend"):
         build_attention_mask(doc, doc, "xformers")

@@ -38,7 +38,8 @@ def packed_policy_logps(model: nn.Module, batch: dict, *, average: bool = False,
     """Chosen / rejected log-probs [num_pairs] of a packed (optionally prefix-shared) batch.
 
     `model` needs `hidden_states(tokens, positions, mask)` and `project(hidden)` (TransformerDecoder).
-    attention_backend: "auto" (FlexAttention on CUDA, SDPA + boolean mask elsewhere), "sdpa", "flex".
+    attention_backend: "auto" (FlexAttention on CUDA, per-document SDPA elsewhere), "segments",
+    "sdpa" (one dense boolean mask), "flex".
     """
     mask = build_attention_mask(batch["document_ids"], batch["branch_ids"], attention_backend)
     hidden = model.hidden_states(batch["input_ids"], batch["position_ids"], mask)
