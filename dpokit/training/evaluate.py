@@ -17,7 +17,8 @@ def move_batch(batch: dict, device: torch.device | str) -> dict:
 
 @torch.no_grad()
 def preference_eval_metrics(
-    model: nn.Module, reference, batches: Iterable[dict], loss_fn: Callable, *, device, average_logps: bool = False
+    model: nn.Module, reference, batches: Iterable[dict], loss_fn: Callable, *, device, average_logps: bool = False,
+    ld_alpha: float | None = None,
 ) -> PairMetrics:
     """Preference metrics summed over every pair of `batches` (model in eval mode, then restored).
 
@@ -31,7 +32,7 @@ def preference_eval_metrics(
     try:
         for batch in batches:
             batch = move_batch(batch, device)
-            policy = policy_logps(model, batch, average=average_logps)
+            policy = policy_logps(model, batch, average=average_logps, ld_alpha=ld_alpha)
             ref = None if reference is None or is_reference_free(loss_fn) else reference.logps(batch)
             out = preference_loss(loss_fn, policy, ref, batch, averaged=average_logps)
             valid = batch.get("valid")
@@ -45,9 +46,10 @@ def preference_eval_metrics(
 
 
 def evaluate_preference(
-    model: nn.Module, reference, batches: Iterable[dict], loss_fn: Callable, *, device, average_logps: bool = False
+    model: nn.Module, reference, batches: Iterable[dict], loss_fn: Callable, *, device, average_logps: bool = False,
+    ld_alpha: float | None = None,
 ) -> dict[str, float]:
     """Mean preference metrics over every pair of `batches` (see `preference_eval_metrics`)."""
     return preference_eval_metrics(
-        model, reference, batches, loss_fn, device=device, average_logps=average_logps
+        model, reference, batches, loss_fn, device=device, average_logps=average_logps, ld_alpha=ld_alpha
     ).means()

@@ -61,7 +61,7 @@ def _set_gradient_sync(model: nn.Module, enabled: bool) -> None:
 
 def accumulate_gradients(
     model: nn.Module, reference, micro_batches: list[dict], loss_fn: Callable, *, device: torch.device,
-    average_logps: bool = False, timer: StepTimer | None = None,
+    average_logps: bool = False, ld_alpha: float | None = None, timer: StepTimer | None = None,
 ) -> tuple[PairMetrics, int]:
     """Forward + backward over this rank's micro-batches of one optimizer step, with the loss
     normalised over the global batch (module docstring). Returns the step's metrics summed over
@@ -78,7 +78,7 @@ def accumulate_gradients(
             ref = reference.logps(batch)  # before the policy forward: nothing of it is saved for backward
         _set_gradient_sync(model, m == len(micro_batches) - 1)
         with timer("policy"):
-            policy = policy_logps(model, batch, average=average_logps)
+            policy = policy_logps(model, batch, average=average_logps, ld_alpha=ld_alpha)
             out = preference_loss(loss_fn, policy, ref, batch, averaged=average_logps)
             (out.losses.sum() * scale).backward()
         metrics.add(out, policy.chosen, policy.rejected)
@@ -89,13 +89,13 @@ def accumulate_gradients(
 
 def evaluate_distributed(
     model: nn.Module, reference, batches: Iterable[dict], loss_fn: Callable, *, device: torch.device,
-    average_logps: bool = False,
+    average_logps: bool = False, ld_alpha: float | None = None,
 ) -> dict[str, float]:
     """Mean preference metrics over every pair of every rank's `batches` (from
     `dist_data.eval_batches`; padding pairs, `valid == False`, are not counted)."""
     try:
         metrics = preference_eval_metrics(
-            model, reference, batches, loss_fn, device=device, average_logps=average_logps
+            model, reference, batches, loss_fn, device=device, average_logps=average_logps, ld_alpha=ld_alpha
         )
     finally:
         reshard(model)  # FSDP2 leaves the root gathered after a forward with no backward

@@ -1,7 +1,8 @@
 """Reference policies: where the DPO reference log-probs come from.
 
 Every strategy exposes `logps(batch) -> (chosen_logps, rejected_logps)` computed without grad, so
-recipes swap strategies without touching the training step:
+recipes swap strategies without touching the training step. Those that run a forward take the
+policy's log-prob settings (`average_logps`, `ld_alpha`: see `forward.policy_logps`):
 
 - `AdapterOffReference`: LoRA recipes; the base model (adapters off) is the reference.
 - `StateDictSwapReference`: full fine-tuning with one model (NeMo-Aligner's method). Each rank keeps
@@ -28,13 +29,13 @@ from dpokit.training.forward import PolicyLogps, policy_logps
 class AdapterOffReference:
     """The LoRA policy with every adapter switched off is the reference (exactly the base)."""
 
-    def __init__(self, model: nn.Module, *, average_logps: bool = False):
-        self.model, self.average_logps = model, average_logps
+    def __init__(self, model: nn.Module, *, average_logps: bool = False, ld_alpha: float | None = None):
+        self.model, self.average_logps, self.ld_alpha = model, average_logps, ld_alpha
 
     @torch.no_grad()
     def logps(self, batch: dict) -> PolicyLogps:
         with disable_adapter(self.model):
-            return policy_logps(self.model, batch, average=self.average_logps)
+            return policy_logps(self.model, batch, average=self.average_logps, ld_alpha=self.ld_alpha)
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
@@ -83,8 +84,8 @@ class StateDictSwapReference:
     `seconds["swap"]` accumulates the time spent copying (for the benchmark).
     """
 
-    def __init__(self, model: nn.Module, *, average_logps: bool = False):
-        self.model, self.average_logps = model, average_logps
+    def __init__(self, model: nn.Module, *, average_logps: bool = False, ld_alpha: float | None = None):
+        self.model, self.average_logps, self.ld_alpha = model, average_logps, ld_alpha
         self.params = [p for p in model.parameters()]
         device = _local(self.params[0]).device
         pin = device.type == "cuda"
@@ -123,22 +124,22 @@ class StateDictSwapReference:
     @torch.no_grad()
     def logps(self, batch: dict) -> PolicyLogps:
         with self.swapped(), _eval_mode(self.model):
-            return policy_logps(self.model, batch, average=self.average_logps)
+            return policy_logps(self.model, batch, average=self.average_logps, ld_alpha=self.ld_alpha)
 
 
 class FrozenCopyReference:
     """A second model holding the reference weights (sharded like the policy under FSDP2).
     Costs a second copy of the parameters (no gradients, no optimizer state); saves the swap."""
 
-    def __init__(self, model: nn.Module, *, average_logps: bool = False):
-        self.model, self.average_logps = model, average_logps
+    def __init__(self, model: nn.Module, *, average_logps: bool = False, ld_alpha: float | None = None):
+        self.model, self.average_logps, self.ld_alpha = model, average_logps, ld_alpha
         model.eval()
         model.requires_grad_(False)
 
     @torch.no_grad()
     def logps(self, batch: dict) -> PolicyLogps:
         try:
-            return policy_logps(self.model, batch, average=self.average_logps)
+            return policy_logps(self.model, batch, average=self.average_logps, ld_alpha=self.ld_alpha)
         finally:
             _reshard(self.model)  # no backward follows: don't keep the root's weights gathered
 

@@ -68,7 +68,7 @@ def reference_cache_key(*, weights: str, datasets: dict[str, str], settings: dic
 @torch.no_grad()
 def compute_reference_logps(
     model: nn.Module, dataset: Sequence[dict], collate: Callable[[list[dict]], dict], *, batch_size: int,
-    device: torch.device, average_logps: bool = False,
+    device: torch.device, average_logps: bool = False, ld_alpha: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """[num_pairs] chosen and rejected reference log-probs (fp32, CPU) of every pair, on every rank."""
     rank, world_size = get_rank(), get_world_size()
@@ -77,7 +77,7 @@ def compute_reference_logps(
     local = []  # rows of (index, valid, chosen, rejected)
     try:
         for batch in eval_batches(dataset, collate, batch_size=batch_size, rank=rank, world_size=world_size):
-            out = policy_logps(model, move_batch(batch, device), average=average_logps)
+            out = policy_logps(model, move_batch(batch, device), average=average_logps, ld_alpha=ld_alpha)
             local.append(torch.stack([batch["pair_index"].double(), batch["valid"].double(),
                                       out.chosen.double().cpu(), out.rejected.double().cpu()], dim=1))
     finally:
@@ -103,6 +103,7 @@ def _write_atomic(obj, path: Path) -> None:
 def precompute_reference_logps(
     model: nn.Module, datasets: dict[str, Sequence[dict]], collate: Callable[[list[dict]], dict], *,
     cache_dir: str | Path | None, key: str, batch_size: int, device: torch.device, average_logps: bool = False,
+    ld_alpha: float | None = None,
 ) -> tuple[dict[str, PrecomputedReference], bool]:
     """One `PrecomputedReference` per split (e.g. {"train": ..., "validation": ...}), loaded from
     `cache_dir/reference_logps-<key>.pt` when present, else computed with `model` (which must hold
@@ -114,7 +115,7 @@ def precompute_reference_logps(
             return {name: PrecomputedReference(*cached["splits"][name]) for name in datasets}, True
     tables = {
         name: compute_reference_logps(model, data, collate, batch_size=batch_size, device=device,
-                                      average_logps=average_logps)
+                                      average_logps=average_logps, ld_alpha=ld_alpha)
         for name, data in datasets.items()
     }
     if path is not None and get_rank() == 0:
