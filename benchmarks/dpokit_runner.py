@@ -37,6 +37,7 @@ from dpokit.data import collate_packed, collate_preference_pairs, pack_preferenc
 from dpokit.losses import dpo_loss  # noqa: E402
 from dpokit.models import load_hf_checkpoint  # noqa: E402
 from dpokit.training.forward import PolicyLogps, policy_logps  # noqa: E402
+from dpokit.training.master_weights import MasterWeights  # noqa: E402
 from dpokit.training.packed_forward import packed_policy_logps  # noqa: E402
 from dpokit.training.reference import StateDictSwapReference  # noqa: E402
 
@@ -112,8 +113,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--assets", required=True, help="directory written by make_assets.py")
     ap.add_argument("--layout", default="padded", choices=LAYOUTS)
-    ap.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "bf16w"),
-                    help="bf16 = autocast over fp32 weights; bf16w = bf16 weights, no autocast (torchtune's mode)")
+    ap.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "bf16m", "bf16w"),
+                    help="bf16 = autocast over fp32 weights; bf16m = bf16 weights + fp32 master weights in the "
+                         "optimizer (dpokit.training.master_weights); bf16w = pure bf16 weights and optimizer "
+                         "(torchtune's mode; small updates are rounded away)")
     ap.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
     ap.add_argument("--reference", default="frozen_copy", choices=REFERENCES)
     ap.add_argument("--attention", default="auto", choices=("auto", "segments", "sdpa", "flex"),
@@ -150,7 +153,7 @@ def main(argv=None) -> int:
     timed = make_steps(pairs, warm_pairs, timed_pairs, **build)
 
     device = args.device
-    model = load_hf_checkpoint(assets / "model", device=device, dtype="bf16" if args.dtype == "bf16w" else None)
+    model = load_hf_checkpoint(assets / "model", device=device, dtype="bf16" if args.dtype in ("bf16m", "bf16w") else None)
     model.train()
     if args.compile:
         for layer in model.layers:
@@ -186,7 +189,8 @@ def main(argv=None) -> int:
         def reference(batch):
             return PolicyLogps(chosen[batch["pair_index"]], rejected[batch["pair_index"]])
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    master = MasterWeights(model.parameters()) if args.dtype == "bf16m" else None
+    optimizer = torch.optim.AdamW(master.parameters() if master else model.parameters(), lr=1e-5)
     losses: list[float] = []
     first_chosen_logps = None
 
@@ -199,8 +203,12 @@ def main(argv=None) -> int:
             out = dpo_loss(policy.chosen, policy.rejected, ref.chosen, ref.rejected, beta=0.1)
         loss = out.losses.mean()
         loss.backward()
+        if master:
+            master.gradients_to_master()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if master:
+            master.master_to_model()
         losses.append(loss.item())
         if first_chosen_logps is None:  # cross-framework check: same weights + ids -> same numbers
             first_chosen_logps = {int(i): float(v) for i, v in zip(batch["pair_index"], policy.chosen.detach())}

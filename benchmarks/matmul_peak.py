@@ -27,8 +27,11 @@ def matmul_flops_per_s(n: int, dtype: torch.dtype, device: str, repeats: int, in
     b = torch.randn(n, n, device=device).to(dtype)
     out = torch.empty(n, n, device=device, dtype=dtype)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    torch.matmul(a, b, out=out)  # warmup (and oneDNN/cuBLAS kernel selection)
-    sync()
+    # Warm up for a second: kernel selection, and CPU clocks / caches settling after the last job.
+    started = time.perf_counter()
+    while time.perf_counter() - started < 1.0:
+        torch.matmul(a, b, out=out)
+        sync()
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
@@ -42,14 +45,14 @@ def matmul_flops_per_s(n: int, dtype: torch.dtype, device: str, repeats: int, in
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=None, help="matrix size (default 2048 on CPU, 8192 on CUDA)")
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     n = args.n or (8192 if args.device.startswith("cuda") else 2048)
-    inner = 20 if args.device.startswith("cuda") else 2
+    inner = 20 if args.device.startswith("cuda") else 3
     result = {name: matmul_flops_per_s(n, dtype, args.device, args.repeats, inner) for name, dtype in DTYPES.items()}
     emit({**result, "n": n, "device": args.device, "threads": torch.get_num_threads()})
     return 0

@@ -28,24 +28,31 @@ VENVS = HERE / ".venvs"
 
 
 def dpokit_variants(quick: bool) -> list[tuple[str, list[str]]]:
-    """(name, dpokit_runner.py flags). The first is the padded fp32 baseline."""
+    """(name, dpokit_runner.py flags). The first is the padded fp32 baseline.
+
+    Precision modes: fp32; bf16 = autocast over fp32 weights (TRL's bf16); bf16-master = bf16
+    weights with fp32 master weights in the optimizer (the same update precision as autocast);
+    bf16-weights = pure bf16 weights and optimizer state (torchtune's bf16)."""
     core = [
         ("dpokit padded fp32", ["--layout", "padded", "--dtype", "fp32"]),
         ("dpokit padded bf16", ["--layout", "padded", "--dtype", "bf16"]),
-        ("dpokit ffd bf16", ["--layout", "ffd", "--dtype", "bf16"]),
-        ("dpokit ffs bf16", ["--layout", "ffs", "--dtype", "bf16"]),
-        ("dpokit prefix+ffd bf16", ["--layout", "prefix", "--dtype", "bf16"]),
+        ("dpokit padded bf16-master", ["--layout", "padded", "--dtype", "bf16m"]),
+        ("dpokit ffd bf16-master", ["--layout", "ffd", "--dtype", "bf16m"]),
+        ("dpokit ffs bf16-master", ["--layout", "ffs", "--dtype", "bf16m"]),
         ("dpokit prefix+ffd fp32", ["--layout", "prefix", "--dtype", "fp32"]),
-        ("dpokit prefix+ffd bf16 compile", ["--layout", "prefix", "--dtype", "bf16", "--compile"]),
+        ("dpokit prefix+ffd bf16", ["--layout", "prefix", "--dtype", "bf16"]),
+        ("dpokit prefix+ffd bf16-master", ["--layout", "prefix", "--dtype", "bf16m"]),
         ("dpokit prefix+ffd bf16-weights", ["--layout", "prefix", "--dtype", "bf16w"]),
-        ("dpokit prefix+ffd bf16 ref=swap", ["--layout", "prefix", "--dtype", "bf16", "--reference", "swap"]),
-        ("dpokit prefix+ffd bf16 ref=precomputed",
-         ["--layout", "prefix", "--dtype", "bf16", "--reference", "precomputed"]),
+        ("dpokit prefix+ffd bf16-master ref=swap", ["--layout", "prefix", "--dtype", "bf16m", "--reference", "swap"]),
+        ("dpokit prefix+ffd bf16-master ref=precomputed",
+         ["--layout", "prefix", "--dtype", "bf16m", "--reference", "precomputed"]),
+        ("dpokit prefix+ffd bf16-master compile", ["--layout", "prefix", "--dtype", "bf16m", "--compile"]),
     ]
     extra = [
         ("dpokit ffd fp32", ["--layout", "ffd", "--dtype", "fp32"]),
+        ("dpokit prefix+ffd bf16-master dense-mask", ["--layout", "prefix", "--dtype", "bf16m", "--attention", "sdpa"]),
         ("dpokit padded bf16 unchunked", ["--layout", "padded", "--dtype", "bf16", "--no-chunked"]),
-        ("dpokit padded bf16 compile", ["--layout", "padded", "--dtype", "bf16", "--compile"]),
+        ("dpokit padded bf16-master compile", ["--layout", "padded", "--dtype", "bf16m", "--compile"]),
     ]
     return core if quick else core + extra
 
@@ -56,6 +63,7 @@ def peer_variants() -> list[tuple[str, str, list[str]]]:
         ("TRL fp32", "trl", ["--dtype", "fp32"]),
         ("TRL bf16", "trl", ["--dtype", "bf16"]),
         ("TRL bf16 ref=precomputed", "trl", ["--dtype", "bf16", "--reference", "precomputed"]),
+        ("TRL bf16 compile", "trl", ["--dtype", "bf16", "--compile"]),
         ("torchtune fp32", "torchtune", ["--dtype", "fp32"]),
         ("torchtune bf16", "torchtune", ["--dtype", "bf16"]),
         ("torchtune bf16 compile", "torchtune", ["--dtype", "bf16", "--compile"]),
@@ -106,8 +114,15 @@ def mean_first_logp(result: dict) -> float | None:
 
 
 def dtype_class(result: dict) -> str:
-    """fp32, or bf16 for any bf16 mode (autocast over fp32 weights, or bf16 weights)."""
+    """fp32, or bf16 for any bf16 mode (autocast, master weights, or pure bf16 weights)."""
     return "fp32" if result.get("dtype", "fp32") == "fp32" else "bf16"
+
+
+def precision_class(result: dict) -> str:
+    """How precisely the weights are updated: "fp32 updates" (fp32, autocast over fp32 weights, bf16
+    with fp32 master weights: TRL's modes) or "bf16 updates" (pure bf16 weights: torchtune's bf16)."""
+    pure_bf16 = result.get("dtype") == "bf16w" or (result["framework"] == "torchtune" and result.get("dtype") == "bf16")
+    return "bf16 updates" if pure_bf16 else "fp32 updates"
 
 
 def fastest(results: list[dict], framework: str, dtype: str) -> dict | None:
@@ -152,6 +167,15 @@ def headline(results: list[dict], peak: dict) -> list[str]:
             lines.append(f"- best dpokit ({ours['name']}, {ours['tokens_per_s']:.1f} tok/s) / best {peer} "
                          f"({best[peer]['name']}, {best[peer]['tokens_per_s']:.1f} tok/s) = **{ratio:.2f}x** "
                          f"(goal >= 3x: {'met' if ratio >= 3 else 'missed'})")
+    for klass in ("fp32 updates", "bf16 updates"):  # like for like: the same update precision
+        same = [r for r in results if precision_class(r) == klass]
+        mine = max((r for r in same if r["framework"] == "dpokit"), key=lambda r: r["tokens_per_s"], default=None)
+        for peer in ("trl", "torchtune"):
+            theirs = max((r for r in same if r["framework"] == peer), key=lambda r: r["tokens_per_s"], default=None)
+            if mine and theirs:
+                lines.append(f"- {klass}: {mine['name']} / {theirs['name']} = "
+                             f"**{mine['tokens_per_s'] / theirs['tokens_per_s']:.2f}x** tokens/s, "
+                             f"{mine['peak_memory_bytes'] / theirs['peak_memory_bytes']:.2f}x peak memory")
     bf16 = [r for r in results if r["framework"] == "dpokit" and dtype_class(r) == "bf16"]
     if bf16 and peak.get("bf16"):
         top = max(bf16, key=lambda r: r["model_flops_per_s"])
@@ -182,7 +206,10 @@ def main(argv=None) -> int:
     ap.add_argument("--synthetic", action="store_true", help="synthetic pairs even when HH-RLHF is present")
     ap.add_argument("--batch-size", type=int, default=8, help="pairs per step, for every framework")
     ap.add_argument("--steps", type=int, default=4, help="timed steps per run")
-    ap.add_argument("--warmup-steps", type=int, default=1)
+    # Every run warms up on the same pairs, then times the same pairs. Compiled runs see two or three
+    # batch shapes before torch.compile settles on dynamic shapes: 3 warmup steps keep those
+    # recompiles out of the timed steps.
+    ap.add_argument("--warmup-steps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch threads in every runner")
     ap.add_argument("--quick", action="store_true", help="the core dpokit variants only")
     ap.add_argument("--only", default=None, help="regex: run only the throughput variants it matches")
