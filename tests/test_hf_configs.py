@@ -24,7 +24,7 @@ SMALL = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_l
 FAKES = {
     "llama3_2_1b": (transformers.LlamaConfig(**SMALL, rope_theta=500_000.0, rope_scaling=dict(
         rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
-        original_max_position_embeddings=64)), "{{ '<|start_header_id|>' }}", "llama3"),
+        original_max_position_embeddings=64)), "{{ '<|start_header_id|>' }}", "llama3_2"),
     "qwen2_5_0_5b": (transformers.Qwen2Config(**SMALL, rope_theta=1e6), "<|im_start|>system\nYou are Qwen", "qwen2_5"),
     "smollm2_135m": (transformers.LlamaConfig(**SMALL, rope_theta=1e5), "<|im_start|> named SmolLM", "smollm2"),
 }

@@ -15,6 +15,7 @@ from dpokit.data import (
     collate_preference_pairs,
 )
 from dpokit.data.synthetic import case_following_pairs, write_case_following_task
+from dpokit.data.tokenizer import TEMPLATES, llama3_1_template, llama3_2_template
 
 
 def test_byte_tokenizer_round_trips_any_text():
@@ -50,6 +51,39 @@ def test_chatml_template_layout():
     assert trained == "a<|im_end|>"
 
 
+def test_llama3_1_system_turn_layout_and_date_string():
+    # Meta's documented Llama 3.1 prompt format: a system turn always opens the conversation.
+    header = "<|start_header_id|>{}<|end_header_id|>\n\n"
+    system = "Cutting Knowledge Date: December 2023\nToday Date: {}\n\n"
+    user = {"role": "user", "content": " q "}
+    prompts = [([user], ""), ([{"role": "system", "content": "\n be brief "}, user], "be brief")]
+    for template, date in ((TEMPLATES["llama3_1"], "26 Jul 2024"), (llama3_2_template("03 Feb 2025"), "03 Feb 2025")):
+        tok = byte_tokenizer(template)
+        for prompt, system_message in prompts:
+            ids, mask = tok.tokenize_messages(prompt + [{"role": "assistant", "content": " a "}])
+            assert tok.decode(ids) == ("<|begin_of_text|>" + header.format("system") + system.format(date)
+                                       + system_message + "<|eot_id|>" + header.format("user") + "q<|eot_id|>"
+                                       + header.format("assistant") + "a<|eot_id|>")
+            assert tok.decode([i for i, m in zip(ids, mask) if m]) == "a<|eot_id|>"
+            assert ids == tok.encode_prompt(prompt) + tok.encode_response(" a ")
+    # the default date is fixed, not today's: 3.1 and 3.2 tokenize identically by default
+    prompt = [{"role": "user", "content": "q"}]
+    expected = byte_tokenizer(llama3_1_template()).encode_prompt(prompt)
+    for template in (TEMPLATES["llama3_2"], llama3_2_template()):
+        assert byte_tokenizer(template).encode_prompt(prompt) == expected
+
+
+def test_chat_templates_refuse_tool_calls():
+    call = [{"type": "function", "function": {"name": "f", "arguments": {}}}]
+    plain = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    for name in TEMPLATES:
+        tok = byte_tokenizer(TEMPLATES[name])
+        with pytest.raises(ValueError, match="message 1: has 'tool_calls'.*not supported"):
+            tok.tokenize_messages([plain[0], {"role": "assistant", "content": "", "tool_calls": call}])
+        # a null / empty tool_calls field (as OpenAI exports write it) carries no call: rendered as text
+        assert tok.tokenize_messages([plain[0], {**plain[1], "tool_calls": None}]) == tok.tokenize_messages(plain)
+
+
 def write_jsonl(path, rows):
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
     return path
@@ -76,6 +110,10 @@ def test_dataset_reads_strings_and_message_lists(tmp_path):
     ('{"prompt": "p", "chosen": "a", "rejected": "a"}', "d.jsonl:2: field 'rejected': identical to 'chosen'"),
     ('{"prompt": [{"role": "robot", "content": "x"}], "chosen": "a", "rejected": "b"}',
      "d.jsonl:2: field 'prompt'[0].role: unknown role 'robot'"),
+    ('{"prompt": "p", "chosen": [{"role": "assistant", "content": null, "tool_calls": [{"type": "function"}]}], '
+     '"rejected": "b"}', "d.jsonl:2: field 'chosen'[0].tool_calls: tool calls are not supported"),
+    ('{"prompt": [{"role": "user", "content": "x", "function_call": {"name": "f"}}], "chosen": "a", "rejected": "b"}',
+     "d.jsonl:2: field 'prompt'[0].function_call: tool calls are not supported"),
 ])
 def test_malformed_lines_name_file_line_and_field(tmp_path, line, message):
     path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"}, line])

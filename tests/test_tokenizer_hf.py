@@ -3,19 +3,23 @@
 import base64
 import json
 import unicodedata
+from pathlib import Path
 
 import pytest
 
 tokenizers = pytest.importorskip("tokenizers")
 from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers  # noqa: E402
 
+from dpokit.data import PreferenceDataset  # noqa: E402
 from dpokit.data.hf_tokenizer import (  # noqa: E402
     LLAMA3_PATTERN,
     TokenizerError,
     hf_tokenizer,
     llama3_tokenizer,
+    tokenizer_from_json,
     tokenizer_json_encoding,
 )
+from dpokit.data.tokenizer import llama3_1_template, llama3_2_template  # noqa: E402
 
 QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
                  r"\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -196,3 +200,87 @@ def test_chat_template_ids_equal_transformers_apply_chat_template(jinja, expecte
         replies = [m["content"].strip() if tok.template.trim_content else m["content"]
                    for m in messages if m["role"] == "assistant"]
         assert trained == "".join(r + end for r in replies)
+
+
+# --------------------------------------------------------------------------- Llama 3.1 / 3.2 Instruct
+
+# Meta's published chat templates (tokenizer_config.json of Llama-3.1-8B-Instruct and
+# Llama-3.2-1B-Instruct), tool branches included, written out as data files.
+FIXTURES = Path(__file__).parent / "fixtures"
+LLAMA3_1_JINJA = (FIXTURES / "llama3_1_chat_template.jinja").read_text()
+LLAMA3_2_JINJA = (FIXTURES / "llama3_2_chat_template.jinja").read_text()
+# (prompt messages, chosen, rejected): no system, a system with surrounding whitespace, a
+# whitespace-only system, multi-turn prompts (an earlier assistant turn, a later system turn).
+LLAMA_PAIRS = [
+    ([{"role": "user", "content": "What is 2 + 2?"}], "4, of course. 🙂", "5"),
+    ([{"role": "system", "content": "  Answer in French.\n"}, {"role": "user", "content": "  Hello\n there  "}],
+     "Bonjour !\n\n  ça va ?", "  Hello there.  "),
+    ([{"role": "system", "content": " \n "}, {"role": "user", "content": "x=1;\ty = 22"}], "y - x = 21", "23"),
+    ([{"role": "system", "content": "1) be brief\n2) be kind"}, {"role": "user", "content": "Hi"},
+      {"role": "assistant", "content": " Hello! "}, {"role": "user", "content": "Count to 3"}], "1 2 3", "1, 2, 4"),
+    ([{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
+      {"role": "system", "content": "Now shout."}, {"role": "user", "content": "q2"}], "A2!", "a2"),
+]
+
+
+def _hf_ids(hf, messages, **kwargs):
+    ids = hf.apply_chat_template(messages, tokenize=True, **kwargs)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+LLAMA_TEMPLATES = {"llama3_1": (LLAMA3_1_JINJA, llama3_1_template), "llama3_2": (LLAMA3_2_JINJA, llama3_2_template)}
+
+
+@pytest.mark.parametrize("variant", ["llama3_split", "qwen2_split_nfc"])
+@pytest.mark.parametrize("name", sorted(LLAMA_TEMPLATES))
+def test_llama3_1_and_3_2_ids_equal_transformers_with_meta_templates(variant, name, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    jinja, make_template = LLAMA_TEMPLATES[name]
+    reference = VARIANTS[variant]()
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=reference, bos_token="<|begin_of_text|>",
+                                              eos_token="<|eot_id|>", chat_template=jinja)
+    hf.save_pretrained(tmp_path)
+    assert hf_tokenizer(tmp_path).template.name == name  # detected from tokenizer_config.json
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p, "chosen": c, "rejected": r}) + "\n" for p, c, r in LLAMA_PAIRS))
+    for date in ("26 Jul 2024", "01 Jan 2025"):
+        tok = hf_tokenizer(tmp_path, template=name) if date == "26 Jul 2024" else \
+            tokenizer_from_json(tmp_path / "tokenizer.json", make_template(date_string=date))
+        dataset = PreferenceDataset(data, tok, max_seq_len=4096)
+        for (prompt, chosen, rejected), item in zip(LLAMA_PAIRS, dataset):
+            hf_prompt = _hf_ids(hf, prompt, add_generation_prompt=True, date_string=date)
+            assert tok.encode_prompt(prompt) == item["prompt_ids"] == hf_prompt, (name, date, prompt)
+            for reply, key in ((chosen, "chosen_ids"), (rejected, "rejected_ids")):
+                messages = prompt + [{"role": "assistant", "content": reply}]
+                hf_full = _hf_ids(hf, messages, date_string=date)
+                # the dataset's prompt + response is the whole conversation, and the response ids
+                # (the only trained tokens of a pair) are exactly what follows the generation prompt
+                assert item["prompt_ids"] + item[key] == hf_full, (name, date, messages)
+                ids, mask = tok.tokenize_messages(messages)
+                assert ids == hf_full
+                replies = [m["content"].strip() + "<|eot_id|>" for m in messages if m["role"] == "assistant"]
+                assert tok.decode([i for i, m in zip(ids, mask) if m]) == "".join(replies)
+    if name == "llama3_1":  # without date_string, Meta's 3.1 template uses dpokit's default date
+        messages = LLAMA_PAIRS[1][0] + [{"role": "assistant", "content": LLAMA_PAIRS[1][1]}]
+        assert _hf_ids(hf, messages) == hf_tokenizer(tmp_path).tokenize_messages(messages)[0]
+
+
+TOOL_CALL = {"type": "function", "function": {"name": "f", "arguments": {}}}
+
+
+@pytest.mark.parametrize("message", [
+    {"role": "assistant", "content": "", "tool_calls": [TOOL_CALL]},
+    {"role": "tool", "content": "42"},
+    {"role": "ipython", "content": "42"},
+])
+def test_llama3_1_template_refuses_tool_messages(message, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=VARIANTS["llama3_split"](),
+                                              bos_token="<|begin_of_text|>", chat_template=LLAMA3_1_JINJA)
+    messages = [{"role": "user", "content": "call f"}, message]
+    # Meta's template renders these in its own tool layout; dpokit refuses rather than render them as text
+    hf_text = hf.apply_chat_template(messages, tokenize=False)
+    assert "ipython" in hf_text or '{"name": "f"' in hf_text
+    hf.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="tool calls are not supported|unknown role"):
+        hf_tokenizer(tmp_path).tokenize_messages(messages)

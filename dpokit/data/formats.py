@@ -26,7 +26,7 @@ import math
 import re
 from typing import Any, Callable, Mapping
 
-from dpokit.data.tokenizer import ROLES
+from dpokit.data.tokenizer import ROLES, TOOL_CALL_FIELDS
 from dpokit.errors import DpokitError
 
 FORMATS = ("standard", "nemo_aligner", "nemo_rl", "hh_rlhf", "conversational")
@@ -97,6 +97,10 @@ def _messages(value: Any, where: str) -> list[dict]:
         )
     out = []
     for i, message in enumerate(value):
+        tool_field = next((f for f in TOOL_CALL_FIELDS if message.get(f)), None) if isinstance(message, dict) else None
+        if tool_field:
+            raise PreferenceDataError(f"{where}[{i}].{tool_field}: tool calls are not supported (the chat templates "
+                                      "render text turns only)", "tool calls")
         if not isinstance(message, dict) or not isinstance(message.get("content"), str):
             raise PreferenceDataError(f"{where}[{i}]: expected {{'role': str, 'content': str}}", "mistyped field")
         if message.get("role") not in ROLES:

@@ -211,7 +211,8 @@ def tokenizer_from_json(path: str | Path, template: ChatTemplate | str, *, pad_t
 
 
 def detect_template(checkpoint_dir: str | Path) -> ChatTemplate:
-    """The chat template a checkpoint's tokenizer_config.json uses (llama3, qwen2_5, smollm2, chatml)."""
+    """The chat template a checkpoint's tokenizer_config.json uses (llama3, llama3_1, llama3_2, qwen2_5,
+    smollm2, chatml)."""
     path = Path(checkpoint_dir) / "tokenizer_config.json"
     text = ""
     if path.is_file():
@@ -222,6 +223,8 @@ def detect_template(checkpoint_dir: str | Path) -> ChatTemplate:
     if not text and jinja.is_file():
         text = jinja.read_text()
     if "<|start_header_id|>" in text:
+        if "Cutting Knowledge Date" in text:  # Llama 3.1 / 3.3 (fixed date) or 3.2 (today's date)
+            return TEMPLATES["llama3_2" if "strftime_now" in text else "llama3_1"]
         return TEMPLATES["llama3"]
     if "<|im_start|>" in text:
         if "You are Qwen" in text:
@@ -241,7 +244,7 @@ def hf_tokenizer(checkpoint_dir: str | Path, template: str | None = None) -> Tok
         raise TokenizerError(f"unknown chat template {template!r}; choose from {sorted(TEMPLATES)}")
     directory = Path(checkpoint_dir)
     chosen = TEMPLATES[template] if template else detect_template(directory)
-    if (directory / "original" / "tokenizer.model").is_file() and chosen.name == "llama3":
+    if (directory / "original" / "tokenizer.model").is_file() and chosen.name.startswith("llama3"):
         return llama3_tokenizer(directory / "original" / "tokenizer.model", chosen)
     tokenizer_json = directory / "tokenizer.json"
     if not tokenizer_json.is_file():

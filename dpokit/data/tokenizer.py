@@ -3,6 +3,7 @@
 A `Tokenizer` = a tiktoken `Encoding` (ordinary text; special-token strings inside user text are
 encoded as plain text, never as control tokens) + a `ChatTemplate` that lays out messages with
 special tokens. Only assistant content and its end-of-turn token are trained on.
+Tool calls are not rendered by any template here: messages that carry them are refused.
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ import tiktoken
 
 Message = dict  # {"role": "system" | "user" | "assistant", "content": str}
 ROLES = ("system", "user", "assistant")
+# Message fields of tool-calling conversations (OpenAI / HF chat format). The families' Jinja
+# templates render these in their own ways; ours render text turns only, so they are refused.
+TOOL_CALL_FIELDS = ("tool_calls", "function_call", "tool_call_id")
 
 
 @dataclass(frozen=True)
@@ -23,6 +27,11 @@ class ChatTemplate:
 
     A message renders as  header(role) + content + end_of_turn + trailer,  where header may contain
     special tokens written as "<|name|>" inside `header_format` (filled with {role}).
+
+    System turn: with `system_preamble` set, every conversation opens with a system turn whose
+    content is the preamble followed by the (trimmed) system message, or the preamble alone when
+    there is none (Llama 3.1 / 3.2). Otherwise `default_system_prompt`, when set, is the system
+    message of conversations that have none (Qwen2.5, SmolLM2).
     """
 
     name: str
@@ -32,6 +41,7 @@ class ChatTemplate:
     trailer: str = ""  # untrained text after end_of_turn (chatml's newline)
     default_system_prompt: str | None = None
     trim_content: bool = False  # strip surrounding whitespace of each message (Llama 3's `| trim`)
+    system_preamble: str | None = None  # text that opens an always-present system turn (Llama 3.1+)
 
 
 LLAMA3_TEMPLATE = ChatTemplate(
@@ -60,7 +70,38 @@ SMOLLM2_TEMPLATE = replace(
     CHATML_TEMPLATE, name="smollm2",
     default_system_prompt="You are a helpful AI assistant named SmolLM, trained by Hugging Face",
 )
-TEMPLATES = {t.name: t for t in (LLAMA3_TEMPLATE, CHATML_TEMPLATE, QWEN2_5_TEMPLATE, SMOLLM2_TEMPLATE)}
+
+LLAMA3_DEFAULT_DATE = "26 Jul 2024"
+
+
+def llama3_1_template(date_string: str = LLAMA3_DEFAULT_DATE) -> ChatTemplate:
+    """Llama 3.1 Instruct's template (also used by Llama 3.3) for system / user / assistant turns.
+
+    Every conversation opens with a system turn "Cutting Knowledge Date: December 2023\\nToday Date:
+    <date_string>\\n\\n" + the trimmed system message (if any); then turns as in Llama 3.
+    `date_string` is the value Meta's Jinja template takes as the `date_string` variable. It is
+    fixed ("26 Jul 2024", 3.1's own default) rather than today's date so that tokenized training
+    data does not depend on the day it was tokenized (a reference cache or a packed file made
+    yesterday must still match). Tool calls are not rendered: messages with them are refused.
+    """
+    return replace(
+        LLAMA3_TEMPLATE, name="llama3_1",
+        system_preamble=f"Cutting Knowledge Date: December 2023\nToday Date: {date_string}\n\n",
+    )
+
+
+def llama3_2_template(date_string: str = LLAMA3_DEFAULT_DATE) -> ChatTemplate:
+    """Llama 3.2 Instruct's (1B / 3B) template: for system / user / assistant turns it renders
+    exactly as Llama 3.1's (see `llama3_1_template`). The difference is the date: Meta's 3.2
+    template puts *today's* date (`strftime_now`) in the system turn unless `date_string` is given;
+    dpokit always passes an explicit one, "26 Jul 2024" by default, so that tokenization is
+    deterministic and training data does not depend on the day it was tokenized.
+    """
+    return replace(llama3_1_template(date_string), name="llama3_2")
+
+
+TEMPLATES = {t.name: t for t in (LLAMA3_TEMPLATE, llama3_1_template(), llama3_2_template(), CHATML_TEMPLATE,
+                                 QWEN2_5_TEMPLATE, SMOLLM2_TEMPLATE)}
 
 
 class Tokenizer:
@@ -109,15 +150,9 @@ class Tokenizer:
         self, messages: Sequence[Message], *, add_generation_prompt: bool = False
     ) -> tuple[list[int], list[bool]]:
         """messages -> (ids, trained_mask): True only for assistant content + its end-of-turn."""
-        messages = self._with_default_system(messages)
         ids = self._with_specials(self.template.begin) if self.template.begin else []
         mask = [False] * len(ids)
-        for message in messages:
-            role, content = message["role"], message["content"]
-            if self.template.trim_content:
-                content = content.strip()
-            if role not in ROLES:
-                raise ValueError(f"unknown role {role!r}; expected one of {ROLES}")
+        for role, content in self._turns(messages):
             trained = role == "assistant"
             pieces = [
                 (self._header(role), False),
@@ -144,12 +179,28 @@ class Tokenizer:
             content = content.strip()
         return self.encode(content) + [self.eot_id]
 
-    def _with_default_system(self, messages: Sequence[Message]) -> list[Message]:
-        messages = list(messages)
-        default = self.template.default_system_prompt
-        if default is not None and not (messages and messages[0]["role"] == "system"):
-            messages.insert(0, {"role": "system", "content": default})
-        return messages
+    def _turns(self, messages: Sequence[Message]) -> list[tuple[str, str]]:
+        """(role, content) of every turn the template renders, system turn rules applied."""
+        template = self.template
+        turns = []
+        for i, message in enumerate(messages):
+            role = message["role"]
+            if role not in ROLES:
+                raise ValueError(f"message {i}: unknown role {role!r}; expected one of {ROLES}")
+            # A null / empty field (OpenAI exports write "tool_calls": null) carries no call.
+            tool_field = next((field for field in TOOL_CALL_FIELDS if message.get(field)), None)
+            if tool_field:
+                raise ValueError(f"message {i}: has {tool_field!r}; chat template {template.name!r} renders "
+                                 "text turns only (tool calls are not supported)")
+            content = message["content"]
+            turns.append((role, content.strip() if template.trim_content else content))
+        has_system = bool(turns) and turns[0][0] == "system"
+        if template.system_preamble is not None:
+            system = turns.pop(0)[1] if has_system else ""
+            turns.insert(0, ("system", template.system_preamble + system))
+        elif template.default_system_prompt is not None and not has_system:
+            turns.insert(0, ("system", template.default_system_prompt))
+        return turns
 
 
 BYTE_SPECIAL_TOKENS = (
