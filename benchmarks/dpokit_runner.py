@@ -190,7 +190,7 @@ def main(argv=None) -> int:
             return PolicyLogps(chosen[batch["pair_index"]], rejected[batch["pair_index"]])
 
     master = MasterWeights(model.parameters()) if args.dtype == "bf16m" else None
-    optimizer = torch.optim.AdamW(master.parameters() if master else model.parameters(), lr=1e-5)
+    optimizer = torch.optim.AdamW(master.parameters() if master else model.parameters(), lr=1e-5, fused=True)
     losses: list[float] = []
     first_chosen_logps = None
 

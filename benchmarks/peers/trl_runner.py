@@ -115,7 +115,7 @@ def main(argv=None) -> int:
             gradient_checkpointing=args.gradient_checkpointing, torch_compile=args.compile,
             precompute_ref_log_probs=args.reference == "precomputed", logging_steps=1, report_to=[],
             save_strategy="no", dataloader_num_workers=0, use_cpu=device == "cpu", seed=0,
-            disable_dropout=True, optim="adamw_torch",
+            disable_dropout=True, optim="adamw_torch_fused",  # TRL's default with torch >= 2.8
         )
         times = StepTimes()
         started = time.perf_counter()
