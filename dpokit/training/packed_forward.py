@@ -7,7 +7,8 @@ Per-sequence log-probs are segment sums of token log-probs:
     logp(seq s) = sum over positions t with sequence_ids[t] = s of log p(labels[t] | tokens <= t)
 
 (divided by the count of such positions when `average`). Only labelled positions are projected to
-the vocabulary, so prompt tokens cost no output-head compute. Returns the same `PolicyLogps` as
+the vocabulary, so prompt tokens cost no output-head compute, and they are projected a chunk at a
+time (`chunked_token_logps`, as the padded path), so no [tokens, V] logits tensor is held. Returns the same `PolicyLogps` as
 `dpokit.training.forward.policy_logps` on the padded batch of the same pairs.
 """
 
@@ -16,9 +17,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dpokit.losses.chunked import chunked_token_logps
 from dpokit.losses.logprobs import token_logps
 from dpokit.models.attention import build_attention_mask
-from dpokit.training.forward import PolicyLogps
+from dpokit.training.forward import PolicyLogps, _output_head
 
 
 def segment_logps(token_values: torch.Tensor, sequence_ids: torch.Tensor, num_sequences: int,
@@ -47,7 +49,8 @@ def packed_policy_logps(model: nn.Module, batch: dict, *, average: bool = False,
     labelled = sequence_ids >= 0
     hidden = hidden.reshape(-1, hidden.shape[-1])[labelled]
     labels = batch["labels"].reshape(-1)[labelled]
-    per_token = token_logps(model.project(hidden), labels)
+    head = _output_head(model, hidden) if hasattr(model, "output_weight") else None
+    per_token = chunked_token_logps(*head, labels) if head is not None else token_logps(model.project(hidden), labels)
     num_pairs = batch["num_pairs"]
     logps, _ = segment_logps(per_token, sequence_ids[labelled], 2 * num_pairs, average=average)
     return PolicyLogps(logps[:num_pairs], logps[num_pairs:])
