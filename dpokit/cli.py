@@ -1,4 +1,4 @@
-"""The `dpokit` command: run, list, copy and print recipes and their configs.
+"""The `dpokit` command: run, list, copy and print recipes and their configs; pack and validate data.
 
 Recipes are the `*.py` files of the `dpokit.recipes` folder; the configs of recipe R are the
 `configs/R/*.yaml` files beside them. Both are found by scanning those folders, so adding a recipe
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import json
 import shutil
 import subprocess
 import sys
@@ -149,6 +150,48 @@ def cmd_pack(args) -> int:
     return 0
 
 
+def parse_key_names(values: list[str] | None) -> dict[str, str] | None:
+    """["prompt=question,chosen=good", "rejected=bad"] -> {"prompt": "question", ...}."""
+    if not values:
+        return None
+    keys = {}
+    for item in (part for value in values for part in value.split(",") if part):
+        canonical, sep, name = item.partition("=")
+        if not sep or not canonical or not name:
+            raise CliError(f"--key-names: expected FIELD=NAME (e.g. prompt=question), got {item!r}")
+        keys[canonical] = name
+    return keys
+
+
+def cmd_validate(args) -> int:
+    """Check every record of a preference file; exit 0 when all are valid, 1 when any is not."""
+    from dpokit.data.validate import load_tokenizer, validate_preference_file
+    from dpokit.errors import DpokitError
+
+    if not Path(args.data).is_file():
+        raise CliError(f"{args.data}: preference data file not found")
+    keys = parse_key_names(args.key_names)
+    try:
+        tokenizer = load_tokenizer(args.tokenizer, args.template)
+        report = validate_preference_file(
+            args.data, tokenizer, format=args.format, keys=keys, max_length=args.max_length,
+            max_prompt_length=args.max_prompt_length, batch_size=args.batch_size, pack_size=args.pack_size)
+    except DpokitError as e:
+        raise CliError(str(e)) from None
+    print(json.dumps(report.as_dict()) if args.json else report.to_text(max_errors=args.max_errors))
+    return 0 if report.ok else 1
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def cmd_download(args) -> int:
     from dpokit.errors import DpokitError
     from dpokit.models.hub import download_checkpoint
@@ -205,6 +248,33 @@ def build_parser() -> argparse.ArgumentParser:
     pack.add_argument("--skip-invalid", action="store_true", help="skip and count malformed records")
     pack.add_argument("--seed", type=int, default=0, help="shuffle seed for ffs")
     pack.set_defaults(func=cmd_pack)
+
+    validate = sub.add_parser(
+        "validate", help="check a preference dataset before training",
+        description="Read DATA as training would, list every invalid record (file:line: field: reason) and "
+                    "count them by reason; for the valid pairs print token-length percentiles, how many pairs "
+                    "--max-length truncates, duplicates, and the padding of padded vs packed vs prefix-shared "
+                    "batches. Exit status: 0 every record valid, 1 some record invalid (or none at all), "
+                    "2 usage error.")
+    validate.add_argument("data", help="preference data: .jsonl, .jsonl.gz, .json or .parquet")
+    validate.add_argument("--format", default="auto",
+                          help="data format (default: auto-detect from the first record; a wrong name lists them)")
+    validate.add_argument("--tokenizer", default="byte",
+                          help="'byte' (default), a tokenizer.json or tokenizer.model file, or a checkpoint directory")
+    validate.add_argument("--template", help="chat template, e.g. llama3 or chatml; a wrong name lists them (default: "
+                                             "llama3 for byte / tokenizer.model, else the checkpoint's)")
+    validate.add_argument("--max-length", type=_positive_int,
+                          help="count pairs truncated to this many tokens (prompt + response), as max_seq_len")
+    validate.add_argument("--max-prompt-length", type=_positive_int,
+                          help="as max_prompt_len: the prompt is cut to this first (default max-length / 2)")
+    validate.add_argument("--key-names", action="append", metavar="FIELD=NAME[,...]",
+                          help="renamed fields, e.g. prompt=question,chosen=good (repeatable)")
+    validate.add_argument("--batch-size", type=_positive_int, default=8, help="pairs per padded batch (default 8)")
+    validate.add_argument("--pack-size", type=_positive_int,
+                          help="tokens per pack (default 2 x max-length, or 2 x the longest sequence)")
+    validate.add_argument("--max-errors", type=int, default=20, help="invalid records to list (default 20)")
+    validate.add_argument("--json", action="store_true", help="print one JSON object instead of the text report")
+    validate.set_defaults(func=cmd_validate)
 
     download = sub.add_parser(
         "download", help="download a model from the Hugging Face Hub",

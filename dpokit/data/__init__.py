@@ -19,6 +19,7 @@ from dpokit.data.preference import (
 )
 from dpokit.data.synthetic import bundled_task_path
 from dpokit.data.tokenizer import CHATML_TEMPLATE, LLAMA3_TEMPLATE, ChatTemplate, Tokenizer, byte_tokenizer
+from dpokit.data.validate import ValidationReport, validate_preference_file
 
 
 def bundled_preference_dataset(name: str, split: str, tokenizer: Tokenizer, **kwargs) -> PreferenceDataset:
@@ -29,8 +30,9 @@ def bundled_preference_dataset(name: str, split: str, tokenizer: Tokenizer, **kw
 __all__ = [
     "CHATML_TEMPLATE", "ChatTemplate", "DatasetStats", "FORMATS", "IGNORE_INDEX", "LLAMA3_TEMPLATE",
     "PackedPreferenceDataset", "PackingStats", "PreferenceDataError", "PreferenceDataset", "Tokenizer",
+    "ValidationReport",
     "bundled_preference_dataset", "bundled_task_path", "byte_tokenizer", "check_enough_pairs", "collate_packed",
     "collate_preference_pairs", "detect_format", "first_fit_decreasing", "first_fit_shuffle",
     "load_packed_dataset", "load_preference_records", "pack_lengths", "pack_preference_dataset", "packing_stats",
-    "pair_length", "parse_record", "truncate_pair",
+    "pair_length", "parse_record", "truncate_pair", "validate_preference_file",
 ]
