@@ -22,8 +22,8 @@ from tqdm import tqdm
 from dpokit.data import PackedPreferenceDataset, collate_packed, collate_preference_pairs
 from dpokit.errors import DpokitError
 from dpokit.losses import is_reference_free
-from dpokit.models import adapter_params
-from dpokit.recipes.configs import instantiate, recipe_main
+from dpokit.models import adapter_params, cast_base, parameter_summary
+from dpokit.recipes.configs import ConfigError, instantiate, recipe_main
 from dpokit.training import (
     AdapterOffReference,
     JsonlLogger,
@@ -42,9 +42,20 @@ from dpokit.training import (
 
 CONFIG_KEYS = (
     "output_dir", "seed", "device", "dtype", "checkpoint_dir", "tokenizer", "model", "train_dataset", "validation_dataset",
-    "loss", "average_logps", "optimizer", "lr_scheduler", "batch_size", "gradient_accumulation_steps",
+    "loss", "average_logps", "ld_alpha", "optimizer", "lr_scheduler", "batch_size", "gradient_accumulation_steps",
     "epochs", "max_steps", "max_grad_norm", "eval_every", "eval_batch_size", "packing",
 )
+
+
+def check_ld_alpha(ld_alpha: float | None, *, packed: bool) -> None:
+    """LD-DPO needs each pair's responses as padded rows, and a weight in [0, 1]."""
+    if ld_alpha is None:
+        return
+    if isinstance(ld_alpha, bool) or not isinstance(ld_alpha, (int, float)) or not 0.0 <= ld_alpha <= 1.0:
+        raise ConfigError(f"ld_alpha: {ld_alpha!r} is not a number in [0, 1] (null turns LD-DPO off)")
+    if packed:
+        raise ConfigError("ld_alpha is set but the training data is packed (packing, or a packed train_dataset): "
+                          "LD-DPO needs unpacked batches; set ld_alpha: null or packing: null")
 
 
 def main(cfg) -> None:
@@ -70,6 +81,7 @@ def main(cfg) -> None:
                                 prefix_sharing=train_set.prefix_sharing)
     else:
         train_collate = collate
+    check_ld_alpha(cfg.ld_alpha, packed=isinstance(train_set, PackedPreferenceDataset))
     items_per_step = cfg.batch_size * cfg.gradient_accumulation_steps
     if len(train_set) < items_per_step:
         raise DpokitError(f"{train_set.path}: {len(train_set)} training items, fewer than one step's {items_per_step}")
@@ -79,14 +91,16 @@ def main(cfg) -> None:
     )
     validation_loader = DataLoader(validation_set, batch_size=cfg.eval_batch_size, collate_fn=collate)
 
-    # Model: only the adapters train; the reference is the same module with adapters off.
-    model = instantiate(cfg.model).to(device=device, dtype=dtype)
+    # Model: only the adapters train; the reference is the same module with adapters off. The
+    # frozen base is cast to `dtype`, the adapters stay fp32 so small updates are not rounded away.
+    model = cast_base(instantiate(cfg.model), dtype).to(device)
     trainable = list(adapter_params(model).values())
     loss_fn = instantiate(cfg.loss)
     # Reference-free losses (SimPO, CPO, ORPO, ...) never run the reference forward.
-    reference = None if is_reference_free(loss_fn) else AdapterOffReference(model, average_logps=cfg.average_logps)
-    print(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, "
-          f"{sum(p.numel() for p in trainable):,} trainable (LoRA)")
+    reference = None
+    if not is_reference_free(loss_fn):
+        reference = AdapterOffReference(model, average_logps=cfg.average_logps, ld_alpha=cfg.ld_alpha)
+    print(f"model: {parameter_summary(model)}")
 
     steps_per_epoch = len(train_set) // items_per_step
     total_steps = cfg.epochs * steps_per_epoch
@@ -99,7 +113,8 @@ def main(cfg) -> None:
 
     def validate(step: int) -> dict:
         metrics = evaluate_preference(
-            model, reference, validation_loader, loss_fn, device=device, average_logps=cfg.average_logps
+            model, reference, validation_loader, loss_fn, device=device, average_logps=cfg.average_logps,
+            ld_alpha=cfg.ld_alpha,
         )
         log.log({"step": step, "split": "validation", **metrics})
         return metrics
@@ -116,7 +131,7 @@ def main(cfg) -> None:
         micro_batches = [move_batch(next(batches), device) for _ in range(cfg.gradient_accumulation_steps)]
         pairs_in_step = sum(batch["num_pairs"] for batch in micro_batches)  # varies when packed
         for batch in micro_batches:
-            policy = policy_logps(model, batch, average=cfg.average_logps)
+            policy = policy_logps(model, batch, average=cfg.average_logps, ld_alpha=cfg.ld_alpha)
             ref = None if reference is None else reference.logps(batch)
             out = preference_loss(loss_fn, policy, ref, batch, averaged=cfg.average_logps)
             # Sum over pairs / pairs in the whole step: the gradient is the mean over every pair of

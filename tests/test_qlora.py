@@ -88,3 +88,26 @@ def test_quantize_needs_lora():
     with pytest.raises(ValueError, match="needs LoRA"):
         model_from_hf_config(dict(model_type="llama", vocab_size=64, hidden_size=64, intermediate_size=128,
                                   num_hidden_layers=1, num_attention_heads=4), quantize_base=True)
+
+
+def test_cast_base_keeps_nf4_weights_quantised_in_bf16_with_fp32_adapters():
+    from dpokit.models import cast_base
+
+    q, _ = qlora_and_reference()
+    cast_base(q, torch.bfloat16)
+    for name, p in q.named_parameters():
+        if is_nf4(p):
+            assert p.dtype == torch.bfloat16 and dequantize(p).dtype == torch.bfloat16, name
+        else:
+            assert p.dtype == (torch.float32 if ".lora_" in name else torch.bfloat16), name
+    assert sum(is_nf4(p) for p in q.parameters()) == 2 * 7 + 1  # every projection, and the output head
+    # float64 reference: the same (dequantised) values, computed exactly
+    exact = lora_llama(lora_targets=TARGETS, lora_rank=4, lora_alpha=8.0, **CFG).double()
+    exact.load_state_dict({k: dequantize(v).double() for k, v in q.state_dict().items()})
+    tokens = torch.randint(0, 64, (2, 12))
+    expected = exact(tokens)
+    torch.testing.assert_close(q(tokens).double(), expected, rtol=0, atol=3e-2 * expected.abs().max().item())
+    with disable_adapter(exact):
+        assert (exact(tokens) - expected).abs().max() > 0.1 * expected.abs().max()
+    merged = merged_state_dict(q)
+    assert all(v.dtype == torch.bfloat16 and not is_nf4(v) for v in merged.values())

@@ -12,6 +12,12 @@ torchao NF4 tensor (4-bit NormalFloat, blocks of 64 with double-quantised scales
 dequantised on the fly inside the matmul; the adapters stay in full precision. Quantisation
 happens when a weight is set (`set_base_weight`), so a checkpoint loader that builds the model on
 the meta device quantises each tensor as it arrives and never holds the whole model in bf16.
+
+Mixed precision (`cast_base`): the frozen base in bf16 and the trainable adapters in fp32. An AdamW
+step of about lr (1e-5 .. 1e-4) on a bf16 weight of size ~0.1 is below half a bf16 ulp (~2.4e-4)
+and is rounded away, so bf16 adapters barely train. The adapter path computes in the activations'
+dtype, casting the fp32 adapter weights on the fly as `torch.autocast` does: the fp32 weights keep
+every update while activations are never copied to fp32.
 """
 
 from __future__ import annotations
@@ -149,7 +155,11 @@ class LoRALinear(_FrozenBase, nn.Module):
         out = frozen_linear(x, self.weight, self.bias)
         if not self.adapter_enabled:
             return out
-        return out + self.scaling * self.lora_b(self.lora_a(self.dropout(x)))
+        return out + F.linear(self.adapter_down(x), self.lora_b.weight.to(x.dtype))
+
+    def adapter_down(self, x: torch.Tensor) -> torch.Tensor:
+        """(alpha / rank) * dropout(x) A^T, [..., rank] in x's dtype (A is cast, not x: see module doc)."""
+        return self.scaling * F.linear(self.dropout(x), self.lora_a.weight.to(x.dtype))
 
     def merged_weight(self) -> torch.Tensor:
         """W + (alpha / rank) B A, the weight of the equivalent plain linear layer."""
@@ -198,6 +208,43 @@ def set_trainable_params(model: nn.Module, trainable: dict[str, nn.Parameter] | 
     for p in model.parameters():
         p.requires_grad_(id(p) in keep)
     return sum(p.numel() for p in trainable.values())
+
+
+def cast_base(model: nn.Module, dtype: torch.dtype, *, trainable_dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Mixed-precision LoRA in place: frozen parameters (the base, NF4 ones included) to `dtype`,
+    trainable ones (the adapters) to `trainable_dtype`, so optimizer updates are not rounded away.
+
+    Buffers keep their dtype (the RoPE frequencies stay fp32). A parameter already in its target
+    dtype is not touched, so adapters loaded in fp32 never round-trip through `dtype`, and NF4
+    weights quantised from a `dtype` checkpoint stay as they are. Call it before building the
+    optimizer: a cast parameter is a new `nn.Parameter`. Returns `model`.
+    """
+    cast: dict[int, nn.Parameter] = {}  # tied parameters stay tied
+    for module in model.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            if id(param) not in cast:
+                target = trainable_dtype if param.requires_grad else dtype
+                same = param.dtype == target or not param.is_floating_point()
+                cast[id(param)] = param if same else nn.Parameter(_cast(param.detach(), target), param.requires_grad)
+            if cast[id(param)] is not param:
+                setattr(module, name, cast[id(param)])
+    return model
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if is_nf4(tensor):  # torchao's NF4 `.to(dtype)` dequantises: re-quantise its values in `dtype`
+        return quantize_nf4(dequantize(tensor).to(dtype))
+    return tensor.to(dtype)
+
+
+def parameter_summary(model: nn.Module) -> str:
+    """'N parameters, M trainable (dtypes)[, K in NF4]': what a recipe prints about its model."""
+    params = list(model.parameters())
+    trainable = [p for p in params if p.requires_grad]
+    dtypes = "/".join(sorted({str(p.dtype).removeprefix("torch.") for p in trainable}))
+    total, nf4 = sum(p.numel() for p in params), sum(p.numel() for p in params if is_nf4(p))
+    summary = f"{total:,} parameters, {sum(p.numel() for p in trainable):,} trainable ({dtypes})"
+    return summary + (f", {nf4:,} in NF4" if nf4 else "")
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

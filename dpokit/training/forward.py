@@ -46,7 +46,7 @@ def _output_head(model: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, 
         weight = _plain(head.weight)
         if not head.adapter_enabled:
             return hidden, weight
-        low_rank = head.scaling * head.lora_a(head.dropout(hidden))
+        low_rank = head.adapter_down(hidden)  # in hidden's dtype, whatever the adapter's
         return torch.cat([hidden, low_rank.to(hidden.dtype)], -1), torch.cat([weight, head.lora_b.weight.to(weight.dtype)], 1)
     if isinstance(head, nn.Linear) or hasattr(head.weight, "get_original_weight"):
         return hidden, _plain(head.weight)
