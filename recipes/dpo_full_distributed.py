@@ -14,6 +14,8 @@ What happens, top to bottom:
 4. Each optimizer step takes a global batch of `batch_size x gradient_accumulation_steps x ranks`
    pairs; the loss is the per-pair mean over the whole global batch. Gradients are clipped, a
    NaN/inf loss or gradient stops the run naming the step, the LR follows warmup + cosine.
+   `ld_alpha` (LD-DPO, null = off) weights response tokens beyond the shorter response of each
+   pair by ld_alpha in the policy's and the reference's log-probs alike.
 5. Every `checkpoint.every` steps a sharded checkpoint (model, optimizer, scheduler, data position,
    RNG) is written atomically; `resume=true` continues exactly from the latest one.
 6. The final weights are gathered to rank 0 and written as Hugging Face safetensors.
@@ -21,25 +23,23 @@ What happens, top to bottom:
 
 from __future__ import annotations
 
-import json
-import sys
 import time
 from functools import partial
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
-from tqdm import tqdm
 
 from dpokit.data import collate_preference_pairs
 from dpokit.errors import DpokitError
 from dpokit.losses import is_reference_free
 from dpokit.recipes.configs import instantiate, recipe_main
-from dpokit.training import JsonlLogger, resolve_dtype, seed_everything
-from dpokit.training.dist_checkpoint import latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint, save_full_model
+from dpokit.training import resolve_dtype, seed_everything
+from dpokit.training.dist_checkpoint import save_full_model, write_hf_metadata
 from dpokit.training.dist_data import GlobalBatchSampler, eval_batches
-from dpokit.training.distributed import barrier, destroy_distributed, init_distributed
+from dpokit.training.distributed import barrier
 from dpokit.training.fsdp import check_no_meta, load_into_shards, materialize, reshard, shard_model, state_dict_tensors
+from dpokit.training.loop import Checkpointer, RunReport, evaluation_due, process_group, total_training_steps
 from dpokit.training.optim_step import clip_and_step
 from dpokit.training.preference_step import StepTimer, accumulate_gradients, evaluate_distributed
 from dpokit.training.reference import FrozenCopyReference, NoReference, StateDictSwapReference
@@ -52,9 +52,9 @@ from dpokit.training.reference_cache import (
 
 CONFIG_KEYS = (
     "output_dir", "seed", "device", "dtype", "tokenizer", "model", "checkpoint_dir", "train_dataset",
-    "validation_dataset", "loss", "average_logps", "reference", "fsdp", "optimizer", "lr_scheduler", "batch_size",
-    "gradient_accumulation_steps", "epochs", "max_steps", "max_grad_norm", "eval_every", "eval_batch_size",
-    "checkpoint", "resume", "save_dtype",
+    "validation_dataset", "loss", "average_logps", "ld_alpha", "reference", "fsdp", "optimizer", "lr_scheduler",
+    "batch_size", "gradient_accumulation_steps", "epochs", "max_steps", "max_grad_norm", "eval_every",
+    "eval_batch_size", "checkpoint", "resume", "save_dtype",
 )
 STRATEGIES = ("swap", "frozen", "precomputed", "none")
 
@@ -94,39 +94,21 @@ def build_sharded_model(cfg, env, *, trainable: bool, fingerprint: TensorFingerp
     return model
 
 
-def write_hf_metadata(model, directory: Path, cfg) -> None:
-    """config.json (and the source checkpoint's tokenizer files) beside the final weights, so the
-    folder loads with `AutoModelForCausalLM.from_pretrained` and serves as a `checkpoint_dir`."""
-    from dpokit.models.hf_checkpoint import copy_tokenizer_files
-    from dpokit.models.hf_config import hf_config_from_model
-
-    base = None
-    if cfg.checkpoint_dir is not None:
-        base = json.loads((Path(cfg.checkpoint_dir) / "config.json").read_text())
-        copy_tokenizer_files(cfg.checkpoint_dir, directory)
-    config = hf_config_from_model(model, resolve_dtype(cfg.save_dtype), base)
-    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-
-
 def main(cfg) -> None:
     """Full-parameter DPO with FSDP2 (torchrun); reference by state-dict swap, frozen copy or precomputed."""
-    owns_process_group = not torch.distributed.is_initialized()  # else a caller (a test) set it up
-    env = init_distributed(cfg.device)
-    try:
+    with process_group(cfg.device) as env:  # kept if a caller (a test) already made one
         train(cfg, env)
-    finally:
-        if owns_process_group:
-            destroy_distributed()
 
 
 def train(cfg, env) -> None:
-    main_rank = env.is_main
-    say = tqdm.write if main_rank else (lambda message: None)  # rank 0 speaks; tqdm keeps its bar intact
     seed_everything(cfg.seed + env.rank)
     output_dir = Path(cfg.output_dir)
-    if main_rank:
+    report = RunReport(output_dir, is_main=env.is_main)  # rank 0 speaks, logs and draws the bar
+    if env.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, output_dir / "config.yaml")
+    if cfg.ld_alpha is not None and not 0.0 <= cfg.ld_alpha <= 1.0:
+        raise DpokitError(f"ld_alpha: must be in [0, 1] (null = off), got {cfg.ld_alpha}")
     if cfg.reference.strategy not in STRATEGIES:
         raise DpokitError(f"reference.strategy: unknown {cfg.reference.strategy!r}; choose from {list(STRATEGIES)}")
 
@@ -140,14 +122,17 @@ def train(cfg, env) -> None:
         train_set, collate, batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         rank=env.rank, world_size=env.world_size, seed=cfg.seed,
     )
-    say(f"train: {train_set.stats.summary()}\nvalidation: {validation_set.stats.summary()}")
-    say(f"{env.world_size} rank(s) on {env.device.type}; global batch {sampler.global_batch} pairs")
+    report.say(f"train: {train_set.stats.summary()}\nvalidation: {validation_set.stats.summary()}")
+    report.say(f"{env.world_size} rank(s) on {env.device.type}; global batch {sampler.global_batch} pairs")
 
     # Model: the policy, sharded; its initial weights are also the reference's.
     fingerprint = TensorFingerprint() if cfg.reference.strategy == "precomputed" else None
     model = build_sharded_model(cfg, env, trainable=True, fingerprint=fingerprint)
-    say(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, sharded over {env.world_size} rank(s)")
+    report.say(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, "
+               f"sharded over {env.world_size} rank(s)")
     loss_fn = instantiate(cfg.loss)
+    # Log-prob settings shared by the policy and every reference forward (ld_alpha: LD-DPO, None = off).
+    logps_settings = {"average_logps": cfg.average_logps, "ld_alpha": cfg.ld_alpha}
 
     # A reference-free loss (SimPO, ...) needs no reference whatever the config says.
     strategy = "none" if is_reference_free(loss_fn) else cfg.reference.strategy
@@ -155,118 +140,79 @@ def train(cfg, env) -> None:
         raise DpokitError("reference.strategy: 'none' needs a reference-free loss (e.g. dpokit.losses.simpo_loss)")
     validation_reference = None
     if strategy == "swap":
-        reference = StateDictSwapReference(model, average_logps=cfg.average_logps)
+        reference = StateDictSwapReference(model, **logps_settings)
     elif strategy == "frozen":
-        reference = FrozenCopyReference(build_sharded_model(cfg, env, trainable=False),
-                                        average_logps=cfg.average_logps)
+        reference = FrozenCopyReference(build_sharded_model(cfg, env, trainable=False), **logps_settings)
     elif strategy == "precomputed":
         # One no-grad pass of the (still untrained) policy over both splits, or the cached result.
+        settings = {"average_logps": cfg.average_logps, "dtype": cfg.dtype, "param_dtype": cfg.fsdp.param_dtype}
+        if cfg.ld_alpha is not None:  # only when set, so the caches of earlier runs keep their keys
+            settings["ld_alpha"] = cfg.ld_alpha
         key = reference_cache_key(
             weights=fingerprint.hexdigest(),
             datasets={"train": dataset_fingerprint(train_set), "validation": dataset_fingerprint(validation_set)},
-            settings={"average_logps": cfg.average_logps, "dtype": cfg.dtype, "param_dtype": cfg.fsdp.param_dtype},
+            settings=settings,
         )
         started = time.perf_counter()
         tables, cached = precompute_reference_logps(
             model, {"train": train_set, "validation": validation_set}, collate, cache_dir=cfg.reference.cache_dir,
-            key=key, batch_size=cfg.eval_batch_size, device=env.device, average_logps=cfg.average_logps,
+            key=key, batch_size=cfg.eval_batch_size, device=env.device, **logps_settings,
         )
-        say(f"reference log-probs {'loaded from cache' if cached else 'precomputed'} in "
-            f"{time.perf_counter() - started:.1f}s (cache key {key[:12]})")
+        report.say(f"reference log-probs {'loaded from cache' if cached else 'precomputed'} in "
+                   f"{time.perf_counter() - started:.1f}s (cache key {key[:12]})")
         reference, validation_reference = tables["train"], tables["validation"]
     else:
         reference = NoReference()
     validation_reference = validation_reference or reference
 
-    total_steps = cfg.epochs * sampler.steps_per_epoch
-    if cfg.max_steps is not None:
-        total_steps = min(total_steps, cfg.max_steps)
+    total_steps = total_training_steps(steps_per_epoch=sampler.steps_per_epoch, epochs=cfg.epochs,
+                                       max_steps=cfg.max_steps)
     optimizer = instantiate(cfg.optimizer, model.parameters())
     scheduler = instantiate(cfg.lr_scheduler, optimizer, total_steps=total_steps)
 
     # Resume: model + optimizer shards, scheduler, data position, RNG, step.
-    checkpoint_root = Path(cfg.checkpoint.dir)
-    resume_from = resolve_resume(cfg.resume, checkpoint_root)
-    start_step = 0
-    if resume_from is not None:
-        state = load_checkpoint(resume_from, model, optimizer)
-        scheduler.load_state_dict(state["scheduler"])
-        sampler.load_state_dict(state["data"])
-        start_step = state["step"]
-        say(f"resumed from {resume_from} at step {start_step}")
+    checkpoints = Checkpointer(cfg.checkpoint.dir, every=cfg.checkpoint.every, keep_last=cfg.checkpoint.keep_last)
+    start_step = checkpoints.resume(cfg.resume, model, optimizer, scheduler, sampler)
+    report.start(total_steps=total_steps, start_step=start_step, resumed_from=checkpoints.resumed_from)
 
-    log = JsonlLogger(output_dir / "metrics.jsonl", append=resume_from is not None) if main_rank else None
+    def validate(step: int) -> None:
+        batches = eval_batches(validation_set, collate, batch_size=cfg.eval_batch_size, rank=env.rank,
+                               world_size=env.world_size)
+        report.validation(step, evaluate_distributed(model, validation_reference, batches, loss_fn,
+                                                     device=env.device, **logps_settings))
 
-    def validate(step: int) -> dict:
-        metrics = evaluate_distributed(
-            model, validation_reference,
-            eval_batches(validation_set, collate, batch_size=cfg.eval_batch_size, rank=env.rank,
-                         world_size=env.world_size),
-            loss_fn, device=env.device, average_logps=cfg.average_logps,
-        )
-        if log:
-            log.log({"step": step, "split": "validation", **metrics})
-        return metrics
-
-    val = first_val = validate(start_step) if start_step == 0 else None
-    if val:
-        say(f"step 0: validation loss {val['preference_loss']:.4f} acc {val['acc']:.3f}")
-    progress = tqdm(total=total_steps, initial=start_step, desc="dpo", dynamic_ncols=True, disable=not main_rank,
-                    mininterval=0.5 if sys.stderr.isatty() else 5)
+    if start_step == 0:
+        validate(0)
     timer = StepTimer(env.device)
-    swap_seconds = getattr(reference, "seconds", {"swap": 0.0})
+    swap_seconds = getattr(reference, "seconds", {"swap": 0.0})  # the swap reference times its copies
     model.train()
     for step in range(start_step + 1, total_steps + 1):
-        started = time.perf_counter()
-        timer.seconds.clear()
+        timer.begin_step()
         swap_before = swap_seconds.get("swap", 0.0)
         metrics, tokens = accumulate_gradients(
-            model, reference, sampler.next_step(), loss_fn, device=env.device, average_logps=cfg.average_logps,
-            timer=timer,
+            model, reference, sampler.next_step(), loss_fn, device=env.device, timer=timer, **logps_settings,
         )
         with timer("optimizer"):
             train_metrics = metrics.means()
             grad_norm, lr = clip_and_step(
                 model.parameters(), optimizer, scheduler, max_grad_norm=cfg.max_grad_norm,
-                loss=train_metrics["preference_loss"], step=step,
-                last_checkpoint=partial(latest_checkpoint, checkpoint_root),
+                loss=train_metrics["preference_loss"], step=step, last_checkpoint=checkpoints.latest,
             )
             reshard(model)  # nothing gathered before the update may serve the next forward
-
-        elapsed = time.perf_counter() - started
-        if log:
-            swap = swap_seconds.get("swap", 0.0) - swap_before
-            log.log({
-                "step": step, "split": "train", "loss": train_metrics["preference_loss"], **train_metrics, "lr": lr,
-                "grad_norm": grad_norm, "tokens_per_s_rank0": tokens / elapsed, "step_s": elapsed,
-                "policy_s": timer.seconds["policy"], "reference_s": timer.seconds["reference"] - swap,
-                "swap_s": swap, "optimizer_s": timer.seconds["optimizer"],
-            })
-        progress.update()
-        progress.set_postfix(loss=f"{train_metrics['preference_loss']:.3f}", acc=f"{train_metrics['acc']:.2f}",
-                             refresh=False)
-        if step % cfg.eval_every == 0 or step == total_steps:
-            val = validate(step)
-            say(f"step {step}: validation loss {val['preference_loss']:.4f} acc {val['acc']:.3f}")
-        if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
-            path = save_checkpoint(
-                checkpoint_root, step, model, optimizer, keep_last=cfg.checkpoint.keep_last,
-                trainer_state={"scheduler": scheduler.state_dict(), "data": sampler.state_dict()},
-            )
-            say(f"step {step}: checkpoint {path}")
-    progress.close()
-    if log:
-        log.close()
+        swap = swap_seconds.get("swap", 0.0) - swap_before  # spent inside the reference phase
+        report.train_step(step, train_metrics, lr=lr, grad_norm=grad_norm, tokens=tokens, seconds=timer.step_seconds(),
+                          phases={**timer.seconds, "reference": timer.seconds["reference"] - swap, "swap": swap})
+        if evaluation_due(step, every=cfg.eval_every, total_steps=total_steps):
+            validate(step)
+        if checkpoints.due(step):
+            report.say(f"step {step}: checkpoint {checkpoints.save(step, model, optimizer, scheduler, sampler)}")
+    report.close()
 
     final_dir = save_full_model(model, output_dir / "final", dtype=resolve_dtype(cfg.save_dtype))
-    if main_rank:
-        write_hf_metadata(model, final_dir, cfg)
+    if env.is_main:
+        write_hf_metadata(model, final_dir, source_dir=cfg.checkpoint_dir, dtype=resolve_dtype(cfg.save_dtype))
     barrier()
-    if main_rank:
-        if first_val and val:
-            print(f"validation accuracy {first_val['acc']:.3f} -> {val['acc']:.3f}")
-        print(f"metrics: {output_dir / 'metrics.jsonl'}\ncheckpoint: {final_dir}\noutput directory: "
-              f"{output_dir.resolve()}")
+    report.finish(final_dir)
 
 
 if __name__ == "__main__":

@@ -47,6 +47,12 @@ def checkpoint_dirs(root: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def stale_checkpoints(root: str | Path, keep_last: int) -> list[Path]:
+    """The complete checkpoints under `root` beyond the newest `keep_last` (0 keeps all), oldest first."""
+    dirs = checkpoint_dirs(root)
+    return [path for _, path in dirs[:-keep_last]] if keep_last > 0 else []
+
+
 def latest_checkpoint(root: str | Path) -> Path | None:
     """The newest complete checkpoint under `root` (never a half-written one), or None."""
     dirs = checkpoint_dirs(root)
@@ -93,7 +99,7 @@ def save_checkpoint(
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
-        for _, old in checkpoint_dirs(root)[:-keep_last] if keep_last > 0 else []:
+        for old in stale_checkpoints(root, keep_last):
             shutil.rmtree(old, ignore_errors=True)
     barrier()
     return final
@@ -193,6 +199,23 @@ def save_hf_safetensors(
             (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     barrier()
     return directory if main else None
+
+
+def write_hf_metadata(model: nn.Module, directory: str | Path, *, source_dir: str | Path | None,
+                      dtype: torch.dtype) -> None:
+    """config.json (and `source_dir`'s tokenizer files) beside final weights saved in `dtype`, so
+    the folder loads with `AutoModelForCausalLM.from_pretrained` and serves as a `checkpoint_dir`.
+    Metadata such as token ids is kept from `source_dir`'s config.json. Rank 0 calls it."""
+    from dpokit.models.hf_checkpoint import copy_tokenizer_files
+    from dpokit.models.hf_config import hf_config_from_model
+
+    directory = Path(directory)
+    base = None
+    if source_dir is not None:
+        base = json.loads((Path(source_dir) / "config.json").read_text())
+        copy_tokenizer_files(source_dir, directory)
+    config = hf_config_from_model(model, dtype, base)
+    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 def _write_part(tensors: dict[str, torch.Tensor], directory: Path, index: int, save_file) -> Path:

@@ -29,11 +29,22 @@ from dpokit.training.metrics import PairMetrics
 
 
 class StepTimer:
-    """Accumulates wall time per phase (synchronising CUDA so the numbers mean something)."""
+    """Accumulates wall time per phase (synchronising CUDA so the numbers mean something), and
+    the wall time of the whole optimizer step since `begin_step`."""
 
     def __init__(self, device: torch.device | None = None):
         self.device = device
         self.seconds: dict[str, float] = defaultdict(float)
+        self.step_started = time.perf_counter()
+
+    def begin_step(self) -> None:
+        """A new optimizer step: the phase totals start from zero, the step clock restarts."""
+        self.step_started = time.perf_counter()
+        self.seconds.clear()
+
+    def step_seconds(self) -> float:
+        """Wall time since `begin_step`."""
+        return time.perf_counter() - self.step_started
 
     def sync(self) -> None:
         if self.device is not None and self.device.type == "cuda":

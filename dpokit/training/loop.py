@@ -1,0 +1,169 @@
+"""The bookkeeping around the training loop of the distributed recipes.
+
+The recipes keep the wiring in sight (model, sharding, reference, optimizer, the step itself);
+what is here only decides *when* things happen and *who* writes them down:
+
+- `process_group`: the process group for the length of a run (left alone if a caller made it);
+- `total_training_steps`, `evaluation_due`: the length of the run and the validation cadence;
+- `Checkpointer`: resume from the latest (or a named) sharded checkpoint, save every N steps,
+  keep the last N;
+- `RunReport`: what rank 0 tells the user (messages, the progress bar, `metrics.jsonl`, the
+  closing summary); on the other ranks every method does nothing.
+
+Everything takes plain values: the library never sees the recipe's config.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from dpokit.training.dist_checkpoint import latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint
+from dpokit.training.distributed import DistributedEnv, destroy_distributed, init_distributed
+from dpokit.training.metrics import JsonlLogger
+
+# The order of the per-step phase timings in a train record; other phases follow in their own order.
+PHASE_ORDER = ("policy", "reference", "swap", "optimizer")
+
+
+@contextlib.contextmanager
+def process_group(device: str) -> Iterator[DistributedEnv]:
+    """`init_distributed(device)` for the block. The group is destroyed at the end unless one
+    already existed (a caller, e.g. a test, set it up and still needs it)."""
+    owns_process_group = not torch.distributed.is_initialized()
+    env = init_distributed(device)
+    try:
+        yield env
+    finally:
+        if owns_process_group:
+            destroy_distributed()
+
+
+def total_training_steps(*, steps_per_epoch: int, epochs: int, max_steps: int | None) -> int:
+    """Optimizer steps of the run: `epochs` epochs, cut at `max_steps` when given."""
+    total = epochs * steps_per_epoch
+    return total if max_steps is None else min(total, max_steps)
+
+
+def evaluation_due(step: int, *, every: int, total_steps: int) -> bool:
+    """Validate every `every` steps and after the last one."""
+    return step % every == 0 or step == total_steps
+
+
+class Checkpointer:
+    """Sharded checkpoints of one run under `root` (see `dist_checkpoint`): every `every` steps
+    (0 = never), the newest `keep_last` kept (0 = all). Besides model and optimizer shards a
+    checkpoint holds the LR scheduler, the data position (`sampler.state_dict()`), the step and
+    every rank's RNG states, so `resume` continues exactly. `trainable_only` saves and loads only
+    parameters that train (LoRA: the base weights are the initial checkpoint's).
+
+    Collective where `dist_checkpoint` is: every rank calls `resume` and `save`."""
+
+    def __init__(self, root: str | Path, *, every: int, keep_last: int, trainable_only: bool = False):
+        self.root = Path(root)
+        self.every, self.keep_last, self.trainable_only = every, keep_last, trainable_only
+        self.resumed_from: Path | None = None
+
+    def due(self, step: int) -> bool:
+        return bool(self.every) and step % self.every == 0
+
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint (what a crash would restart from), or None."""
+        return latest_checkpoint(self.root)
+
+    def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, sampler) -> Path:
+        """Write the checkpoint of `step` (atomically) and drop the ones beyond `keep_last`."""
+        return save_checkpoint(
+            self.root, step, model, optimizer, keep_last=self.keep_last, trainable_only=self.trainable_only,
+            trainer_state={"scheduler": scheduler.state_dict(), "data": sampler.state_dict()},
+        )
+
+    def resume(self, resume, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, sampler) -> int:
+        """Load the checkpoint `resume` names (false/None: none; true: the latest under `root`, if
+        any; a path: that one) into model, optimizer, scheduler, sampler and the RNGs. Returns the
+        step to continue after (0 for a fresh start); `resumed_from` is the folder loaded."""
+        self.resumed_from = resolve_resume(resume, self.root)
+        if self.resumed_from is None:
+            return 0
+        state = load_checkpoint(self.resumed_from, model, optimizer, trainable_only=self.trainable_only)
+        scheduler.load_state_dict(state["scheduler"])
+        sampler.load_state_dict(state["data"])
+        return state["step"]
+
+
+class RunReport:
+    """What rank 0 tells the user during a run: messages (through tqdm, so the bar stays intact),
+    the progress bar, one JSON line per train step and per validation in `metrics.jsonl`, and a
+    closing summary. On other ranks (`is_main=False`) nothing is written or printed."""
+
+    def __init__(self, output_dir: str | Path, *, is_main: bool):
+        self.output_dir, self.is_main = Path(output_dir), is_main
+        self.metrics_path = self.output_dir / "metrics.jsonl"
+        self.log: JsonlLogger | None = None
+        self.progress: tqdm | None = None  # drawn from the first train step on
+        self._steps = (0, 0)  # (total, already done) for the bar
+        self.first_validation: dict | None = None  # the step-0 validation of a fresh run
+        self.last_validation: dict | None = None
+
+    def say(self, message: str) -> None:
+        if self.is_main:
+            tqdm.write(message)
+
+    def start(self, *, total_steps: int, start_step: int, resumed_from: Path | None = None) -> None:
+        """Open `metrics.jsonl` (continued, not restarted, when resuming); the bar will count
+        from `start_step` to `total_steps`."""
+        if resumed_from is not None:
+            self.say(f"resumed from {resumed_from} at step {start_step}")
+        if self.is_main:
+            self.log = JsonlLogger(self.metrics_path, append=resumed_from is not None)
+        self._steps = (total_steps, start_step)
+
+    def validation(self, step: int, metrics: dict) -> None:
+        """Log and announce the validation metrics of `step`."""
+        if self.log:
+            self.log.log({"step": step, "split": "validation", **metrics})
+        if step == 0:
+            self.first_validation = metrics
+        self.last_validation = metrics
+        self.say(f"step {step}: validation loss {metrics['preference_loss']:.4f} acc {metrics['acc']:.3f}")
+
+    def train_step(self, step: int, metrics: dict, *, lr: float, grad_norm: float, tokens: int, seconds: float,
+                   phases: dict[str, float]) -> None:
+        """Log one optimizer step: its (rank-reduced) metrics, LR, gradient norm, rank 0's token
+        throughput, its wall time `seconds` and the `phases` it was spent in (policy, reference...),
+        and advance the bar."""
+        if self.log:
+            ordered = [name for name in PHASE_ORDER if name in phases] + [n for n in phases if n not in PHASE_ORDER]
+            self.log.log({
+                "step": step, "split": "train", "loss": metrics["loss"], **metrics, "lr": lr,  # loss first
+                "grad_norm": grad_norm, "tokens_per_s_rank0": tokens / seconds, "step_s": seconds,
+                **{f"{name}_s": phases[name] for name in ordered},
+            })
+        if self.progress is None:
+            total, done = self._steps
+            self.progress = tqdm(total=total, initial=done, desc="dpo", dynamic_ncols=True, disable=not self.is_main,
+                                 mininterval=0.5 if sys.stderr.isatty() else 5)
+        self.progress.update()
+        self.progress.set_postfix(loss=f"{metrics['preference_loss']:.3f}", acc=f"{metrics['acc']:.2f}",
+                                  refresh=False)
+
+    def close(self) -> None:
+        """Close the bar and `metrics.jsonl` (the end of the loop, before the final save)."""
+        if self.progress is not None:
+            self.progress.close()
+        if self.log:
+            self.log.close()
+
+    def finish(self, final_dir: Path | None) -> None:
+        """The closing lines: validation accuracy before -> after (fresh runs) and where things are."""
+        if not self.is_main:
+            return
+        if self.first_validation and self.last_validation:
+            print(f"validation accuracy {self.first_validation['acc']:.3f} -> {self.last_validation['acc']:.3f}")
+        print(f"metrics: {self.metrics_path}\ncheckpoint: {final_dir}\noutput directory: {self.output_dir.resolve()}")

@@ -1,0 +1,132 @@
+"""The loop bookkeeping of the distributed recipes (`dpokit.training.loop`): the step, evaluation
+and checkpoint cadences against brute-force enumerations, keep-last-N against the folder names,
+and a save -> resume round trip (one process, no process group: DCP's single-process mode)
+against the uninterrupted run."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from _distributed_helpers import build_model, collate, loss_fn, synthetic_pairs
+from dpokit.errors import DpokitError
+from dpokit.training.dist_checkpoint import COMPLETE, stale_checkpoints
+from dpokit.training.dist_data import GlobalBatchSampler
+from dpokit.training.loop import Checkpointer, evaluation_due, total_training_steps
+from dpokit.training.optim_step import clip_and_step
+from dpokit.training.preference_step import accumulate_gradients
+from dpokit.training.reference import AdapterOffReference
+from dpokit.training.schedules import warmup_cosine_schedule
+
+
+@pytest.mark.parametrize("steps_per_epoch,epochs,max_steps", [(10, 3, None), (10, 3, 7), (10, 1, 50), (4, 2, 8)])
+def test_total_training_steps_is_epochs_cut_at_max_steps(steps_per_epoch, epochs, max_steps):
+    every_step = [(e, s) for e in range(epochs) for s in range(steps_per_epoch)][:max_steps]
+    assert total_training_steps(steps_per_epoch=steps_per_epoch, epochs=epochs, max_steps=max_steps) == len(every_step)
+
+
+@pytest.mark.parametrize("every,total", [(25, 150), (25, 160), (7, 20), (1, 5), (100, 4)])
+def test_evaluation_every_n_steps_and_after_the_last(every, total):
+    due = [s for s in range(1, total + 1) if evaluation_due(s, every=every, total_steps=total)]
+    expected = sorted(set(range(every, total + 1, every)) | {total})
+    assert due == expected
+
+
+@pytest.mark.parametrize("every", [0, 1, 3, 50])
+def test_checkpoint_due_every_n_steps_and_never_for_zero(tmp_path, every):
+    checkpointer = Checkpointer(tmp_path, every=every, keep_last=2)
+    due = [s for s in range(1, 101) if checkpointer.due(s)]
+    assert due == (list(range(every, 101, every)) if every else [])
+
+
+def _make_checkpoints(root, names_complete):
+    for name, complete in names_complete:
+        (root / name).mkdir(parents=True)
+        if complete:
+            (root / name / COMPLETE).write_text("{}")
+
+
+@pytest.mark.parametrize("keep_last", [0, 1, 2, 3, 10])
+def test_stale_checkpoints_are_the_complete_ones_beyond_the_newest_n(tmp_path, keep_last):
+    steps = [40, 8, 120, 16, 100]  # created out of order
+    _make_checkpoints(tmp_path, [(f"step_{s:08d}", True) for s in steps]
+                      + [("step_00000200", False), (".tmp-step_00000300", True), ("notes", True)])
+    newest_first = sorted(steps, reverse=True)
+    kept = newest_first if keep_last == 0 else newest_first[:keep_last]
+    expected = sorted(set(steps) - set(kept))
+    assert [p.name for p in stale_checkpoints(tmp_path, keep_last)] == [f"step_{s:08d}" for s in expected]
+
+
+def _run(model, optimizer, scheduler, sampler, steps, *, first_step, checkpointer=None):
+    """`steps` optimizer steps of DPO against a frozen copy of the seed-0 weights; returns per-step
+    losses and one RNG draw (python, torch) per step, saving where the checkpointer says so."""
+    losses, draws = [], []
+    for step in range(first_step, first_step + steps):
+        metrics, _ = accumulate_gradients(model, REFERENCE, sampler.next_step(), loss_fn, device=torch.device("cpu"))
+        loss = metrics.means()["preference_loss"]
+        clip_and_step(model.parameters(), optimizer, scheduler, max_grad_norm=1.0, loss=loss, step=step)
+        losses.append(loss)
+        draws.append((random.random(), torch.rand(()).item()))
+        if checkpointer is not None and checkpointer.due(step):
+            checkpointer.save(step, model, optimizer, scheduler, sampler)
+    return losses, draws
+
+
+with torch.random.fork_rng():
+    torch.manual_seed(0)
+    # The reference policy: the seed-0 weights, never trained (a model without adapters is its own
+    # adapters-off self).
+    REFERENCE = AdapterOffReference(build_model().requires_grad_(False))
+
+
+def _fresh(seed):
+    torch.manual_seed(seed)
+    model = build_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    scheduler = warmup_cosine_schedule(optimizer, total_steps=6, warmup_steps=2, min_lr_ratio=0.1)
+    sampler = GlobalBatchSampler(synthetic_pairs(24), collate, batch_size=2, gradient_accumulation_steps=2, rank=0,
+                                 world_size=1, seed=3)  # 6 steps per epoch: the resumed part crosses no epoch
+    return model, optimizer, scheduler, sampler
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # DCP without a process group
+def test_resume_round_trip_continues_exactly_like_the_uninterrupted_run(tmp_path):
+    # Uninterrupted: 5 steps, a checkpoint every 2 steps, the newest 2 kept.
+    model, optimizer, scheduler, sampler = _fresh(seed=0)
+    random.seed(1)
+    checkpointer = Checkpointer(tmp_path / "ckpt", every=2, keep_last=2)
+    losses, draws = _run(model, optimizer, scheduler, sampler, 5, first_step=1, checkpointer=checkpointer)
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step_00000002", "step_00000004"]
+    assert checkpointer.latest().name == "step_00000004"
+
+    # A new process: other weights, other RNG state, nothing trained; resume from the latest.
+    model2, optimizer2, scheduler2, sampler2 = _fresh(seed=123)
+    random.seed(999)
+    resumed = Checkpointer(tmp_path / "ckpt", every=2, keep_last=2)
+    start = resumed.resume(True, model2, optimizer2, scheduler2, sampler2)
+    assert start == 4 and resumed.resumed_from == tmp_path / "ckpt" / "step_00000004"
+    assert scheduler2.last_epoch == scheduler.last_epoch - 1 and sampler2.state_dict()["step_in_epoch"] == 4
+    losses2, draws2 = _run(model2, optimizer2, scheduler2, sampler2, 1, first_step=start + 1)
+    assert losses2 == losses[4:] and draws2 == draws[4:]
+    for (name, a), b in zip(model.state_dict().items(), model2.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_resume_without_a_checkpoint_starts_at_step_zero(tmp_path):
+    model, optimizer, scheduler, sampler = _fresh(seed=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for setting in (None, False, True):  # true, but nothing saved yet: a fresh start
+        checkpointer = Checkpointer(tmp_path / "empty", every=2, keep_last=2)
+        assert checkpointer.resume(setting, model, optimizer, scheduler, sampler) == 0
+        assert checkpointer.resumed_from is None
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_resume_from_an_incomplete_checkpoint_is_an_error(tmp_path):
+    _make_checkpoints(tmp_path, [("step_00000002", False)])
+    model, optimizer, scheduler, sampler = _fresh(seed=0)
+    with pytest.raises(DpokitError, match="resume: .*step_00000002 is not a complete checkpoint"):
+        Checkpointer(tmp_path, every=2, keep_last=2).resume(str(tmp_path / "step_00000002"), model, optimizer,
+                                                            scheduler, sampler)
