@@ -162,6 +162,15 @@ def main(argv=None) -> int:
                 if args.dtype == "bf16" else contextlib.nullcontext())
     chunked = not args.no_chunked
 
+    # Cross-framework check: the policy's log-probs of the pairs of the peers' first step (the first
+    # --batch-size pairs) at the initial weights, in this run's layout and precision. Packed layouts
+    # reorder pairs, so their own first step holds other pairs; this probe does not.
+    first_chosen_logps = {}
+    with torch.no_grad(), autocast:
+        for batch in make_steps(pairs, 0, args.batch_size, **build):
+            out = forward_logps(model, to_device(batch, device), chunked=chunked)
+            first_chosen_logps.update({int(i): float(v) for i, v in zip(batch["pair_index"], out.chosen)})
+
     precompute_seconds = 0.0
     if args.reference == "frozen_copy":
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
@@ -192,10 +201,8 @@ def main(argv=None) -> int:
     master = MasterWeights(model.parameters()) if args.dtype == "bf16m" else None
     optimizer = torch.optim.AdamW(master.parameters() if master else model.parameters(), lr=1e-5, fused=True)
     losses: list[float] = []
-    first_chosen_logps = None
 
     def step(batch: dict) -> None:
-        nonlocal first_chosen_logps
         batch = to_device(batch, device)
         ref = reference(batch)
         with autocast:
@@ -210,8 +217,6 @@ def main(argv=None) -> int:
         if master:
             master.master_to_model()
         losses.append(loss.item())
-        if first_chosen_logps is None:  # cross-framework check: same weights + ids -> same numbers
-            first_chosen_logps = {int(i): float(v) for i, v in zip(batch["pair_index"], policy.chosen.detach())}
 
     for batch in warmup:
         step(batch)
