@@ -172,6 +172,16 @@ def test_bundled_task_is_what_the_generator_writes(tmp_path):
         assert (tmp_path / f"{split}.jsonl").read_bytes() == bundled_task_path("case_following", split).read_bytes()
 
 
+def test_bundled_task_has_no_repeats_and_no_validation_prompt_in_training():
+    train = bundled_task_path("case_following", "train").read_text().splitlines()
+    validation = bundled_task_path("case_following", "validation").read_text().splitlines()
+    assert (len(train), len(validation)) == (4000, 256)
+    prompts = {split: [json.loads(line)["prompt"] for line in lines]
+               for split, lines in (("train", train), ("validation", validation))}
+    assert len(set(prompts["train"])) == 4000 and len(set(prompts["validation"])) == 256
+    assert not set(prompts["train"]) & set(prompts["validation"])
+
+
 def test_bundled_task_balances_the_two_instructions():
     pairs = case_following_pairs(2000, seed=0)
     upper = sum("UPPER" in p["prompt"] for p in pairs)

@@ -26,24 +26,33 @@ WORDS = (
 ).split()
 
 
-def case_following_pairs(n: int, seed: int) -> list[dict]:
+def case_following_pairs(n: int, seed: int, *, exclude: frozenset[str] = frozenset()) -> list[dict]:
+    """n distinct pairs whose prompts are not in `exclude` (so no pair repeats within a split and a
+    validation prompt never appears in training)."""
     rng = random.Random(seed)
-    pairs = []
-    for _ in range(n):
+    pairs, seen = [], set(exclude)
+    while len(pairs) < n:
         words = " ".join(rng.sample(WORDS, rng.randint(2, 4)))
         upper = rng.random() < 0.5
         case = "UPPER" if upper else "lower"
         shown = " ".join(w.capitalize() for w in words.split())
+        prompt = f"Write in {case} case: {shown}"
+        if prompt in seen:
+            continue
+        seen.add(prompt)
         right, wrong = (words.upper(), words.lower()) if upper else (words.lower(), words.upper())
-        pairs.append({"prompt": f"Write in {case} case: {shown}", "chosen": right, "rejected": wrong})
+        pairs.append({"prompt": prompt, "chosen": right, "rejected": wrong})
     return pairs
 
 
 def write_case_following_task(directory: Path = ASSETS / "case_following", train: int = 4000, validation: int = 256):
     directory.mkdir(parents=True, exist_ok=True)
-    for split, n, seed in (("train", train, 0), ("validation", validation, 1)):
+    held_out = case_following_pairs(validation, seed=1)
+    splits = {"validation": held_out,
+              "train": case_following_pairs(train, seed=0, exclude=frozenset(p["prompt"] for p in held_out))}
+    for split, pairs in splits.items():
         with open(directory / f"{split}.jsonl", "w", encoding="utf-8") as f:
-            for pair in case_following_pairs(n, seed):
+            for pair in pairs:
                 f.write(json.dumps(pair) + "\n")
     return directory
 
