@@ -16,6 +16,9 @@ What happens, top to bottom:
    NaN/inf loss or gradient stops the run naming the step, the LR follows warmup + cosine.
    `ld_alpha` (LD-DPO, null = off) weights response tokens beyond the shorter response of each
    pair by ld_alpha in the policy's and the reference's log-probs alike.
+   With `packing` (or a `dpokit pack` file as `train_dataset`) the data is packed once and a
+   micro-batch is `batch_size` packs; the step's pairs still do not depend on the number of ranks,
+   and the loss is still the mean over the step's (all-reduced) pair count. Validation stays padded.
 5. Every `checkpoint.every` steps a sharded checkpoint (model, optimizer, scheduler, data position,
    RNG) is written atomically; `resume=true` continues exactly from the latest one.
 6. The final weights are gathered to rank 0 and written as Hugging Face safetensors.
@@ -30,13 +33,13 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from dpokit.data import collate_preference_pairs
+from dpokit.data import PackedPreferenceDataset, collate_preference_pairs
 from dpokit.errors import DpokitError
 from dpokit.losses import is_reference_free
-from dpokit.recipes.configs import instantiate, recipe_main
+from dpokit.recipes.configs import ConfigError, instantiate, recipe_main
 from dpokit.training import resolve_dtype, seed_everything
 from dpokit.training.dist_checkpoint import save_full_model, write_hf_metadata
-from dpokit.training.dist_data import GlobalBatchSampler, eval_batches
+from dpokit.training.dist_data import eval_batches, training_sampler
 from dpokit.training.distributed import barrier
 from dpokit.training.fsdp import check_no_meta, load_into_shards, materialize, reshard, shard_model, state_dict_tensors
 from dpokit.training.loop import Checkpointer, RunReport, evaluation_due, process_group, total_training_steps
@@ -54,7 +57,7 @@ CONFIG_KEYS = (
     "output_dir", "seed", "device", "dtype", "tokenizer", "model", "checkpoint_dir", "train_dataset",
     "validation_dataset", "loss", "average_logps", "ld_alpha", "reference", "fsdp", "optimizer", "lr_scheduler",
     "batch_size", "gradient_accumulation_steps", "epochs", "max_steps", "max_grad_norm", "eval_every",
-    "eval_batch_size", "checkpoint", "resume", "save_dtype",
+    "eval_batch_size", "checkpoint", "resume", "save_dtype", "packing",
 )
 STRATEGIES = ("swap", "frozen", "precomputed", "none")
 
@@ -112,18 +115,30 @@ def train(cfg, env) -> None:
     if cfg.reference.strategy not in STRATEGIES:
         raise DpokitError(f"reference.strategy: unknown {cfg.reference.strategy!r}; choose from {list(STRATEGIES)}")
 
-    # Data: every rank tokenizes the (small) dataset; the sampler deals pairs so that the global
-    # batch of each step does not depend on the number of ranks.
+    # Data: every rank tokenizes the (small) dataset; the sampler deals pairs (or, packed, packs of
+    # pairs) so that the global batch of each step does not depend on the number of ranks.
     tokenizer = instantiate(cfg.tokenizer)
     train_set = instantiate(cfg.train_dataset, tokenizer=tokenizer)
     validation_set = instantiate(cfg.validation_dataset, tokenizer=tokenizer)
-    collate = partial(collate_preference_pairs, pad_id=tokenizer.pad_id)
-    sampler = GlobalBatchSampler(
-        train_set, collate, batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        rank=env.rank, world_size=env.world_size, seed=cfg.seed,
-    )
     report.say(f"train: {train_set.stats.summary()}\nvalidation: {validation_set.stats.summary()}")
-    report.say(f"{env.world_size} rank(s) on {env.device.type}; global batch {sampler.global_batch} pairs")
+    collate = partial(collate_preference_pairs, pad_id=tokenizer.pad_id)  # validation and precompute: padded
+    if cfg.packing is not None:
+        train_set = instantiate(cfg.packing, train_set)  # e.g. dpokit.data.pack_preference_dataset
+    packed = isinstance(train_set, PackedPreferenceDataset)  # packed online, or a `dpokit pack` file
+    if packed and cfg.ld_alpha is not None:
+        raise ConfigError("ld_alpha is set but the training data is packed (packing, or a packed train_dataset): "
+                          "LD-DPO needs unpacked batches; set ld_alpha: null or packing: null")
+    train_pairs = train_set.pairs if packed else train_set  # what `pair_index` indexes
+    sampler = training_sampler(
+        train_set, pad_id=tokenizer.pad_id, batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps, rank=env.rank, world_size=env.world_size,
+        seed=cfg.seed,
+    )
+    if packed:
+        report.say(f"packing: {train_set.stats.summary()}")
+    unused = f" ({sampler.unused_per_epoch} per epoch wait for a later epoch)" if sampler.unused_per_epoch else ""
+    report.say(f"{env.world_size} rank(s) on {env.device.type}; global batch {sampler.global_batch} "
+               f"{sampler.unit}{unused}")
 
     # Model: the policy, sharded; its initial weights are also the reference's.
     fingerprint = TensorFingerprint() if cfg.reference.strategy == "precomputed" else None
@@ -150,12 +165,12 @@ def train(cfg, env) -> None:
             settings["ld_alpha"] = cfg.ld_alpha
         key = reference_cache_key(
             weights=fingerprint.hexdigest(),
-            datasets={"train": dataset_fingerprint(train_set), "validation": dataset_fingerprint(validation_set)},
+            datasets={"train": dataset_fingerprint(train_pairs), "validation": dataset_fingerprint(validation_set)},
             settings=settings,
         )
         started = time.perf_counter()
         tables, cached = precompute_reference_logps(
-            model, {"train": train_set, "validation": validation_set}, collate, cache_dir=cfg.reference.cache_dir,
+            model, {"train": train_pairs, "validation": validation_set}, collate, cache_dir=cfg.reference.cache_dir,
             key=key, batch_size=cfg.eval_batch_size, device=env.device, **logps_settings,
         )
         report.say(f"reference log-probs {'loaded from cache' if cached else 'precomputed'} in "

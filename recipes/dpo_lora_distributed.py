@@ -7,6 +7,9 @@ adapters train. The reference is the same model with its adapters switched off, 
 copy of the weights and no swap. Intermediate checkpoints hold only what trains (adapters and
 their optimizer state; the base is the initial checkpoint's), the final save is the merged model
 in Hugging Face safetensors plus the adapter alone in PEFT layout.
+
+With `packing` (or a `dpokit pack` file as `train_dataset`) the data is packed once and a
+micro-batch is `batch_size` packs, dealt to ranks as in `dpo_full_distributed`; validation stays padded.
 """
 
 from __future__ import annotations
@@ -19,12 +22,12 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from dpokit.data import collate_preference_pairs
+from dpokit.data import PackedPreferenceDataset, collate_preference_pairs
 from dpokit.errors import DpokitError
-from dpokit.recipes.configs import instantiate, recipe_main
+from dpokit.recipes.configs import ConfigError, instantiate, recipe_main
 from dpokit.training import resolve_dtype, seed_everything
 from dpokit.training.dist_checkpoint import save_hf_safetensors, write_hf_metadata
-from dpokit.training.dist_data import GlobalBatchSampler, eval_batches
+from dpokit.training.dist_data import eval_batches, training_sampler
 from dpokit.training.distributed import barrier
 from dpokit.training.fsdp import check_no_meta, load_into_shards, materialize, reshard, shard_model, state_dict_tensors
 from dpokit.training.fsdp_lora import adapter_full_tensors, fresh_adapter_tensors, merged_full_tensors
@@ -37,7 +40,7 @@ CONFIG_KEYS = (
     "output_dir", "seed", "device", "dtype", "tokenizer", "model", "checkpoint_dir", "train_dataset",
     "validation_dataset", "loss", "average_logps", "ld_alpha", "fsdp", "optimizer", "lr_scheduler", "batch_size",
     "gradient_accumulation_steps", "epochs", "max_steps", "max_grad_norm", "eval_every", "eval_batch_size",
-    "checkpoint", "resume", "save_dtype",
+    "checkpoint", "resume", "save_dtype", "packing",
 )
 
 
@@ -104,18 +107,29 @@ def train(cfg, env) -> None:
     if cfg.ld_alpha is not None and not 0.0 <= cfg.ld_alpha <= 1.0:
         raise DpokitError(f"ld_alpha: must be in [0, 1] (null = off), got {cfg.ld_alpha}")
 
-    # Data: every rank tokenizes the (small) dataset; the sampler deals pairs so that the global
-    # batch of each step does not depend on the number of ranks.
+    # Data: every rank tokenizes the (small) dataset; the sampler deals pairs (or, packed, packs of
+    # pairs) so that the global batch of each step does not depend on the number of ranks.
     tokenizer = instantiate(cfg.tokenizer)
     train_set = instantiate(cfg.train_dataset, tokenizer=tokenizer)
     validation_set = instantiate(cfg.validation_dataset, tokenizer=tokenizer)
-    collate = partial(collate_preference_pairs, pad_id=tokenizer.pad_id)
-    sampler = GlobalBatchSampler(
-        train_set, collate, batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        rank=env.rank, world_size=env.world_size, seed=cfg.seed,
-    )
     report.say(f"train: {train_set.stats.summary()}\nvalidation: {validation_set.stats.summary()}")
-    report.say(f"{env.world_size} rank(s) on {env.device.type}; global batch {sampler.global_batch} pairs")
+    collate = partial(collate_preference_pairs, pad_id=tokenizer.pad_id)  # validation: padded
+    if cfg.packing is not None:
+        train_set = instantiate(cfg.packing, train_set)  # e.g. dpokit.data.pack_preference_dataset
+    packed = isinstance(train_set, PackedPreferenceDataset)  # packed online, or a `dpokit pack` file
+    if packed and cfg.ld_alpha is not None:
+        raise ConfigError("ld_alpha is set but the training data is packed (packing, or a packed train_dataset): "
+                          "LD-DPO needs unpacked batches; set ld_alpha: null or packing: null")
+    sampler = training_sampler(
+        train_set, pad_id=tokenizer.pad_id, batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps, rank=env.rank, world_size=env.world_size,
+        seed=cfg.seed,
+    )
+    if packed:
+        report.say(f"packing: {train_set.stats.summary()}")
+    unused = f" ({sampler.unused_per_epoch} per epoch wait for a later epoch)" if sampler.unused_per_epoch else ""
+    report.say(f"{env.world_size} rank(s) on {env.device.type}; global batch {sampler.global_batch} "
+               f"{sampler.unit}{unused}")
 
     # Model: frozen sharded base + trainable adapters; the reference is the same model, adapters off.
     model = build_sharded_model(cfg, env)

@@ -8,14 +8,27 @@ in each step, and a resumed run continues from the saved (epoch, step) exactly.
 
 Every batch carries `pair_index` (the pairs' dataset indices), which the precomputed reference
 uses to look up cached log-probs.
+
+Packed training (`PackedGlobalBatchSampler`): the dataset is packed once up front (the packer is
+deterministic given its seed) and the same dealing is applied to *packs*: step s takes packs
+perm[s * G : (s + 1) * G], G = packs per micro-batch x accumulation x ranks, so the global set of
+pairs of a step is again independent of the number of ranks. Packs hold different numbers of
+pairs, so ranks (and micro-batches) get unequal pair counts; `preference_step.accumulate_gradients`
+normalises by the all-reduced pair count of the step, which keeps the gradient the per-pair mean.
+A packed batch's `pair_index` lists its pairs' indices in the pair dataset in the batch's pair
+order (pack by pack), so the precomputed reference works unchanged.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+from functools import partial
 from typing import Callable, Iterator, Sequence
 
 import torch
 
+from dpokit.data import PackedPreferenceDataset, collate_packed, collate_preference_pairs
 from dpokit.errors import DpokitError
 
 
@@ -26,7 +39,10 @@ def collate_with_index(dataset: Sequence[dict], indices: Sequence[int], collate:
 
 
 class GlobalBatchSampler:
-    """Stateful, rank-aware source of training micro-batches (see the module docstring)."""
+    """Stateful, rank-aware source of training micro-batches (see the module docstring). The
+    items dealt are pairs; `PackedGlobalBatchSampler` deals packs of pairs the same way."""
+
+    unit = "pairs"  # what one dealt item is, for messages
 
     def __init__(
         self, dataset: Sequence[dict], collate: Callable[[list[dict]], dict], *, batch_size: int,
@@ -38,8 +54,8 @@ class GlobalBatchSampler:
         self.global_batch = batch_size * gradient_accumulation_steps * world_size
         self.steps_per_epoch = len(dataset) // self.global_batch
         if self.steps_per_epoch == 0:
-            raise DpokitError(f"{len(dataset)} training pairs, fewer than one global batch of {self.global_batch} "
-                              f"(batch_size x gradient_accumulation_steps x {world_size} ranks)")
+            raise DpokitError(f"{len(dataset)} training {self.unit}, fewer than one global batch of "
+                              f"{self.global_batch} (batch_size x gradient_accumulation_steps x {world_size} ranks)")
         self.epoch, self.step_in_epoch = 0, 0
         self._perm = None
 
@@ -58,9 +74,18 @@ class GlobalBatchSampler:
             out.append(self._perm[offset: offset + self.batch_size].tolist())
         return out
 
+    @property
+    def unused_per_epoch(self) -> int:
+        """Items of an epoch beyond its last full global batch (a different seeded few each epoch)."""
+        return len(self.dataset) - self.steps_per_epoch * self.global_batch
+
+    def collate_items(self, indices: list[int]) -> dict:
+        """One micro-batch of the dataset items `indices`, with `pair_index`."""
+        return collate_with_index(self.dataset, indices, self.collate)
+
     def next_step(self) -> list[dict]:
         """The collated micro-batches of the next optimizer step; advances the position."""
-        batches = [collate_with_index(self.dataset, idx, self.collate) for idx in self.step_indices()]
+        batches = [self.collate_items(idx) for idx in self.step_indices()]
         self.step_in_epoch += 1
         if self.step_in_epoch == self.steps_per_epoch:
             self.epoch, self.step_in_epoch, self._perm = self.epoch + 1, 0, None
@@ -71,11 +96,59 @@ class GlobalBatchSampler:
                 "global_batch": self.global_batch, "num_pairs": len(self.dataset)}
 
     def load_state_dict(self, state: dict) -> None:
-        for key in ("seed", "global_batch", "num_pairs"):
-            if state[key] != self.state_dict()[key]:
-                raise DpokitError(f"checkpoint data position was saved with {key}={state[key]}, this run has "
-                                  f"{self.state_dict()[key]}; exact resume needs the same value")
+        """Continue from a saved position. Everything that defines the data stream (seed, global
+        batch, dataset size and, when packed, the packs) must match, or the error names what differs."""
+        mine = self.state_dict()
+        for key in sorted((set(mine) | set(state)) - {"epoch", "step_in_epoch"}):
+            if state.get(key) != mine.get(key):
+                raise DpokitError(f"checkpoint data position was saved with {key}={state.get(key, 'absent')}, this "
+                                  f"run has {mine.get(key, 'absent')}; exact resume needs the same value "
+                                  f"(and the same packing setting)")
         self.epoch, self.step_in_epoch, self._perm = state["epoch"], state["step_in_epoch"], None
+
+
+def packs_fingerprint(packed: PackedPreferenceDataset) -> str:
+    """Hash of the packing (pack size, layout, and which pairs are in which pack, in order)."""
+    payload = json.dumps({"pack_size": packed.pack_size, "prefix_sharing": packed.prefix_sharing,
+                          "packs": packed.packs})
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+class PackedGlobalBatchSampler(GlobalBatchSampler):
+    """`GlobalBatchSampler` over the packs of a `PackedPreferenceDataset` (module docstring):
+    `batch_size` is packs per micro-batch per rank; every micro-batch is `collate_packed` at the
+    fixed `pack_size` width. The packs are made once; each epoch visits them in a new seeded order."""
+
+    unit = "packs"
+
+    def __init__(self, packed: PackedPreferenceDataset, *, pad_id: int, batch_size: int,
+                 gradient_accumulation_steps: int, rank: int, world_size: int, seed: int):
+        collate = partial(collate_packed, pad_id=pad_id, pack_size=packed.pack_size,
+                          prefix_sharing=packed.prefix_sharing)
+        super().__init__(packed, collate, batch_size=batch_size, gradient_accumulation_steps=gradient_accumulation_steps,
+                         rank=rank, world_size=world_size, seed=seed)
+        self.fingerprint = packs_fingerprint(packed)
+
+    def collate_items(self, indices: list[int]) -> dict:
+        batch = self.collate([self.dataset[i] for i in indices])
+        pair_index = [pair for i in indices for pair in self.dataset.packs[i]]  # collate_packed's pair order
+        batch["pair_index"] = torch.tensor(pair_index, dtype=torch.long)
+        return batch
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "num_pairs": len(self.dataset.pairs), "num_packs": len(self.dataset),
+                "packing": self.fingerprint}
+
+
+def training_sampler(dataset, *, pad_id: int, batch_size: int, gradient_accumulation_steps: int, rank: int,
+                     world_size: int, seed: int) -> GlobalBatchSampler:
+    """The sampler for a training set: packs for a `PackedPreferenceDataset` (online packing or a
+    `dpokit pack` file), padded pairs otherwise."""
+    settings = dict(batch_size=batch_size, gradient_accumulation_steps=gradient_accumulation_steps, rank=rank,
+                    world_size=world_size, seed=seed)
+    if isinstance(dataset, PackedPreferenceDataset):
+        return PackedGlobalBatchSampler(dataset, pad_id=pad_id, **settings)
+    return GlobalBatchSampler(dataset, partial(collate_preference_pairs, pad_id=pad_id), **settings)
 
 
 def rank_shard(num_items: int, rank: int, world_size: int) -> tuple[list[int], list[bool]]:
