@@ -8,7 +8,9 @@ all W ranks, the gradient should be that of the per-pair mean
 FSDP averages gradients over ranks (divides the sum by W), so each micro-batch backpropagates
 `loss.sum() * W / N`. N is all-reduced before the first backward, so uneven micro-batches are
 weighted per pair too (the bug of averaging per micro-batch, then per rank, which weights pairs in
-small micro-batches up).
+small micro-batches up). Packed micro-batches (`dist_data.PackedGlobalBatchSampler`: a pack holds
+a varying number of pairs) rely on exactly that; `policy_logps` and every reference dispatch to the
+packed forward on their own.
 """
 
 from __future__ import annotations
