@@ -115,6 +115,9 @@ def train(cfg, env) -> None:
     report.say(f"train: {train_set.stats.summary()}\nvalidation: {validation_set.stats.summary()}")
     collate = partial(collate_preference_pairs, pad_id=tokenizer.pad_id)  # validation: padded
     if cfg.packing is not None:
+        if isinstance(train_set, PackedPreferenceDataset):
+            raise ConfigError("packing is set but train_dataset is already packed (a `dpokit pack` file): "
+                              "set packing: null")
         train_set = instantiate(cfg.packing, train_set)  # e.g. dpokit.data.pack_preference_dataset
     packed = isinstance(train_set, PackedPreferenceDataset)  # packed online, or a `dpokit pack` file
     if packed and cfg.ld_alpha is not None:

@@ -222,7 +222,7 @@ def test_lora_recipe_trains_on_a_dpokit_pack_file(tmp_path):
     """`dpo_lora_distributed` with a packed file as train_dataset (the offline flow): step 1 is at
     the reference (adapters start at zero), so its loss is log 2 on the packed forward; it trains."""
     from dpokit.data import PreferenceDataset, byte_tokenizer
-    from dpokit.recipes.configs import load_config
+    from dpokit.recipes.configs import ConfigError, load_config
     from dpokit.recipes.dpo_lora_distributed import main
 
     cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / "recipes/configs/dpo_lora_distributed/tiny.yaml")
@@ -242,3 +242,8 @@ def test_lora_recipe_trains_on_a_dpokit_pack_file(tmp_path):
     losses = [r["preference_loss"] for r in rows if r["split"] == "train"]
     assert len(losses) == 4
     assert losses[0] == pytest.approx(0.6931472, abs=1e-5) and abs(losses[-1] - losses[0]) > 1e-3
+
+    cfg.packing = {"_component_": "dpokit.data.pack_preference_dataset", "pack_size": 160}
+    OmegaConf.save(cfg, config)
+    with pytest.raises(ConfigError, match="train_dataset is already packed"):  # packing a packed file
+        main(load_config(config, [f"output_dir={tmp_path / 'twice'}"]))
