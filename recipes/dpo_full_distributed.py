@@ -33,10 +33,10 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from dpokit.data import PackedPreferenceDataset, collate_preference_pairs
+from dpokit.data import collate_preference_pairs
 from dpokit.errors import DpokitError
 from dpokit.losses import is_reference_free
-from dpokit.recipes.configs import ConfigError, instantiate, recipe_main
+from dpokit.recipes.configs import instantiate, packed_training_set, recipe_main
 from dpokit.training import resolve_dtype, seed_everything
 from dpokit.training.dist_checkpoint import save_full_model, write_hf_metadata
 from dpokit.training.dist_data import eval_batches, training_sampler
@@ -110,8 +110,6 @@ def train(cfg, env) -> None:
     if env.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, output_dir / "config.yaml")
-    if cfg.ld_alpha is not None and not 0.0 <= cfg.ld_alpha <= 1.0:
-        raise DpokitError(f"ld_alpha: must be in [0, 1] (null = off), got {cfg.ld_alpha}")
     if cfg.reference.strategy not in STRATEGIES:
         raise DpokitError(f"reference.strategy: unknown {cfg.reference.strategy!r}; choose from {list(STRATEGIES)}")
 
@@ -122,15 +120,7 @@ def train(cfg, env) -> None:
     validation_set = instantiate(cfg.validation_dataset, tokenizer=tokenizer)
     report.say(f"train: {train_set.stats.summary()}\nvalidation: {validation_set.stats.summary()}")
     collate = partial(collate_preference_pairs, pad_id=tokenizer.pad_id)  # validation and precompute: padded
-    if cfg.packing is not None:
-        if isinstance(train_set, PackedPreferenceDataset):
-            raise ConfigError("packing is set but train_dataset is already packed (a `dpokit pack` file): "
-                              "set packing: null")
-        train_set = instantiate(cfg.packing, train_set)  # e.g. dpokit.data.pack_preference_dataset
-    packed = isinstance(train_set, PackedPreferenceDataset)  # packed online, or a `dpokit pack` file
-    if packed and cfg.ld_alpha is not None:
-        raise ConfigError("ld_alpha is set but the training data is packed (packing, or a packed train_dataset): "
-                          "LD-DPO needs unpacked batches; set ld_alpha: null or packing: null")
+    train_set, packed = packed_training_set(cfg, train_set)  # `packing:` online, or a `dpokit pack` file
     train_pairs = train_set.pairs if packed else train_set  # what `pair_index` indexes
     sampler = training_sampler(
         train_set, pad_id=tokenizer.pad_id, batch_size=cfg.batch_size,

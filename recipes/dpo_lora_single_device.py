@@ -19,11 +19,11 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from dpokit.data import PackedPreferenceDataset, collate_packed, collate_preference_pairs
+from dpokit.data import collate_packed, collate_preference_pairs
 from dpokit.errors import DpokitError
 from dpokit.losses import is_reference_free
 from dpokit.models import adapter_params, cast_base, parameter_summary
-from dpokit.recipes.configs import ConfigError, instantiate, recipe_main
+from dpokit.recipes.configs import instantiate, packed_training_set, recipe_main
 from dpokit.training import (
     AdapterOffReference,
     JsonlLogger,
@@ -47,17 +47,6 @@ CONFIG_KEYS = (
 )
 
 
-def check_ld_alpha(ld_alpha: float | None, *, packed: bool) -> None:
-    """LD-DPO needs each pair's responses as padded rows, and a weight in [0, 1]."""
-    if ld_alpha is None:
-        return
-    if isinstance(ld_alpha, bool) or not isinstance(ld_alpha, (int, float)) or not 0.0 <= ld_alpha <= 1.0:
-        raise ConfigError(f"ld_alpha: {ld_alpha!r} is not a number in [0, 1] (null turns LD-DPO off)")
-    if packed:
-        raise ConfigError("ld_alpha is set but the training data is packed (packing, or a packed train_dataset): "
-                          "LD-DPO needs unpacked batches; set ld_alpha: null or packing: null")
-
-
 def main(cfg) -> None:
     """DPO with LoRA on a single device; the reference is the model with adapters off."""
     data_generator = seed_everything(cfg.seed)
@@ -73,15 +62,13 @@ def main(cfg) -> None:
     validation_set = instantiate(cfg.validation_dataset, tokenizer=tokenizer)
     print(f"train: {train_set.stats.summary()}\nvalidation: {validation_set.stats.summary()}")
     collate = partial(collate_preference_pairs, pad_id=tokenizer.pad_id)
-    if cfg.packing is not None:
-        train_set = instantiate(cfg.packing, train_set)  # e.g. dpokit.data.pack_preference_dataset
-    if isinstance(train_set, PackedPreferenceDataset):  # packed online, or a `dpokit pack` file
+    train_set, packed = packed_training_set(cfg, train_set)  # `packing:` online, or a `dpokit pack` file
+    if packed:
         print(f"packing: {train_set.stats.summary()}")
         train_collate = partial(collate_packed, pad_id=tokenizer.pad_id, pack_size=train_set.pack_size,
                                 prefix_sharing=train_set.prefix_sharing)
     else:
         train_collate = collate
-    check_ld_alpha(cfg.ld_alpha, packed=isinstance(train_set, PackedPreferenceDataset))
     items_per_step = cfg.batch_size * cfg.gradient_accumulation_steps
     if len(train_set) < items_per_step:
         raise DpokitError(f"{train_set.path}: {len(train_set)} training items, fewer than one step's {items_per_step}")

@@ -141,4 +141,4 @@ def test_ld_alpha_reaches_policy_and_reference_in_both_distributed_recipes(tmp_p
     for name in ("full_frozen", "full_precomputed"):
         other = _train_records(outputs[name])
         assert other[2]["loss"] == pytest.approx(swap[2]["loss"], abs=1e-5), name
-    assert error_file.read_text() == "ld_alpha: must be in [0, 1] (null = off), got 1.5"
+    assert error_file.read_text() == "ld_alpha: 1.5 is not a number in [0, 1] (null turns LD-DPO off)"
