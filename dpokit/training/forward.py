@@ -47,10 +47,21 @@ def _output_head(model: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, 
         if not head.adapter_enabled:
             return hidden, weight
         low_rank = head.adapter_down(hidden)  # in hidden's dtype, whatever the adapter's
-        return torch.cat([hidden, low_rank.to(hidden.dtype)], -1), torch.cat([weight, head.lora_b.weight.to(weight.dtype)], 1)
+        return torch.cat([hidden, low_rank], -1), torch.cat([weight, head.lora_b.weight.to(weight.dtype)], 1)
     if isinstance(head, nn.Linear) or hasattr(head.weight, "get_original_weight"):
         return hidden, _plain(head.weight)
     return None
+
+
+def scored_token_logps(model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, *,
+                       chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
+    """[N] fp32 log-probs of `labels` [N] from the final hidden states [N, D] of the scored
+    positions: through the output head a chunk at a time (`chunked_token_logps`) when
+    `_output_head` knows the head, else from the full logits of `model.project`."""
+    head = _output_head(model, hidden) if hasattr(model, "output_weight") else None
+    if head is not None:
+        return chunked_token_logps(*head, labels, chunk_size=chunk_size)
+    return token_logps(model.project(hidden), labels)
 
 
 def _per_token_logps(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, chunk_size: int, materialize: bool):
@@ -58,11 +69,8 @@ def _per_token_logps(model: nn.Module, input_ids: torch.Tensor, labels: torch.Te
     if not materialize and hasattr(model, "hidden_states") and hasattr(model, "output_weight"):
         hidden = model.hidden_states(input_ids)
         mask = labels != IGNORE_INDEX
-        head = _output_head(model, hidden[mask])
-        if head is not None:
-            flat = chunked_token_logps(*head, labels[mask], chunk_size=chunk_size)
-            return torch.zeros(labels.shape, dtype=flat.dtype, device=flat.device).masked_scatter(mask, flat)
-        return token_logps(model.project(hidden), labels)
+        flat = scored_token_logps(model, hidden[mask], labels[mask], chunk_size=chunk_size)
+        return torch.zeros(labels.shape, dtype=flat.dtype, device=flat.device).masked_scatter(mask, flat)
     return token_logps(model(input_ids), labels)
 
 

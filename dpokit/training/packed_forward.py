@@ -17,10 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dpokit.losses.chunked import chunked_token_logps
-from dpokit.losses.logprobs import token_logps
 from dpokit.models.attention import build_attention_mask
-from dpokit.training.forward import PolicyLogps, _output_head
+from dpokit.training.forward import PolicyLogps, scored_token_logps
 
 
 def segment_logps(token_values: torch.Tensor, sequence_ids: torch.Tensor, num_sequences: int,
@@ -49,8 +47,7 @@ def packed_policy_logps(model: nn.Module, batch: dict, *, average: bool = False,
     labelled = sequence_ids >= 0
     hidden = hidden.reshape(-1, hidden.shape[-1])[labelled]
     labels = batch["labels"].reshape(-1)[labelled]
-    head = _output_head(model, hidden) if hasattr(model, "output_weight") else None
-    per_token = chunked_token_logps(*head, labels) if head is not None else token_logps(model.project(hidden), labels)
+    per_token = scored_token_logps(model, hidden, labels)
     num_pairs = batch["num_pairs"]
     logps, _ = segment_logps(per_token, sequence_ids[labelled], 2 * num_pairs, average=average)
     return PolicyLogps(logps[:num_pairs], logps[num_pairs:])
