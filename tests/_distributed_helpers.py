@@ -4,6 +4,7 @@ same way on a plain model in one process and on an FSDP2 model in several (gloo)
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import socket
@@ -13,15 +14,18 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 from safetensors import safe_open
+from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 
 from dpokit.data import collate_preference_pairs
+from dpokit.data.synthetic import case_following_pairs
 from dpokit.losses import dpo_loss
 from dpokit.models import llama
 
 TINY = dict(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, max_seq_len=64,
             rope_theta=10_000.0)
 PAD = 0
+FULL_RECIPE_CONFIG = Path(__file__).resolve().parents[1] / "recipes" / "configs" / "dpo_full_distributed" / "tiny.yaml"
 
 
 def build_model() -> torch.nn.Module:
@@ -195,3 +199,21 @@ def train_lora_trajectory(checkpoint: Path, *, sharded: bool, rank: int, world_s
         optimizer.zero_grad(set_to_none=True)
     merged = dict(merged_full_tensors(model)) if sharded else merged_state_dict(model)
     return {"losses": losses, "merged": {k: v.detach().clone() for k, v in merged.items()}}
+
+
+def small_full_recipe_config(tmp_path: Path, *, train_pairs: int, batch_size: int) -> DictConfig:
+    """`dpo_full_distributed`'s tiny config made smaller for tests: a 2-layer dim-32 model,
+    `train_pairs` / 8 bundled-style pairs (written under `tmp_path`), gradient accumulation 2,
+    4 steps, a checkpoint every 2 steps, no validation before the end."""
+    cfg = OmegaConf.load(FULL_RECIPE_CONFIG)
+    cfg.model = {"_component_": "dpokit.models.llama", "vocab_size": 272, "dim": 32, "n_layers": 2, "n_heads": 4,
+                 "n_kv_heads": 2, "hidden_dim": 64, "max_seq_len": 128, "rope_theta": 10000.0}
+    for name, n, seed in (("train_dataset", train_pairs, 0), ("validation_dataset", 8, 1)):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(p) + "\n" for p in case_following_pairs(n, seed)))
+        cfg[name] = {"_component_": "dpokit.data.PreferenceDataset", "path": str(path), "max_seq_len": 64}
+    cfg.batch_size, cfg.gradient_accumulation_steps, cfg.max_steps = batch_size, 2, 4
+    cfg.eval_every, cfg.eval_batch_size = 100, 8
+    cfg.checkpoint.every, cfg.checkpoint.keep_last = 2, 5
+    cfg.lr_scheduler.warmup_steps = 1
+    return cfg

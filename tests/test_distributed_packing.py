@@ -28,6 +28,7 @@ from _distributed_helpers import (
     loss_fn,
     make_model,
     make_reference,
+    small_full_recipe_config,
     spawn,
     synthetic_pairs,
     write_checkpoint,
@@ -173,19 +174,9 @@ def test_packed_data_position_round_trips_and_refuses_another_stream():
 
 def _recipe_config(tmp_path: Path) -> Path:
     """The tiny config made smaller, packed with prefix sharing, precomputed reference."""
-    cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / "recipes/configs/dpo_full_distributed/tiny.yaml")
-    cfg.model = {"_component_": "dpokit.models.llama", "vocab_size": 272, "dim": 32, "n_layers": 2, "n_heads": 4,
-                 "n_kv_heads": 2, "hidden_dim": 64, "max_seq_len": 128, "rope_theta": 10000.0}
-    for name, n, seed in (("train_dataset", 48, 0), ("validation_dataset", 8, 1)):
-        path = tmp_path / f"{name}.jsonl"
-        path.write_text("".join(json.dumps(p) + "\n" for p in case_following_pairs(n, seed)))
-        cfg[name] = {"_component_": "dpokit.data.PreferenceDataset", "path": str(path), "max_seq_len": 64}
+    cfg = small_full_recipe_config(tmp_path, train_pairs=48, batch_size=1)
     cfg.packing = {"_component_": "dpokit.data.pack_preference_dataset", "pack_size": 160, "prefix_sharing": True}
     cfg.reference.strategy = "precomputed"
-    cfg.batch_size, cfg.gradient_accumulation_steps, cfg.max_steps = 1, 2, 4
-    cfg.eval_every, cfg.eval_batch_size = 100, 8
-    cfg.checkpoint.every, cfg.checkpoint.keep_last = 2, 5
-    cfg.lr_scheduler.warmup_steps = 1
     path = tmp_path / "config.yaml"
     OmegaConf.save(cfg, path)
     return path

@@ -11,34 +11,15 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from _distributed_helpers import spawn
-from dpokit.data.synthetic import case_following_pairs
+from _distributed_helpers import small_full_recipe_config, spawn
 from dpokit.models import load_hf_checkpoint, save_hf_checkpoint
 from dpokit.recipes.configs import instantiate
 from dpokit.training.dist_checkpoint import COMPLETE, latest_checkpoint
 
-RECIPE_CONFIG = Path(__file__).resolve().parents[1] / "recipes" / "configs" / "dpo_full_distributed" / "tiny.yaml"
-
-
-def _write_jsonl(path: Path, pairs: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(p) + "\n" for p in pairs))
-    return path
-
-
 def _config(tmp_path: Path) -> Path:
     """The tiny config, made smaller: 2-layer dim-32 model, 64 train / 8 validation pairs."""
-    cfg = OmegaConf.load(RECIPE_CONFIG)
-    cfg.model = {"_component_": "dpokit.models.llama", "vocab_size": 272, "dim": 32, "n_layers": 2, "n_heads": 4,
-                 "n_kv_heads": 2, "hidden_dim": 64, "max_seq_len": 128, "rope_theta": 10000.0}
-    for name, n, seed in (("train_dataset", 64, 0), ("validation_dataset", 8, 1)):
-        path = _write_jsonl(tmp_path / f"{name}.jsonl", case_following_pairs(n, seed))
-        cfg[name] = {"_component_": "dpokit.data.PreferenceDataset", "path": str(path), "max_seq_len": 64}
-    cfg.batch_size, cfg.gradient_accumulation_steps, cfg.max_steps = 2, 2, 4
-    cfg.eval_every, cfg.eval_batch_size = 100, 8
-    cfg.checkpoint.every, cfg.checkpoint.keep_last = 2, 5
-    cfg.lr_scheduler.warmup_steps = 1
     path = tmp_path / "config.yaml"
-    OmegaConf.save(cfg, path)
+    OmegaConf.save(small_full_recipe_config(tmp_path, train_pairs=64, batch_size=2), path)
     return path
 
 
