@@ -2,19 +2,21 @@
 
 - `llama3_tokenizer(path)`: Meta's `original/tokenizer.model` (tiktoken's own format: one
   "base64(token) rank" per line) with Llama 3's 256 special tokens and pre-tokenizer regex.
-- `tokenizer_json_encoding(path)`: a byte-level BPE `tokenizer.json` (Qwen2.5, SmolLM2, the HF
-  export of Llama 3, anything GPT-2-like) converted exactly; what cannot be converted exactly is
-  refused with a `TokenizerError` naming the field.
+- `tokenizer_json_encoding(path)`: a byte-level BPE `tokenizer.json` (Qwen2.5, SmolLM2, Pythia,
+  phi-2, the HF export of Llama 3, anything GPT-2-like) converted exactly; what cannot be converted
+  exactly is refused with a `TokenizerError` naming the field.
 - `hf_tokenizer(checkpoint_dir)`: picks the file and the chat template (from tokenizer_config.json's
   Jinja template) of a checkpoint directory.
 
 Why the conversion is exact (when the checks pass): tiktoken splits text with one regex and then
 repeatedly merges the adjacent pair whose concatenation has the lowest rank; HF BPE merges the
 adjacent pair with the lowest merge index. With rank = token id, the two agree when ids grow with
-the merge index, every multi-byte token is the result of exactly one merge, and every byte is a
-token: all checked below. HF's `Split(regex, Isolated)` keeps the text between matches as pieces
+the merge index and every multi-byte token is the result of one merge (or, for files converted
+from tiktoken ranks, of all its splits, with `ignore_merges`): checked in `_check_merges`. Bytes
+the vocabulary lacks are dropped before merging, as HF does (`Tokenizer.missing_bytes`).
+HF's `Split(regex, Isolated)` keeps the text between matches as pieces
 while tiktoken drops it, so a pattern P becomes `P|(?:(?!P)[\\s\\S])+`, which yields exactly those
-gaps. Non-special added tokens are matched inside ordinary text, as HF does.
+gaps. Non-special added tokens are matched inside ordinary text, leftmost-longest, as HF does.
 """
 
 from __future__ import annotations
@@ -175,33 +177,47 @@ def tokenizer_json_encoding(path: str | Path) -> tuple[tiktoken.Encoding, dict]:
                 raise TokenizerError(f"{source}: added token {token['content']!r} has {flag}=true (not supported)")
     added_ids = {t["id"] for t in added}
     vocab = {to_bytes(tok): i for tok, i in model["vocab"].items() if i not in added_ids}
-    missing_bytes = [b for b in range(256) if bytes([b]) not in vocab]
-    if missing_bytes:
-        raise TokenizerError(f"{source}: {len(missing_bytes)} byte(s) have no token (e.g. {missing_bytes[:5]})")
+    # A byte with no token is dropped by HF BPE (no unk token, no byte fallback): Tokenizer does the same.
+    missing_bytes = frozenset(b for b in range(256) if bytes([b]) not in vocab)
+    _check_merges(model, vocab, to_bytes, source)
+    specials = {t["content"]: t["id"] for t in added}
+    encoding = tiktoken.Encoding(name=path.parent.name or "tokenizer", pat_str=pattern, mergeable_ranks=vocab,
+                                 special_tokens=specials)
+    info = {"text_tokens": frozenset(t["content"] for t in added if not t.get("special")),
+            "normalizer": "NFC" if normalizer is not None else None, "missing_bytes": missing_bytes}
+    return encoding, info
 
-    # ids must grow with the merge index, and every multi-byte token must come from one merge
-    merged, last_id = set(), -1
+
+def _check_merges(model: dict, vocab: dict[bytes, int], to_bytes, source: str) -> None:
+    """Refuse merge lists that tiktoken's "merge the pair whose result has the lowest rank" with
+    rank = token id would not reproduce.
+
+    Two kinds of file pass. Trained BPE (GPT-2, Qwen2, SmolLM2): one merge per multi-byte token,
+    ids growing with the merge index. Files converted from tiktoken ranks (the HF export of Llama
+    3): every split of a token into two tokens is a merge, sorted by the result's id, and
+    `ignore_merges` set so a piece that is a whole token is taken as it is, as tiktoken does.
+    """
+    merged, last_id, several = set(), -1, False
     for index, merge in enumerate(model.get("merges", [])):
         left, right = merge.split(" ") if isinstance(merge, str) else merge
         result = to_bytes(left) + to_bytes(right)
         token_id = vocab.get(result)
         if token_id is None:
             raise TokenizerError(f"{source}: merge {index} ({left!r} {right!r}) produces a token not in the vocab")
-        if token_id <= last_id or result in merged:
+        repeated = token_id == last_id
+        several |= repeated
+        if token_id < last_id or (result in merged and not repeated):
             raise TokenizerError(f"{source}: merge {index} ({left!r} {right!r}): token ids do not follow the merge "
                                  "order, so tiktoken ranks cannot reproduce it")
         merged.add(result)
         last_id = token_id
+    if several and not model.get("ignore_merges"):
+        raise TokenizerError(f"{source}: some tokens come from several merges and model.ignore_merges is false: "
+                             "HF may split a whole-token piece that tiktoken keeps, so ids could differ")
     unreachable = [t for t in vocab if len(t) > 1 and t not in merged]
     if unreachable:
         raise TokenizerError(f"{source}: {len(unreachable)} vocab token(s) are not produced by any merge "
                              f"(e.g. {unreachable[0]!r})")
-    specials = {t["content"]: t["id"] for t in added}
-    encoding = tiktoken.Encoding(name=path.parent.name or "tokenizer", pat_str=pattern, mergeable_ranks=vocab,
-                                 special_tokens=specials)
-    info = {"text_tokens": frozenset(t["content"] for t in added if not t.get("special")),
-            "normalizer": "NFC" if normalizer is not None else None}
-    return encoding, info
 
 
 def tokenizer_from_json(path: str | Path, template: ChatTemplate | str, *, pad_token: str | None = None) -> Tokenizer:

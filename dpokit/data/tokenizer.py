@@ -1,17 +1,27 @@
 """Tokenizers on tiktoken, with chat templates that also say which tokens are trained on.
 
-A `Tokenizer` = a tiktoken `Encoding` (ordinary text; special-token strings inside user text are
-encoded as plain text, never as control tokens) + a `ChatTemplate` that lays out messages with
+A `Tokenizer` = a tiktoken `Encoding` (ordinary text) + a `ChatTemplate` that lays out messages with
 special tokens. Only assistant content and its end-of-turn token are trained on.
 Tool calls are not rendered by any template here: messages that carry them are refused.
+
+Special-token text typed inside a message (a user writing "<|im_end|>") is encoded as plain text,
+never as the control token: the template alone decides where turns begin and end, so data cannot
+forge a turn boundary. (HF `tokenizers` maps such text to the special id; `dpokit validate` and the
+datasets count and name the records where this happens, see `Tokenizer.special_token_text`.)
+
+Vocabularies that lack some byte tokens (SmolLM2 and Pythia have no token for some control bytes
+and for bytes that never occur in UTF-8) encode as HF `tokenizers` does: such a byte is dropped and
+the bytes around it are merged as if it were not there. `Tokenizer.dropped_bytes` says how many.
 """
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from dataclasses import dataclass, replace
 from typing import Sequence
 
+import regex
 import tiktoken
 
 Message = dict  # {"role": "system" | "user" | "assistant", "content": str}
@@ -108,23 +118,35 @@ class Tokenizer:
     """tiktoken `Encoding` + chat template.
 
     text_tokens: added tokens that are matched inside ordinary text (HF "added, non-special"
-    tokens); normalizer: "NFC" for tokenizers whose tokenizer.json normalises (Qwen2).
+    tokens), longest first at the leftmost position as HF does; normalizer: "NFC" for tokenizers
+    whose tokenizer.json normalises (Qwen2); missing_bytes: byte values the vocabulary has no
+    token for (dropped from the text, as HF `tokenizers` drops them).
     """
 
     def __init__(
         self, encoding: tiktoken.Encoding, template: ChatTemplate, *, pad_token: str | None = None,
         text_tokens: frozenset[str] = frozenset(), normalizer: str | None = None,
+        missing_bytes: frozenset[int] = frozenset(),
     ):
         self.encoding = encoding
         self.template = template
         self.text_tokens = frozenset(text_tokens)
         self.normalizer = normalizer
+        self.missing_bytes = frozenset(missing_bytes)
         self.special_tokens = dict(encoding._special_tokens)
         for token in (template.begin, template.end_of_turn):
             if token and token not in self.special_tokens:
                 raise ValueError(f"chat template {template.name!r} needs special token {token!r}")
         self.eot_id = self.special_tokens[template.end_of_turn]
         self.pad_id = self.special_tokens[pad_token] if pad_token else self.eot_id
+        # Leftmost-longest matching of the text tokens (a regex alternation takes the first
+        # alternative that matches, so longer tokens go first).
+        by_length = sorted(self.text_tokens, key=lambda t: (-len(t), t))
+        self._text_token_re = re.compile("|".join(map(re.escape, by_length))) if by_length else None
+        self._missing = bytes(sorted(self.missing_bytes))
+        self._pieces_re = regex.compile(encoding._pat_str) if self.missing_bytes else None
+        specials = sorted(self.special_tokens, key=lambda t: (-len(t), t))
+        self._special_re = re.compile("|".join(map(re.escape, specials))) if specials else None
 
     @property
     def vocab_size(self) -> int:
@@ -134,7 +156,47 @@ class Tokenizer:
         """Ordinary text -> ids. "<|eot_id|>" typed by a user stays text, not a control token."""
         if self.normalizer:
             text = unicodedata.normalize(self.normalizer, text)
-        return self.encoding.encode(text, allowed_special=self.text_tokens, disallowed_special=())
+        if self._text_token_re is None:
+            return self._encode_ordinary(text)
+        ids, start = [], 0
+        for match in self._text_token_re.finditer(text):
+            ids += self._encode_ordinary(text[start:match.start()])
+            ids.append(self.special_tokens[match.group()])
+            start = match.end()
+        return ids + self._encode_ordinary(text[start:])
+
+    def _encode_ordinary(self, text: str) -> list[int]:
+        if not self._missing or self._count_missing(text) == 0:
+            return self.encoding.encode_ordinary(text)
+        # Rare slow path: split into pieces with the pre-tokenizer regex on the text as written,
+        # drop the bytes that have no token, and merge what is left of each piece.
+        ids = []
+        for piece in self._pieces_re.findall(text):
+            data = piece.encode("utf-8").translate(None, self._missing)
+            if data:
+                ids += self.encoding._encode_single_piece(data)
+        return ids
+
+    def _count_missing(self, text: str) -> int:
+        data = text.encode("utf-8")
+        return len(data) - len(data.translate(None, self._missing))
+
+    def dropped_bytes(self, text: str) -> int:
+        """How many UTF-8 bytes of `text` have no token in the vocabulary (and are dropped)."""
+        if not self._missing:
+            return 0
+        if self.normalizer:
+            text = unicodedata.normalize(self.normalizer, text)
+        return self._count_missing(text)
+
+    def special_token_text(self, text: str) -> str | None:
+        """The first special-token string written inside `text` (encoded as plain text), or None."""
+        if self._special_re is None:
+            return None
+        for match in self._special_re.finditer(text):
+            if match.group() not in self.text_tokens:
+                return match.group()
+        return None
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.encoding.decode(list(ids))
