@@ -24,6 +24,7 @@ from dpokit.data import (
     pack_preference_dataset,
 )
 from dpokit.data.validate import load_tokenizer, percentile, validate_preference_file
+from dpokit.data.preference import SKIP_INVALID_HINT
 
 GOOD = {"prompt": "Say hi", "chosen": "hi there", "rejected": "go away"}
 DEFECTS = {  # line number -> (line, reason); line 1 is GOOD
@@ -100,7 +101,7 @@ def test_every_invalid_record_is_listed_as_the_strict_reader_names_it(defective,
         write_lines(tmp_path / "strict" / "d.jsonl", lines)
         with pytest.raises(PreferenceDataError) as raised:
             load_preference_records("d.jsonl")
-        assert str(raised.value) == message
+        assert str(raised.value) == f"{message} {SKIP_INVALID_HINT}"  # the strict reader names the fix
 
 
 def test_duplicates_and_pairs_identical_after_tokenization_are_named(defective):

@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import base64
 import json
+import sys
 from pathlib import Path
 
 import tiktoken
 
+from dpokit.data.jinja_template import first_difference, read_jinja_template
 from dpokit.data.tokenizer import LLAMA3_TEMPLATE, TEMPLATES, ChatTemplate, Tokenizer
 from dpokit.errors import DpokitError
 
@@ -226,29 +228,48 @@ def tokenizer_from_json(path: str | Path, template: ChatTemplate | str, *, pad_t
     return Tokenizer(encoding, template, pad_token=pad_token, **info)
 
 
-def detect_template(checkpoint_dir: str | Path) -> ChatTemplate:
-    """The chat template a checkpoint's tokenizer_config.json uses (llama3, llama3_1, llama3_2, qwen2_5,
-    smollm2, chatml)."""
-    path = Path(checkpoint_dir) / "tokenizer_config.json"
-    text = ""
-    if path.is_file():
-        text = json.loads(path.read_text()).get("chat_template") or ""
-        if isinstance(text, list):  # several named templates: use the default one
-            text = next((t["template"] for t in text if t.get("name") == "default"), "")
-    jinja = Path(checkpoint_dir) / "chat_template.jinja"
-    if not text and jinja.is_file():
-        text = jinja.read_text()
+def _likely_first(text: str) -> list[str]:
+    """Built-in template names, the one the Jinja text hints at first (a 3.2 folder could render
+    as 3.1 too: with the date fixed both lay out the same text)."""
+    hint = None
     if "<|start_header_id|>" in text:
-        if "Cutting Knowledge Date" in text:  # Llama 3.1 / 3.3 (fixed date) or 3.2 (today's date)
-            return TEMPLATES["llama3_2" if "strftime_now" in text else "llama3_1"]
-        return TEMPLATES["llama3"]
-    if "<|im_start|>" in text:
-        if "You are Qwen" in text:
-            return TEMPLATES["qwen2_5"]
-        if "named SmolLM" in text:
-            return TEMPLATES["smollm2"]
-        return TEMPLATES["chatml"]
-    raise TokenizerError(f"{path}: no llama3 or chatml chat template found; pass template= explicitly")
+        hint = ("llama3_2" if "strftime_now" in text else "llama3_1") if "Cutting Knowledge Date" in text else "llama3"
+    elif "<|im_start|>" in text:
+        hint = "qwen2_5" if "You are Qwen" in text else "smollm2" if "named SmolLM" in text else "chatml"
+    return ([hint] if hint else []) + [name for name in TEMPLATES if name != hint]
+
+
+def detect_template(checkpoint_dir: str | Path) -> ChatTemplate:
+    """The built-in chat template that renders exactly as the folder's own Jinja template
+    (`dpokit.data.jinja_template`); refused when none does."""
+    found = read_jinja_template(checkpoint_dir)
+    if found is None:
+        raise TokenizerError(f"{Path(checkpoint_dir)}: no chat template (tokenizer_config.json chat_template or "
+                             f"chat_template.jinja); pass template= one of {sorted(TEMPLATES)}")
+    text, config, where = found
+    candidates = _likely_first(text)
+    differences = {}
+    for name in candidates:
+        difference = first_difference(text, config, TEMPLATES[name])
+        if difference is None:
+            return TEMPLATES[name]
+        differences[name] = difference
+    closest = candidates[0]
+    raise TokenizerError(f"{where}: the chat template renders differently from every built-in template "
+                         f"({closest}: {differences[closest]}); pass template= one of {sorted(TEMPLATES)} "
+                         "to use one anyway")
+
+
+def check_template(checkpoint_dir: str | Path, template: ChatTemplate) -> str | None:
+    """A warning when an explicitly chosen template renders differently from the folder's own."""
+    found = read_jinja_template(checkpoint_dir)
+    if found is None:
+        return None
+    text, config, where = found
+    difference = first_difference(text, config, template)
+    if difference is None:
+        return None
+    return f"warning: chat template {template.name!r} renders differently from {where} ({difference})"
 
 
 def hf_tokenizer(checkpoint_dir: str | Path, template: str | None = None) -> Tokenizer:
@@ -259,7 +280,13 @@ def hf_tokenizer(checkpoint_dir: str | Path, template: str | None = None) -> Tok
     if template is not None and template not in TEMPLATES:
         raise TokenizerError(f"unknown chat template {template!r}; choose from {sorted(TEMPLATES)}")
     directory = Path(checkpoint_dir)
-    chosen = TEMPLATES[template] if template else detect_template(directory)
+    if template:
+        chosen = TEMPLATES[template]
+        warning = check_template(directory, chosen)
+        if warning:
+            print(warning, file=sys.stderr)
+    else:
+        chosen = detect_template(directory)
     if (directory / "original" / "tokenizer.model").is_file() and chosen.name.startswith("llama3"):
         return llama3_tokenizer(directory / "original" / "tokenizer.model", chosen)
     tokenizer_json = directory / "tokenizer.json"

@@ -23,7 +23,7 @@ from dpokit.data.tokenizer import Tokenizer
 from dpokit.errors import DpokitError
 
 __all__ = [
-    "DatasetStats", "PreferenceDataError", "PreferenceDataset", "check_enough_pairs", "load_preference_records",
+    "SKIP_INVALID_HINT", "DatasetStats", "PreferenceDataError", "PreferenceDataset", "check_enough_pairs", "load_preference_records",
     "truncate_pair",
 ]
 
@@ -34,16 +34,41 @@ class DatasetStats:
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> count
     truncated: int = 0
     format: str | None = None
+    # kept records whose text the tokenizer treats specially: note -> their locations (file:line)
+    noted: dict[str, list[str]] = field(default_factory=dict)
 
     def skip(self, error: PreferenceDataError) -> None:
         self.skipped[error.reason] = self.skipped.get(error.reason, 0) + 1
+
+    def note(self, tokenizer: Tokenizer, record: dict, where: str) -> None:
+        """Count a record whose text has bytes the vocabulary lacks or special-token text."""
+        for note in text_notes(tokenizer, record):
+            self.noted.setdefault(note, []).append(where)
 
     def summary(self) -> str:
         skipped = sum(self.skipped.values())
         detail = ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped.items()))
         fmt = f", {self.format} format" if self.format else ""
+        noted = "".join(f", {len(where)} {note} (first: {where[0]})" for note, where in sorted(self.noted.items()))
         return (f"{self.pairs} pairs, {skipped} skipped{f' ({detail})' if detail else ''}, "
-                f"{self.truncated} truncated{fmt}")
+                f"{self.truncated} truncated{noted}{fmt}")
+
+
+# Appended to the error of the first invalid record when skipping is off: the fix it has.
+SKIP_INVALID_HINT = "(skip_invalid=true skips such records and counts them by reason)"
+DROPPED_BYTES = "with bytes the vocabulary has no token for (dropped, as HF tokenizers does)"
+SPECIAL_TOKEN_TEXT = "with special-token text in a message (encoded as plain text, not as the control token)"
+
+
+def text_notes(tokenizer: Tokenizer, record: dict) -> list[str]:
+    """Which of DROPPED_BYTES / SPECIAL_TOKEN_TEXT apply to a normalised record's texts."""
+    texts = [m["content"] for m in record["prompt"]] + [record["chosen"], record["rejected"]]
+    notes = []
+    if any(tokenizer.dropped_bytes(text) for text in texts):
+        notes.append(DROPPED_BYTES)
+    if any(tokenizer.special_token_text(text) for text in texts):
+        notes.append(SPECIAL_TOKEN_TEXT)
+    return notes
 
 
 def load_preference_records(
@@ -53,11 +78,13 @@ def load_preference_records(
     keys: Mapping[str, str] | None = None,
     skip_invalid: bool = False,
     stats: DatasetStats | None = None,
+    locations: list[str] | None = None,
 ) -> list[dict]:
     """Every valid normalised record of a file (see `dpokit.data.formats`).
 
     `format="auto"` takes the format of the first record that looks like one and holds every
     later record to it. Invalid records raise, or with `skip_invalid` are counted in `stats`.
+    `locations`, when given, receives each returned record's location ("file:LINE").
     """
     if format != "auto" and format not in FORMATS:
         raise DpokitError(f"unknown preference data format {format!r}; choose from {['auto', *FORMATS]}")
@@ -77,9 +104,11 @@ def load_preference_records(
                         f"{where}: cannot tell the preference format from fields {shown}; "
                         f"pass format= one of {list(FORMATS)} (and keys= for renamed fields)", "unknown format")
             records.append(parse_record(record, where, chosen_format, keys))
+            if locations is not None:
+                locations.append(where)
         except PreferenceDataError as error:
             if not skip_invalid:
-                raise
+                raise PreferenceDataError(f"{error} {SKIP_INVALID_HINT}", error.reason) from None
             stats.skip(error)
     stats.format = chosen_format
     return records
@@ -122,9 +151,11 @@ class PreferenceDataset(Dataset):
         self.path = Path(path)
         self.stats = DatasetStats()
         self.items = []
+        locations = []
         records = load_preference_records(self.path, format=format, keys=keys, skip_invalid=skip_invalid,
-                                          stats=self.stats)
-        for record in records:
+                                          stats=self.stats, locations=locations)
+        for record, where in zip(records, locations):
+            self.stats.note(tokenizer, record, where)
             prompt, chosen, rejected, truncated = truncate_pair(
                 tokenizer.encode_prompt(record["prompt"]),
                 tokenizer.encode_response(record["chosen"]),

@@ -214,7 +214,7 @@ class Tokenizer:
         """messages -> (ids, trained_mask): True only for assistant content + its end-of-turn."""
         ids = self._with_specials(self.template.begin) if self.template.begin else []
         mask = [False] * len(ids)
-        for role, content in self._turns(messages):
+        for role, content in chat_turns(self.template, messages):
             trained = role == "assistant"
             pieces = [
                 (self._header(role), False),
@@ -241,28 +241,28 @@ class Tokenizer:
             content = content.strip()
         return self.encode(content) + [self.eot_id]
 
-    def _turns(self, messages: Sequence[Message]) -> list[tuple[str, str]]:
-        """(role, content) of every turn the template renders, system turn rules applied."""
-        template = self.template
-        turns = []
-        for i, message in enumerate(messages):
-            role = message["role"]
-            if role not in ROLES:
-                raise ValueError(f"message {i}: unknown role {role!r}; expected one of {ROLES}")
-            # A null / empty field (OpenAI exports write "tool_calls": null) carries no call.
-            tool_field = next((field for field in TOOL_CALL_FIELDS if message.get(field)), None)
-            if tool_field:
-                raise ValueError(f"message {i}: has {tool_field!r}; chat template {template.name!r} renders "
-                                 "text turns only (tool calls are not supported)")
-            content = message["content"]
-            turns.append((role, content.strip() if template.trim_content else content))
-        has_system = bool(turns) and turns[0][0] == "system"
-        if template.system_preamble is not None:
-            system = turns.pop(0)[1] if has_system else ""
-            turns.insert(0, ("system", template.system_preamble + system))
-        elif template.default_system_prompt is not None and not has_system:
-            turns.insert(0, ("system", template.default_system_prompt))
-        return turns
+
+def chat_turns(template: ChatTemplate, messages: Sequence[Message]) -> list[tuple[str, str]]:
+    """(role, content) of every turn `template` renders, system turn rules applied."""
+    turns = []
+    for i, message in enumerate(messages):
+        role = message["role"]
+        if role not in ROLES:
+            raise ValueError(f"message {i}: unknown role {role!r}; expected one of {ROLES}")
+        # A null / empty field (OpenAI exports write "tool_calls": null) carries no call.
+        tool_field = next((field for field in TOOL_CALL_FIELDS if message.get(field)), None)
+        if tool_field:
+            raise ValueError(f"message {i}: has {tool_field!r}; chat template {template.name!r} renders "
+                             "text turns only (tool calls are not supported)")
+        content = message["content"]
+        turns.append((role, content.strip() if template.trim_content else content))
+    has_system = bool(turns) and turns[0][0] == "system"
+    if template.system_preamble is not None:
+        system = turns.pop(0)[1] if has_system else ""
+        turns.insert(0, ("system", template.system_preamble + system))
+    elif template.default_system_prompt is not None and not has_system:
+        turns.insert(0, ("system", template.default_system_prompt))
+    return turns
 
 
 BYTE_SPECIAL_TOKENS = (

@@ -11,7 +11,8 @@ reason` message the strict reader raises. For the valid pairs, tokenized the way
   - duplicate pairs, and pairs whose chosen and rejected are the same tokens as trained (e.g.
     " yes" vs "yes " under a template that trims content): such a pair has no preference signal;
   - the tokens one step computes per pair when padded, packed (FFD) and prefix-shared packed,
-    and the fraction of them that is padding.
+    and the fraction of them that is padding;
+  - the pairs whose text holds bytes the vocabulary lacks or special-token text (kept, each named).
 
 `load_tokenizer(spec, template)` builds the tokenizer from a short description ("byte", a
 tokenizer.json / tokenizer.model file or a checkpoint directory), as `dpokit validate` takes it.
@@ -28,7 +29,6 @@ from dpokit.data.formats import PreferenceDataError
 from dpokit.data.hf_tokenizer import detect_template, hf_tokenizer, llama3_tokenizer, tokenizer_from_json
 from dpokit.data.packed import pack_preference_dataset, padded_pair_length, pair_length
 from dpokit.data.preference import DatasetStats, load_preference_records, truncate_pair
-from dpokit.data.reader import read_records
 from dpokit.data.tokenizer import TEMPLATES, Tokenizer, byte_tokenizer
 from dpokit.errors import DpokitError
 
@@ -55,41 +55,25 @@ class CollectingStats(DatasetStats):
         self.errors.append(error)
 
 
-def collect_records(path: str | Path, *, format: str = "auto",
-                    keys: Mapping[str, str] | None = None) -> tuple[list[dict], CollectingStats]:
-    """(valid normalised records, stats holding every invalid record's error).
+def collect_records(path: str | Path, *, format: str = "auto", keys: Mapping[str, str] | None = None
+                    ) -> tuple[list[dict], list[str], CollectingStats]:
+    """(valid normalised records, their locations, stats holding every invalid record's error).
 
     A problem with the file as a whole (a `.json` file that is not one JSON array, a truncated
     `.gz`) is reported as one error; nothing in such a file is checked further."""
-    stats = CollectingStats()
+    stats, locations = CollectingStats(), []
     try:
-        records = load_preference_records(path, format=format, keys=keys, skip_invalid=True, stats=stats)
+        records = load_preference_records(path, format=format, keys=keys, skip_invalid=True, stats=stats,
+                                          locations=locations)
     except PreferenceDataError as error:
         if error.reason in NOT_DATA_DEFECTS:
             raise
         stats.skip(error)
-        records = []
+        records, locations = [], []
     except (OSError, EOFError) as error:  # e.g. a corrupt or truncated gzip file
         stats.skip(PreferenceDataError(f"{path}: cannot read the file ({error})", "unreadable file"))
-        records = []
-    return records, stats
-
-
-def valid_record_locations(path: str | Path, errors: Sequence[PreferenceDataError]) -> list[str]:
-    """The location ("file:LINE", ...) of every valid record, in order.
-
-    Every location the reader yields is either a valid record or the one an error names (each error
-    message starts with "LOCATION:"), and both come in file order, so a merge finds them."""
-    locations, pending = [], iter(errors)
-    next_error = next(pending, None)
-    for where, _ in read_records(path):
-        if next_error is not None and str(next_error).startswith(f"{where}:"):
-            next_error = next(pending, None)
-        else:
-            locations.append(where)
-    if next_error is not None:  # every error names a location the reader yields; anything else is a bug
-        raise RuntimeError(f"{path}: error not matched to a record: {next_error}")
-    return locations
+        records, locations = [], []
+    return records, locations, stats
 
 
 # --- statistics -------------------------------------------------------------------------------------
@@ -202,6 +186,7 @@ class ValidationReport:
             "truncated": self.stats.truncated,
             "duplicates": [{"location": where, "first": first} for where, first in self.duplicates],
             "identical_after_tokenization": self.identical_tokens,
+            "noted": {note: where for note, where in sorted(self.stats.noted.items())},
             "layouts": {layout.name: layout.as_dict() for layout in self.layouts},
         }
 
@@ -247,6 +232,11 @@ class ValidationReport:
         lines += [f"  {where}" for where in self.identical_tokens[:shown]]
         if len(self.identical_tokens) > shown:
             lines.append(f"  ... and {len(self.identical_tokens) - shown} more")
+        for note, where in sorted(self.stats.noted.items()):
+            lines.append(f"{len(where)} pair(s) {note}:")
+            lines += [f"  {w}" for w in where[:shown]]
+            if len(where) > shown:
+                lines.append(f"  ... and {len(where) - shown} more (--json lists them all)")
         return lines
 
     def _layout_lines(self) -> list[str]:
@@ -283,7 +273,9 @@ def validate_preference_file(
             raise DpokitError(f"max prompt length must be in (0, max length={max_length}), got {max_prompt_length}")
     if batch_size <= 0:
         raise DpokitError(f"batch size must be positive, got {batch_size}")
-    records, stats = collect_records(path, format=format, keys=keys)
+    records, locations, stats = collect_records(path, format=format, keys=keys)
+    for record, where in zip(records, locations):
+        stats.note(tokenizer, record, where)
     tokenized = [(tokenizer.encode_prompt(r["prompt"]), tokenizer.encode_response(r["chosen"]),
                   tokenizer.encode_response(r["rejected"])) for r in records]
     lengths = {}
@@ -304,7 +296,6 @@ def validate_preference_file(
 
     duplicates = find_duplicates(records)
     identical = [i for i, item in enumerate(items) if item["chosen_ids"] == item["rejected_ids"]]
-    locations = valid_record_locations(path, stats.errors) if duplicates or identical else []
 
     layouts = []
     if items:

@@ -1,0 +1,98 @@
+"""Which built-in `ChatTemplate` renders exactly as a checkpoint's own Jinja chat template.
+
+A checkpoint folder carries its chat template as Jinja (`tokenizer_config.json`'s `chat_template`,
+or `chat_template.jinja`). Guessing the family from a phrase in it is not enough: SmolLM3's
+template mentions SmolLM too but lays out the system turn differently. So the folder's template
+is rendered the way transformers' `apply_chat_template` renders it (sandboxed Jinja, trim_blocks,
+lstrip_blocks, `raise_exception`, `strftime_now`) on a few probe conversations, and a built-in
+template is used only if it produces the same text for every probe.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+from typing import Sequence
+
+from dpokit.data.tokenizer import LLAMA3_DEFAULT_DATE, ChatTemplate
+
+# Conversations that tell the templates apart: system turn or not, several turns, content with
+# surrounding whitespace (Llama 3 trims it, chatml keeps it).
+PROBES = (
+    [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+     {"role": "assistant", "content": "4"}, {"role": "user", "content": " And 3+3? "},
+     {"role": "assistant", "content": " 6\n"}],
+)
+
+
+def read_jinja_template(checkpoint_dir: str | Path) -> tuple[str, dict, Path] | None:
+    """(template text, tokenizer_config, where it was read) of a folder, or None if it has none."""
+    directory = Path(checkpoint_dir)
+    config_path = directory / "tokenizer_config.json"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    text = config.get("chat_template") or ""
+    if isinstance(text, list):  # several named templates: the default one
+        text = next((t["template"] for t in text if t.get("name") == "default"), "")
+    if text:
+        return text, config, config_path
+    jinja = directory / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(), config, jinja
+    return None
+
+
+def _token_text(value) -> str:
+    return value.get("content", "") if isinstance(value, dict) else (value or "")
+
+
+def render_jinja(template_text: str, config: dict, messages: Sequence[dict], add_generation_prompt: bool) -> str:
+    """Render as transformers does, with the template's date fixed to dpokit's default."""
+    from jinja2.exceptions import TemplateError
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise TemplateError(message)
+
+    def strftime_now(fmt):
+        return datetime.strptime(LLAMA3_DEFAULT_DATE, "%d %b %Y").strftime(fmt)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False: json.dumps(x, indent=indent,
+                                                                                   ensure_ascii=ensure_ascii)
+    env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now)
+    return env.from_string(template_text).render(
+        messages=list(messages), add_generation_prompt=add_generation_prompt, tools=None, documents=None,
+        bos_token=_token_text(config.get("bos_token")), eos_token=_token_text(config.get("eos_token")),
+        date_string=LLAMA3_DEFAULT_DATE,
+    )
+
+
+def render_ours(template: ChatTemplate, messages: Sequence[dict], add_generation_prompt: bool) -> str:
+    """The text a built-in template lays out (what `Tokenizer.tokenize_messages` tokenizes)."""
+    from dpokit.data.tokenizer import chat_turns
+
+    text = template.begin
+    for role, content in chat_turns(template, messages):
+        text += template.header_format.format(role=role) + content + template.end_of_turn + template.trailer
+    if add_generation_prompt:
+        text += template.header_format.format(role="assistant")
+    return text
+
+
+def first_difference(template_text: str, config: dict, template: ChatTemplate) -> str | None:
+    """None if `template` renders every probe as the Jinja template does, else where they differ."""
+    for messages in PROBES:
+        for generation_prompt in (False, True):
+            probe = messages[:-1] if generation_prompt else messages
+            try:
+                theirs = render_jinja(template_text, config, probe, generation_prompt)
+            except Exception as error:  # a template that refuses the probe (e.g. no system role)
+                return f"the folder's template fails on a probe conversation ({type(error).__name__}: {error})"
+            ours = render_ours(template, probe, generation_prompt)
+            if ours != theirs:
+                at = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+                return f"at character {at}: {theirs[at:at + 40]!r} (folder) vs {ours[at:at + 40]!r} ({template.name})"
+    return None
