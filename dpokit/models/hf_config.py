@@ -52,11 +52,34 @@ _QWEN2_KEYS = {
     "layers.{}.self_attn.v_proj.bias": "model.layers.{}.self_attn.v_proj.bias",
 }
 
-# Config fields that never change the function the network computes.
-_METADATA_FIELDS = frozenset({
+# Config fields that never change the function the network computes, each with the reason. Any
+# `PretrainedConfig` may carry these (transformers' own `to_dict()` writes many of them); a field
+# that is absent here and changes the arithmetic is refused instead.
+_IGNORED_FIELDS = {
+    **dict.fromkeys(("architectures", "model_type", "transformers_version", "_name_or_path", "_model_name_or_path",
+                     "_commit_hash", "_attn_implementation_autoset", "is_llama_config", "tokenizer_class",
+                     "name_or_path"), "identity and provenance"),
+    **dict.fromkeys(("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id", "sep_token_id",
+                     "decoder_start_token_id"), "token ids for tokenizers and generation, not the forward"),
+    **dict.fromkeys(("torch_dtype", "dtype"), "storage dtype; the recipe chooses the compute dtype"),
+    **dict.fromkeys(("use_cache", "output_attentions", "output_hidden_states", "return_dict", "torchscript",
+                     "use_return_dict"), "what the HF forward returns or caches, not its values"),
+    "initializer_range": "initialisation of new weights; checkpoints bring theirs",
+    "pretraining_tp": "HF splits the matmuls into tp slices: same math",
+    **dict.fromkeys(("id2label", "label2id", "num_labels", "problem_type", "finetuning_task"),
+                    "heads for classification models, absent from a causal LM"),
+    "chunk_size_feed_forward": "HF computes the MLP in chunks: same math",
+    **dict.fromkeys(("is_encoder_decoder", "is_decoder", "add_cross_attention", "cross_attention_hidden_size",
+                     "tie_encoder_decoder"), "encoder-decoder options; false or unused for a causal LM"),
+    **dict.fromkeys(("transformers.js_config", "quantization_config_ignore"), "hints for other runtimes"),
+    **dict.fromkeys(("prefix", "task_specific_params", "tf_legacy_loss", "use_bfloat16", "pruned_heads",
+                     "torch_compile", "generation_config"), "legacy or generation-time settings"),
+}
+_METADATA_FIELDS = frozenset(_IGNORED_FIELDS)
+# Carried from the source config.json into an exported one (the rest of `_IGNORED_FIELDS` is not).
+_KEPT_ON_EXPORT = frozenset({
     "architectures", "model_type", "bos_token_id", "eos_token_id", "pad_token_id", "torch_dtype", "dtype",
-    "transformers_version", "use_cache", "initializer_range", "_name_or_path", "is_llama_config",
-    "pretraining_tp",  # HF splits the matmuls into tp slices: same math
+    "transformers_version", "use_cache", "initializer_range", "_name_or_path", "is_llama_config", "pretraining_tp",
     "tokenizer_class", "_commit_hash", "output_attentions", "output_hidden_states", "return_dict",
 })
 
@@ -226,7 +249,7 @@ def hf_config_from_model(model: TransformerDecoder, dtype: torch.dtype, base: Ma
     """The config.json of `model` (legacy `rope_theta`/`rope_scaling` fields, which every
     transformers version and vLLM read). Metadata such as token ids is kept from `base`."""
     args, family = model.args, family_for_model(model)
-    config = {k: v for k, v in (base or {}).items() if k in _METADATA_FIELDS}
+    config = {k: v for k, v in (base or {}).items() if k in _KEPT_ON_EXPORT}
     scaling = args["rope_scaling"]
     config.update(
         architectures=[family.architecture],
