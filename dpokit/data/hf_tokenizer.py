@@ -28,7 +28,7 @@ from pathlib import Path
 
 import tiktoken
 
-from dpokit.data.jinja_template import first_difference, read_jinja_template
+from dpokit.data.jinja_template import match_template, read_jinja_template
 from dpokit.data.tokenizer import LLAMA3_TEMPLATE, TEMPLATES, ChatTemplate, Tokenizer
 from dpokit.errors import DpokitError
 
@@ -247,17 +247,13 @@ def detect_template(checkpoint_dir: str | Path) -> ChatTemplate:
         raise TokenizerError(f"{Path(checkpoint_dir)}: no chat template (tokenizer_config.json chat_template or "
                              f"chat_template.jinja); pass template= one of {sorted(TEMPLATES)}")
     text, config, where = found
-    candidates = _likely_first(text)
-    differences = {}
-    for name in candidates:
-        difference = first_difference(text, config, TEMPLATES[name])
-        if difference is None:
-            return TEMPLATES[name]
-        differences[name] = difference
-    closest = candidates[0]
-    raise TokenizerError(f"{where}: the chat template renders differently from every built-in template "
-                         f"({closest}: {differences[closest]}); pass template= one of {sorted(TEMPLATES)} "
-                         "to use one anyway")
+    names = _likely_first(text)
+    template, difference = match_template(text, config, [TEMPLATES[name] for name in names])
+    if template is None:
+        raise TokenizerError(f"{where}: the chat template renders differently from every built-in template "
+                             f"({names[0]}: {difference}); pass template= one of {sorted(TEMPLATES)} "
+                             "to use one anyway")
+    return template
 
 
 def check_template(checkpoint_dir: str | Path, template: ChatTemplate) -> str | None:
@@ -266,8 +262,8 @@ def check_template(checkpoint_dir: str | Path, template: ChatTemplate) -> str | 
     if found is None:
         return None
     text, config, where = found
-    difference = first_difference(text, config, template)
-    if difference is None:
+    matched, difference = match_template(text, config, [template])
+    if matched is not None:
         return None
     return f"warning: chat template {template.name!r} renders differently from {where} ({difference})"
 

@@ -15,7 +15,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Sequence
 
-from dpokit.data.tokenizer import LLAMA3_DEFAULT_DATE, ChatTemplate
+from dpokit.data.tokenizer import LLAMA3_DEFAULT_DATE, ChatTemplate, chat_turns
+from dpokit.errors import DpokitError
 
 # Conversations that tell the templates apart: system turn or not, several turns, content with
 # surrounding whitespace (Llama 3 trims it, chatml keeps it).
@@ -31,7 +32,14 @@ def read_jinja_template(checkpoint_dir: str | Path) -> tuple[str, dict, Path] | 
     """(template text, tokenizer_config, where it was read) of a folder, or None if it has none."""
     directory = Path(checkpoint_dir)
     config_path = directory / "tokenizer_config.json"
-    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    config = {}
+    if config_path.is_file():
+        try:
+            config = json.loads(config_path.read_text())
+        except json.JSONDecodeError as e:
+            raise DpokitError(f"{config_path}: line {e.lineno}: invalid JSON ({e.msg})") from None
+        if not isinstance(config, dict):
+            raise DpokitError(f"{config_path}: expected a JSON object, got {type(config).__name__}")
     text = config.get("chat_template") or ""
     if isinstance(text, list):  # several named templates: the default one
         text = next((t["template"] for t in text if t.get("name") == "default"), "")
@@ -47,8 +55,10 @@ def _token_text(value) -> str:
     return value.get("content", "") if isinstance(value, dict) else (value or "")
 
 
-def render_jinja(template_text: str, config: dict, messages: Sequence[dict], add_generation_prompt: bool) -> str:
-    """Render as transformers does, with the template's date fixed to dpokit's default."""
+def render_probes(template_text: str, config: dict) -> list[tuple[list[dict], bool, str]]:
+    """(messages, add_generation_prompt, text) for every probe, rendered as transformers renders
+    the template, with the template's date fixed to dpokit's default. A template that refuses a
+    probe (e.g. one with no system role) raises `jinja2.TemplateError`."""
     from jinja2.exceptions import TemplateError
     from jinja2.ext import loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -63,17 +73,22 @@ def render_jinja(template_text: str, config: dict, messages: Sequence[dict], add
     env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False: json.dumps(x, indent=indent,
                                                                                    ensure_ascii=ensure_ascii)
     env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now)
-    return env.from_string(template_text).render(
-        messages=list(messages), add_generation_prompt=add_generation_prompt, tools=None, documents=None,
-        bos_token=_token_text(config.get("bos_token")), eos_token=_token_text(config.get("eos_token")),
-        date_string=LLAMA3_DEFAULT_DATE,
-    )
+    compiled = env.from_string(template_text)
+    rendered = []
+    for messages in PROBES:
+        for generation_prompt in (False, True):
+            probe = messages[:-1] if generation_prompt else messages
+            text = compiled.render(
+                messages=list(probe), add_generation_prompt=generation_prompt, tools=None, documents=None,
+                bos_token=_token_text(config.get("bos_token")), eos_token=_token_text(config.get("eos_token")),
+                date_string=LLAMA3_DEFAULT_DATE,
+            )
+            rendered.append((probe, generation_prompt, text))
+    return rendered
 
 
 def render_ours(template: ChatTemplate, messages: Sequence[dict], add_generation_prompt: bool) -> str:
     """The text a built-in template lays out (what `Tokenizer.tokenize_messages` tokenizes)."""
-    from dpokit.data.tokenizer import chat_turns
-
     text = template.begin
     for role, content in chat_turns(template, messages):
         text += template.header_format.format(role=role) + content + template.end_of_turn + template.trailer
@@ -82,17 +97,28 @@ def render_ours(template: ChatTemplate, messages: Sequence[dict], add_generation
     return text
 
 
-def first_difference(template_text: str, config: dict, template: ChatTemplate) -> str | None:
-    """None if `template` renders every probe as the Jinja template does, else where they differ."""
-    for messages in PROBES:
-        for generation_prompt in (False, True):
-            probe = messages[:-1] if generation_prompt else messages
-            try:
-                theirs = render_jinja(template_text, config, probe, generation_prompt)
-            except Exception as error:  # a template that refuses the probe (e.g. no system role)
-                return f"the folder's template fails on a probe conversation ({type(error).__name__}: {error})"
-            ours = render_ours(template, probe, generation_prompt)
-            if ours != theirs:
-                at = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
-                return f"at character {at}: {theirs[at:at + 40]!r} (folder) vs {ours[at:at + 40]!r} ({template.name})"
+def first_difference(rendered: list[tuple[list[dict], bool, str]], template: ChatTemplate) -> str | None:
+    """None if `template` lays out every probe as `render_probes` rendered it, else where they differ."""
+    for probe, generation_prompt, theirs in rendered:
+        ours = render_ours(template, probe, generation_prompt)
+        if ours != theirs:
+            at = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+            return f"at character {at}: {theirs[at:at + 40]!r} (folder) vs {ours[at:at + 40]!r} ({template.name})"
     return None
+
+
+def match_template(template_text: str, config: dict, templates: Sequence[ChatTemplate]
+                   ) -> tuple[ChatTemplate | None, str]:
+    """(the first of `templates` that lays out every probe as the Jinja template renders it, or
+    None; where the first of `templates` differs, "" when it matches)."""
+    try:
+        rendered = render_probes(template_text, config)
+    except Exception as error:  # any Jinja or template error: no built-in template can be shown equal
+        return None, f"the folder's template fails on a probe conversation ({type(error).__name__}: {error})"
+    first = None
+    for template in templates:
+        difference = first_difference(rendered, template)
+        if difference is None:
+            return template, first or ""
+        first = first or difference
+    return None, first or ""

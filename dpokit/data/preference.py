@@ -23,8 +23,8 @@ from dpokit.data.tokenizer import Tokenizer
 from dpokit.errors import DpokitError
 
 __all__ = [
-    "SKIP_INVALID_HINT", "DatasetStats", "PreferenceDataError", "PreferenceDataset", "check_enough_pairs", "load_preference_records",
-    "truncate_pair",
+    "SKIP_INVALID_HINT", "DatasetStats", "PreferenceDataError", "PreferenceDataset", "check_enough_pairs",
+    "load_preference_records", "truncate_pair",
 ]
 
 
