@@ -37,7 +37,7 @@ from dpokit.data import collate_preference_pairs
 from dpokit.errors import DpokitError
 from dpokit.losses import is_reference_free
 from dpokit.recipes.configs import instantiate, packed_training_set, recipe_main
-from dpokit.training import resolve_dtype, seed_everything
+from dpokit.training import resolve_dtype, seed_everything, warmup_warning
 from dpokit.training.dist_checkpoint import save_full_model, write_hf_metadata
 from dpokit.training.dist_data import eval_batches, training_sampler
 from dpokit.training.distributed import barrier
@@ -177,6 +177,9 @@ def train(cfg, env) -> None:
                                        max_steps=cfg.max_steps)
     optimizer = instantiate(cfg.optimizer, model.parameters())
     scheduler = instantiate(cfg.lr_scheduler, optimizer, total_steps=total_steps)
+    warning = warmup_warning(warmup_steps=cfg.lr_scheduler.get("warmup_steps", 0), total_steps=total_steps)
+    if warning:
+        report.warn(f"lr_scheduler.{warning}")
 
     # Resume: model + optimizer shards, scheduler, data position, RNG, step.
     checkpoints = Checkpointer(cfg.checkpoint.dir, every=cfg.checkpoint.every, keep_last=cfg.checkpoint.keep_last)

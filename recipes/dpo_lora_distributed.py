@@ -23,8 +23,9 @@ import torch
 from omegaconf import OmegaConf
 
 from dpokit.data import collate_preference_pairs
+from dpokit.models import MergeRounding
 from dpokit.recipes.configs import instantiate, packed_training_set, recipe_main
-from dpokit.training import resolve_dtype, seed_everything
+from dpokit.training import resolve_dtype, seed_everything, warmup_warning
 from dpokit.training.dist_checkpoint import save_hf_safetensors, write_hf_metadata
 from dpokit.training.dist_data import eval_batches, training_sampler
 from dpokit.training.distributed import barrier
@@ -137,6 +138,9 @@ def train(cfg, env) -> None:
                                        max_steps=cfg.max_steps)
     optimizer = instantiate(cfg.optimizer, trainable)
     scheduler = instantiate(cfg.lr_scheduler, optimizer, total_steps=total_steps)
+    warning = warmup_warning(warmup_steps=cfg.lr_scheduler.get("warmup_steps", 0), total_steps=total_steps)
+    if warning:
+        report.warn(f"lr_scheduler.{warning}")
 
     # Resume: adapter + optimizer shards (the base is the initial checkpoint's), scheduler, data
     # position, RNG, step.
@@ -177,9 +181,12 @@ def train(cfg, env) -> None:
 
     # Final: the merged model (HF safetensors, gathered one module at a time) in final/, the adapter
     # alone (PEFT layout) in final/adapter/.
-    final_dir = save_hf_safetensors(merged_full_tensors(model, dtype=resolve_dtype(cfg.save_dtype)),
+    rounding = MergeRounding()
+    final_dir = save_hf_safetensors(merged_full_tensors(model, dtype=resolve_dtype(cfg.save_dtype), rounding=rounding),
                                     output_dir / "final")
     adapters = adapter_full_tensors(model)
+    report.say(f"merged model ({cfg.save_dtype}): {rounding.dropped:,} of {rounding.updated:,} updated weight entries "
+               f"({rounding.dropped_fraction:.1%}) rounded back to the base value")
     if env.is_main:
         write_hf_metadata(model, final_dir, source_dir=cfg.checkpoint_dir, dtype=resolve_dtype(cfg.save_dtype))
         write_peft_adapter(model, adapters, final_dir / "adapter", cfg)

@@ -38,12 +38,13 @@ from dpokit.training import (
     resolve_dtype,
     save_lora_checkpoint,
     seed_everything,
+    warmup_warning,
 )
 
 CONFIG_KEYS = (
     "output_dir", "seed", "device", "dtype", "checkpoint_dir", "tokenizer", "model", "train_dataset", "validation_dataset",
     "loss", "average_logps", "ld_alpha", "optimizer", "lr_scheduler", "batch_size", "gradient_accumulation_steps",
-    "epochs", "max_steps", "max_grad_norm", "eval_every", "eval_batch_size", "packing",
+    "epochs", "max_steps", "max_grad_norm", "eval_every", "eval_batch_size", "packing", "save_dtype",
 )
 
 
@@ -95,6 +96,9 @@ def main(cfg) -> None:
         total_steps = min(total_steps, cfg.max_steps)
     optimizer = instantiate(cfg.optimizer, trainable)
     scheduler = instantiate(cfg.lr_scheduler, optimizer, total_steps=total_steps)
+    warning = warmup_warning(warmup_steps=cfg.lr_scheduler.get("warmup_steps", 0), total_steps=total_steps)
+    if warning:
+        print(f"warning: lr_scheduler.{warning}", file=sys.stderr)
 
     log = JsonlLogger(output_dir / "metrics.jsonl")
 
@@ -141,10 +145,14 @@ def main(cfg) -> None:
     progress.close()
     log.close()
 
-    # With an HF checkpoint_dir, the output is a complete HF folder (its config and tokenizer files too).
-    checkpoint_dir = save_lora_checkpoint(model, output_dir / "final", source_dir=cfg.checkpoint_dir)
+    # With an HF checkpoint_dir, the output is a complete HF folder (its config and tokenizer files
+    # too). The merge is fp32; a bf16 save_dtype is measured on a few validation sequences.
+    probe_sequences = list(next(iter(validation_loader))["input_ids"][:4])
+    export = save_lora_checkpoint(model, output_dir / "final", source_dir=cfg.checkpoint_dir,
+                                  dtype=resolve_dtype(cfg.save_dtype), probe_sequences=probe_sequences)
+    print(export.summary())
     print(f"validation accuracy {first_val_acc:.3f} -> {val['acc']:.3f}")
-    print(f"metrics: {log.path}\ncheckpoint: {checkpoint_dir}\noutput directory: {output_dir.resolve()}")
+    print(f"metrics: {log.path}\ncheckpoint: {export.directory}\noutput directory: {output_dir.resolve()}")
 
 
 if __name__ == "__main__":

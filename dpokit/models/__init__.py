@@ -20,12 +20,14 @@ from dpokit.models.llama3 import (
 )
 from dpokit.models.lora import (
     LoRALinear,
+    MergeRounding,
     NF4Linear,
     adapter_params,
     adapter_state_dict,
     cast_base,
     disable_adapter,
     load_adapter_state_dict,
+    merge_update,
     merged_state_dict,
     parameter_summary,
     set_trainable_params,
@@ -41,10 +43,10 @@ from dpokit.models.smollm2 import (
 from dpokit.models.transformer import RMSNorm, RopeScaling, TransformerDecoder
 
 __all__ = [
-    "ARCHITECTURES", "CheckpointError", "LoRALinear", "NF4Linear", "RMSNorm", "RopeScaling", "TransformerDecoder",
+    "ARCHITECTURES", "CheckpointError", "LoRALinear", "MergeRounding", "NF4Linear", "RMSNorm", "RopeScaling", "TransformerDecoder",
     "adapter_params", "adapter_state_dict", "cast_base", "disable_adapter", "hf_config_from_model", "iter_hf_weights",
     "llama", "load_adapter_state_dict", "load_hf_checkpoint", "load_peft_adapter", "lora_llama", "lora_tiny",
-    "merged_state_dict", "model_from_hf_config", "parameter_summary", "save_hf_checkpoint", "save_peft_adapter",
+    "merge_update", "merged_state_dict", "model_from_hf_config", "parameter_summary", "save_hf_checkpoint", "save_peft_adapter",
     "set_trainable_params", "tiny",
     *(name for arch in ARCHITECTURES if arch != "tiny" for name in (arch, f"lora_{arch}")),
 ]

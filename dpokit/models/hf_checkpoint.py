@@ -48,6 +48,7 @@ from dpokit.models.hf_config import (
 )
 from dpokit.models.lora import (
     LoRALinear,
+    MergeRounding,
     _FrozenBase,
     adapter_state_dict,
     dequantize,
@@ -245,10 +246,40 @@ def _resolve_dtype(dtype) -> torch.dtype | None:
 # --------------------------------------------------------------------------------------- saving
 
 
-def _plain_state_dict(model: nn.Module, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    has_lora = any(isinstance(m, LoRALinear) for m in model.modules())
-    state = merged_state_dict(model) if has_lora else {k: dequantize(v) for k, v in model.state_dict().items()}
-    return {k: (v if dtype is None else v.to(dtype)).detach().to("cpu").contiguous() for k, v in state.items()}
+class StoredWeights:
+    """`stored(key)`: our parameter `key` as the HF directory stores it (read on demand, one
+    tensor at a time), or None when the directory has no such tensor or does not match the model."""
+
+    def __init__(self, checkpoint_dir: str | Path):
+        try:
+            _, plan = _plan(Path(checkpoint_dir))
+        except CheckpointError:
+            plan = []
+        self.where = {ours: (path, name) for path, pairs in plan for name, ours in pairs}
+
+    def __call__(self, key: str) -> torch.Tensor | None:
+        if key not in self.where:
+            return None
+        path, name = self.where[key]
+        with safe_open(path, framework="pt") as f:
+            return f.get_tensor(name)
+
+
+def plain_state_dict(
+    model: nn.Module, dtype: torch.dtype | None = None, *, source_dir: str | Path | None = None,
+    rounding: MergeRounding | None = None,
+) -> dict[str, torch.Tensor]:
+    """The model's weights as a plain (adapter-free, unquantised) model, on the CPU, in `dtype`.
+
+    LoRA models are merged in fp32 into the frozen base as `source_dir` stores it where that
+    rounds to what the model holds (`merged_state_dict`): a base loaded in fp32 and trained in
+    bf16 is merged at fp32, as PEFT's base + adapter would be."""
+    if any(isinstance(m, LoRALinear) for m in model.modules()):
+        stored = StoredWeights(source_dir) if source_dir is not None else None
+        state = merged_state_dict(model, dtype=dtype, base_weights=stored, rounding=rounding)
+    else:
+        state = {k: dequantize(v) if dtype is None else dequantize(v).to(dtype) for k, v in model.state_dict().items()}
+    return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
 
 
 def _shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
@@ -289,6 +320,7 @@ def save_hf_checkpoint(
     source_dir: str | Path | None = None,
     dtype: torch.dtype | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    rounding: MergeRounding | None = None,
 ) -> Path:
     """Write `model` as an HF directory `AutoModelForCausalLM.from_pretrained` loads as is.
 
@@ -296,12 +328,13 @@ def save_hf_checkpoint(
     model.safetensors (or model-0000i-of-0000N.safetensors + model.safetensors.index.json when
     larger than `max_shard_bytes`), config.json (metadata such as token ids kept from
     `source_dir`'s config.json) and copies `source_dir`'s tokenizer files. Existing weight files
-    in `out_dir` are removed first.
+    in `out_dir` are removed first. LoRA weights are merged in fp32 and then cast to `dtype`
+    (None: each weight's own); `rounding` counts the updates the cast drops (`merge_update`).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     family = family_for_model(model)
-    state = _plain_state_dict(model, dtype)
+    state = plain_state_dict(model, dtype, source_dir=source_dir, rounding=rounding)
     tensors = {}
     for key, tensor in state.items():
         name = family.hf_key(key)

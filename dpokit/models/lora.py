@@ -26,7 +26,8 @@ import contextlib
 import importlib
 import math
 import sys
-from typing import Iterator
+from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -161,11 +162,17 @@ class LoRALinear(_FrozenBase, nn.Module):
         """(alpha / rank) * dropout(x) A^T, [..., rank] in x's dtype (A is cast, not x: see module doc)."""
         return self.scaling * F.linear(self.dropout(x), self.lora_a.weight.to(x.dtype))
 
-    def merged_weight(self) -> torch.Tensor:
-        """W + (alpha / rank) B A, the weight of the equivalent plain linear layer."""
-        delta = self.lora_b.weight.float() @ self.lora_a.weight.float()
-        base = dequantize(self.weight)
-        return (base.float() + self.scaling * delta).to(base.dtype)
+    def merged_weight(
+        self, *, base: torch.Tensor | None = None, dtype: torch.dtype | None = None,
+        rounding: MergeRounding | None = None,
+    ) -> torch.Tensor:
+        """W + (alpha / rank) B A, the weight of the equivalent plain linear layer (see `merge_update`).
+
+        base: W at a higher precision than the module holds (the checkpoint's stored weight), else
+        the module's own (dequantised when NF4). dtype: of the result, default W's dtype."""
+        base = dequantize(self.weight) if base is None else base
+        return merge_update(base, self.lora_a.weight, self.lora_b.weight, self.scaling,
+                            dtype=dtype or base.dtype, rounding=rounding)
 
     def extra_repr(self) -> str:
         nf4 = ", nf4" if self.quantize_base else ""
@@ -276,15 +283,64 @@ def disable_adapter(model: nn.Module):
             m.adapter_enabled = state
 
 
-def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+@dataclass
+class MergeRounding:
+    """What casting merged weights W + ΔW to the saved dtype did to the adapters' update ΔW,
+    counted entry by entry over the adapted weights."""
+
+    updated: int = 0  # entries with ΔW != 0
+    dropped: int = 0  # of those, entries saved equal to W itself: the update rounded away
+
+    @property
+    def dropped_fraction(self) -> float:
+        return self.dropped / self.updated if self.updated else 0.0
+
+
+def merge_update(
+    base: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, *, dtype: torch.dtype,
+    rounding: MergeRounding | None = None,
+) -> torch.Tensor:
+    """W' = W + scaling * B A computed in fp32, then cast to `dtype`. With `rounding`, counts the
+    entries whose update is nonzero and those where the cast gives back W's own value."""
+    base = base.float()
+    delta = scaling * (lora_b.float() @ lora_a.float())
+    merged = (base + delta).to(dtype)
+    if rounding is not None:
+        updated = delta != 0
+        rounding.updated += int(updated.sum())
+        rounding.dropped += int((updated & (merged == base.to(dtype))).sum())
+    return merged
+
+
+def merged_state_dict(
+    model: nn.Module, *, dtype: torch.dtype | None = None,
+    base_weights: Callable[[str], torch.Tensor | None] | None = None, rounding: MergeRounding | None = None,
+) -> dict[str, torch.Tensor]:
     """The state dict of the equivalent plain model: adapters folded into the base weights
-    (NF4 base weights are dequantised first)."""
+    (NF4 base weights are dequantised first), in `dtype` (None: each weight's own dtype).
+
+    base_weights(key): the frozen weight as stored at a higher precision (e.g. the fp32
+    checkpoint the model was loaded from and cast to bf16), or None to use the model's own. The
+    stored value is used only where it rounds to what the model holds (NF4 weights: where the
+    shapes agree), so the result is the stored base plus the trained update: what PEFT's
+    `merge_and_unload` of the stored base and the adapter gives."""
+
+    def base_of(key: str, held: torch.Tensor) -> torch.Tensor:
+        stored = base_weights(key) if base_weights is not None else None
+        if stored is None or stored.shape != held.shape:
+            return dequantize(held)
+        if is_nf4(held) or torch.equal(stored.to(held.dtype), held):
+            return stored
+        return dequantize(held)
+
     merged = {}
     for name, module in model.named_modules():
         if isinstance(module, LoRALinear):
-            merged[f"{name}.weight"] = module.merged_weight()
+            key = f"{name}.weight"
+            merged[key] = module.merged_weight(base=base_of(key, module.weight), dtype=dtype, rounding=rounding)
     for key, value in model.state_dict().items():
         if ".lora_a." in key or ".lora_b." in key or key in merged:
             continue
-        merged[key] = dequantize(value)
+        value = base_of(key, value)
+        merged[key] = value if dtype is None else value.to(dtype)
     return {k: merged[k] for k in sorted(merged)}

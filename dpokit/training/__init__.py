@@ -8,10 +8,10 @@ from dpokit.training.optim_step import clip_and_step
 from dpokit.training.metrics import JsonlLogger, PairMetrics, preference_accuracy
 from dpokit.training.reference import AdapterOffReference
 from dpokit.training.runtime import batches_forever, resolve_device, resolve_dtype, seed_everything
-from dpokit.training.schedules import warmup_cosine_schedule
+from dpokit.training.schedules import warmup_cosine_schedule, warmup_warning
 
 __all__ = [
     "AdapterOffReference", "JsonlLogger", "PairMetrics", "PolicyLogps", "batches_forever", "clip_and_step", "evaluate_preference",
     "move_batch", "policy_logps", "preference_accuracy", "preference_loss", "response_lengths", "resolve_device", "resolve_dtype", "save_lora_checkpoint",
-    "seed_everything", "warmup_cosine_schedule",
+    "seed_everything", "warmup_cosine_schedule", "warmup_warning",
 ]

@@ -9,7 +9,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from dpokit.models.lora import LoRALinear
+from dpokit.models.lora import LoRALinear, MergeRounding, merge_update
 from dpokit.training.fsdp import full_tensors
 
 
@@ -27,9 +27,12 @@ def fresh_adapter_tensors(model: nn.Module, *, seed: int) -> Iterator[tuple[str,
             yield f"{name}.lora_b.weight", torch.zeros(tuple(module.lora_b.weight.shape))
 
 
-def merged_full_tensors(model: nn.Module, *, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+def merged_full_tensors(
+    model: nn.Module, *, dtype: torch.dtype | None = None, rounding: MergeRounding | None = None,
+) -> Iterator[tuple[str, torch.Tensor]]:
     """(key, full CPU tensor) of the equivalent plain model, adapters folded in:
-    W' = W + (alpha / rank) B A. Collective (every rank iterates); holds one module's W, A, B."""
+    W' = W + (alpha / rank) B A in fp32, then cast to `dtype` (`merge_update`; `rounding` counts
+    the updates the cast drops). Collective (every rank iterates); holds one module's W, A, B."""
     lora = {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
     pending: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in full_tensors(model):
@@ -42,10 +45,10 @@ def merged_full_tensors(model: nn.Module, *, dtype: torch.dtype | None = None) -
         pending.setdefault(owner, {})[part] = tensor
         parts = pending[owner]
         if len(parts) == 3:
-            module = lora[owner]
-            merged = parts["weight"].float() + module.scaling * (parts["lora_b"].float() @ parts["lora_a"].float())
+            merged = merge_update(parts["weight"], parts["lora_a"], parts["lora_b"], lora[owner].scaling,
+                                  dtype=dtype or parts["weight"].dtype, rounding=rounding)
             del pending[owner]
-            yield f"{owner}.weight", merged.to(dtype or parts["weight"].dtype)
+            yield f"{owner}.weight", merged
     if pending:
         raise RuntimeError(f"incomplete LoRA modules in the state dict: {sorted(pending)[:3]}")
 

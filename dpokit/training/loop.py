@@ -115,6 +115,11 @@ class RunReport:
         if self.is_main:
             tqdm.write(message)
 
+    def warn(self, message: str) -> None:
+        """`warning: message` on stderr (rank 0)."""
+        if self.is_main:
+            tqdm.write(f"warning: {message}", file=sys.stderr)
+
     def start(self, *, total_steps: int, start_step: int, resumed_from: Path | None = None) -> None:
         """Open `metrics.jsonl` (continued, not restarted, when resuming); the bar will count
         from `start_step` to `total_steps`."""
