@@ -142,7 +142,7 @@ def cmd_pack(args) -> int:
         packed = pack_preference_dataset(dataset, pack_size=args.pack_size, algorithm=args.algorithm,
                                          prefix_sharing=args.prefix_sharing, seed=args.seed)
     except DpokitError as e:
-        raise CliError(str(e)) from None
+        raise CliError(e.message_with_fix("--skip-invalid" if e.fix_param == "skip_invalid" else None)) from None
     path, stats_path = packed.save(args.output, source=str(args.input), tokenizer=args.tokenizer,
                                    max_seq_len=args.max_seq_len, dataset=dataset.stats.summary())
     print(f"{args.input}: {dataset.stats.summary()}")

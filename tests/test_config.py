@@ -90,3 +90,19 @@ def test_instantiate_builder_value_error_becomes_config_error():
     cfg = OmegaConf.create({"model": {"_component_": "dpokit.models.lora_tiny", "lora_rank": 0}})
     with pytest.raises(ConfigError, match=r"model \(dpokit.models.lora_tiny\): LoRA rank must be positive"):
         instantiate(cfg.model)
+
+
+def test_a_data_error_spells_its_fix_as_the_config_key_to_set(tmp_path):
+    from dpokit.data import byte_tokenizer
+
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "hi", "chosen": "a", "rejected": "b"}\n{"prompt": "hi", "chosen": "", "rejected": "b"}\n')
+    cfg = OmegaConf.create({"train_dataset": {"_component_": "dpokit.data.PreferenceDataset", "path": str(data),
+                                              "max_seq_len": 64, "skip_invalid": False}})
+    with pytest.raises(ConfigError) as raised:
+        instantiate(cfg.train_dataset, tokenizer=byte_tokenizer())
+    assert str(raised.value).endswith(
+        "d.jsonl:2: field 'chosen': empty response (train_dataset.skip_invalid=true skips such records and "
+        "counts them by reason)")
+    cfg.train_dataset.skip_invalid = True
+    assert len(instantiate(cfg.train_dataset, tokenizer=byte_tokenizer())) == 1

@@ -194,3 +194,8 @@ def test_dpokit_pack_command(tmp_path, capsys):
     assert loaded.prefix_sharing and loaded.stats.pairs == 30 and "occupancy" in capsys.readouterr().out
     assert cli_main(["pack", str(source), str(out), "--max-seq-len", "64", "--pack-size", "100"]) == 2
     assert "must be at least 2 x --max-seq-len" in capsys.readouterr().err
+    with source.open("a") as f:
+        f.write(json.dumps({"prompt": "q", "chosen": "", "rejected": "no"}) + "\n")
+    assert cli_main(["pack", str(source), str(out), "--max-seq-len", "64", "--pack-size", "256"]) == 2
+    assert "d.jsonl:31: field 'chosen': empty response (--skip-invalid skips such records" in capsys.readouterr().err
+    assert cli_main(["pack", str(source), str(out), "--max-seq-len", "64", "--pack-size", "256", "--skip-invalid"]) == 0

@@ -284,3 +284,57 @@ def test_llama3_1_template_refuses_tool_messages(message, tmp_path):
     hf.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="tool calls are not supported|unknown role"):
         hf_tokenizer(tmp_path).tokenize_messages(messages)
+
+
+def test_tokenizer_json_converted_from_tiktoken_ranks_loads_by_its_ranks(tmp_path):
+    """The HF export of Llama 3 (no original/): transformers' TikTokenConverter turns Meta's ranks
+    into a tokenizer.json with every split of a token as a merge and ignore_merges set."""
+    convert = pytest.importorskip("transformers.convert_slow_tokenizer")
+    reference = VARIANTS["llama3_split"]()
+    encoding, _ = tokenizer_json_encoding(_save(reference, tmp_path))
+    ordered = sorted(encoding._mergeable_ranks, key=encoding._mergeable_ranks.get)
+    (tmp_path / "tokenizer.model").write_text("".join(f"{base64.b64encode(t).decode()} {i}\n"
+                                                      for i, t in enumerate(ordered)))
+    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    converted = convert.TikTokenConverter(vocab_file=str(tmp_path / "tokenizer.model"), pattern=LLAMA3_PATTERN,
+                                          extra_special_tokens=specials).converted()
+    folder = tmp_path / "export"
+    folder.mkdir()
+    converted.save(str(folder / "tokenizer.json"))
+    data = json.loads((folder / "tokenizer.json").read_text())
+    assert data["model"]["ignore_merges"] and len(data["model"]["merges"]) > len(ordered) - 256  # several per token
+    tok = hf_tokenizer(folder, template="llama3")
+    from_model = llama3_tokenizer(tmp_path / "tokenizer.model")
+    for text in EVAL_TEXTS:
+        if any(s in text for s in SPECIALS) or "<tool_call>" in text:
+            continue
+        expected = converted.encode(text, add_special_tokens=False).ids
+        assert tok.encode(text) == expected == from_model.encode(text), text
+        assert tok.decode(expected) == text
+    assert tok.eot_id == converted.token_to_id("<|eot_id|>")
+
+
+def test_template_detection_refuses_a_folder_template_no_built_in_renders(tmp_path):
+    """A SmolLM3-like template: ChatML markers (so chatml-family templates are tried first) with
+    its own system block; no built-in renders it, so detection refuses rather than guesses, and an
+    explicit choice warns."""
+    from dpokit.data.hf_tokenizer import check_template, detect_template
+    from dpokit.data.tokenizer import TEMPLATES
+
+    smollm3_like = (
+        "{{ '<|im_start|>system\\n## Metadata\\nKnowledge Cutoff Date: June 2025\\n<|im_end|>\\n' }}"
+        "{% for message in messages %}{% if message['role'] != 'system' %}{{ '<|im_start|>' + message['role'] + "
+        "'\\n' + message['content'] + '<|im_end|>\\n' }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    )
+    VARIANTS["gpt2_bytelevel"]().save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": smollm3_like}))
+    with pytest.raises(TokenizerError, match="renders differently from every built-in template"):
+        detect_template(tmp_path)
+    with pytest.raises(TokenizerError, match="renders differently"):
+        hf_tokenizer(tmp_path)
+    warning = check_template(tmp_path, TEMPLATES["smollm2"])
+    assert warning.startswith("warning: chat template 'smollm2' renders differently from")
+    # the same folder with SmolLM2's own template is detected as smollm2
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": SMOLLM2_JINJA}))
+    assert detect_template(tmp_path).name == "smollm2" and check_template(tmp_path, TEMPLATES["smollm2"]) is None

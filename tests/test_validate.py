@@ -24,7 +24,7 @@ from dpokit.data import (
     pack_preference_dataset,
 )
 from dpokit.data.validate import load_tokenizer, percentile, validate_preference_file
-from dpokit.data.preference import SKIP_INVALID_HINT
+from dpokit.data.preference import SKIP_INVALID_EFFECT
 
 GOOD = {"prompt": "Say hi", "chosen": "hi there", "rejected": "go away"}
 DEFECTS = {  # line number -> (line, reason); line 1 is GOOD
@@ -101,7 +101,7 @@ def test_every_invalid_record_is_listed_as_the_strict_reader_names_it(defective,
         write_lines(tmp_path / "strict" / "d.jsonl", lines)
         with pytest.raises(PreferenceDataError) as raised:
             load_preference_records("d.jsonl")
-        assert str(raised.value) == f"{message} {SKIP_INVALID_HINT}"  # the strict reader names the fix
+        assert str(raised.value) == f"{message} (skip_invalid=true {SKIP_INVALID_EFFECT})"  # names the fix
 
 
 def test_duplicates_and_pairs_identical_after_tokenization_are_named(defective):
@@ -169,7 +169,8 @@ def test_cli_text_report_lists_capped_errors_and_exits_1(defective, capsys):
         ["1", reason] for reason in sorted(reason for _, reason in DEFECTS.values())]
     assert any(line.startswith("max length 90: ") for line in out)
     assert "  d.jsonl:7: same prompt, chosen and rejected as d.jsonl:1" in out
-    assert out[-1] == "FAILED: 5 invalid record(s)"
+    assert out[-1].startswith("FAILED: 5 invalid record(s); training stops at the first unless the dataset sets "
+                              "skip_invalid: true")
 
 
 def test_cli_json_report(defective, capsys):

@@ -53,8 +53,8 @@ class PreferenceDataError(DpokitError):
     `reason` is a short category ("empty response", "invalid JSON", ...) used to count skips.
     """
 
-    def __init__(self, message: str, reason: str = "invalid record"):
-        super().__init__(message)
+    def __init__(self, message: str, reason: str = "invalid record", **fix):
+        super().__init__(message, **fix)
         self.reason = reason
 
 

@@ -23,7 +23,7 @@ from dpokit.data.tokenizer import Tokenizer
 from dpokit.errors import DpokitError
 
 __all__ = [
-    "SKIP_INVALID_HINT", "DatasetStats", "PreferenceDataError", "PreferenceDataset", "check_enough_pairs",
+    "SKIP_INVALID_EFFECT", "DatasetStats", "PreferenceDataError", "PreferenceDataset", "check_enough_pairs",
     "load_preference_records", "truncate_pair",
 ]
 
@@ -55,7 +55,7 @@ class DatasetStats:
 
 
 # Appended to the error of the first invalid record when skipping is off: the fix it has.
-SKIP_INVALID_HINT = "(skip_invalid=true skips such records and counts them by reason)"
+SKIP_INVALID_EFFECT = "skips such records and counts them by reason"
 DROPPED_BYTES = "with bytes the vocabulary has no token for (dropped, as HF tokenizers does)"
 SPECIAL_TOKEN_TEXT = "with special-token text in a message (encoded as plain text, not as the control token)"
 
@@ -108,7 +108,8 @@ def load_preference_records(
                 locations.append(where)
         except PreferenceDataError as error:
             if not skip_invalid:
-                raise PreferenceDataError(f"{error} {SKIP_INVALID_HINT}", error.reason) from None
+                raise PreferenceDataError(str(error), error.reason, fix_param="skip_invalid",
+                                          fix_effect=SKIP_INVALID_EFFECT) from None
             stats.skip(error)
     stats.format = chosen_format
     return records

@@ -208,22 +208,45 @@ class Tokenizer:
     def _header(self, role: str) -> list[int]:
         return self._with_specials(self.template.header_format.format(role=role))
 
+    def _split_header(self, role: str) -> tuple[list[int], str]:
+        """(ids of the header up to its last special token, the plain text after it)."""
+        header = self.template.header_format.format(role=role)
+        last = None
+        for last in self._special_re.finditer(header):
+            pass
+        cut = last.end() if last else 0
+        return self._with_specials(header[:cut]), header[cut:]
+
+    def _turn_body(self, header_text: str, content: str, trained: bool) -> tuple[list[int], list[bool]]:
+        """The header's trailing text and the content, encoded as one text as HF encodes the
+        rendered conversation ("user\n" + "  hi" splits differently from the two apart). With
+        `trained`, the tokens that start inside the content are trained; one spanning the seam
+        is not."""
+        ids = self.encode(header_text + content)
+        if not trained:
+            return ids, [False] * len(ids)
+        seam, offset, mask = len(header_text.encode("utf-8")), 0, []
+        for token in ids:
+            mask.append(offset >= seam)
+            offset += len(self.encoding.decode_single_token_bytes(token))
+        return ids, mask
+
     def tokenize_messages(
         self, messages: Sequence[Message], *, add_generation_prompt: bool = False
     ) -> tuple[list[int], list[bool]]:
-        """messages -> (ids, trained_mask): True only for assistant content + its end-of-turn."""
+        """messages -> (ids, trained_mask): True only for assistant content + its end-of-turn.
+
+        Text between two special tokens is encoded as one piece, as HF tokenizes the rendered
+        template (a header's trailing newline and the content that follows share tokens)."""
         ids = self._with_specials(self.template.begin) if self.template.begin else []
         mask = [False] * len(ids)
         for role, content in chat_turns(self.template, messages):
             trained = role == "assistant"
-            pieces = [
-                (self._header(role), False),
-                (self.encode(content) + [self.eot_id], trained),
-                (self.encode(self.template.trailer) if self.template.trailer else [], False),
-            ]
-            for piece_ids, piece_trained in pieces:
-                ids += piece_ids
-                mask += [piece_trained] * len(piece_ids)
+            header_ids, header_text = self._split_header(role)
+            body_ids, body_mask = self._turn_body(header_text, content, trained)
+            trailer = self.encode(self.template.trailer) if self.template.trailer else []
+            ids += header_ids + body_ids + [self.eot_id] + trailer
+            mask += [False] * len(header_ids) + body_mask + [trained] + [False] * len(trailer)
         if add_generation_prompt:
             header = self._header("assistant")
             ids += header

@@ -205,7 +205,8 @@ class ValidationReport:
         if self.ok:
             lines.append("OK: every record is valid")
         elif self.errors:
-            lines.append(f"FAILED: {len(self.errors)} invalid record(s)")
+            lines.append(f"FAILED: {len(self.errors)} invalid record(s); training stops at the first unless the "
+                         f"dataset sets skip_invalid: true (then they are skipped and counted)")
         else:
             lines.append("FAILED: no preference pairs")
         return "\n".join(lines)

@@ -211,8 +211,11 @@ def instantiate(node: DictConfig, *args: Any, **extra: Any) -> Any:
     try:
         return target(*args, **kwargs)
     except ValueError as e:
-        # A builder refusing its arguments (e.g. a LoRA rank of 0) is a config mistake.
-        raise ConfigError(f"{where} ({node['_component_']}): {e}") from e
+        # A builder refusing its arguments (e.g. a LoRA rank of 0) is a config mistake; a fix it
+        # names is spelled as the key to set.
+        fix = getattr(e, "fix_param", None)
+        message = e.message_with_fix(f"{where}.{fix}={e.fix_value}") if fix else str(e)
+        raise ConfigError(f"{where} ({node['_component_']}): {message}") from e
 
 
 def check_ld_alpha(ld_alpha: Any, *, packed: bool) -> None:
