@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 transformers = __import__("pytest").importorskip("transformers")
@@ -56,7 +58,7 @@ def hf_logits(model, tokens: torch.Tensor) -> torch.Tensor:
         return model(input_ids=tokens).logits
 
 
-def write_tokenizer(directory, chat_template: str, vocab_size: int = 96) -> None:
+def write_tokenizer(directory, chat_template: str, vocab_size: int = 96, **config_fields) -> None:
     """A byte-level BPE tokenizer.json (+ tokenizer_config.json with `chat_template`) whose ids
     stay below `vocab_size` - 8, so they fit the tiny models; the chat special tokens come last."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -76,4 +78,34 @@ def write_tokenizer(directory, chat_template: str, vocab_size: int = 96) -> None
     tok.save(str(directory / "tokenizer.json"))
     import json
 
-    (directory / "tokenizer_config.json").write_text(json.dumps({"chat_template": chat_template}))
+    (directory / "tokenizer_config.json").write_text(json.dumps({"chat_template": chat_template, **config_fields}))
+
+
+# --------------------------------------------------------------------------- chat templates
+
+# The families' own Jinja templates (the tool-calling branches of Qwen2.5's are left out).
+LLAMA3_JINJA = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
+    "message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+QWEN2_5_JINJA = (
+    "{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}"
+    "{%- else %}{{- '<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+    "<|im_end|>\n' }}{%- endif %}{%- for message in messages %}{%- if (message.role == \"user\") or "
+    "(message.role == \"system\" and not loop.first) or (message.role == \"assistant\") %}{{- '<|im_start|>' + "
+    "message.role + '\n' + message.content + '<|im_end|>' + '\n' }}{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
+)
+SMOLLM2_JINJA = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
+    "You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+# Meta's published chat templates (tokenizer_config.json of Llama-3.1-8B-Instruct and
+# Llama-3.2-1B-Instruct), tool branches included, written out as data files.
+FIXTURES = Path(__file__).parent / "fixtures"
+LLAMA3_1_JINJA = (FIXTURES / "llama3_1_chat_template.jinja").read_text()
+LLAMA3_2_JINJA = (FIXTURES / "llama3_2_chat_template.jinja").read_text()

@@ -8,7 +8,7 @@ import torch
 
 from dpokit.models import MergeRounding, adapter_params, cast_base, load_hf_checkpoint, merge_update
 from dpokit.training import save_lora_checkpoint
-from tests.hf_fixtures import hf_logits, write_hf_checkpoint
+from hf_fixtures import hf_logits, write_hf_checkpoint
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

@@ -3,7 +3,6 @@
 import base64
 import json
 import unicodedata
-from pathlib import Path
 
 import pytest
 
@@ -20,6 +19,7 @@ from dpokit.data.hf_tokenizer import (  # noqa: E402
     tokenizer_json_encoding,
 )
 from dpokit.data.tokenizer import llama3_1_template, llama3_2_template  # noqa: E402
+from hf_fixtures import LLAMA3_1_JINJA, LLAMA3_2_JINJA, LLAMA3_JINJA, QWEN2_5_JINJA, SMOLLM2_JINJA  # noqa: E402
 
 QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
                  r"\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -148,27 +148,6 @@ def _save(reference, tmp_path):
 
 # --------------------------------------------------------------------------- chat templates
 
-# The families' own Jinja templates (the tool-calling branches of Qwen2.5's are left out).
-LLAMA3_JINJA = (
-    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
-    "message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
-    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
-    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
-)
-QWEN2_5_JINJA = (
-    "{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}"
-    "{%- else %}{{- '<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant."
-    "<|im_end|>\n' }}{%- endif %}{%- for message in messages %}{%- if (message.role == \"user\") or "
-    "(message.role == \"system\" and not loop.first) or (message.role == \"assistant\") %}{{- '<|im_start|>' + "
-    "message.role + '\n' + message.content + '<|im_end|>' + '\n' }}{%- endif %}{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
-)
-SMOLLM2_JINJA = (
-    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
-    "You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}"
-    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 CONVERSATIONS = [
     [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4, of course. 🙂"}],
     [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "  Hello\n there  "},
@@ -206,9 +185,6 @@ def test_chat_template_ids_equal_transformers_apply_chat_template(jinja, expecte
 
 # Meta's published chat templates (tokenizer_config.json of Llama-3.1-8B-Instruct and
 # Llama-3.2-1B-Instruct), tool branches included, written out as data files.
-FIXTURES = Path(__file__).parent / "fixtures"
-LLAMA3_1_JINJA = (FIXTURES / "llama3_1_chat_template.jinja").read_text()
-LLAMA3_2_JINJA = (FIXTURES / "llama3_2_chat_template.jinja").read_text()
 # (prompt messages, chosen, rejected): no system, a system with surrounding whitespace, a
 # whitespace-only system, multi-turn prompts (an earlier assistant turn, a later system turn).
 LLAMA_PAIRS = [
