@@ -21,6 +21,21 @@ TOKENS = torch.randint(0, 96, (2, 40), generator=torch.Generator().manual_seed(1
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_the_full_config_of_a_loaded_model_is_accepted(name, tmp_path):
+    """`model.config.to_dict()` of a transformers-loaded model carries every PretrainedConfig field
+    (_name_or_path, id2label, problem_type, chunk_size_feed_forward, ...): none changes the
+    arithmetic, so the folder loads and gives the same logits."""
+    write_hf_checkpoint(name, tmp_path)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    full = loaded.config.to_dict()
+    assert {"_name_or_path", "id2label", "problem_type", "chunk_size_feed_forward"} <= set(full)
+    (tmp_path / "config.json").write_text(json.dumps(full))
+    ours = load_hf_checkpoint(tmp_path).eval()
+    with torch.no_grad():
+        assert (ours(TOKENS) - hf_logits(loaded, TOKENS)).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_logits_match_transformers(name, tmp_path):
     reference = write_hf_checkpoint(name, tmp_path)
     ours = load_hf_checkpoint(tmp_path).eval()

@@ -162,8 +162,8 @@ def test_lora_dpo_run_writes_a_checkpoint_transformers_and_peft_load(folder, tmp
     dpokit = Path(sys.executable).with_name("dpokit")
     command = [
         str(dpokit) if dpokit.is_file() else "dpokit", "run", "dpo_lora_single_device", "--config", "smollm2_135m",
-        f"checkpoint_dir={folder}", f"output_dir={out}", "max_steps=3", "batch_size=4",
-        "gradient_accumulation_steps=1", "eval_batch_size=8", "lr_scheduler.warmup_steps=0",
+        f"checkpoint_dir={folder}", f"output_dir={out}", "max_steps=3", "batch_size=1",
+        "gradient_accumulation_steps=1", "eval_batch_size=8", "lr_scheduler.warmup_steps=0", "packing.pack_size=512",
         f"train_dataset.path={train}", "train_dataset.max_seq_len=256", "train_dataset.max_prompt_len=192",
         f"validation_dataset.path={validation}", "validation_dataset.max_seq_len=256",
         "validation_dataset.max_prompt_len=192",
