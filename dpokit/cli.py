@@ -15,7 +15,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
+import dpokit.recipes  # (the top-level recipes/ folder, mapped to dpokit.recipes by the build)
+
+RECIPES_DIR = Path(dpokit.recipes.__file__).resolve().parent
 CONFIGS_DIR = RECIPES_DIR / "configs"
 
 

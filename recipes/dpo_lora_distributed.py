@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from dpokit.data import collate_preference_pairs
+from dpokit.data import collate_preference_pairs, training_set
 from dpokit.models import MergeRounding
-from dpokit.recipes.configs import instantiate, packed_training_set, recipe_main
+from dpokit.config import instantiate, recipe_main
 from dpokit.training import resolve_dtype, seed_everything, warmup_warning
 from dpokit.training.dist_checkpoint import save_hf_safetensors, write_hf_metadata
 from dpokit.training.dist_data import eval_batches, training_sampler
@@ -112,7 +112,8 @@ def train(cfg, env) -> None:
     validation_set = instantiate(cfg.validation_dataset, tokenizer=tokenizer)
     report.say(f"train: {train_set.stats.summary()}\nvalidation: {validation_set.stats.summary()}")
     collate = partial(collate_preference_pairs, pad_id=tokenizer.pad_id)  # validation: padded
-    train_set, packed = packed_training_set(cfg, train_set)  # `packing:` online, or a `dpokit pack` file
+    packer = None if cfg.packing is None else partial(instantiate, cfg.packing)  # `packing:` online
+    train_set, packed = training_set(train_set, packer=packer, ld_alpha=cfg.ld_alpha)  # or a `dpokit pack` file
     sampler = training_sampler(
         train_set, pad_id=tokenizer.pad_id, batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps, rank=env.rank, world_size=env.world_size,

@@ -19,11 +19,11 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from dpokit.data import collate_packed, collate_preference_pairs
+from dpokit.data import collate_packed, collate_preference_pairs, training_set
 from dpokit.errors import DpokitError
 from dpokit.losses import is_reference_free
 from dpokit.models import adapter_params, cast_base, parameter_summary
-from dpokit.recipes.configs import instantiate, packed_training_set, recipe_main
+from dpokit.config import instantiate, recipe_main
 from dpokit.training import (
     AdapterOffReference,
     JsonlLogger,
@@ -63,7 +63,8 @@ def main(cfg) -> None:
     validation_set = instantiate(cfg.validation_dataset, tokenizer=tokenizer)
     print(f"train: {train_set.stats.summary()}\nvalidation: {validation_set.stats.summary()}")
     collate = partial(collate_preference_pairs, pad_id=tokenizer.pad_id)
-    train_set, packed = packed_training_set(cfg, train_set)  # `packing:` online, or a `dpokit pack` file
+    packer = None if cfg.packing is None else partial(instantiate, cfg.packing)  # `packing:` online
+    train_set, packed = training_set(train_set, packer=packer, ld_alpha=cfg.ld_alpha)  # or a `dpokit pack` file
     if packed:
         print(f"packing: {train_set.stats.summary()}")
         train_collate = partial(collate_packed, pad_id=tokenizer.pad_id, pack_size=train_set.pack_size,

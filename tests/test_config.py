@@ -4,7 +4,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from dpokit.recipes.configs import ConfigError, check_keys, instantiate, load_config
+from dpokit.config import ConfigError, check_keys, instantiate, load_config
 
 YAML = """
 lr_scale: 2.0

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dpokit.recipes.configs import check_keys, instantiate, load_config
+from dpokit.config import check_keys, instantiate, load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "recipes" / "configs"
 # Parameter counts of the published checkpoints (embeddings included).

@@ -185,7 +185,8 @@ def _recipe_config(tmp_path: Path) -> Path:
 def test_packed_recipe_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
     import shutil
 
-    from dpokit.recipes.configs import ConfigError, load_config
+    from dpokit.config import load_config
+    from dpokit.errors import DpokitError
     from dpokit.recipes.dpo_full_distributed import main
 
     config = _recipe_config(tmp_path)
@@ -205,7 +206,7 @@ def test_packed_recipe_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path)
     first = next(r for r in rows["full"] if r["split"] == "train" and r["step"] == 1)
     assert first["preference_loss"] == pytest.approx(0.6931472, abs=1e-5)
 
-    with pytest.raises(ConfigError, match="ld_alpha is set but the training data is packed"):
+    with pytest.raises(DpokitError, match="ld_alpha is set but the training data is packed"):
         main(load_config(config, [f"output_dir={tmp_path / 'ld'}", "ld_alpha=0.5"]))
 
 
@@ -213,7 +214,8 @@ def test_lora_recipe_trains_on_a_dpokit_pack_file(tmp_path):
     """`dpo_lora_distributed` with a packed file as train_dataset (the offline flow): step 1 is at
     the reference (adapters start at zero), so its loss is log 2 on the packed forward; it trains."""
     from dpokit.data import PreferenceDataset, byte_tokenizer
-    from dpokit.recipes.configs import ConfigError, load_config
+    from dpokit.config import load_config
+    from dpokit.errors import DpokitError
     from dpokit.recipes.dpo_lora_distributed import main
 
     cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / "recipes/configs/dpo_lora_distributed/tiny.yaml")
@@ -236,5 +238,5 @@ def test_lora_recipe_trains_on_a_dpokit_pack_file(tmp_path):
 
     cfg.packing = {"_component_": "dpokit.data.pack_preference_dataset", "pack_size": 160}
     OmegaConf.save(cfg, config)
-    with pytest.raises(ConfigError, match="train_dataset is already packed"):  # packing a packed file
+    with pytest.raises(DpokitError, match="train_dataset is already packed"):  # packing a packed file
         main(load_config(config, [f"output_dir={tmp_path / 'twice'}"]))

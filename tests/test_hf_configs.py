@@ -14,7 +14,7 @@ pytest.importorskip("tokenizers")
 from hf_fixtures import LLAMA3_2_JINJA, QWEN2_5_JINJA, SMOLLM2_JINJA, write_tokenizer  # noqa: E402
 
 from dpokit.models import LoRALinear, load_hf_checkpoint  # noqa: E402
-from dpokit.recipes.configs import check_keys, instantiate, load_config  # noqa: E402
+from dpokit.config import check_keys, instantiate, load_config  # noqa: E402
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "dpo_lora_single_device.py"
 CONFIGS = RECIPE.parent / "configs" / "dpo_lora_single_device"
@@ -77,7 +77,7 @@ def test_recipe_trains_on_a_checkpoint_and_writes_an_hf_folder(tmp_path):
     ckpt = fake_checkpoint("smollm2_135m", tmp_path / "ckpt")
     data = preference_file(tmp_path / "pairs.jsonl")
     module = recipe_module()
-    from dpokit.recipes.configs import recipe_main
+    from dpokit.config import recipe_main
 
     recipe_main(module.main, module.CONFIG_KEYS, [
         "--config", str(CONFIGS / "smollm2_135m.yaml"), f"checkpoint_dir={ckpt}", f"train_dataset.path={data}",

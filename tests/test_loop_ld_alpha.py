@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 from _distributed_helpers import spawn
 from dpokit.data import collate_preference_pairs
 from dpokit.data.synthetic import case_following_pairs
-from dpokit.recipes.configs import instantiate, load_config
+from dpokit.config import instantiate, load_config
 from dpokit.training.dist_data import GlobalBatchSampler
 
 CONFIGS = Path(__file__).resolve().parents[1] / "recipes" / "configs"

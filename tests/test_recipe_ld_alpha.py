@@ -18,7 +18,8 @@ from dpokit.data.preference import PreferenceDataset
 from dpokit.losses import dpo_loss
 from dpokit.losses.logprobs import length_desensitized_logps, token_logps
 from dpokit.models import adapter_params, disable_adapter, lora_tiny
-from dpokit.recipes.configs import ConfigError, check_keys, load_config
+from dpokit.config import check_keys, load_config
+from dpokit.errors import DpokitError
 from dpokit.recipes.dpo_lora_single_device import CONFIG_KEYS, main
 
 CONFIG = Path(dpokit.recipes.__file__).parent / "configs" / "dpo_lora_single_device" / "tiny.yaml"
@@ -110,10 +111,10 @@ def test_packing_with_ld_alpha_is_a_one_line_config_error(tmp_path):
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1, result.stderr[-2000:]
-    assert "tiny.yaml: ld_alpha is set but the training data is packed" in lines[0]
+    assert "error: ld_alpha is set but the training data is packed" in lines[0]
 
 
 @pytest.mark.parametrize("value", [1.5, -0.1, "'0.5'"])
 def test_ld_alpha_outside_0_1_is_refused(tmp_path, value):
-    with pytest.raises(ConfigError, match=r"ld_alpha: .* is not a number in \[0, 1\]"):
+    with pytest.raises(DpokitError, match=r"ld_alpha: .* is not a number in \[0, 1\]"):
         run_recipe(tmp_path, value)

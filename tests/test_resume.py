@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from _distributed_helpers import small_full_recipe_config, spawn
 from dpokit.models import load_hf_checkpoint, save_hf_checkpoint
-from dpokit.recipes.configs import instantiate
+from dpokit.config import instantiate
 from dpokit.training.dist_checkpoint import COMPLETE, latest_checkpoint
 
 def _config(tmp_path: Path) -> Path:
@@ -41,7 +41,7 @@ def _recipe_worker(rank, config, full, resumed, diverged, from_hf, hf_dir):
     import torch.distributed as dist
 
     from dpokit.errors import DpokitError
-    from dpokit.recipes.configs import load_config, recipe_main
+    from dpokit.config import load_config, recipe_main
     from dpokit.recipes.dpo_full_distributed import CONFIG_KEYS, main
 
     recipe_main(main, CONFIG_KEYS, ["--config", str(config), f"output_dir={full}"])

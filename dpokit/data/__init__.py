@@ -8,6 +8,7 @@ from dpokit.data.packed import (
     load_packed_dataset,
     pack_preference_dataset,
     pair_length,
+    training_set,
 )
 from dpokit.data.packing import PackingStats, first_fit_decreasing, first_fit_shuffle, pack_lengths, packing_stats
 from dpokit.data.preference import (
@@ -34,5 +35,5 @@ __all__ = [
     "bundled_preference_dataset", "bundled_task_path", "byte_tokenizer", "check_enough_pairs", "collate_packed",
     "collate_preference_pairs", "detect_format", "first_fit_decreasing", "first_fit_shuffle",
     "load_packed_dataset", "load_preference_records", "pack_lengths", "pack_preference_dataset", "packing_stats",
-    "pair_length", "parse_record", "truncate_pair", "validate_preference_file",
+    "pair_length", "parse_record", "training_set", "truncate_pair", "validate_preference_file",
 ]

@@ -30,13 +30,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch.utils.data import Dataset
 
 from dpokit.data.packing import PackingStats, pack_lengths, packing_stats
 from dpokit.data.preference import PreferenceDataError
+from dpokit.errors import DpokitError
 from dpokit.losses.logprobs import IGNORE_INDEX
 
 CHOSEN, REJECTED = 1, 2
@@ -177,6 +178,32 @@ def pack_preference_dataset(pairs: Sequence[dict], *, pack_size: int, algorithm:
     """Online packing of a tokenized dataset (e.g. a `PreferenceDataset`)."""
     return PackedPreferenceDataset(pairs, pack_size=pack_size, algorithm=algorithm,
                                    prefix_sharing=prefix_sharing, seed=seed)
+
+
+def training_set(
+    dataset: Dataset, *, packer: Callable[[Dataset], PackedPreferenceDataset] | None = None,
+    ld_alpha: float | None = None,
+) -> tuple[Dataset, bool]:
+    """(the set to train on, packed?): `packer(dataset)` when a packer is given (e.g.
+    `pack_preference_dataset` with its settings bound), else `dataset` as read (a `dpokit pack` file
+    is packed already).
+
+    Refused, each with one line: packing an already packed set; `ld_alpha` (LD-DPO) outside [0, 1],
+    or with packed data (it weights each response's tokens past the shorter response of its pair,
+    which needs every response in its own row)."""
+    if ld_alpha is not None and (isinstance(ld_alpha, bool) or not isinstance(ld_alpha, (int, float))
+                                 or not 0.0 <= ld_alpha <= 1.0):
+        raise DpokitError(f"ld_alpha: {ld_alpha!r} is not a number in [0, 1] (null turns LD-DPO off)")
+    if packer is not None:
+        if isinstance(dataset, PackedPreferenceDataset):
+            raise DpokitError("packing is set but train_dataset is already packed (a `dpokit pack` file): "
+                              "set packing: null")
+        dataset = packer(dataset)
+    packed = isinstance(dataset, PackedPreferenceDataset)
+    if packed and ld_alpha is not None:
+        raise DpokitError("ld_alpha is set but the training data is packed (packing, or a packed train_dataset): "
+                          "LD-DPO needs unpacked batches; set ld_alpha: null or packing: null")
+    return dataset, packed
 
 
 def _ids(value, where: str) -> list[int]:

@@ -1,4 +1,6 @@
-"""The config layer of the recipes (the library itself never sees a config).
+"""The config layer of the recipes: YAML, overrides and `_component_` instantiation. Only the
+recipes and the CLI import it; the library packages (data, losses, models, training) never see a
+config (a test checks that none of them imports this module or omegaconf).
 
 - `load_config(path, overrides)`: an omegaconf YAML file plus command-line overrides
   (`key=value` sets an existing key, `+key=value` adds one, `~key` removes one).
@@ -216,35 +218,6 @@ def instantiate(node: DictConfig, *args: Any, **extra: Any) -> Any:
         fix = getattr(e, "fix_param", None)
         message = e.message_with_fix(f"{where}.{fix}={e.fix_value}") if fix else str(e)
         raise ConfigError(f"{where} ({node['_component_']}): {message}") from e
-
-
-def check_ld_alpha(ld_alpha: Any, *, packed: bool) -> None:
-    """`ld_alpha` (LD-DPO) is null or a number in [0, 1], and needs unpacked batches (each pair's
-    responses as their own rows)."""
-    if ld_alpha is None:
-        return
-    if isinstance(ld_alpha, bool) or not isinstance(ld_alpha, (int, float)) or not 0.0 <= ld_alpha <= 1.0:
-        raise ConfigError(f"ld_alpha: {ld_alpha!r} is not a number in [0, 1] (null turns LD-DPO off)")
-    if packed:
-        raise ConfigError("ld_alpha is set but the training data is packed (packing, or a packed train_dataset): "
-                          "LD-DPO needs unpacked batches; set ld_alpha: null or packing: null")
-
-
-def packed_training_set(cfg: DictConfig, train_set: Any) -> tuple[Any, bool]:
-    """(training set, packed?) after the config's `packing:` component (null = the set as read).
-
-    A `dpokit pack` file as `train_dataset` is packed already, and packing it again is refused, as
-    is `ld_alpha` with packed data (`check_ld_alpha`)."""
-    from dpokit.data import PackedPreferenceDataset
-
-    if cfg.packing is not None:
-        if isinstance(train_set, PackedPreferenceDataset):
-            raise ConfigError("packing is set but train_dataset is already packed (a `dpokit pack` file): "
-                              "set packing: null")
-        train_set = instantiate(cfg.packing, train_set)  # e.g. dpokit.data.pack_preference_dataset
-    packed = isinstance(train_set, PackedPreferenceDataset)
-    check_ld_alpha(cfg.ld_alpha, packed=packed)
-    return train_set, packed
 
 
 def parse_recipe_args(argv: list[str] | None = None, description: str | None = None) -> tuple[Path, list[str]]:
