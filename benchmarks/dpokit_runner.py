@@ -36,7 +36,8 @@ from shared_io import Stopwatch, emit, read_model_config, read_workload, through
 from dpokit.data import collate_packed, collate_preference_pairs, pack_preference_dataset  # noqa: E402
 from dpokit.losses import dpo_loss  # noqa: E402
 from dpokit.models import load_hf_checkpoint  # noqa: E402
-from dpokit.training.forward import PolicyLogps, policy_logps  # noqa: E402
+from dpokit.training.forward import policy_logps  # noqa: E402
+from dpokit.training.scoring import PolicyLogps  # noqa: E402
 from dpokit.training.master_weights import MasterWeights  # noqa: E402
 from dpokit.training.packed_forward import packed_policy_logps  # noqa: E402
 from dpokit.training.reference import StateDictSwapReference  # noqa: E402

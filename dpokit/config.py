@@ -20,6 +20,7 @@ import difflib
 import functools
 import importlib
 import inspect
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -241,3 +242,7 @@ def recipe_main(main: Callable[[DictConfig], Any], known_keys: Iterable[str], ar
     except DpokitError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun worker that finished: skip the C++ teardown
+        from dpokit.training.distributed import exit_worker
+
+        exit_worker(0)

@@ -73,13 +73,16 @@ def _entry(rank: int, world_size: int, port: int, fn, args) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    from dpokit.training.distributed import destroy_distributed, init_distributed
+    from dpokit.training.distributed import destroy_distributed, exit_worker, init_distributed
 
     init_distributed("cpu")
     try:
         fn(rank, *args)
-    finally:
-        destroy_distributed()
+    except BaseException:
+        destroy_distributed(wait_for_peers=False)
+        raise  # to mp.spawn, with its traceback
+    destroy_distributed()
+    exit_worker(0)
 
 
 def spawn(fn, world_size: int, *args) -> None:

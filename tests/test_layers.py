@@ -37,3 +37,29 @@ def test_library_packages_import_no_config_and_only_lower_layers(package):
             if top == "dpokit":
                 layer = name.split(".")[1] if "." in name else ""
                 assert layer in ALLOWED[package], f"{path}: imports {name} ({package} may import {ALLOWED[package]})"
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def test_no_import_cycle_between_library_modules():
+    """Module-level and function-level imports alike (a deferred import hides a cycle, it does not
+    remove it); package __init__ files only re-export and are left out."""
+    modules = {module_name(p): p for layer in ALLOWED for p in (PACKAGE / layer).rglob("*.py")
+               if p.name != "__init__.py"}
+    graph = {name: {m for m in imports(path) if m in modules and m != name} for name, path in modules.items()}
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+
+    def visit(name: str, path: list[str]) -> None:
+        state[name] = 1
+        for target in sorted(graph[name]):
+            assert state.get(target) != 1, "import cycle: " + " -> ".join(path[path.index(target):] + [target])
+            if target not in state:
+                visit(target, path + [target])
+        state[name] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])

@@ -35,7 +35,7 @@ def test_dpo_loss_is_log2_when_policy_equals_reference():
 
 
 def test_dpo_loss_extreme_gaps_stay_finite():
-    pc = torch.tensor([0.0, -1e4]); pr = torch.tensor([-1e4, 0.0]); ref = torch.zeros(2)
+    pc, pr, ref = torch.tensor([0.0, -1e4]), torch.tensor([-1e4, 0.0]), torch.zeros(2)
     out = dpo_loss(pc, pr, ref, ref, beta=1.0, label_smoothing=0.1)
     assert torch.isfinite(out.losses).all()
     assert out.losses[0] < out.losses[1]

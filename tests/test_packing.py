@@ -108,11 +108,11 @@ def test_unshared_packed_layout():
     a, b = item([1, 2], [3, 4], [5]), item([6], [7], [8, 9])
     batch = collate_packed([[a, b]], pad_id=0, pack_size=16)
     row = {k: batch[k][0].tolist() for k in ("input_ids", "position_ids", "document_ids", "labels", "sequence_ids")}
-    I = IGNORE_INDEX
+    X = IGNORE_INDEX
     assert row["input_ids"] == [1, 2, 3, 4, 1, 2, 5, 6, 7, 6, 8, 9] + [0] * 4
     assert row["position_ids"] == [0, 1, 2, 3, 0, 1, 2, 0, 1, 0, 1, 2] + [0] * 4
     assert row["document_ids"] == [0, 0, 0, 0, 1, 1, 1, 2, 2, 3, 3, 3] + [-1] * 4
-    assert row["labels"] == [I, 3, 4, I, I, 5, I, 7, I, 8, 9, I] + [I] * 4
+    assert row["labels"] == [X, 3, 4, X, X, 5, X, 7, X, 8, 9, X] + [X] * 4
     # pair 0 chosen = 0, pair 1 chosen = 1, pair 0 rejected = 2, pair 1 rejected = 3
     assert row["sequence_ids"] == [-1, 0, 0, -1, -1, 2, -1, 1, -1, 3, 3, -1] + [-1] * 4
     assert batch["branch_ids"].eq(0).all() and batch["num_pairs"] == 2 and batch["num_tokens"] == 12
@@ -121,11 +121,11 @@ def test_unshared_packed_layout():
 def test_prefix_shared_layout():
     a = item([1, 2, 3], [4, 5], [6])
     batch = collate_packed([[a]], pad_id=0, prefix_sharing=True)
-    I = IGNORE_INDEX
+    X = IGNORE_INDEX
     assert batch["input_ids"][0].tolist() == [1, 2, 3, 4, 5, 3, 6]
     assert batch["position_ids"][0].tolist() == [0, 1, 2, 3, 4, 2, 3]
     assert batch["branch_ids"][0].tolist() == [0, 0, 1, 1, 1, 2, 2]
-    assert batch["labels"][0].tolist() == [I, I, 4, 5, I, 6, I]
+    assert batch["labels"][0].tolist() == [X, X, 4, 5, X, 6, X]
     assert batch["sequence_ids"][0].tolist() == [-1, -1, 0, 0, -1, 1, -1]
     assert pair_length(a, prefix_sharing=True) == 7 and pair_length(a) == 9
 

@@ -109,6 +109,10 @@ class NF4Linear(_FrozenBase, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return frozen_linear(x, self.weight, self.bias)
 
+    def projection(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, W) with x @ W^T equal to this layer's output (no bias), W dequantised."""
+        return x, dequantize(self.weight)
+
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, nf4"
 
@@ -157,6 +161,16 @@ class LoRALinear(_FrozenBase, nn.Module):
         if not self.adapter_enabled:
             return out
         return out + F.linear(self.adapter_down(x), self.lora_b.weight.to(x.dtype))
+
+    def projection(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x', W') with x' @ W'^T equal to this layer's output (no bias): with the adapter on,
+        x W^T + s (x A^T) B^T = [x, s x A^T] @ [W, B]^T, so the hidden states widen by the rank and
+        the weight by B (gradients reach A and B through the concatenations); off, plain W."""
+        weight = dequantize(self.weight)
+        if not self.adapter_enabled:
+            return x, weight
+        low_rank = self.adapter_down(x)  # in x's dtype, whatever the adapter's
+        return torch.cat([x, low_rank], -1), torch.cat([weight, self.lora_b.weight.to(weight.dtype)], 1)
 
     def adapter_down(self, x: torch.Tensor) -> torch.Tensor:
         """(alpha / rank) * dropout(x) A^T, [..., rank] in x's dtype (A is cast, not x: see module doc)."""

@@ -208,6 +208,18 @@ class TransformerDecoder(nn.Module):
             x = layer(x, cos, sin, attn_mask)
         return self.norm(x)
 
+    def output_projection(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(hidden', weight) with hidden' @ weight^T equal to `project(hidden)`, so callers can
+        project a chunk of rows at a time; None for a head that is not a bias-free matmul."""
+        head = self.lm_head
+        if head is None:
+            return hidden, self.output_weight
+        if getattr(head, "bias", None) is not None:
+            return None
+        if hasattr(head, "projection"):  # LoRA (adapter folded in) and NF4 layers
+            return head.projection(hidden)
+        return (hidden, head.weight) if isinstance(head, nn.Linear) else None
+
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         return hidden @ self.output_weight.t() if self.lm_head is None else self.lm_head(hidden)
 

@@ -3,7 +3,8 @@ LR schedules, runtime helpers and checkpoints. Plain functions and classes takin
 
 from dpokit.training.checkpoint import save_lora_checkpoint
 from dpokit.training.evaluate import evaluate_preference, move_batch
-from dpokit.training.forward import PolicyLogps, policy_logps, preference_loss, response_lengths
+from dpokit.training.forward import policy_logps, preference_loss, response_lengths
+from dpokit.training.scoring import PolicyLogps
 from dpokit.training.optim_step import clip_and_step
 from dpokit.training.metrics import JsonlLogger, PairMetrics, preference_accuracy
 from dpokit.training.reference import AdapterOffReference

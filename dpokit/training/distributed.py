@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -56,9 +57,26 @@ def init_distributed(device: str = "auto", *, timeout_minutes: float = 30.0) -> 
     return DistributedEnv(dist.get_rank(), dist.get_world_size(), local_rank, resolved)
 
 
-def destroy_distributed() -> None:
+def destroy_distributed(*, wait_for_peers: bool = True) -> None:
+    """Destroy the default group. With `wait_for_peers` (a run that ended normally) every rank
+    reaches this point first, so no rank tears down its communicator while a peer still waits on
+    it; after an error the peers may never come, so it does not wait."""
     if dist.is_initialized():
+        if wait_for_peers and dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
+
+
+def exit_worker(code: int = 0) -> None:
+    """End a worker process of a multi-process run now, after its output is flushed.
+
+    The process group's C++ objects outlive `destroy_process_group` while FSDP modules and device
+    meshes still reference them; torn down during interpreter shutdown, their threads abort the
+    process now and then ("terminate called without an active exception", SIGABRT), turning a
+    finished run into a crash. `os._exit` skips that teardown; files are closed by then."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def get_rank() -> int:

@@ -8,65 +8,21 @@ them through the output head a chunk of tokens at a time, in the forward and in 
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import torch
 from torch import nn
 
-from dpokit.losses.chunked import DEFAULT_CHUNK_SIZE, chunked_token_logps
+from dpokit.losses.chunked import DEFAULT_CHUNK_SIZE
 from dpokit.losses.logprobs import IGNORE_INDEX, length_desensitized_logps, token_logps
 from dpokit.losses.registry import call_loss
-from dpokit.models.lora import LoRALinear
-
-
-class PolicyLogps(NamedTuple):
-    chosen: torch.Tensor  # [B]
-    rejected: torch.Tensor  # [B]
-
-
-def _plain(weight: torch.Tensor) -> torch.Tensor:
-    """A plain tensor for a plain or quantised (torchao NF4, QLoRA) frozen weight."""
-    return weight.get_original_weight() if hasattr(weight, "get_original_weight") else weight
-
-
-def _output_head(model: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(hidden', weight) with hidden' @ weight.T equal to the model's logits, or None when the head
-    is something the chunked path does not know (then the caller materialises the logits).
-
-    A LoRA output head computes h W^T + s (h A^T) B^T = [h, s h A^T] @ [W, B]^T, so the adapter is
-    folded in by widening the hidden states by the rank and the weight by B; gradients reach A and
-    B through the concatenations. With the adapter disabled (the reference pass) it is plain W.
-    """
-    head = getattr(model, "lm_head", None)
-    if head is None:  # tied embeddings
-        return hidden, model.output_weight
-    if getattr(head, "bias", None) is not None or not isinstance(getattr(head, "weight", None), torch.Tensor):
-        return None
-    if isinstance(head, LoRALinear):
-        weight = _plain(head.weight)
-        if not head.adapter_enabled:
-            return hidden, weight
-        low_rank = head.adapter_down(hidden)  # in hidden's dtype, whatever the adapter's
-        return torch.cat([hidden, low_rank], -1), torch.cat([weight, head.lora_b.weight.to(weight.dtype)], 1)
-    if isinstance(head, nn.Linear) or hasattr(head.weight, "get_original_weight"):
-        return hidden, _plain(head.weight)
-    return None
-
-
-def scored_token_logps(model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, *,
-                       chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
-    """[N] fp32 log-probs of `labels` [N] from the final hidden states [N, D] of the scored
-    positions: through the output head a chunk at a time (`chunked_token_logps`) when
-    `_output_head` knows the head, else from the full logits of `model.project`."""
-    head = _output_head(model, hidden) if hasattr(model, "output_weight") else None
-    if head is not None:
-        return chunked_token_logps(*head, labels, chunk_size=chunk_size)
-    return token_logps(model.project(hidden), labels)
+from dpokit.training.packed_forward import packed_policy_logps
+from dpokit.training.scoring import PolicyLogps, scored_token_logps
 
 
 def _per_token_logps(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, chunk_size: int, materialize: bool):
     """[2B, T] fp32 log-probs of the labels (0 where unlabelled)."""
-    if not materialize and hasattr(model, "hidden_states") and hasattr(model, "output_weight"):
+    if not materialize and hasattr(model, "hidden_states") and hasattr(model, "output_projection"):
         hidden = model.hidden_states(input_ids)
         mask = labels != IGNORE_INDEX
         flat = scored_token_logps(model, hidden[mask], labels[mask], chunk_size=chunk_size)
@@ -97,8 +53,6 @@ def policy_logps(
     if "sequence_ids" in batch:
         if ld_alpha is not None:
             raise ValueError("ld_alpha is not supported on packed batches")
-        from dpokit.training.packed_forward import packed_policy_logps  # it imports this module
-
         return packed_policy_logps(model, batch, average=average)
     labels = batch["labels"]
     counts = (labels != IGNORE_INDEX).sum(-1)

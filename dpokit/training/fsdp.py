@@ -71,7 +71,7 @@ def shard_model(
     Blocks reshard after forward; the root keeps its parameters (embedding, final norm, output
     head) unsharded from its forward to the end of the backward, as FSDP2 does by default. That
     is what lets the memory-lean log-prob path call `model.hidden_states(...)` (registered here as
-    an FSDP forward method) and then project through `model.output_weight` chunk by chunk.
+    an FSDP forward method) and then project through `model.output_projection` chunk by chunk.
     A no-grad forward leaves the root unsharded: call `reshard(model)` before weights change
     under it (the state-dict swap reference does).
     """

@@ -40,9 +40,12 @@ def process_group(device: str) -> Iterator[DistributedEnv]:
     env = init_distributed(device)
     try:
         yield env
-    finally:
+    except BaseException:
         if owns_process_group:
-            destroy_distributed()
+            destroy_distributed(wait_for_peers=False)
+        raise
+    if owns_process_group:
+        destroy_distributed()
 
 
 def total_training_steps(*, steps_per_epoch: int, epochs: int, max_steps: int | None) -> int:

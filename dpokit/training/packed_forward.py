@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from dpokit.models.attention import build_attention_mask
-from dpokit.training.forward import PolicyLogps, scored_token_logps
+from dpokit.training.scoring import PolicyLogps, scored_token_logps
 
 
 def segment_logps(token_values: torch.Tensor, sequence_ids: torch.Tensor, num_sequences: int,
@@ -51,12 +51,3 @@ def packed_policy_logps(model: nn.Module, batch: dict, *, average: bool = False,
     num_pairs = batch["num_pairs"]
     logps, _ = segment_logps(per_token, sequence_ids[labelled], 2 * num_pairs, average=average)
     return PolicyLogps(logps[:num_pairs], logps[num_pairs:])
-
-
-def any_policy_logps(model: nn.Module, batch: dict, *, average: bool = False) -> PolicyLogps:
-    """`packed_policy_logps` for a packed batch (it has `sequence_ids`), else the padded forward."""
-    if "sequence_ids" in batch:
-        return packed_policy_logps(model, batch, average=average)
-    from dpokit.training.forward import policy_logps
-
-    return policy_logps(model, batch, average=average)

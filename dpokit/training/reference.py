@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from dpokit.models.lora import disable_adapter
-from dpokit.training.forward import PolicyLogps, policy_logps
+from dpokit.training.forward import policy_logps
+from dpokit.training.scoring import PolicyLogps
 
 
 class AdapterOffReference:
