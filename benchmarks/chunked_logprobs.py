@@ -42,7 +42,7 @@ def child(args) -> dict:
     torch.manual_seed(0)
     device = torch.device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    hidden = (torch.randn(args.tokens, args.hidden, device=device) ).to(dtype).requires_grad_()
+    hidden = (torch.randn(args.tokens, args.hidden, device=device)).to(dtype).requires_grad_()
     weight = (torch.randn(args.vocab, args.hidden, device=device) / args.hidden**0.5).to(dtype)
     weight.requires_grad_(not args.frozen_weight)
     labels = torch.randint(0, args.vocab, (args.tokens,), device=device)
@@ -82,7 +82,12 @@ def child(args) -> dict:
         step()
         sync()
         times.append(time.perf_counter() - start)
-    return {"path": args.path, "peak_bytes": peak, "seconds": statistics.median(times), "threads": torch.get_num_threads()}
+    return {
+        "path": args.path,
+        "peak_bytes": peak,
+        "seconds": statistics.median(times),
+        "threads": torch.get_num_threads(),
+    }
 
 
 def main() -> None:
@@ -94,8 +99,9 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--frozen-weight", action="store_true", help="no gradient for the output weight (LoRA)")
-    parser.add_argument("--repeats", type=int, default=2,
-                        help="timed steps after the memory step (0: time the memory step itself)")
+    parser.add_argument(
+        "--repeats", type=int, default=2, help="timed steps after the memory step (0: time the memory step itself)"
+    )
     parser.add_argument("--path", choices=["chunked", "materialised"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.device is None:
@@ -108,9 +114,11 @@ def main() -> None:
 
     results = {}
     for path in ("materialised", "chunked"):
-        cmd = [sys.executable, __file__, "--path", path] + [
-            a for a in sys.argv[1:] if a != "--path"
-        ] + ["--device", args.device]
+        cmd = (
+            [sys.executable, __file__, "--path", path]
+            + [a for a in sys.argv[1:] if a != "--path"]
+            + ["--device", args.device]
+        )
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode:
             sys.exit(f"{path} run failed:\n{out.stderr}")
@@ -118,14 +126,18 @@ def main() -> None:
 
     m, c = results["materialised"], results["chunked"]
     weight = "frozen" if args.frozen_weight else "trainable"
-    print(f"output layer + log-probs, forward+backward: {args.tokens} tokens, hidden {args.hidden}, "
-          f"vocab {args.vocab:,}, {args.dtype}, weight {weight}, chunk {args.chunk_size}, device {args.device} "
-          f"({m['threads']} threads); memory = {'cuda max_memory_allocated' if args.device.startswith('cuda') else 'peak RSS (VmHWM) delta'}")
+    print(
+        f"output layer + log-probs, forward+backward: {args.tokens} tokens, hidden {args.hidden}, "
+        f"vocab {args.vocab:,}, {args.dtype}, weight {weight}, chunk {args.chunk_size}, device {args.device} "
+        f"({m['threads']} threads); memory = {'cuda max_memory_allocated' if args.device.startswith('cuda') else 'peak RSS (VmHWM) delta'}"
+    )
     print(f"{'path':<14}{'peak extra memory':>20}{'time (median)':>16}")
     for name, r in (("materialised", m), ("chunked", c)):
         print(f"{name:<14}{r['peak_bytes'] / 2**30:>16.2f} GiB{r['seconds']:>14.3f} s")
-    print(f"{'ratio':<14}{c['peak_bytes'] / m['peak_bytes']:>19.3f}x{c['seconds'] / m['seconds']:>15.3f}x"
-          f"   (goal: memory <= 0.35x at time <= 1.15x)")
+    print(
+        f"{'ratio':<14}{c['peak_bytes'] / m['peak_bytes']:>19.3f}x{c['seconds'] / m['seconds']:>15.3f}x"
+        f"   (goal: memory <= 0.35x at time <= 1.15x)"
+    )
 
 
 if __name__ == "__main__":

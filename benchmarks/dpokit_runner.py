@@ -37,36 +37,42 @@ from dpokit.data import collate_packed, collate_preference_pairs, pack_preferenc
 from dpokit.losses import dpo_loss  # noqa: E402
 from dpokit.models import load_hf_checkpoint  # noqa: E402
 from dpokit.training.forward import policy_logps  # noqa: E402
-from dpokit.training.scoring import PolicyLogps  # noqa: E402
 from dpokit.training.master_weights import MasterWeights  # noqa: E402
 from dpokit.training.packed_forward import packed_policy_logps  # noqa: E402
 from dpokit.training.reference import StateDictSwapReference  # noqa: E402
+from dpokit.training.scoring import PolicyLogps  # noqa: E402
 
 LAYOUTS = ("padded", "ffd", "ffs", "prefix")
 REFERENCES = ("frozen_copy", "swap", "precomputed")
 ATTENTION = "auto"  # packed layouts: FlexAttention on CUDA, per-document SDPA on CPU (--attention)
 
 
-def make_steps(pairs: list[dict], start: int, count: int, *, layout: str, batch_size: int, pack_size: int,
-               pad_id: int, seed: int) -> list[dict]:
+def make_steps(
+    pairs: list[dict], start: int, count: int, *, layout: str, batch_size: int, pack_size: int, pad_id: int, seed: int
+) -> list[dict]:
     """Batches covering pairs[start:start+count], each with `pair_index` (positions in `pairs`)."""
     index = list(range(start, start + count))
     if layout == "padded":
         steps = []
         for s in range(0, count, batch_size):
-            chunk = index[s:s + batch_size]
+            chunk = index[s : s + batch_size]
             batch = collate_preference_pairs([pairs[i] for i in chunk], pad_id=pad_id, pad_to_multiple_of=8)
             batch["pair_index"] = torch.tensor(chunk)
             steps.append(batch)
         return steps
     items = [dict(pairs[i], pair_index=i) for i in index]
-    packed = pack_preference_dataset(items, pack_size=pack_size, algorithm="ffs" if layout == "ffs" else "ffd",
-                                     prefix_sharing=layout == "prefix", seed=seed)
+    packed = pack_preference_dataset(
+        items,
+        pack_size=pack_size,
+        algorithm="ffs" if layout == "ffs" else "ffd",
+        prefix_sharing=layout == "prefix",
+        seed=seed,
+    )
     packs = [packed[k] for k in range(len(packed))]
     per_step = max(1, round(batch_size * len(packs) / count))
     steps = []
     for s in range(0, len(packs), per_step):
-        group = packs[s:s + per_step]
+        group = packs[s : s + per_step]
         batch = collate_packed(group, pad_id=pad_id, pack_size=pack_size, prefix_sharing=layout == "prefix")
         batch["pair_index"] = torch.tensor([item["pair_index"] for pack in group for item in pack])
         steps.append(batch)
@@ -90,8 +96,27 @@ OP_GROUPS = (
     ("softmax / logsumexp / log-probs", ("logsumexp", "softmax", "exp", "gather", "log")),
     ("optimizer (AdamW)", ("adam", "_foreach", "lerp", "addcdiv", "addcmul", "sqrt")),
     ("dtype casts (autocast)", ("aten::to", "aten::_to_copy", "aten::copy_")),
-    ("elementwise (norms, RoPE, SwiGLU, residual)", ("mul", "add", "silu", "rsqrt", "pow", "mean", "cat", "neg", "sub",
-                                                     "div", "where", "index", "masked", "tril", "eq", "ne")),
+    (
+        "elementwise (norms, RoPE, SwiGLU, residual)",
+        (
+            "mul",
+            "add",
+            "silu",
+            "rsqrt",
+            "pow",
+            "mean",
+            "cat",
+            "neg",
+            "sub",
+            "div",
+            "where",
+            "index",
+            "masked",
+            "tril",
+            "eq",
+            "ne",
+        ),
+    ),
 )
 
 
@@ -114,14 +139,22 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--assets", required=True, help="directory written by make_assets.py")
     ap.add_argument("--layout", default="padded", choices=LAYOUTS)
-    ap.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "bf16m", "bf16w"),
-                    help="bf16 = autocast over fp32 weights; bf16m = bf16 weights + fp32 master weights in the "
-                         "optimizer (dpokit.training.master_weights); bf16w = pure bf16 weights and optimizer "
-                         "(torchtune's mode; small updates are rounded away)")
+    ap.add_argument(
+        "--dtype",
+        default="fp32",
+        choices=("fp32", "bf16", "bf16m", "bf16w"),
+        help="bf16 = autocast over fp32 weights; bf16m = bf16 weights + fp32 master weights in the "
+        "optimizer (dpokit.training.master_weights); bf16w = pure bf16 weights and optimizer "
+        "(torchtune's mode; small updates are rounded away)",
+    )
     ap.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
     ap.add_argument("--reference", default="frozen_copy", choices=REFERENCES)
-    ap.add_argument("--attention", default="auto", choices=("auto", "segments", "sdpa", "flex"),
-                    help="packed layouts' attention backend (dpokit.models.attention); sdpa = one dense mask")
+    ap.add_argument(
+        "--attention",
+        default="auto",
+        choices=("auto", "segments", "sdpa", "flex"),
+        help="packed layouts' attention backend (dpokit.models.attention); sdpa = one dense mask",
+    )
     ap.add_argument("--no-chunked", action="store_true", help="padded layout: materialise the full logits")
     ap.add_argument("--batch-size", type=int, default=8, help="pairs per step")
     ap.add_argument("--steps", type=int, default=4, help="timed steps (of --batch-size pairs)")
@@ -131,8 +164,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--name", default=None)
-    ap.add_argument("--profile", action="store_true",
-                    help="run the timed steps under torch.profiler and print where the time goes")
+    ap.add_argument(
+        "--profile", action="store_true", help="run the timed steps under torch.profiler and print where the time goes"
+    )
     args = ap.parse_args(argv)
     global ATTENTION
     ATTENTION = args.attention
@@ -148,19 +182,25 @@ def main(argv=None) -> int:
     timed_pairs = args.steps * args.batch_size
     if warm_pairs + timed_pairs > len(pairs):
         raise SystemExit(f"need {warm_pairs + timed_pairs} pairs, the workload has {len(pairs)}")
-    build = dict(layout=args.layout, batch_size=args.batch_size, pack_size=pack_size, pad_id=meta["pad_id"],
-                 seed=args.seed)
+    build = dict(
+        layout=args.layout, batch_size=args.batch_size, pack_size=pack_size, pad_id=meta["pad_id"], seed=args.seed
+    )
     warmup = make_steps(pairs, 0, warm_pairs, **build)
     timed = make_steps(pairs, warm_pairs, timed_pairs, **build)
 
     device = args.device
-    model = load_hf_checkpoint(assets / "model", device=device, dtype="bf16" if args.dtype in ("bf16m", "bf16w") else None)
+    model = load_hf_checkpoint(
+        assets / "model", device=device, dtype="bf16" if args.dtype in ("bf16m", "bf16w") else None
+    )
     model.train()
     if args.compile:
         for layer in model.layers:
             layer.compile()
-    autocast = (torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
-                if args.dtype == "bf16" else contextlib.nullcontext())
+    autocast = (
+        torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+        if args.dtype == "bf16"
+        else contextlib.nullcontext()
+    )
     chunked = not args.no_chunked
 
     # Cross-framework check: the policy's log-probs of the pairs of the peers' first step (the first
@@ -229,17 +269,33 @@ def main(argv=None) -> int:
                 step(batch)
     if args.profile:
         print_profile(profiler, watch.seconds)
-    timed_pool = pairs[warm_pairs:warm_pairs + timed_pairs]
+    timed_pool = pairs[warm_pairs : warm_pairs + timed_pairs]
     name = args.name or f"dpokit {args.layout} {args.dtype}{' compile' if args.compile else ''} ref={args.reference}"
-    emit(throughput_result(
-        name=name, framework="dpokit", config=config, pairs=timed_pool, seconds=watch.seconds, steps=watch.steps,
-        device=device, prefix_sharing=args.layout == "prefix", reference_forward=args.reference != "precomputed",
-        losses=losses, layout=args.layout, dtype=args.dtype, compile=args.compile, reference=args.reference,
-        chunked=chunked, batch_size=args.batch_size, pack_size=pack_size if args.layout != "padded" else None,
-        precompute_seconds=precompute_seconds, first_chosen_logps=first_chosen_logps,
-        padded_tokens=sum(int(b["input_ids"].numel()) for b in timed),
-        threads=torch.get_num_threads(),
-    ))
+    emit(
+        throughput_result(
+            name=name,
+            framework="dpokit",
+            config=config,
+            pairs=timed_pool,
+            seconds=watch.seconds,
+            steps=watch.steps,
+            device=device,
+            prefix_sharing=args.layout == "prefix",
+            reference_forward=args.reference != "precomputed",
+            losses=losses,
+            layout=args.layout,
+            dtype=args.dtype,
+            compile=args.compile,
+            reference=args.reference,
+            chunked=chunked,
+            batch_size=args.batch_size,
+            pack_size=pack_size if args.layout != "padded" else None,
+            precompute_seconds=precompute_seconds,
+            first_chosen_logps=first_chosen_logps,
+            padded_tokens=sum(int(b["input_ids"].numel()) for b in timed),
+            threads=torch.get_num_threads(),
+        )
+    )
     return 0
 
 

@@ -18,9 +18,11 @@ import time
 
 METHODS = {
     "dpokit": "from dpokit.models import load_hf_checkpoint; m = load_hf_checkpoint(d)",
-    "naive": ("from dpokit.models import model_from_hf_config; from safetensors.torch import load_file;"
-              "m = model_from_hf_config(d); sd = load_file(d + '/model.safetensors');"
-              "m.load_state_dict({k.removeprefix('model.'): v for k, v in sd.items()})"),
+    "naive": (
+        "from dpokit.models import model_from_hf_config; from safetensors.torch import load_file;"
+        "m = model_from_hf_config(d); sd = load_file(d + '/model.safetensors');"
+        "m.load_state_dict({k.removeprefix('model.'): v for k, v in sd.items()})"
+    ),
 }
 
 
@@ -60,16 +62,24 @@ def main() -> None:
     from dpokit.models import llama, save_hf_checkpoint
 
     with tempfile.TemporaryDirectory() as directory:
-        model = llama(vocab_size=args.vocab, dim=args.dim, n_layers=args.layers, n_heads=8, n_kv_heads=4,
-                      hidden_dim=4 * args.dim, max_seq_len=2048)
+        model = llama(
+            vocab_size=args.vocab,
+            dim=args.dim,
+            n_layers=args.layers,
+            n_heads=8,
+            n_kv_heads=4,
+            hidden_dim=4 * args.dim,
+            max_seq_len=2048,
+        )
         size_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
         save_hf_checkpoint(model, directory)
         del model
         print(f"checkpoint: {size_mb:.1f} MiB fp32 ({args.layers} layers, dim {args.dim}, vocab {args.vocab})")
         results = {}
         for method in METHODS:
-            out = subprocess.run([sys.executable, __file__, "--child", method, directory],
-                                 capture_output=True, text=True, check=True).stdout.split()
+            out = subprocess.run(
+                [sys.executable, __file__, "--child", method, directory], capture_output=True, text=True, check=True
+            ).stdout.split()
             results[method] = float(out[0])
             print(f"{method:>7}: peak RSS +{out[0]} MiB ({float(out[0]) / size_mb:.2f}x checkpoint), {out[1]} s")
         print(f"naive / dpokit peak: {results['naive'] / max(results['dpokit'], 1e-9):.2f}x")

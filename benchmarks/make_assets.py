@@ -35,14 +35,32 @@ HH_RLHF = REPO.parent / "shared" / "data" / "hh_rlhf_harmless_base_test.jsonl.gz
 # Llama-architecture sizes. N = matmul parameters (shared_io.matmul_params).
 MODELS = {
     # ~56M parameters (N = 40M): the default, sized for a 2-core CPU.
-    "cpu-50m": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
-                    num_key_value_heads=4, vocab_size=32000),
+    "cpu-50m": dict(
+        hidden_size=512,
+        intermediate_size=1408,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        vocab_size=32000,
+    ),
     # ~125M parameters (N = 100M): the issue's "~100M model", for a GPU.
-    "gpu-100m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
-                     num_key_value_heads=4, vocab_size=32000),
+    "gpu-100m": dict(
+        hidden_size=768,
+        intermediate_size=2048,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        num_key_value_heads=4,
+        vocab_size=32000,
+    ),
     # a few million parameters, for smoke runs of the harness itself.
-    "tiny": dict(hidden_size=128, intermediate_size=344, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=32000),
+    "tiny": dict(
+        hidden_size=128,
+        intermediate_size=344,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=32000,
+    ),
 }
 SPECIAL_TOKENS = ("<pad>", "</s>")  # ids 0 and 1
 PAD_ID, EOS_ID = 0, 1
@@ -56,12 +74,23 @@ ASSISTANT = "\n\nAssistant:"
 def hf_config(model: str, max_length: int) -> dict:
     sizes = MODELS[model]
     return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", **sizes,
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        **sizes,
         "head_dim": sizes["hidden_size"] // sizes["num_attention_heads"],
-        "max_position_embeddings": max(2048, 2 * max_length), "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
-        "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False,
-        "initializer_range": 0.02, "torch_dtype": "float32", "pad_token_id": PAD_ID, "bos_token_id": EOS_ID,
-        "eos_token_id": EOS_ID, "use_cache": False,
+        "max_position_embeddings": max(2048, 2 * max_length),
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 500000.0,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "tie_word_embeddings": False,
+        "initializer_range": 0.02,
+        "torch_dtype": "float32",
+        "pad_token_id": PAD_ID,
+        "bos_token_id": EOS_ID,
+        "eos_token_id": EOS_ID,
+        "use_cache": False,
     }
 
 
@@ -74,17 +103,26 @@ def random_hf_state_dict(config: dict, seed: int) -> dict[str, torch.Tensor]:
     def normal(*shape):
         return torch.randn(*shape, generator=g) * 0.02
 
-    sd = {"model.embed_tokens.weight": normal(vocab, d), "model.norm.weight": torch.ones(d),
-          "lm_head.weight": normal(vocab, d)}
+    sd = {
+        "model.embed_tokens.weight": normal(vocab, d),
+        "model.norm.weight": torch.ones(d),
+        "lm_head.weight": normal(vocab, d),
+    }
     for i in range(config["num_hidden_layers"]):
         p = f"model.layers.{i}."
-        sd.update({
-            p + "input_layernorm.weight": torch.ones(d), p + "post_attention_layernorm.weight": torch.ones(d),
-            p + "self_attn.q_proj.weight": normal(h * hd, d), p + "self_attn.k_proj.weight": normal(kv * hd, d),
-            p + "self_attn.v_proj.weight": normal(kv * hd, d), p + "self_attn.o_proj.weight": normal(d, h * hd),
-            p + "mlp.gate_proj.weight": normal(ffn, d), p + "mlp.up_proj.weight": normal(ffn, d),
-            p + "mlp.down_proj.weight": normal(d, ffn),
-        })
+        sd.update(
+            {
+                p + "input_layernorm.weight": torch.ones(d),
+                p + "post_attention_layernorm.weight": torch.ones(d),
+                p + "self_attn.q_proj.weight": normal(h * hd, d),
+                p + "self_attn.k_proj.weight": normal(kv * hd, d),
+                p + "self_attn.v_proj.weight": normal(kv * hd, d),
+                p + "self_attn.o_proj.weight": normal(d, h * hd),
+                p + "mlp.gate_proj.weight": normal(ffn, d),
+                p + "mlp.up_proj.weight": normal(ffn, d),
+                p + "mlp.down_proj.weight": normal(d, ffn),
+            }
+        )
     return sd
 
 
@@ -99,6 +137,7 @@ def write_model(out: Path, model: str, max_length: int, seed: int) -> dict:
 
 
 # ----------------------------------------------------------------------------- pairs
+
 
 def hh_rlhf_texts(path: Path) -> tuple[list[tuple[str, str, str]], int]:
     """(prompt, chosen, rejected) texts, and how many records were skipped because the two
@@ -124,8 +163,12 @@ def train_bpe(texts: list[str], vocab_size: int):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(texts, trainer)
     return tok
 
@@ -153,8 +196,12 @@ def hh_rlhf_pairs(path: Path, vocab_size: int, max_length: int) -> tuple[list[di
         tp, tc, tr = truncate(p, c, r, max_length)
         truncated += (len(tp), len(tc), len(tr)) != (len(p), len(c), len(r))
         pairs.append({"prompt_ids": tp, "chosen_ids": tc, "rejected_ids": tr})
-    meta = {"source": str(path.name), "records_skipped": skipped, "pairs_truncated": truncated,
-            "tokenizer": f"byte-level BPE trained on the data, {tok.get_vocab_size()} tokens"}
+    meta = {
+        "source": str(path.name),
+        "records_skipped": skipped,
+        "pairs_truncated": truncated,
+        "tokenizer": f"byte-level BPE trained on the data, {tok.get_vocab_size()} tokens",
+    }
     return pairs, meta
 
 
@@ -183,8 +230,9 @@ def lognormal_fit(values: list[int]) -> tuple[float, float]:
     return round(mu, 2), round(math.sqrt(sum((x - mu) ** 2 for x in logs) / len(logs)), 2)
 
 
-def write_pairs(out: Path, *, vocab_size: int, max_length: int, seed: int, synthetic: bool,
-                num_synthetic: int = 2312) -> dict:
+def write_pairs(
+    out: Path, *, vocab_size: int, max_length: int, seed: int, synthetic: bool, num_synthetic: int = 2312
+) -> dict:
     if not synthetic and HH_RLHF.is_file():
         pairs, meta = hh_rlhf_pairs(HH_RLHF, vocab_size, max_length)
     else:
@@ -207,8 +255,13 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     out = Path(args.out)
     config = write_model(out / "model", args.model, args.max_length, args.seed)
-    meta = write_pairs(out / "pairs.json", vocab_size=config["vocab_size"], max_length=args.max_length,
-                       seed=args.seed, synthetic=args.synthetic)
+    meta = write_pairs(
+        out / "pairs.json",
+        vocab_size=config["vocab_size"],
+        max_length=args.max_length,
+        seed=args.seed,
+        synthetic=args.synthetic,
+    )
     print(json.dumps({"model": args.model, **meta}))
     if args.fit:
         pairs = json.loads((out / "pairs.json").read_text())["pairs"]

@@ -39,9 +39,15 @@ from dpokit.training.forward import policy_logps  # noqa: E402
 
 def build_model(model: str, vocab: int, max_seq_len: int):
     sizes = dict(MODELS[model], vocab_size=vocab)
-    return llama(vocab_size=vocab, dim=sizes["hidden_size"], n_layers=sizes["num_hidden_layers"],
-                 n_heads=sizes["num_attention_heads"], n_kv_heads=sizes["num_key_value_heads"],
-                 hidden_dim=sizes["intermediate_size"], max_seq_len=max_seq_len)
+    return llama(
+        vocab_size=vocab,
+        dim=sizes["hidden_size"],
+        n_layers=sizes["num_hidden_layers"],
+        n_heads=sizes["num_attention_heads"],
+        n_kv_heads=sizes["num_key_value_heads"],
+        hidden_dim=sizes["intermediate_size"],
+        max_seq_len=max_seq_len,
+    )
 
 
 def batch_of(seq_len: int, batch_size: int, vocab: int, generator: torch.Generator) -> dict:
@@ -50,8 +56,10 @@ def batch_of(seq_len: int, batch_size: int, vocab: int, generator: torch.Generat
     def ids(n):
         return torch.randint(2, vocab, (n,), generator=generator).tolist()
 
-    items = [{"prompt_ids": ids(seq_len - half), "chosen_ids": ids(half), "rejected_ids": ids(half)}
-             for _ in range(batch_size)]
+    items = [
+        {"prompt_ids": ids(seq_len - half), "chosen_ids": ids(half), "rejected_ids": ids(half)}
+        for _ in range(batch_size)
+    ]
     return collate_preference_pairs(items, pad_id=0)
 
 
@@ -73,8 +81,11 @@ def main(argv=None) -> int:
     model = build_model(args.model, args.vocab, max(2048, args.seq_len)).to(device).train()
     ref_model = copy.deepcopy(model).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    autocast = (torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
-                if args.dtype == "bf16" else contextlib.nullcontext())
+    autocast = (
+        torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+        if args.dtype == "bf16"
+        else contextlib.nullcontext()
+    )
     materialize = args.chunked == "off"
     g = torch.Generator().manual_seed(0)
 
@@ -104,9 +115,20 @@ def main(argv=None) -> int:
         step(batch)
         step_peak, process_peak = max_rss_bytes() - before, max_rss_bytes()
         method = "max RSS - RSS before the step"
-    emit(dict(seq_len=args.seq_len, vocab=args.vocab, chunked=args.chunked, batch_size=args.batch_size,
-              dtype=args.dtype, step_peak_bytes=step_peak, process_peak_bytes=process_peak, method=method,
-              device=device, model=args.model))
+    emit(
+        dict(
+            seq_len=args.seq_len,
+            vocab=args.vocab,
+            chunked=args.chunked,
+            batch_size=args.batch_size,
+            dtype=args.dtype,
+            step_peak_bytes=step_peak,
+            process_peak_bytes=process_peak,
+            method=method,
+            device=device,
+            model=args.model,
+        )
+    )
     return 0
 
 

@@ -48,8 +48,9 @@ DEFAULT_HH = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "h
 def truncated(items, max_seq_len):
     out = []
     for it in items:
-        p, c, r, _ = truncate_pair(it["prompt_ids"], it["chosen_ids"], it["rejected_ids"], max_seq_len,
-                                   max_seq_len // 2)
+        p, c, r, _ = truncate_pair(
+            it["prompt_ids"], it["chosen_ids"], it["rejected_ids"], max_seq_len, max_seq_len // 2
+        )
         out.append({"prompt_ids": p, "chosen_ids": c, "rejected_ids": r})
     return out
 
@@ -64,27 +65,46 @@ def bpe_items(byte_items, byte_tok, vocab_size=8192):
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(BYTE_SPECIAL_TOKENS),
-                                                       show_progress=False))
+    bpe.train_from_iterator(
+        texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(BYTE_SPECIAL_TOKENS), show_progress=False)
+    )
     enc = lambda ids: bpe.encode(byte_tok.decode(ids)).ids  # noqa: E731
-    items = [{"prompt_ids": enc(it["prompt_ids"]), "chosen_ids": enc(it["chosen_ids"]),
-              "rejected_ids": enc(it["rejected_ids"])} for it in byte_items]
+    items = [
+        {
+            "prompt_ids": enc(it["prompt_ids"]),
+            "chosen_ids": enc(it["chosen_ids"]),
+            "rejected_ids": enc(it["rejected_ids"]),
+        }
+        for it in byte_items
+    ]
     return items, bpe.get_vocab_size()
 
 
 def layouts(items, batch_pairs, pack_size):
     """name -> list of collated batches covering every pair once."""
-    out = {"padded": [collate_preference_pairs(items[i:i + batch_pairs], pad_id=0)
-                      for i in range(0, len(items), batch_pairs)]}
+    out = {
+        "padded": [
+            collate_preference_pairs(items[i : i + batch_pairs], pad_id=0) for i in range(0, len(items), batch_pairs)
+        ]
+    }
     # Packs per batch chosen so a packed batch holds about as many tokens as a full padded one.
-    for name, algorithm, shared in (("packed FFD", "ffd", False), ("packed FFS", "ffs", False),
-                                    ("prefix-shared+FFD", "ffd", True)):
+    for name, algorithm, shared in (
+        ("packed FFD", "ffd", False),
+        ("packed FFS", "ffs", False),
+        ("prefix-shared+FFD", "ffd", True),
+    ):
         lengths = [pair_length(it, prefix_sharing=shared) for it in items]
         packs = pack_lengths(lengths, pack_size, algorithm, seed=0)
         per_batch = max(1, round(len(packs) / len(out["padded"])))
-        out[name] = [collate_packed([[items[i] for i in p] for p in packs[k:k + per_batch]], pad_id=0,
-                                    pack_size=pack_size, prefix_sharing=shared)
-                     for k in range(0, len(packs), per_batch)]
+        out[name] = [
+            collate_packed(
+                [[items[i] for i in p] for p in packs[k : k + per_batch]],
+                pad_id=0,
+                pack_size=pack_size,
+                prefix_sharing=shared,
+            )
+            for k in range(0, len(packs), per_batch)
+        ]
     return out
 
 
@@ -100,11 +120,22 @@ def dpo_step(model, batch, forward):
 def run_tokenizer(name, items, vocab_size, args):
     useful = {id(it): 2 * len(it["prompt_ids"]) + len(it["chosen_ids"]) + len(it["rejected_ids"]) for it in items}
     per_pair_useful = sum(useful.values()) / len(items)
-    print(f"\n== {name} tokenizer: {len(items)} pairs, {per_pair_useful:.0f} tokens/pair unpadded "
-          f"(prompt {sum(len(i['prompt_ids']) for i in items) / len(items):.0f}), pack size {args.pack_size}")
+    print(
+        f"\n== {name} tokenizer: {len(items)} pairs, {per_pair_useful:.0f} tokens/pair unpadded "
+        f"(prompt {sum(len(i['prompt_ids']) for i in items) / len(items):.0f}), pack size {args.pack_size}"
+    )
     torch.manual_seed(0)
-    model = lora_llama(vocab_size=vocab_size, dim=args.dim, n_layers=args.layers, n_heads=4, n_kv_heads=2,
-                       hidden_dim=4 * args.dim, max_seq_len=args.pack_size, rope_theta=10_000.0, lora_rank=8)
+    model = lora_llama(
+        vocab_size=vocab_size,
+        dim=args.dim,
+        n_layers=args.layers,
+        n_heads=4,
+        n_kv_heads=2,
+        hidden_dim=4 * args.dim,
+        max_seq_len=args.pack_size,
+        rope_theta=10_000.0,
+        lora_rank=8,
+    )
     all_batches = layouts(items, args.batch_pairs, args.pack_size)
     forwards = {name: policy_logps if name == "padded" else packed_policy_logps for name in all_batches}
     for name, batches in all_batches.items():
@@ -123,15 +154,27 @@ def run_tokenizer(name, items, vocab_size, args):
     for name, batches in all_batches.items():
         computed = sum(b["input_ids"].numel() for b in batches)
         real = sum(b["num_tokens"] for b in batches)
-        rows.append((name, computed / len(items), real / computed, useful_tokens / best[name],
-                     len(items) / best[name], sum(b["input_ids"].shape[0] for b in batches) / len(batches),
-                     max(b["input_ids"].shape[1] for b in batches)))
+        rows.append(
+            (
+                name,
+                computed / len(items),
+                real / computed,
+                useful_tokens / best[name],
+                len(items) / best[name],
+                sum(b["input_ids"].shape[0] for b in batches) / len(batches),
+                max(b["input_ids"].shape[1] for b in batches),
+            )
+        )
     base = rows[0][3]
-    print(f"{'layout':<20}{'tokens/pair':>12}{'occupancy':>10}{'pair-tok/s':>12}{'pairs/s':>9}{'vs padded':>10}"
-          f"{'rows':>6}{'width':>7}")
+    print(
+        f"{'layout':<20}{'tokens/pair':>12}{'occupancy':>10}{'pair-tok/s':>12}{'pairs/s':>9}{'vs padded':>10}"
+        f"{'rows':>6}{'width':>7}"
+    )
     for layout, per_pair, occ, tps, pps, nrows, width in rows:
-        print(f"{layout:<20}{per_pair:>12.0f}{occ:>10.3f}{tps:>12.0f}{pps:>9.2f}{tps / base:>9.2f}x"
-              f"{nrows:>6.0f}{width:>7}")
+        print(
+            f"{layout:<20}{per_pair:>12.0f}{occ:>10.3f}{tps:>12.0f}{pps:>9.2f}{tps / base:>9.2f}x"
+            f"{nrows:>6.0f}{width:>7}"
+        )
 
 
 def packing_speed(n=1_000_000, capacity=4096):
@@ -160,8 +203,7 @@ def packing_speed(n=1_000_000, capacity=4096):
             packs.append([i])
             room.append(capacity - small[i])
     naive = time.perf_counter() - started
-    print(f"first fit on 20,000 pairs: segment tree {tree:.3f} s vs linear scan {naive:.3f} s "
-          f"({naive / tree:.0f}x)")
+    print(f"first fit on 20,000 pairs: segment tree {tree:.3f} s vs linear scan {naive:.3f} s ({naive / tree:.0f}x)")
 
 
 def main():
@@ -177,8 +219,10 @@ def main():
     args = parser.parse_args()
     args.pack_size = 2 * args.max_seq_len
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; model dim {args.dim}, "
-          f"{args.layers} layers, LoRA r=8; {args.batch_pairs} pairs per padded batch")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; model dim {args.dim}, "
+        f"{args.layers} layers, LoRA r=8; {args.batch_pairs} pairs per padded batch"
+    )
 
     tok = byte_tokenizer()
     # Untruncated here; each tokenizer's pairs are truncated to max_seq_len of its own tokens.
@@ -186,13 +230,13 @@ def main():
     print(f"{args.hh}: {dataset.stats.summary()}")
     order = list(range(len(dataset)))
     random.Random(0).shuffle(order)
-    chosen = [dataset.items[i] for i in order[:args.pairs]]
+    chosen = [dataset.items[i] for i in order[: args.pairs]]
     run_tokenizer("byte", truncated(chosen, args.max_seq_len), tok.vocab_size, args)
     bpe, bpe_vocab = bpe_items(list(dataset.items), tok)
     if bpe is None:
         print("\n(no `tokenizers` library: BPE comparison skipped)")
     else:
-        bpe = truncated([bpe[i] for i in order[:args.pairs]], args.max_seq_len)
+        bpe = truncated([bpe[i] for i in order[: args.pairs]], args.max_seq_len)
         run_tokenizer(f"BPE ({bpe_vocab} vocab, trained on this file)", bpe, bpe_vocab, args)
     packing_speed()
 

@@ -30,9 +30,21 @@ PHASES = ("policy_s", "reference_s", "swap_s", "optimizer_s", "step_s")
 
 def run(strategy: str, args, output_dir: Path) -> tuple[dict, float | None]:
     command = [
-        sys.executable, "-m", "dpokit.cli", "run", "dpo_full_distributed", "--config", args.config,
-        "--nproc_per_node", str(args.nproc), f"output_dir={output_dir}", f"reference.strategy={strategy}",
-        f"max_steps={args.steps}", f"eval_every={10**9}", "checkpoint.every=0", "eval_batch_size=64",
+        sys.executable,
+        "-m",
+        "dpokit.cli",
+        "run",
+        "dpo_full_distributed",
+        "--config",
+        args.config,
+        "--nproc_per_node",
+        str(args.nproc),
+        f"output_dir={output_dir}",
+        f"reference.strategy={strategy}",
+        f"max_steps={args.steps}",
+        f"eval_every={10**9}",
+        "checkpoint.every=0",
+        "eval_batch_size=64",
     ]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
@@ -57,8 +69,10 @@ def main() -> None:
         for strategy in STRATEGIES:
             results[strategy], seconds = run(strategy, args, Path(tmp) / strategy)
             precompute = seconds if seconds is not None else precompute
-    print(f"dpo_full_distributed --config {args.config}, {args.nproc} ranks, mean over steps "
-          f"{args.warmup + 1}..{args.steps} (ms per optimizer step)")
+    print(
+        f"dpo_full_distributed --config {args.config}, {args.nproc} ranks, mean over steps "
+        f"{args.warmup + 1}..{args.steps} (ms per optimizer step)"
+    )
     print(f"{'phase':<12}" + "".join(f"{s:>14}" for s in STRATEGIES))
     for phase in PHASES:
         print(f"{phase[:-2]:<12}" + "".join(f"{1000 * results[s][phase]:>14.1f}" for s in STRATEGIES))
@@ -66,8 +80,10 @@ def main() -> None:
     print(f"{'step / swap':<12}" + "".join(f"{results[s]['step_s'] / base:>14.2f}" for s in STRATEGIES))
     if precompute is not None:
         steps_equiv = precompute / results["precomputed"]["step_s"]
-        print(f"precomputed: one-time pass over train + validation {precompute:.1f} s "
-              f"(= {steps_equiv:.0f} of its training steps)")
+        print(
+            f"precomputed: one-time pass over train + validation {precompute:.1f} s "
+            f"(= {steps_equiv:.0f} of its training steps)"
+        )
 
 
 if __name__ == "__main__":

@@ -44,8 +44,10 @@ def dpokit_variants(quick: bool) -> list[tuple[str, list[str]]]:
         ("dpokit prefix+ffd bf16-master", ["--layout", "prefix", "--dtype", "bf16m"]),
         ("dpokit prefix+ffd bf16-weights", ["--layout", "prefix", "--dtype", "bf16w"]),
         ("dpokit prefix+ffd bf16-master ref=swap", ["--layout", "prefix", "--dtype", "bf16m", "--reference", "swap"]),
-        ("dpokit prefix+ffd bf16-master ref=precomputed",
-         ["--layout", "prefix", "--dtype", "bf16m", "--reference", "precomputed"]),
+        (
+            "dpokit prefix+ffd bf16-master ref=precomputed",
+            ["--layout", "prefix", "--dtype", "bf16m", "--reference", "precomputed"],
+        ),
         ("dpokit prefix+ffd bf16-master compile", ["--layout", "prefix", "--dtype", "bf16m", "--compile"]),
     ]
     extra = [
@@ -95,8 +97,16 @@ def ensure_assets(args) -> dict:
     stamp_path = Path(args.assets) / "settings.json"
     if stamp_path.is_file() and json.loads(stamp_path.read_text()) == stamp:
         return json.loads((Path(args.assets) / "pairs.json").read_text())["meta"]
-    cmd = [sys.executable, str(HERE / "make_assets.py"), "--out", args.assets, "--model", args.model,
-           "--max-length", str(args.max_length)] + (["--synthetic"] if args.synthetic else [])
+    cmd = [
+        sys.executable,
+        str(HERE / "make_assets.py"),
+        "--out",
+        args.assets,
+        "--model",
+        args.model,
+        "--max-length",
+        str(args.max_length),
+    ] + (["--synthetic"] if args.synthetic else [])
     subprocess.run(cmd, check=True, cwd=HERE.parent, stdout=subprocess.DEVNULL)
     stamp_path.write_text(json.dumps(stamp))
     return json.loads((Path(args.assets) / "pairs.json").read_text())["meta"]
@@ -133,8 +143,11 @@ def fastest(results: list[dict], framework: str, dtype: str) -> dict | None:
 def throughput_table(results: list[dict], peak: dict) -> list[str]:
     """Markdown rows: tokens/s and its ratio to the fastest TRL / torchtune run of the same dtype
     class (fp32 or any bf16 mode), MFU, memory and its ratios to those same peer runs, logp check."""
-    lines = ["| run | useful tok/s | x TRL | x torchtune | MFU | peak mem GiB | mem / TRL | mem / torchtune "
-             "| step-1 mean logp(chosen) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| run | useful tok/s | x TRL | x torchtune | MFU | peak mem GiB | mem / TRL | mem / torchtune "
+        "| step-1 mean logp(chosen) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in results:
         dtype = dtype_class(r)
         trl, tt = fastest(results, "trl", dtype), fastest(results, "torchtune", dtype)
@@ -146,8 +159,9 @@ def throughput_table(results: list[dict], peak: dict) -> list[str]:
         logp = mean_first_logp(r)
         cells.append("-" if logp is None else f"{logp:.3f}")
         lines.append("| " + " | ".join(cells) + " |")
-    refs = [f"{f} {d}: {p['name']}" for d in ("fp32", "bf16") for f in ("trl", "torchtune")
-            if (p := fastest(results, f, d))]
+    refs = [
+        f"{f} {d}: {p['name']}" for d in ("fp32", "bf16") for f in ("trl", "torchtune") if (p := fastest(results, f, d))
+    ]
     if refs:
         lines += ["", "Ratios are to the fastest peer run of the same dtype class (" + "; ".join(refs) + ")."]
     return lines
@@ -164,37 +178,48 @@ def headline(results: list[dict], peak: dict) -> list[str]:
     for peer in ("trl", "torchtune"):
         if ours and peer in best:
             ratio = ours["tokens_per_s"] / best[peer]["tokens_per_s"]
-            lines.append(f"- best dpokit ({ours['name']}, {ours['tokens_per_s']:.1f} tok/s) / best {peer} "
-                         f"({best[peer]['name']}, {best[peer]['tokens_per_s']:.1f} tok/s) = **{ratio:.2f}x** "
-                         f"(goal >= 3x: {'met' if ratio >= 3 else 'missed'})")
+            lines.append(
+                f"- best dpokit ({ours['name']}, {ours['tokens_per_s']:.1f} tok/s) / best {peer} "
+                f"({best[peer]['name']}, {best[peer]['tokens_per_s']:.1f} tok/s) = **{ratio:.2f}x** "
+                f"(goal >= 3x: {'met' if ratio >= 3 else 'missed'})"
+            )
     for klass in ("fp32 updates", "bf16 updates"):  # like for like: the same update precision
         same = [r for r in results if precision_class(r) == klass]
         mine = max((r for r in same if r["framework"] == "dpokit"), key=lambda r: r["tokens_per_s"], default=None)
         for peer in ("trl", "torchtune"):
             theirs = max((r for r in same if r["framework"] == peer), key=lambda r: r["tokens_per_s"], default=None)
             if mine and theirs:
-                lines.append(f"- {klass}: {mine['name']} / {theirs['name']} = "
-                             f"**{mine['tokens_per_s'] / theirs['tokens_per_s']:.2f}x** tokens/s, "
-                             f"{mine['peak_memory_bytes'] / theirs['peak_memory_bytes']:.2f}x peak memory")
+                lines.append(
+                    f"- {klass}: {mine['name']} / {theirs['name']} = "
+                    f"**{mine['tokens_per_s'] / theirs['tokens_per_s']:.2f}x** tokens/s, "
+                    f"{mine['peak_memory_bytes'] / theirs['peak_memory_bytes']:.2f}x peak memory"
+                )
     bf16 = [r for r in results if r["framework"] == "dpokit" and dtype_class(r) == "bf16"]
     if bf16 and peak.get("bf16"):
         top = max(bf16, key=lambda r: r["model_flops_per_s"])
         mfu = top["model_flops_per_s"] / peak["bf16"]
-        lines.append(f"- best dpokit bf16 MFU: {top['name']}, {mfu:.1%} of the measured bf16 matmul peak "
-                     f"(goal >= 50%: {'met' if mfu >= 0.5 else 'missed'})")
+        lines.append(
+            f"- best dpokit bf16 MFU: {top['name']}, {mfu:.1%} of the measured bf16 matmul peak "
+            f"(goal >= 50%: {'met' if mfu >= 0.5 else 'missed'})"
+        )
     return lines
 
 
 def memory_table(points: list[dict]) -> list[str]:
-    lines = ["| seq len | vocab | step peak GiB, chunked | step peak GiB, full logits | ratio | process peak GiB "
-             "(chunked / full) |", "|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| seq len | vocab | step peak GiB, chunked | step peak GiB, full logits | ratio | process peak GiB "
+        "(chunked / full) |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
     keyed = {(p["seq_len"], p["vocab"], p["chunked"]): p for p in points}
     for seq_len, vocab in sorted({(p["seq_len"], p["vocab"]) for p in points}):
         on, off = keyed.get((seq_len, vocab, "on")), keyed.get((seq_len, vocab, "off"))
         ratio = f"{off['step_peak_bytes'] / on['step_peak_bytes']:.1f}x" if on and off else "-"
         procs = f"{gib(on and on['process_peak_bytes'])} / {gib(off and off['process_peak_bytes'])}"
-        lines.append(f"| {seq_len} | {vocab} | {gib(on and on['step_peak_bytes'])} | "
-                     f"{gib(off and off['step_peak_bytes'])} | {ratio} | {procs} |")
+        lines.append(
+            f"| {seq_len} | {vocab} | {gib(on and on['step_peak_bytes'])} | "
+            f"{gib(off and off['step_peak_bytes'])} | {ratio} | {procs} |"
+        )
     return lines
 
 
@@ -218,8 +243,12 @@ def main(argv=None) -> int:
     ap.add_argument("--memory-lengths", default="512,1024,2048")
     ap.add_argument("--memory-vocabs", default="32000,128256")
     ap.add_argument("--memory-batch-size", type=int, default=1, help="pairs per memory-sweep step")
-    ap.add_argument("--rounds", type=int, default=1,
-                    help="run the whole plan this many times, round-robin; each run keeps its fastest round")
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run the whole plan this many times, round-robin; each run keeps its fastest round",
+    )
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per run")
     ap.add_argument("--json", default=str(HERE / "results.json"))
     ap.add_argument("--markdown", default=None, help="also write the tables to this file")
@@ -227,22 +256,36 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     meta = ensure_assets(args)
-    print(f"workload: {meta['pairs']} pairs from {meta['source']}, max length {meta['max_length']}; "
-          f"model {args.model}; batch {args.batch_size} pairs x {args.steps} timed steps "
-          f"(+{args.warmup_steps} warmup)", flush=True)
-    common = ["--assets", args.assets, "--batch-size", str(args.batch_size), "--steps", str(args.steps),
-              "--warmup-steps", str(args.warmup_steps)] + (["--threads", str(args.threads)] if args.threads else [])
+    print(
+        f"workload: {meta['pairs']} pairs from {meta['source']}, max length {meta['max_length']}; "
+        f"model {args.model}; batch {args.batch_size} pairs x {args.steps} timed steps "
+        f"(+{args.warmup_steps} warmup)",
+        flush=True,
+    )
+    common = [
+        "--assets",
+        args.assets,
+        "--batch-size",
+        str(args.batch_size),
+        "--steps",
+        str(args.steps),
+        "--warmup-steps",
+        str(args.warmup_steps),
+    ] + (["--threads", str(args.threads)] if args.threads else [])
     threads = ["--threads", str(args.threads)] if args.threads else []
-    plan = [(name, [sys.executable, str(HERE / "dpokit_runner.py"), *flags, *common, "--name", name])
-            for name, flags in dpokit_variants(args.quick)]
+    plan = [
+        (name, [sys.executable, str(HERE / "dpokit_runner.py"), *flags, *common, "--name", name])
+        for name, flags in dpokit_variants(args.quick)
+    ]
     if not args.skip_peers:
         for name, venv, flags in peer_variants():
             python = VENVS / venv / "bin" / "python"
             if not python.is_file():
                 print(f"{name}: skipped, no {python} (run benchmarks/peers/setup_{venv}.sh)", flush=True)
                 continue
-            plan.append((name, [str(python), str(HERE / "peers" / f"{venv}_runner.py"), *flags, *common,
-                                "--name", name]))
+            plan.append(
+                (name, [str(python), str(HERE / "peers" / f"{venv}_runner.py"), *flags, *common, "--name", name])
+            )
     if args.only:
         plan = [(n, c) for n, c in plan if re.search(args.only, n)]
 
@@ -254,8 +297,10 @@ def main(argv=None) -> int:
                 print(f"running {name}{f' (round {round_ + 1})' if args.rounds > 1 else ''} ...", flush=True)
                 result = run(cmd, args.timeout, log)
                 if result:
-                    print(f"  {result['tokens_per_s']:.1f} useful tok/s, {gib(result['peak_memory_bytes'])} GiB",
-                          flush=True)
+                    print(
+                        f"  {result['tokens_per_s']:.1f} useful tok/s, {gib(result['peak_memory_bytes'])} GiB",
+                        flush=True,
+                    )
                     if result["tokens_per_s"] > best.get(name, {}).get("tokens_per_s", 0):
                         best[name] = result
         results = [best[name] for name, _ in plan if name in best]
@@ -265,25 +310,51 @@ def main(argv=None) -> int:
                 for seq_len in [int(v) for v in args.memory_lengths.split(",")]:
                     for chunked in ("on", "off"):
                         print(f"memory: seq {seq_len}, vocab {vocab}, chunked {chunked} ...", flush=True)
-                        point = run([sys.executable, str(HERE / "memory_runner.py"), "--model", args.model,
-                                     "--seq-len", str(seq_len), "--vocab", str(vocab), "--chunked", chunked,
-                                     "--batch-size", str(args.memory_batch_size), *threads], args.timeout, log)
+                        point = run(
+                            [
+                                sys.executable,
+                                str(HERE / "memory_runner.py"),
+                                "--model",
+                                args.model,
+                                "--seq-len",
+                                str(seq_len),
+                                "--vocab",
+                                str(vocab),
+                                "--chunked",
+                                chunked,
+                                "--batch-size",
+                                str(args.memory_batch_size),
+                                *threads,
+                            ],
+                            args.timeout,
+                            log,
+                        )
                         if point:
                             memory.append(point)
         peaks.append(run([sys.executable, str(HERE / "matmul_peak.py"), *threads], args.timeout, log))
     peaks = [p for p in peaks if p]
     peak = {d: max(p[d] for p in peaks) for d in ("fp32", "bf16")} if peaks else {}
 
-    lines = [f"Matmul peak (best of start/end of run): fp32 {peak.get('fp32', 0) / 1e12:.3f} TFLOP/s, "
-             f"bf16 {peak.get('bf16', 0) / 1e12:.3f} TFLOP/s", ""]
+    lines = [
+        f"Matmul peak (best of start/end of run): fp32 {peak.get('fp32', 0) / 1e12:.3f} TFLOP/s, "
+        f"bf16 {peak.get('bf16', 0) / 1e12:.3f} TFLOP/s",
+        "",
+    ]
     lines += throughput_table(results, peak)
     lines += ["", *headline(results, peak)]
     if memory:
-        lines += ["", f"Peak memory of one DPO step ({args.memory_batch_size} pairs, fp32, {memory[0]['method']}):",
-                  ""] + memory_table(memory)
+        lines += [
+            "",
+            f"Peak memory of one DPO step ({args.memory_batch_size} pairs, fp32, {memory[0]['method']}):",
+            "",
+        ] + memory_table(memory)
     print("\n" + "\n".join(lines))
-    Path(args.json).write_text(json.dumps({"workload": meta, "args": vars(args), "matmul_peak": peaks,
-                                           "throughput": results, "memory": memory}, indent=1))
+    Path(args.json).write_text(
+        json.dumps(
+            {"workload": meta, "args": vars(args), "matmul_peak": peaks, "throughput": results, "memory": memory},
+            indent=1,
+        )
+    )
     if args.markdown:
         Path(args.markdown).write_text("\n".join(lines) + "\n")
     return 0 if results else 1

@@ -33,6 +33,7 @@ RESULT_PREFIX = "BENCH_RESULT "
 
 # ----------------------------------------------------------------------------- workload files
 
+
 def read_workload(path: str | Path) -> dict:
     """The pairs file written by make_assets.py: {"pairs": [...], "meta": {...}}."""
     with open(path, encoding="utf-8") as f:
@@ -50,6 +51,7 @@ def step_slices(num_pairs: int, batch_size: int) -> list[range]:
 
 
 # ----------------------------------------------------------------------------- counting
+
 
 def useful_tokens(pair: dict) -> int:
     p, c, r = len(pair["prompt_ids"]), len(pair["chosen_ids"]), len(pair["rejected_ids"])
@@ -99,8 +101,9 @@ def attention_flops_per_pair(config: dict, pairs: int) -> int:
     return 4 * config["num_hidden_layers"] * heads * head_dim * pairs
 
 
-def step_model_flops(config: dict, pairs: list[dict], *, prefix_sharing: bool = False,
-                     reference_forward: bool = True) -> float:
+def step_model_flops(
+    config: dict, pairs: list[dict], *, prefix_sharing: bool = False, reference_forward: bool = True
+) -> float:
     """Model FLOPs of one DPO step over `pairs` (see the module docstring)."""
     n = matmul_params(config)
     tokens = sum(computed_tokens(p, prefix_sharing) for p in pairs)
@@ -111,6 +114,7 @@ def step_model_flops(config: dict, pairs: list[dict], *, prefix_sharing: bool = 
 
 
 # ----------------------------------------------------------------------------- measuring
+
 
 def max_rss_bytes() -> int:
     """Peak resident set size of this process so far (Linux reports KiB)."""
@@ -163,22 +167,40 @@ def emit(result: dict) -> None:
 def parse_result(stdout: str) -> dict | None:
     for line in reversed(stdout.splitlines()):
         if line.startswith(RESULT_PREFIX):
-            return json.loads(line[len(RESULT_PREFIX):])
+            return json.loads(line[len(RESULT_PREFIX) :])
     return None
 
 
-def throughput_result(*, name: str, framework: str, config: dict, pairs: list[dict], seconds: float,
-                      steps: int, device: str, prefix_sharing: bool = False, reference_forward: bool = True,
-                      losses: list[float] | None = None, **extra) -> dict:
+def throughput_result(
+    *,
+    name: str,
+    framework: str,
+    config: dict,
+    pairs: list[dict],
+    seconds: float,
+    steps: int,
+    device: str,
+    prefix_sharing: bool = False,
+    reference_forward: bool = True,
+    losses: list[float] | None = None,
+    **extra,
+) -> dict:
     """The dict every throughput runner emits."""
     flops = step_model_flops(config, pairs, prefix_sharing=prefix_sharing, reference_forward=reference_forward)
     return dict(
-        name=name, framework=framework, steps=steps, pairs=len(pairs), seconds=seconds,
+        name=name,
+        framework=framework,
+        steps=steps,
+        pairs=len(pairs),
+        seconds=seconds,
         useful_tokens=sum(useful_tokens(p) for p in pairs),
         computed_tokens=sum(computed_tokens(p, prefix_sharing) for p in pairs),
         tokens_per_s=sum(useful_tokens(p) for p in pairs) / seconds,
-        model_flops=flops, model_flops_per_s=flops / seconds,
-        peak_memory_bytes=peak_memory_bytes(device), memory_method="cuda max_memory_allocated"
-        if device.startswith("cuda") else "max RSS of the runner process",
-        losses=losses or [], device=device, **extra,
+        model_flops=flops,
+        model_flops_per_s=flops / seconds,
+        peak_memory_bytes=peak_memory_bytes(device),
+        memory_method="cuda max_memory_allocated" if device.startswith("cuda") else "max RSS of the runner process",
+        losses=losses or [],
+        device=device,
+        **extra,
     )

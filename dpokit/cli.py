@@ -139,14 +139,25 @@ def cmd_pack(args) -> int:
     except (ImportError, AttributeError, ValueError) as e:
         raise CliError(f"cannot build tokenizer {args.tokenizer!r}: {e}") from None
     try:
-        dataset = PreferenceDataset(args.input, tokenizer, max_seq_len=args.max_seq_len, format=args.format,
-                                    skip_invalid=args.skip_invalid)
-        packed = pack_preference_dataset(dataset, pack_size=args.pack_size, algorithm=args.algorithm,
-                                         prefix_sharing=args.prefix_sharing, seed=args.seed)
+        dataset = PreferenceDataset(
+            args.input, tokenizer, max_seq_len=args.max_seq_len, format=args.format, skip_invalid=args.skip_invalid
+        )
+        packed = pack_preference_dataset(
+            dataset,
+            pack_size=args.pack_size,
+            algorithm=args.algorithm,
+            prefix_sharing=args.prefix_sharing,
+            seed=args.seed,
+        )
     except DpokitError as e:
         raise CliError(e.message_with_fix("--skip-invalid" if e.fix_param == "skip_invalid" else None)) from None
-    path, stats_path = packed.save(args.output, source=str(args.input), tokenizer=args.tokenizer,
-                                   max_seq_len=args.max_seq_len, dataset=dataset.stats.summary())
+    path, stats_path = packed.save(
+        args.output,
+        source=str(args.input),
+        tokenizer=args.tokenizer,
+        max_seq_len=args.max_seq_len,
+        dataset=dataset.stats.summary(),
+    )
     print(f"{args.input}: {dataset.stats.summary()}")
     print(f"{packed.stats.summary()}\npacks: {path}\nstats: {stats_path}")
     return 0
@@ -176,8 +187,15 @@ def cmd_validate(args) -> int:
     try:
         tokenizer = load_tokenizer(args.tokenizer, args.template)
         report = validate_preference_file(
-            args.data, tokenizer, format=args.format, keys=keys, max_length=args.max_length,
-            max_prompt_length=args.max_prompt_length, batch_size=args.batch_size, pack_size=args.pack_size)
+            args.data,
+            tokenizer,
+            format=args.format,
+            keys=keys,
+            max_length=args.max_length,
+            max_prompt_length=args.max_prompt_length,
+            batch_size=args.batch_size,
+            pack_size=args.pack_size,
+        )
     except DpokitError as e:
         raise CliError(str(e)) from None
     print(json.dumps(report.as_dict()) if args.json else report.to_text(max_errors=args.max_errors))
@@ -222,8 +240,11 @@ def build_parser() -> argparse.ArgumentParser:
     ls = sub.add_parser("ls", help="list recipes and their configs", description="List recipes and configs.")
     ls.set_defaults(func=cmd_ls)
 
-    cp = sub.add_parser("cp", help="copy a recipe or config to customise it",
-                        description="Copy a recipe (NAME) or a config (RECIPE/CONFIG) to DESTINATION.")
+    cp = sub.add_parser(
+        "cp",
+        help="copy a recipe or config to customise it",
+        description="Copy a recipe (NAME) or a config (RECIPE/CONFIG) to DESTINATION.",
+    )
     cp.add_argument("name", help="recipe name, or RECIPE/CONFIG for a config")
     cp.add_argument("destination", help="file or directory to copy to")
     cp.add_argument("--force", action="store_true", help="overwrite an existing file")
@@ -233,53 +254,86 @@ def build_parser() -> argparse.ArgumentParser:
     cat.add_argument("name", help="RECIPE/CONFIG, e.g. dpo_lora_single_device/tiny")
     cat.set_defaults(func=cmd_cat)
 
-    pack = sub.add_parser("pack", help="pack a preference dataset offline",
-                          description="Tokenize a preference file and pack its pairs (chosen and rejected of a "
-                                      "pair stay in one pack); writes OUTPUT (JSONL, a pack per line) and "
-                                      "OUTPUT.stats.json. Recipes read it with dpokit.data.load_packed_dataset.")
+    pack = sub.add_parser(
+        "pack",
+        help="pack a preference dataset offline",
+        description="Tokenize a preference file and pack its pairs (chosen and rejected of a "
+        "pair stay in one pack); writes OUTPUT (JSONL, a pack per line) and "
+        "OUTPUT.stats.json. Recipes read it with dpokit.data.load_packed_dataset.",
+    )
     pack.add_argument("input", help="preference data: .jsonl, .jsonl.gz, .json or .parquet")
     pack.add_argument("output", help="packed dataset file to write (.jsonl)")
     pack.add_argument("--max-seq-len", type=int, required=True, help="truncate prompt+response to this length")
     pack.add_argument("--pack-size", type=int, required=True, help="tokens per pack (>= 2 x max-seq-len)")
-    pack.add_argument("--algorithm", choices=["ffd", "ffs"], default="ffd",
-                      help="first-fit-decreasing or first-fit-shuffle (default ffd)")
+    pack.add_argument(
+        "--algorithm",
+        choices=["ffd", "ffs"],
+        default="ffd",
+        help="first-fit-decreasing or first-fit-shuffle (default ffd)",
+    )
     pack.add_argument("--prefix-sharing", action="store_true", help="lay pairs out as [prompt][chosen][rejected]")
     pack.add_argument("--format", default="auto", help="data format (default: auto-detect)")
-    pack.add_argument("--tokenizer", default="dpokit.data.byte_tokenizer",
-                      help="dotted path of a zero-argument tokenizer builder (default dpokit.data.byte_tokenizer)")
+    pack.add_argument(
+        "--tokenizer",
+        default="dpokit.data.byte_tokenizer",
+        help="dotted path of a zero-argument tokenizer builder (default dpokit.data.byte_tokenizer)",
+    )
     pack.add_argument("--skip-invalid", action="store_true", help="skip and count malformed records")
     pack.add_argument("--seed", type=int, default=0, help="shuffle seed for ffs")
     pack.set_defaults(func=cmd_pack)
 
     validate = sub.add_parser(
-        "validate", help="check a preference dataset before training",
+        "validate",
+        help="check a preference dataset before training",
         description="Read DATA as training would, list every invalid record (file:line: field: reason) and "
-                    "count them by reason; for the valid pairs print token-length percentiles, how many pairs "
-                    "--max-length truncates, duplicates, and the padding of padded vs packed vs prefix-shared "
-                    "batches. Exit status: 0 every record valid, 1 some record invalid (or none at all), "
-                    "2 usage error.")
+        "count them by reason; for the valid pairs print token-length percentiles, how many pairs "
+        "--max-length truncates, duplicates, and the padding of padded vs packed vs prefix-shared "
+        "batches. Exit status: 0 every record valid, 1 some record invalid (or none at all), "
+        "2 usage error.",
+    )
     validate.add_argument("data", help="preference data: .jsonl, .jsonl.gz, .json or .parquet")
-    validate.add_argument("--format", default="auto",
-                          help="data format (default: auto-detect from the first record; a wrong name lists them)")
-    validate.add_argument("--tokenizer", default="byte",
-                          help="'byte' (default), a tokenizer.json or tokenizer.model file, or a checkpoint directory")
-    validate.add_argument("--template", help="chat template, e.g. llama3 or chatml; a wrong name lists them (default: "
-                                             "llama3 for byte / tokenizer.model, else the checkpoint's)")
-    validate.add_argument("--max-length", type=_positive_int,
-                          help="count pairs truncated to this many tokens (prompt + response), as max_seq_len")
-    validate.add_argument("--max-prompt-length", type=_positive_int,
-                          help="as max_prompt_len: the prompt is cut to this first (default max-length / 2)")
-    validate.add_argument("--key-names", action="append", metavar="FIELD=NAME[,...]",
-                          help="renamed fields, e.g. prompt=question,chosen=good (repeatable)")
+    validate.add_argument(
+        "--format",
+        default="auto",
+        help="data format (default: auto-detect from the first record; a wrong name lists them)",
+    )
+    validate.add_argument(
+        "--tokenizer",
+        default="byte",
+        help="'byte' (default), a tokenizer.json or tokenizer.model file, or a checkpoint directory",
+    )
+    validate.add_argument(
+        "--template",
+        help="chat template, e.g. llama3 or chatml; a wrong name lists them (default: "
+        "llama3 for byte / tokenizer.model, else the checkpoint's)",
+    )
+    validate.add_argument(
+        "--max-length",
+        type=_positive_int,
+        help="count pairs truncated to this many tokens (prompt + response), as max_seq_len",
+    )
+    validate.add_argument(
+        "--max-prompt-length",
+        type=_positive_int,
+        help="as max_prompt_len: the prompt is cut to this first (default max-length / 2)",
+    )
+    validate.add_argument(
+        "--key-names",
+        action="append",
+        metavar="FIELD=NAME[,...]",
+        help="renamed fields, e.g. prompt=question,chosen=good (repeatable)",
+    )
     validate.add_argument("--batch-size", type=_positive_int, default=8, help="pairs per padded batch (default 8)")
-    validate.add_argument("--pack-size", type=_positive_int,
-                          help="tokens per pack (default 2 x max-length, or 2 x the longest sequence)")
+    validate.add_argument(
+        "--pack-size", type=_positive_int, help="tokens per pack (default 2 x max-length, or 2 x the longest sequence)"
+    )
     validate.add_argument("--max-errors", type=int, default=20, help="invalid records to list (default 20)")
     validate.add_argument("--json", action="store_true", help="print one JSON object instead of the text report")
     validate.set_defaults(func=cmd_validate)
 
     download = sub.add_parser(
-        "download", help="download a model from the Hugging Face Hub",
+        "download",
+        help="download a model from the Hugging Face Hub",
         description="Download weights (safetensors), configs and tokenizer files of REPO_ID (token: $HF_TOKEN).",
     )
     download.add_argument("repo_id", help="e.g. meta-llama/Llama-3.2-1B-Instruct")

@@ -33,10 +33,10 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from dpokit.config import instantiate, recipe_main
 from dpokit.data import collate_preference_pairs, training_set
 from dpokit.errors import DpokitError
 from dpokit.losses import is_reference_free
-from dpokit.config import instantiate, recipe_main
 from dpokit.training import resolve_dtype, seed_everything, warmup_warning
 from dpokit.training.dist_checkpoint import save_full_model, write_hf_metadata
 from dpokit.training.dist_data import eval_batches, training_sampler
@@ -54,10 +54,33 @@ from dpokit.training.reference_cache import (
 )
 
 CONFIG_KEYS = (
-    "output_dir", "seed", "device", "dtype", "tokenizer", "model", "checkpoint_dir", "train_dataset",
-    "validation_dataset", "loss", "average_logps", "ld_alpha", "reference", "fsdp", "optimizer", "lr_scheduler",
-    "batch_size", "gradient_accumulation_steps", "epochs", "max_steps", "max_grad_norm", "eval_every",
-    "eval_batch_size", "checkpoint", "resume", "save_dtype", "packing",
+    "output_dir",
+    "seed",
+    "device",
+    "dtype",
+    "tokenizer",
+    "model",
+    "checkpoint_dir",
+    "train_dataset",
+    "validation_dataset",
+    "loss",
+    "average_logps",
+    "ld_alpha",
+    "reference",
+    "fsdp",
+    "optimizer",
+    "lr_scheduler",
+    "batch_size",
+    "gradient_accumulation_steps",
+    "epochs",
+    "max_steps",
+    "max_grad_norm",
+    "eval_every",
+    "eval_batch_size",
+    "checkpoint",
+    "resume",
+    "save_dtype",
+    "packing",
 )
 STRATEGIES = ("swap", "frozen", "precomputed", "none")
 
@@ -83,8 +106,11 @@ def build_sharded_model(cfg, env, *, trainable: bool, fingerprint: TensorFingerp
     model.to(resolve_dtype(cfg.dtype))  # master weights (fp32); still meta, so free
     param_dtype = resolve_dtype(cfg.fsdp.param_dtype) if cfg.fsdp.param_dtype else None
     shard_model(
-        model, param_dtype=param_dtype, reduce_dtype=resolve_dtype(cfg.fsdp.reduce_dtype),
-        cpu_offload=cfg.fsdp.cpu_offload, activation_checkpointing=trainable and cfg.fsdp.activation_checkpointing,
+        model,
+        param_dtype=param_dtype,
+        reduce_dtype=resolve_dtype(cfg.fsdp.reduce_dtype),
+        cpu_offload=cfg.fsdp.cpu_offload,
+        activation_checkpointing=trainable and cfg.fsdp.activation_checkpointing,
         compile_blocks=cfg.fsdp.compile,
     )
     materialize(model, "cpu" if cfg.fsdp.cpu_offload else env.device, buffer_device=env.device)
@@ -124,21 +150,27 @@ def train(cfg, env) -> None:
     train_set, packed = training_set(train_set, packer=packer, ld_alpha=cfg.ld_alpha)  # or a `dpokit pack` file
     train_pairs = train_set.pairs if packed else train_set  # what `pair_index` indexes
     sampler = training_sampler(
-        train_set, pad_id=tokenizer.pad_id, batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps, rank=env.rank, world_size=env.world_size,
+        train_set,
+        pad_id=tokenizer.pad_id,
+        batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        rank=env.rank,
+        world_size=env.world_size,
         seed=cfg.seed,
     )
     if packed:
         report.say(f"packing: {train_set.stats.summary()}")
     unused = f" ({sampler.unused_per_epoch} per epoch wait for a later epoch)" if sampler.unused_per_epoch else ""
-    report.say(f"{env.world_size} rank(s) on {env.device.type}; global batch {sampler.global_batch} "
-               f"{sampler.unit}{unused}")
+    report.say(
+        f"{env.world_size} rank(s) on {env.device.type}; global batch {sampler.global_batch} {sampler.unit}{unused}"
+    )
 
     # Model: the policy, sharded; its initial weights are also the reference's.
     fingerprint = TensorFingerprint() if cfg.reference.strategy == "precomputed" else None
     model = build_sharded_model(cfg, env, trainable=True, fingerprint=fingerprint)
-    report.say(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, "
-               f"sharded over {env.world_size} rank(s)")
+    report.say(
+        f"model: {sum(p.numel() for p in model.parameters()):,} parameters, sharded over {env.world_size} rank(s)"
+    )
     loss_fn = instantiate(cfg.loss)
     # Log-prob settings shared by the policy and every reference forward (ld_alpha: LD-DPO, None = off).
     logps_settings = {"average_logps": cfg.average_logps, "ld_alpha": cfg.ld_alpha}
@@ -164,18 +196,27 @@ def train(cfg, env) -> None:
         )
         started = time.perf_counter()
         tables, cached = precompute_reference_logps(
-            model, {"train": train_pairs, "validation": validation_set}, collate, cache_dir=cfg.reference.cache_dir,
-            key=key, batch_size=cfg.eval_batch_size, device=env.device, **logps_settings,
+            model,
+            {"train": train_pairs, "validation": validation_set},
+            collate,
+            cache_dir=cfg.reference.cache_dir,
+            key=key,
+            batch_size=cfg.eval_batch_size,
+            device=env.device,
+            **logps_settings,
         )
-        report.say(f"reference log-probs {'loaded from cache' if cached else 'precomputed'} in "
-                   f"{time.perf_counter() - started:.1f}s (cache key {key[:12]})")
+        report.say(
+            f"reference log-probs {'loaded from cache' if cached else 'precomputed'} in "
+            f"{time.perf_counter() - started:.1f}s (cache key {key[:12]})"
+        )
         reference, validation_reference = tables["train"], tables["validation"]
     else:
         reference = NoReference()
     validation_reference = validation_reference or reference
 
-    total_steps = total_training_steps(steps_per_epoch=sampler.steps_per_epoch, epochs=cfg.epochs,
-                                       max_steps=cfg.max_steps)
+    total_steps = total_training_steps(
+        steps_per_epoch=sampler.steps_per_epoch, epochs=cfg.epochs, max_steps=cfg.max_steps
+    )
     optimizer = instantiate(cfg.optimizer, model.parameters())
     scheduler = instantiate(cfg.lr_scheduler, optimizer, total_steps=total_steps)
     warning = warmup_warning(warmup_steps=cfg.lr_scheduler.get("warmup_steps", 0), total_steps=total_steps)
@@ -188,10 +229,13 @@ def train(cfg, env) -> None:
     report.start(total_steps=total_steps, start_step=start_step, resumed_from=checkpoints.resumed_from)
 
     def validate(step: int) -> None:
-        batches = eval_batches(validation_set, collate, batch_size=cfg.eval_batch_size, rank=env.rank,
-                               world_size=env.world_size)
-        report.validation(step, evaluate_distributed(model, validation_reference, batches, loss_fn,
-                                                     device=env.device, **logps_settings))
+        batches = eval_batches(
+            validation_set, collate, batch_size=cfg.eval_batch_size, rank=env.rank, world_size=env.world_size
+        )
+        report.validation(
+            step,
+            evaluate_distributed(model, validation_reference, batches, loss_fn, device=env.device, **logps_settings),
+        )
 
     if start_step == 0:
         validate(0)
@@ -202,18 +246,36 @@ def train(cfg, env) -> None:
         timer.begin_step()
         swap_before = swap_seconds.get("swap", 0.0)
         metrics, tokens = accumulate_gradients(
-            model, reference, sampler.next_step(), loss_fn, device=env.device, timer=timer, **logps_settings,
+            model,
+            reference,
+            sampler.next_step(),
+            loss_fn,
+            device=env.device,
+            timer=timer,
+            **logps_settings,
         )
         with timer("optimizer"):
             train_metrics = metrics.means()
             grad_norm, lr = clip_and_step(
-                model.parameters(), optimizer, scheduler, max_grad_norm=cfg.max_grad_norm,
-                loss=train_metrics["preference_loss"], step=step, last_checkpoint=checkpoints.latest,
+                model.parameters(),
+                optimizer,
+                scheduler,
+                max_grad_norm=cfg.max_grad_norm,
+                loss=train_metrics["preference_loss"],
+                step=step,
+                last_checkpoint=checkpoints.latest,
             )
             reshard(model)  # nothing gathered before the update may serve the next forward
         swap = swap_seconds.get("swap", 0.0) - swap_before  # spent inside the reference phase
-        report.train_step(step, train_metrics, lr=lr, grad_norm=grad_norm, tokens=tokens, seconds=timer.step_seconds(),
-                          phases={**timer.seconds, "reference": timer.seconds["reference"] - swap, "swap": swap})
+        report.train_step(
+            step,
+            train_metrics,
+            lr=lr,
+            grad_norm=grad_norm,
+            tokens=tokens,
+            seconds=timer.step_seconds(),
+            phases={**timer.seconds, "reference": timer.seconds["reference"] - swap, "swap": swap},
+        )
         if evaluation_due(step, every=cfg.eval_every, total_steps=total_steps):
             validate(step)
         if checkpoints.due(step):

@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from dpokit.config import instantiate, recipe_main
 from dpokit.data import collate_preference_pairs, training_set
 from dpokit.models import MergeRounding
-from dpokit.config import instantiate, recipe_main
 from dpokit.training import resolve_dtype, seed_everything, warmup_warning
 from dpokit.training.dist_checkpoint import save_hf_safetensors, write_hf_metadata
 from dpokit.training.dist_data import eval_batches, training_sampler
@@ -37,10 +37,32 @@ from dpokit.training.preference_step import StepTimer, accumulate_gradients, eva
 from dpokit.training.reference import AdapterOffReference
 
 CONFIG_KEYS = (
-    "output_dir", "seed", "device", "dtype", "tokenizer", "model", "checkpoint_dir", "train_dataset",
-    "validation_dataset", "loss", "average_logps", "ld_alpha", "fsdp", "optimizer", "lr_scheduler", "batch_size",
-    "gradient_accumulation_steps", "epochs", "max_steps", "max_grad_norm", "eval_every", "eval_batch_size",
-    "checkpoint", "resume", "save_dtype", "packing",
+    "output_dir",
+    "seed",
+    "device",
+    "dtype",
+    "tokenizer",
+    "model",
+    "checkpoint_dir",
+    "train_dataset",
+    "validation_dataset",
+    "loss",
+    "average_logps",
+    "ld_alpha",
+    "fsdp",
+    "optimizer",
+    "lr_scheduler",
+    "batch_size",
+    "gradient_accumulation_steps",
+    "epochs",
+    "max_steps",
+    "max_grad_norm",
+    "eval_every",
+    "eval_batch_size",
+    "checkpoint",
+    "resume",
+    "save_dtype",
+    "packing",
 )
 
 
@@ -65,8 +87,11 @@ def build_sharded_model(cfg, env):
     model.to(resolve_dtype(cfg.dtype))
     param_dtype = resolve_dtype(cfg.fsdp.param_dtype) if cfg.fsdp.param_dtype else None
     shard_model(
-        model, param_dtype=param_dtype, reduce_dtype=resolve_dtype(cfg.fsdp.reduce_dtype),
-        cpu_offload=cfg.fsdp.cpu_offload, activation_checkpointing=cfg.fsdp.activation_checkpointing,
+        model,
+        param_dtype=param_dtype,
+        reduce_dtype=resolve_dtype(cfg.fsdp.reduce_dtype),
+        cpu_offload=cfg.fsdp.cpu_offload,
+        activation_checkpointing=cfg.fsdp.activation_checkpointing,
         compile_blocks=cfg.fsdp.compile,
     )
     materialize(model, "cpu" if cfg.fsdp.cpu_offload else env.device, buffer_device=env.device)
@@ -85,8 +110,11 @@ def write_peft_adapter(model, adapters: dict, directory: Path, cfg) -> None:
     from dpokit.models.hf_checkpoint import peft_adapter_config, peft_key
 
     directory.mkdir(parents=True, exist_ok=True)
-    save_file({peft_key(k): v.contiguous() for k, v in adapters.items()}, directory / "adapter_model.safetensors",
-              metadata={"format": "pt"})
+    save_file(
+        {peft_key(k): v.contiguous() for k, v in adapters.items()},
+        directory / "adapter_model.safetensors",
+        metadata={"format": "pt"},
+    )
     config = peft_adapter_config(model, cfg.checkpoint_dir)
     (directory / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
@@ -115,28 +143,36 @@ def train(cfg, env) -> None:
     packer = None if cfg.packing is None else partial(instantiate, cfg.packing)  # `packing:` online
     train_set, packed = training_set(train_set, packer=packer, ld_alpha=cfg.ld_alpha)  # or a `dpokit pack` file
     sampler = training_sampler(
-        train_set, pad_id=tokenizer.pad_id, batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps, rank=env.rank, world_size=env.world_size,
+        train_set,
+        pad_id=tokenizer.pad_id,
+        batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        rank=env.rank,
+        world_size=env.world_size,
         seed=cfg.seed,
     )
     if packed:
         report.say(f"packing: {train_set.stats.summary()}")
     unused = f" ({sampler.unused_per_epoch} per epoch wait for a later epoch)" if sampler.unused_per_epoch else ""
-    report.say(f"{env.world_size} rank(s) on {env.device.type}; global batch {sampler.global_batch} "
-               f"{sampler.unit}{unused}")
+    report.say(
+        f"{env.world_size} rank(s) on {env.device.type}; global batch {sampler.global_batch} {sampler.unit}{unused}"
+    )
 
     # Model: frozen sharded base + trainable adapters; the reference is the same model, adapters off.
     model = build_sharded_model(cfg, env)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    report.say(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, "
-               f"{sum(p.numel() for p in trainable):,} trainable (LoRA), sharded over {env.world_size} rank(s)")
+    report.say(
+        f"model: {sum(p.numel() for p in model.parameters()):,} parameters, "
+        f"{sum(p.numel() for p in trainable):,} trainable (LoRA), sharded over {env.world_size} rank(s)"
+    )
     loss_fn = instantiate(cfg.loss)
     # Log-prob settings shared by the policy and the reference forward (ld_alpha: LD-DPO, None = off).
     logps_settings = {"average_logps": cfg.average_logps, "ld_alpha": cfg.ld_alpha}
     reference = AdapterOffReference(model, **logps_settings)
 
-    total_steps = total_training_steps(steps_per_epoch=sampler.steps_per_epoch, epochs=cfg.epochs,
-                                       max_steps=cfg.max_steps)
+    total_steps = total_training_steps(
+        steps_per_epoch=sampler.steps_per_epoch, epochs=cfg.epochs, max_steps=cfg.max_steps
+    )
     optimizer = instantiate(cfg.optimizer, trainable)
     scheduler = instantiate(cfg.lr_scheduler, optimizer, total_steps=total_steps)
     warning = warmup_warning(warmup_steps=cfg.lr_scheduler.get("warmup_steps", 0), total_steps=total_steps)
@@ -145,16 +181,19 @@ def train(cfg, env) -> None:
 
     # Resume: adapter + optimizer shards (the base is the initial checkpoint's), scheduler, data
     # position, RNG, step.
-    checkpoints = Checkpointer(cfg.checkpoint.dir, every=cfg.checkpoint.every, keep_last=cfg.checkpoint.keep_last,
-                               trainable_only=True)
+    checkpoints = Checkpointer(
+        cfg.checkpoint.dir, every=cfg.checkpoint.every, keep_last=cfg.checkpoint.keep_last, trainable_only=True
+    )
     start_step = checkpoints.resume(cfg.resume, model, optimizer, scheduler, sampler)
     report.start(total_steps=total_steps, start_step=start_step, resumed_from=checkpoints.resumed_from)
 
     def validate(step: int) -> None:
-        batches = eval_batches(validation_set, collate, batch_size=cfg.eval_batch_size, rank=env.rank,
-                               world_size=env.world_size)
-        report.validation(step, evaluate_distributed(model, reference, batches, loss_fn, device=env.device,
-                                                     **logps_settings))
+        batches = eval_batches(
+            validation_set, collate, batch_size=cfg.eval_batch_size, rank=env.rank, world_size=env.world_size
+        )
+        report.validation(
+            step, evaluate_distributed(model, reference, batches, loss_fn, device=env.device, **logps_settings)
+        )
 
     if start_step == 0:
         validate(0)
@@ -163,17 +202,35 @@ def train(cfg, env) -> None:
     for step in range(start_step + 1, total_steps + 1):
         timer.begin_step()
         metrics, tokens = accumulate_gradients(
-            model, reference, sampler.next_step(), loss_fn, device=env.device, timer=timer, **logps_settings,
+            model,
+            reference,
+            sampler.next_step(),
+            loss_fn,
+            device=env.device,
+            timer=timer,
+            **logps_settings,
         )
         with timer("optimizer"):
             train_metrics = metrics.means()
             grad_norm, lr = clip_and_step(
-                trainable, optimizer, scheduler, max_grad_norm=cfg.max_grad_norm,
-                loss=train_metrics["preference_loss"], step=step, last_checkpoint=checkpoints.latest,
+                trainable,
+                optimizer,
+                scheduler,
+                max_grad_norm=cfg.max_grad_norm,
+                loss=train_metrics["preference_loss"],
+                step=step,
+                last_checkpoint=checkpoints.latest,
             )
             reshard(model)  # nothing gathered before the update may serve the next forward
-        report.train_step(step, train_metrics, lr=lr, grad_norm=grad_norm, tokens=tokens, seconds=timer.step_seconds(),
-                          phases=timer.seconds)
+        report.train_step(
+            step,
+            train_metrics,
+            lr=lr,
+            grad_norm=grad_norm,
+            tokens=tokens,
+            seconds=timer.step_seconds(),
+            phases=timer.seconds,
+        )
         if evaluation_due(step, every=cfg.eval_every, total_steps=total_steps):
             validate(step)
         if checkpoints.due(step):
@@ -183,11 +240,14 @@ def train(cfg, env) -> None:
     # Final: the merged model (HF safetensors, gathered one module at a time) in final/, the adapter
     # alone (PEFT layout) in final/adapter/.
     rounding = MergeRounding()
-    final_dir = save_hf_safetensors(merged_full_tensors(model, dtype=resolve_dtype(cfg.save_dtype), rounding=rounding),
-                                    output_dir / "final")
+    final_dir = save_hf_safetensors(
+        merged_full_tensors(model, dtype=resolve_dtype(cfg.save_dtype), rounding=rounding), output_dir / "final"
+    )
     adapters = adapter_full_tensors(model)
-    report.say(f"merged model ({cfg.save_dtype}): {rounding.dropped:,} of {rounding.updated:,} updated weight entries "
-               f"({rounding.dropped_fraction:.1%}) rounded back to the base value")
+    report.say(
+        f"merged model ({cfg.save_dtype}): {rounding.dropped:,} of {rounding.updated:,} updated weight entries "
+        f"({rounding.dropped_fraction:.1%}) rounded back to the base value"
+    )
     if env.is_main:
         write_hf_metadata(model, final_dir, source_dir=cfg.checkpoint_dir, dtype=resolve_dtype(cfg.save_dtype))
         write_peft_adapter(model, adapters, final_dir / "adapter", cfg)

@@ -19,11 +19,11 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from dpokit.config import instantiate, recipe_main
 from dpokit.data import collate_packed, collate_preference_pairs, training_set
 from dpokit.errors import DpokitError
 from dpokit.losses import is_reference_free
 from dpokit.models import adapter_params, cast_base, parameter_summary
-from dpokit.config import instantiate, recipe_main
 from dpokit.training import (
     AdapterOffReference,
     JsonlLogger,
@@ -42,9 +42,29 @@ from dpokit.training import (
 )
 
 CONFIG_KEYS = (
-    "output_dir", "seed", "device", "dtype", "checkpoint_dir", "tokenizer", "model", "train_dataset", "validation_dataset",
-    "loss", "average_logps", "ld_alpha", "optimizer", "lr_scheduler", "batch_size", "gradient_accumulation_steps",
-    "epochs", "max_steps", "max_grad_norm", "eval_every", "eval_batch_size", "packing", "save_dtype",
+    "output_dir",
+    "seed",
+    "device",
+    "dtype",
+    "checkpoint_dir",
+    "tokenizer",
+    "model",
+    "train_dataset",
+    "validation_dataset",
+    "loss",
+    "average_logps",
+    "ld_alpha",
+    "optimizer",
+    "lr_scheduler",
+    "batch_size",
+    "gradient_accumulation_steps",
+    "epochs",
+    "max_steps",
+    "max_grad_norm",
+    "eval_every",
+    "eval_batch_size",
+    "packing",
+    "save_dtype",
 )
 
 
@@ -67,15 +87,23 @@ def main(cfg) -> None:
     train_set, packed = training_set(train_set, packer=packer, ld_alpha=cfg.ld_alpha)  # or a `dpokit pack` file
     if packed:
         print(f"packing: {train_set.stats.summary()}")
-        train_collate = partial(collate_packed, pad_id=tokenizer.pad_id, pack_size=train_set.pack_size,
-                                prefix_sharing=train_set.prefix_sharing)
+        train_collate = partial(
+            collate_packed,
+            pad_id=tokenizer.pad_id,
+            pack_size=train_set.pack_size,
+            prefix_sharing=train_set.prefix_sharing,
+        )
     else:
         train_collate = collate
     items_per_step = cfg.batch_size * cfg.gradient_accumulation_steps
     if len(train_set) < items_per_step:
         raise DpokitError(f"{train_set.path}: {len(train_set)} training items, fewer than one step's {items_per_step}")
     train_loader = DataLoader(
-        train_set, batch_size=cfg.batch_size, shuffle=True, drop_last=True, collate_fn=train_collate,
+        train_set,
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        drop_last=True,
+        collate_fn=train_collate,
         generator=data_generator,
     )
     validation_loader = DataLoader(validation_set, batch_size=cfg.eval_batch_size, collate_fn=collate)
@@ -105,7 +133,12 @@ def main(cfg) -> None:
 
     def validate(step: int) -> dict:
         metrics = evaluate_preference(
-            model, reference, validation_loader, loss_fn, device=device, average_logps=cfg.average_logps,
+            model,
+            reference,
+            validation_loader,
+            loss_fn,
+            device=device,
+            average_logps=cfg.average_logps,
             ld_alpha=cfg.ld_alpha,
         )
         log.log({"step": step, "split": "validation", **metrics})
@@ -132,11 +165,19 @@ def main(cfg) -> None:
             metrics.add(out, policy.chosen, policy.rejected)
             tokens += batch["num_tokens"]
         train = metrics.means()
-        grad_norm, lr = clip_and_step(trainable, optimizer, scheduler, max_grad_norm=cfg.max_grad_norm,
-                                      loss=train["preference_loss"], step=step)
+        grad_norm, lr = clip_and_step(
+            trainable, optimizer, scheduler, max_grad_norm=cfg.max_grad_norm, loss=train["preference_loss"], step=step
+        )
 
-        record = {"step": step, "split": "train", "loss": train["loss"], **train, "lr": lr,
-                  "grad_norm": grad_norm, "tokens_per_s": tokens / (time.perf_counter() - started)}
+        record = {
+            "step": step,
+            "split": "train",
+            "loss": train["loss"],
+            **train,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens_per_s": tokens / (time.perf_counter() - started),
+        }
         log.log(record)
         progress.update()
         progress.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['acc']:.2f}", refresh=False)
@@ -149,8 +190,13 @@ def main(cfg) -> None:
     # With an HF checkpoint_dir, the output is a complete HF folder (its config and tokenizer files
     # too). The merge is fp32; a bf16 save_dtype is measured on a few validation sequences.
     probe_sequences = list(next(iter(validation_loader))["input_ids"][:4])
-    export = save_lora_checkpoint(model, output_dir / "final", source_dir=cfg.checkpoint_dir,
-                                  dtype=resolve_dtype(cfg.save_dtype), probe_sequences=probe_sequences)
+    export = save_lora_checkpoint(
+        model,
+        output_dir / "final",
+        source_dir=cfg.checkpoint_dir,
+        dtype=resolve_dtype(cfg.save_dtype),
+        probe_sequences=probe_sequences,
+    )
     print(export.summary())
     print(f"validation accuracy {first_val_acc:.3f} -> {val['acc']:.3f}")
     print(f"metrics: {log.path}\ncheckpoint: {export.directory}\noutput directory: {output_dir.resolve()}")

@@ -28,10 +28,27 @@ from dpokit.data.tokenizer import TEMPLATES, Tokenizer
 def hard_texts(seed: int = 0) -> list[str]:
     rng = random.Random(seed)
     texts = [
-        "a\x04b", "\x04", "x\x06\x13\x14y", "ab\x04ab\x04ab", "  \x04  ", "1\x0423", "héllo\x7fwörld",
-        "ababababab", "aaaaaaaaaaaaaaaaaaaaaaa", " " * 40 + "x", "\t\t\t\t\t  \n\n\n   \t", "x" + " " * 33 + "y",
-        "<|im_end|> typed by a user", "<|endoftext|>", "Ünïcödé 漢字 العربية हिन्दी 🙂🙂", "e\u0301 \u212b",
-        "  leading", "trailing   ", "line\r\nbreaks\r\n\r\n", "1234567890 3.14159 1e-9", "don't I'LL we'Re",
+        "a\x04b",
+        "\x04",
+        "x\x06\x13\x14y",
+        "ab\x04ab\x04ab",
+        "  \x04  ",
+        "1\x0423",
+        "héllo\x7fwörld",
+        "ababababab",
+        "aaaaaaaaaaaaaaaaaaaaaaa",
+        " " * 40 + "x",
+        "\t\t\t\t\t  \n\n\n   \t",
+        "x" + " " * 33 + "y",
+        "<|im_end|> typed by a user",
+        "<|endoftext|>",
+        "Ünïcödé 漢字 العربية हिन्दी 🙂🙂",
+        "e\u0301 \u212b",
+        "  leading",
+        "trailing   ",
+        "line\r\nbreaks\r\n\r\n",
+        "1234567890 3.14159 1e-9",
+        "don't I'LL we'Re",
     ]
     alphabet = "ab \t\n\x04\x06xyz0123.,'!é漢🙂\x13\x7f"
     for _ in range(400):
@@ -56,8 +73,7 @@ def llama3_tokenizer_json(folder: Path, out_dir: Path) -> Path | None:
     from dpokit.data.hf_tokenizer import LLAMA3_PATTERN, llama3_special_tokens
 
     specials = llama3_special_tokens(128000)
-    converter = TikTokenConverter(vocab_file=str(model), pattern=LLAMA3_PATTERN,
-                                  extra_special_tokens=list(specials))
+    converter = TikTokenConverter(vocab_file=str(model), pattern=LLAMA3_PATTERN, extra_special_tokens=list(specials))
     path = out_dir / f"{folder.name}-tokenizer.json"
     converter.converted().save(str(path))
     return path
@@ -77,8 +93,10 @@ def compare(tokenizer_json: Path, texts: list[str]) -> str:
     differ = [t for t in texts if ours.encode(t) != reference.encode(t, add_special_tokens=False).ids]
     special_text = [t for t in differ if ours.special_token_text(t)]
     other = [t for t in differ if not ours.special_token_text(t)]
-    line = (f"loaded ({len(info['missing_bytes'])} missing bytes): ids differ on {len(other)} of {len(texts)} texts"
-            f" (+{len(special_text)} with special-token text, encoded as plain text by design)")
+    line = (
+        f"loaded ({len(info['missing_bytes'])} missing bytes): ids differ on {len(other)} of {len(texts)} texts"
+        f" (+{len(special_text)} with special-token text, encoded as plain text by design)"
+    )
     if other:
         line += f"; e.g. {other[0][:60]!r}"
     return line

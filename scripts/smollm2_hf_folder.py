@@ -49,10 +49,12 @@ def stock_pre_tokenizer():
     turns into a plain ByteLevel pre-tokenizer (digit runs would merge, unlike the real SmolLM2)."""
     from tokenizers import pre_tokenizers
 
-    return pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-    ])
+    return pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
 
 
 def gguf_path() -> Path:
@@ -89,7 +91,10 @@ def build(out_dir: str | Path) -> Path:
     # dequantize=True gives plain nn.Linear layers and no quantizer on the model; without it
     # transformers 5 keeps a GGUF quantizer attached and save_pretrained refuses ("not serializable").
     model = AutoModelForCausalLM.from_pretrained(
-        source.parent, gguf_file=source.name, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True),
+        source.parent,
+        gguf_file=source.name,
+        dtype=torch.float32,
+        quantization_config=GgufConfig(dequantize=True),
     )
     tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
     tokenizer.backend_tokenizer.pre_tokenizer = stock_pre_tokenizer()

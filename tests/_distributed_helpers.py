@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
-from safetensors import safe_open
 from omegaconf import DictConfig, OmegaConf
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from dpokit.data import collate_preference_pairs
@@ -22,8 +22,9 @@ from dpokit.data.synthetic import case_following_pairs
 from dpokit.losses import dpo_loss
 from dpokit.models import llama
 
-TINY = dict(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, max_seq_len=64,
-            rope_theta=10_000.0)
+TINY = dict(
+    vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, max_seq_len=64, rope_theta=10_000.0
+)
 PAD = 0
 FULL_RECIPE_CONFIG = Path(__file__).resolve().parents[1] / "recipes" / "configs" / "dpo_full_distributed" / "tiny.yaml"
 
@@ -38,8 +39,14 @@ def synthetic_pairs(n: int, seed: int = 0) -> list[dict]:
     def ids(k):
         return [rng.randrange(1, TINY["vocab_size"]) for _ in range(k)]
 
-    return [{"prompt_ids": ids(rng.randint(3, 8)), "chosen_ids": ids(rng.randint(2, 6)),
-             "rejected_ids": ids(rng.randint(2, 6))} for _ in range(n)]
+    return [
+        {
+            "prompt_ids": ids(rng.randint(3, 8)),
+            "chosen_ids": ids(rng.randint(2, 6)),
+            "rejected_ids": ids(rng.randint(2, 6)),
+        }
+        for _ in range(n)
+    ]
 
 
 collate = partial(collate_preference_pairs, pad_id=PAD)
@@ -70,8 +77,9 @@ def free_port() -> int:
 
 
 def _entry(rank: int, world_size: int, port: int, fn, args) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     torch.set_num_threads(1)
     from dpokit.training.distributed import destroy_distributed, exit_worker, init_distributed
 
@@ -90,8 +98,9 @@ def spawn(fn, world_size: int, *args) -> None:
     mp.spawn(_entry, args=(world_size, free_port(), fn, args), nprocs=world_size, join=True)
 
 
-def make_model(checkpoint: Path, *, sharded: bool, trainable: bool = True,
-               activation_checkpointing: bool = False) -> torch.nn.Module:
+def make_model(
+    checkpoint: Path, *, sharded: bool, trainable: bool = True, activation_checkpointing: bool = False
+) -> torch.nn.Module:
     """The checkpoint's model: plain (loaded the ordinary way) or meta-built, FSDP2-sharded and
     loaded rank-locally through the seam under test."""
     from dpokit.training.fsdp import load_into_shards, materialize, shard_model
@@ -109,9 +118,8 @@ def make_model(checkpoint: Path, *, sharded: bool, trainable: bool = True,
 
 
 def make_reference(strategy: str, policy, checkpoint: Path, pairs, *, sharded: bool):
-    from dpokit.training.reference import FrozenCopyReference, StateDictSwapReference
+    from dpokit.training.reference import FrozenCopyReference, PrecomputedReference, StateDictSwapReference
     from dpokit.training.reference_cache import compute_reference_logps
-    from dpokit.training.reference import PrecomputedReference
 
     if strategy == "swap":
         return StateDictSwapReference(policy)
@@ -123,8 +131,18 @@ def make_reference(strategy: str, policy, checkpoint: Path, pairs, *, sharded: b
     raise ValueError(strategy)
 
 
-def train_trajectory(checkpoint: Path, strategy: str, *, sharded: bool, rank: int, world_size: int, steps: int,
-                     batch_size: int, accumulation: int, num_pairs: int = 48) -> dict:
+def train_trajectory(
+    checkpoint: Path,
+    strategy: str,
+    *,
+    sharded: bool,
+    rank: int,
+    world_size: int,
+    steps: int,
+    batch_size: int,
+    accumulation: int,
+    num_pairs: int = 48,
+) -> dict:
     """`steps` SGD steps of DPO; returns per-step (rank-reduced) losses and grad norms and the
     final full weights."""
     from dpokit.training.dist_data import GlobalBatchSampler
@@ -138,8 +156,15 @@ def train_trajectory(checkpoint: Path, strategy: str, *, sharded: bool, rank: in
     # SGD: Adam's m / sqrt(v) turns 1e-9 differences in a near-zero gradient into lr-sized ones,
     # which would make the weight comparison test Adam rather than the distributed step.
     optimizer = torch.optim.SGD(policy.parameters(), lr=5.0)
-    sampler = GlobalBatchSampler(pairs, collate, batch_size=batch_size, gradient_accumulation_steps=accumulation,
-                                 rank=rank, world_size=world_size, seed=0)
+    sampler = GlobalBatchSampler(
+        pairs,
+        collate,
+        batch_size=batch_size,
+        gradient_accumulation_steps=accumulation,
+        rank=rank,
+        world_size=world_size,
+        seed=0,
+    )
     losses, grad_norms = [], []
     for _ in range(steps):
         metrics, _ = accumulate_gradients(policy, reference, sampler.next_step(), loss_fn, device=torch.device("cpu"))
@@ -178,8 +203,17 @@ def make_lora_model(checkpoint: Path, *, sharded: bool) -> torch.nn.Module:
     return model
 
 
-def train_lora_trajectory(checkpoint: Path, *, sharded: bool, rank: int, world_size: int, steps: int,
-                          batch_size: int, accumulation: int, num_pairs: int = 48) -> dict:
+def train_lora_trajectory(
+    checkpoint: Path,
+    *,
+    sharded: bool,
+    rank: int,
+    world_size: int,
+    steps: int,
+    batch_size: int,
+    accumulation: int,
+    num_pairs: int = 48,
+) -> dict:
     """Like `train_trajectory` for LoRA with the adapter-off reference; returns the merged weights."""
     from dpokit.models import merged_state_dict
     from dpokit.training.dist_data import GlobalBatchSampler
@@ -191,8 +225,15 @@ def train_lora_trajectory(checkpoint: Path, *, sharded: bool, rank: int, world_s
     model = make_lora_model(checkpoint, sharded=sharded)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(trainable, lr=5.0)
-    sampler = GlobalBatchSampler(pairs, collate, batch_size=batch_size, gradient_accumulation_steps=accumulation,
-                                 rank=rank, world_size=world_size, seed=0)
+    sampler = GlobalBatchSampler(
+        pairs,
+        collate,
+        batch_size=batch_size,
+        gradient_accumulation_steps=accumulation,
+        rank=rank,
+        world_size=world_size,
+        seed=0,
+    )
     reference = AdapterOffReference(model)
     losses = []
     for _ in range(steps):
@@ -209,8 +250,17 @@ def small_full_recipe_config(tmp_path: Path, *, train_pairs: int, batch_size: in
     `train_pairs` / 8 bundled-style pairs (written under `tmp_path`), gradient accumulation 2,
     4 steps, a checkpoint every 2 steps, no validation before the end."""
     cfg = OmegaConf.load(FULL_RECIPE_CONFIG)
-    cfg.model = {"_component_": "dpokit.models.llama", "vocab_size": 272, "dim": 32, "n_layers": 2, "n_heads": 4,
-                 "n_kv_heads": 2, "hidden_dim": 64, "max_seq_len": 128, "rope_theta": 10000.0}
+    cfg.model = {
+        "_component_": "dpokit.models.llama",
+        "vocab_size": 272,
+        "dim": 32,
+        "n_layers": 2,
+        "n_heads": 4,
+        "n_kv_heads": 2,
+        "hidden_dim": 64,
+        "max_seq_len": 128,
+        "rope_theta": 10000.0,
+    }
     for name, n, seed in (("train_dataset", train_pairs, 0), ("validation_dataset", 8, 1)):
         path = tmp_path / f"{name}.jsonl"
         path.write_text("".join(json.dumps(p) + "\n" for p in case_following_pairs(n, seed)))

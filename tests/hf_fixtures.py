@@ -12,23 +12,72 @@ COMMON = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_la
 
 # name -> (config class, config kwargs): every feature the parity tests must cover.
 FAMILIES = {
-    "llama3_gqa": ("LlamaConfig", dict(COMMON, num_attention_heads=4, num_key_value_heads=2, rope_theta=500_000.0,
-                                       rms_norm_eps=1e-5)),
-    "llama3_1_rope_scaling": ("LlamaConfig", dict(
-        COMMON, num_attention_heads=4, num_key_value_heads=2, rope_theta=500_000.0, rms_norm_eps=1e-5,
-        rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                          original_max_position_embeddings=16))),
-    "llama3_2_tied_head_dim": ("LlamaConfig", dict(
-        COMMON, num_attention_heads=4, num_key_value_heads=1, head_dim=32, rope_theta=500_000.0, rms_norm_eps=1e-5,
-        tie_word_embeddings=True,
-        rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                          original_max_position_embeddings=16))),
-    "qwen2_5_tied_bias": ("Qwen2Config", dict(COMMON, num_attention_heads=4, num_key_value_heads=2,
-                                              rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=True)),
-    "qwen2_5_untied_bias": ("Qwen2Config", dict(COMMON, num_attention_heads=4, num_key_value_heads=2,
-                                                rope_theta=1_000_000.0, rms_norm_eps=1e-6)),
-    "smollm2_tied_mha": ("LlamaConfig", dict(COMMON, num_attention_heads=4, num_key_value_heads=4,
-                                             rope_theta=100_000.0, rms_norm_eps=1e-5, tie_word_embeddings=True)),
+    "llama3_gqa": (
+        "LlamaConfig",
+        dict(COMMON, num_attention_heads=4, num_key_value_heads=2, rope_theta=500_000.0, rms_norm_eps=1e-5),
+    ),
+    "llama3_1_rope_scaling": (
+        "LlamaConfig",
+        dict(
+            COMMON,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rope_theta=500_000.0,
+            rms_norm_eps=1e-5,
+            rope_scaling=dict(
+                rope_type="llama3",
+                factor=8.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=16,
+            ),
+        ),
+    ),
+    "llama3_2_tied_head_dim": (
+        "LlamaConfig",
+        dict(
+            COMMON,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            head_dim=32,
+            rope_theta=500_000.0,
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=True,
+            rope_scaling=dict(
+                rope_type="llama3",
+                factor=32.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=16,
+            ),
+        ),
+    ),
+    "qwen2_5_tied_bias": (
+        "Qwen2Config",
+        dict(
+            COMMON,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rope_theta=1_000_000.0,
+            rms_norm_eps=1e-6,
+            tie_word_embeddings=True,
+        ),
+    ),
+    "qwen2_5_untied_bias": (
+        "Qwen2Config",
+        dict(COMMON, num_attention_heads=4, num_key_value_heads=2, rope_theta=1_000_000.0, rms_norm_eps=1e-6),
+    ),
+    "smollm2_tied_mha": (
+        "LlamaConfig",
+        dict(
+            COMMON,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            rope_theta=100_000.0,
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=True,
+        ),
+    ),
 }
 
 
@@ -64,17 +113,31 @@ def write_tokenizer(directory, chat_template: str, vocab_size: int = 96, **confi
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(r"\p{L}+|\p{N}|\s+|[^\s\p{L}\p{N}]+"), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(r"\p{L}+|\p{N}|\s+|[^\s\p{L}\p{N}]+"), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     # 256 byte tokens do not fit a 96-token model, so the tiny checkpoints use a bigger vocabulary:
     # callers pass vocab_size >= 300 for real tokenizers; the model fixtures below do so.
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size - 8, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size - 8, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
     tok.train_from_iterator(["hello world 123, UPPER lower case"] * 10, trainer)
-    tok.add_special_tokens(["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
-                            "<|eot_id|>", "<|im_start|>", "<|im_end|>", "<|endoftext|>"])
+    tok.add_special_tokens(
+        [
+            "<|begin_of_text|>",
+            "<|end_of_text|>",
+            "<|start_header_id|>",
+            "<|end_header_id|>",
+            "<|eot_id|>",
+            "<|im_start|>",
+            "<|im_end|>",
+            "<|endoftext|>",
+        ]
+    )
     tok.save(str(directory / "tokenizer.json"))
     import json
 
@@ -93,8 +156,8 @@ LLAMA3_JINJA = (
 QWEN2_5_JINJA = (
     "{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}"
     "{%- else %}{{- '<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant."
-    "<|im_end|>\n' }}{%- endif %}{%- for message in messages %}{%- if (message.role == \"user\") or "
-    "(message.role == \"system\" and not loop.first) or (message.role == \"assistant\") %}{{- '<|im_start|>' + "
+    '<|im_end|>\n\' }}{%- endif %}{%- for message in messages %}{%- if (message.role == "user") or '
+    '(message.role == "system" and not loop.first) or (message.role == "assistant") %}{{- \'<|im_start|>\' + '
     "message.role + '\n' + message.content + '<|im_end|>' + '\n' }}{%- endif %}{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
 )

@@ -28,8 +28,14 @@ def random_pairs(n: int, seed: int) -> list[dict]:
     def ids(k):
         return [rng.randrange(2, 50) for _ in range(k)]
 
-    return [{"prompt_ids": ids(rng.randint(1, 9)), "chosen_ids": ids(rng.randint(1, 7)),
-             "rejected_ids": ids(rng.randint(1, 7))} for _ in range(n)]
+    return [
+        {
+            "prompt_ids": ids(rng.randint(1, 9)),
+            "chosen_ids": ids(rng.randint(1, 7)),
+            "rejected_ids": ids(rng.randint(1, 7)),
+        }
+        for _ in range(n)
+    ]
 
 
 @pytest.mark.parametrize("prefix_sharing", [False, True])
@@ -46,16 +52,28 @@ def test_visible_pairs_and_tokens_match_dpokit_packed_layout(prefix_sharing):
 
 def test_matmul_params_counts_every_linear_of_the_model():
     config = make_assets.hf_config("tiny", 64)
-    model = llama(vocab_size=config["vocab_size"], dim=config["hidden_size"], n_layers=config["num_hidden_layers"],
-                  n_heads=config["num_attention_heads"], n_kv_heads=config["num_key_value_heads"],
-                  hidden_dim=config["intermediate_size"], max_seq_len=64)
+    model = llama(
+        vocab_size=config["vocab_size"],
+        dim=config["hidden_size"],
+        n_layers=config["num_hidden_layers"],
+        n_heads=config["num_attention_heads"],
+        n_kv_heads=config["num_key_value_heads"],
+        hidden_dim=config["intermediate_size"],
+        max_seq_len=64,
+    )
     linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
     assert shared_io.matmul_params(config) == linear
 
 
 def test_step_model_flops_by_hand():
-    config = {"hidden_size": 8, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
-              "intermediate_size": 16, "vocab_size": 10}
+    config = {
+        "hidden_size": 8,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "intermediate_size": 16,
+        "vocab_size": 10,
+    }
     # per layer: q 8*8 + o 8*8 + k 8*4 + v 8*4 = 192; mlp 3*8*16 = 384; head 8*10 = 80
     n = 2 * (192 + 384) + 80
     assert shared_io.matmul_params(config) == n == 1232
@@ -80,7 +98,7 @@ def test_truncate_fits_keeps_prompt_end_and_response_start(seed):
         p, c, r = ([rng.randrange(100) for _ in range(rng.randint(1, 60))] for _ in range(3))
         tp, tc, tr = make_assets.truncate(p, c, r, max_length)
         assert len(tp) + max(len(tc), len(tr)) <= max_length and min(len(tp), len(tc), len(tr)) >= 1
-        assert tp == p[len(p) - len(tp):] and tc == c[: len(tc)] and tr == r[: len(tr)]
+        assert tp == p[len(p) - len(tp) :] and tc == c[: len(tc)] and tr == r[: len(tr)]
         if len(p) + max(len(c), len(r)) <= max_length:
             assert (tp, tc, tr) == (p, c, r)
 

@@ -120,7 +120,9 @@ def test_shape_errors_are_clear():
         chunked_token_logps(hidden, weight, labels[:3])
 
 
-TINY = dict(vocab_size=61, dim=32, n_layers=1, n_heads=4, n_kv_heads=2, hidden_dim=48, max_seq_len=32, rope_theta=10_000.0)
+TINY = dict(
+    vocab_size=61, dim=32, n_layers=1, n_heads=4, n_kv_heads=2, hidden_dim=48, max_seq_len=32, rope_theta=10_000.0
+)
 
 
 def batch(seed=0):

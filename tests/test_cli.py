@@ -39,8 +39,19 @@ def test_demo_learns_the_bundled_task_and_writes_metrics_and_checkpoint(tmp_path
     assert validation[0]["step"] == 0 and validation[0]["acc"] == 0.5  # policy == reference
     assert validation[-1]["acc"] >= 0.9
     assert [r["step"] for r in train] == list(range(1, len(train) + 1))
-    for name in ("loss", "preference_loss", "acc", "rewards_chosen_mean", "rewards_rejected_mean", "reward_margin",
-                 "logps_chosen", "logps_rejected", "lr", "grad_norm", "tokens_per_s"):
+    for name in (
+        "loss",
+        "preference_loss",
+        "acc",
+        "rewards_chosen_mean",
+        "rewards_rejected_mean",
+        "reward_margin",
+        "logps_chosen",
+        "logps_rejected",
+        "lr",
+        "grad_norm",
+        "tokens_per_s",
+    ):
         assert name in train[-1], name
     assert train[-1]["loss"] < train[0]["loss"]
 
@@ -74,8 +85,11 @@ def test_cp_then_run_the_copies(tmp_path):
     again = dpokit("cp", "dpo_lora_single_device", str(tmp_path / "my_dpo.py"))
     assert again.returncode == 2 and "exists" in again.stderr
     result = subprocess.run(
-        ["dpokit", "run", "./my_dpo.py", "--config", "./tiny.yaml", "max_steps=2", "eval_every=1",
-         "output_dir=out"], capture_output=True, text=True, cwd=tmp_path)
+        ["dpokit", "run", "./my_dpo.py", "--config", "./tiny.yaml", "max_steps=2", "eval_every=1", "output_dir=out"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     train, validation = read_metrics(tmp_path / "out")
     assert len(train) == 2 and len(validation) == 3
@@ -89,14 +103,17 @@ def test_ls_and_cat():
     assert cat.returncode == 0 and "_component_: dpokit.models.lora_tiny" in cat.stdout
 
 
-@pytest.mark.parametrize("args, message", [
-    (["run", "dpo_lora_singel", "--config", "tiny"], "unknown recipe 'dpo_lora_singel' (did you mean"),
-    (["run", "dpo_lora_single_device", "--config", "tinny"], "no config 'tinny'"),
-    (["run", "dpo_lora_single_device", "--config", "tiny", "batch_sise=4"], "no key 'batch_sise'"),
-    (["run", "dpo_lora_single_device", "--config", "tiny", "model.lora_rank=0"], "LoRA rank must be positive"),
-    (["run", "dpo_lora_single_device", "--config", "tiny", "train_dataset.name=nope"], "no bundled task"),
-    (["cat", "dpo_lora_single_device/nope"], "no config 'nope'"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["run", "dpo_lora_singel", "--config", "tiny"], "unknown recipe 'dpo_lora_singel' (did you mean"),
+        (["run", "dpo_lora_single_device", "--config", "tinny"], "no config 'tinny'"),
+        (["run", "dpo_lora_single_device", "--config", "tiny", "batch_sise=4"], "no key 'batch_sise'"),
+        (["run", "dpo_lora_single_device", "--config", "tiny", "model.lora_rank=0"], "LoRA rank must be positive"),
+        (["run", "dpo_lora_single_device", "--config", "tiny", "train_dataset.name=nope"], "no bundled task"),
+        (["cat", "dpo_lora_single_device/nope"], "no config 'nope'"),
+    ],
+)
 def test_mistakes_are_one_line_errors(args, message):
     result = dpokit(*args)
     assert result.returncode == 2, result.stderr[-2000:]
@@ -114,6 +131,7 @@ def test_help_everywhere():
 def test_recipe_help_runs_without_a_config():
     from dpokit.cli import resolve_recipe
 
-    result = subprocess.run([sys.executable, str(resolve_recipe("dpo_lora_single_device")), "--help"],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, str(resolve_recipe("dpo_lora_single_device")), "--help"], capture_output=True, text=True
+    )
     assert result.returncode == 0 and "--config" in result.stdout

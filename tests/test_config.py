@@ -33,14 +33,17 @@ def test_overrides_apply_with_yaml_types(path):
     assert list(cfg.extra.deep) == [1, 2] and "lr_scale" not in cfg
 
 
-@pytest.mark.parametrize("override, message", [
-    ("stepz=3", "no key 'stepz' in the config (did you mean 'steps'?)"),
-    ("optimizer.lrr=1", "no key 'optimizer.lrr'"),
-    ("steps=abc", "expected int"),
-    ("+steps=4", "already exists"),
-    ("~nope", "no key 'nope' to remove"),
-    ("steps", "expected key=value"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("stepz=3", "no key 'stepz' in the config (did you mean 'steps'?)"),
+        ("optimizer.lrr=1", "no key 'optimizer.lrr'"),
+        ("steps=abc", "expected int"),
+        ("+steps=4", "already exists"),
+        ("~nope", "no key 'nope' to remove"),
+        ("steps", "expected key=value"),
+    ],
+)
 def test_bad_overrides_are_one_line_errors_naming_the_key(path, override, message):
     with pytest.raises(ConfigError) as info:
         load_config(path, [override])
@@ -96,13 +99,24 @@ def test_a_data_error_spells_its_fix_as_the_config_key_to_set(tmp_path):
     from dpokit.data import byte_tokenizer
 
     data = tmp_path / "d.jsonl"
-    data.write_text('{"prompt": "hi", "chosen": "a", "rejected": "b"}\n{"prompt": "hi", "chosen": "", "rejected": "b"}\n')
-    cfg = OmegaConf.create({"train_dataset": {"_component_": "dpokit.data.PreferenceDataset", "path": str(data),
-                                              "max_seq_len": 64, "skip_invalid": False}})
+    data.write_text(
+        '{"prompt": "hi", "chosen": "a", "rejected": "b"}\n{"prompt": "hi", "chosen": "", "rejected": "b"}\n'
+    )
+    cfg = OmegaConf.create(
+        {
+            "train_dataset": {
+                "_component_": "dpokit.data.PreferenceDataset",
+                "path": str(data),
+                "max_seq_len": 64,
+                "skip_invalid": False,
+            }
+        }
+    )
     with pytest.raises(ConfigError) as raised:
         instantiate(cfg.train_dataset, tokenizer=byte_tokenizer())
     assert str(raised.value).endswith(
         "d.jsonl:2: field 'chosen': empty response (train_dataset.skip_invalid=true skips such records and "
-        "counts them by reason)")
+        "counts them by reason)"
+    )
     cfg.train_dataset.skip_invalid = True
     assert len(instantiate(cfg.train_dataset, tokenizer=byte_tokenizer())) == 1

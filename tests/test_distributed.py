@@ -60,13 +60,20 @@ def _two_rank_worker(rank, checkpoint, out_dir):
     swap_bitwise = all(torch.equal(a, p.to_local()) for a, p in zip(shards, model.parameters()))
     ref_unchanged = bool(torch.equal(before_ref.chosen, after_ref.chosen))
 
-    results = {s: train_trajectory(checkpoint, s, sharded=True, rank=rank, world_size=2, steps=STEPS, batch_size=2,
-                                   accumulation=2) for s in STRATEGIES}
-    lora = train_lora_trajectory(checkpoint, sharded=True, rank=rank, world_size=2, steps=STEPS, batch_size=2,
-                                 accumulation=2)
+    results = {
+        s: train_trajectory(
+            checkpoint, s, sharded=True, rank=rank, world_size=2, steps=STEPS, batch_size=2, accumulation=2
+        )
+        for s in STRATEGIES
+    }
+    lora = train_lora_trajectory(
+        checkpoint, sharded=True, rank=rank, world_size=2, steps=STEPS, batch_size=2, accumulation=2
+    )
     if rank == 0:
-        torch.save({"trajectories": results, "lora": lora, "swap_bitwise": swap_bitwise,
-                    "ref_unchanged": ref_unchanged}, out_dir / "two_rank.pt")
+        torch.save(
+            {"trajectories": results, "lora": lora, "swap_bitwise": swap_bitwise, "ref_unchanged": ref_unchanged},
+            out_dir / "two_rank.pt",
+        )
 
 
 def test_two_rank_fsdp_matches_one_process_for_every_reference_strategy(tmp_path):
@@ -76,23 +83,29 @@ def test_two_rank_fsdp_matches_one_process_for_every_reference_strategy(tmp_path
     assert two["swap_bitwise"] and two["ref_unchanged"]
 
     # Same global batch of 8 pairs per step: 2 ranks x 2 micro-batches x 2 pairs vs 1 x 4 x 2.
-    one = {s: train_trajectory(checkpoint, s, sharded=False, rank=0, world_size=1, steps=STEPS, batch_size=2,
-                               accumulation=4) for s in STRATEGIES}
+    one = {
+        s: train_trajectory(
+            checkpoint, s, sharded=False, rank=0, world_size=1, steps=STEPS, batch_size=2, accumulation=4
+        )
+        for s in STRATEGIES
+    }
     baseline = one["swap"]
     assert abs(baseline["losses"][-1] - baseline["losses"][0]) > 1e-3  # it trains: the comparison is not vacuous
     for strategy in STRATEGIES:
         for run in (one[strategy], two["trajectories"][strategy]):
             torch.testing.assert_close(torch.tensor(run["losses"]), torch.tensor(baseline["losses"]), atol=1e-5, rtol=0)
-            torch.testing.assert_close(torch.tensor(run["grad_norms"]), torch.tensor(baseline["grad_norms"]),
-                                       atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(
+                torch.tensor(run["grad_norms"]), torch.tensor(baseline["grad_norms"]), atol=1e-5, rtol=1e-5
+            )
             for key, value in baseline["weights"].items():
                 torch.testing.assert_close(run["weights"][key], value, atol=1e-5, rtol=0)
 
     # FSDP2 + LoRA (frozen base and trainable adapters in the same shards, adapter-off reference,
     # LoRA on the output head): same trajectory, and the merged weights gathered module by module
     # equal the plain model's merged state dict.
-    lora_one = train_lora_trajectory(checkpoint, sharded=False, rank=0, world_size=1, steps=STEPS, batch_size=2,
-                                     accumulation=4)
+    lora_one = train_lora_trajectory(
+        checkpoint, sharded=False, rank=0, world_size=1, steps=STEPS, batch_size=2, accumulation=4
+    )
     lora_two = two["lora"]
     assert abs(lora_one["losses"][-1] - lora_one["losses"][0]) > 1e-3
     torch.testing.assert_close(torch.tensor(lora_two["losses"]), torch.tensor(lora_one["losses"]), atol=1e-5, rtol=0)

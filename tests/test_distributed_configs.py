@@ -13,11 +13,18 @@ from dpokit.config import check_keys, instantiate, load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "recipes" / "configs"
 # Parameter counts of the published checkpoints (embeddings included).
-EXPECTED = {"llama3_8b": 8.03e9, "llama3_1_8b": 8.03e9, "llama3_2_1b": 1.24e9, "llama3_2_3b": 3.21e9,
-            "qwen2_5_7b": 7.62e9}
+EXPECTED = {
+    "llama3_8b": 8.03e9,
+    "llama3_1_8b": 8.03e9,
+    "llama3_2_1b": 1.24e9,
+    "llama3_2_3b": 3.21e9,
+    "qwen2_5_7b": 7.62e9,
+}
 
 
-@pytest.mark.parametrize("path", sorted(CONFIGS.glob("dpo_*_distributed/*.yaml")), ids=lambda p: f"{p.parent.name}/{p.stem}")
+@pytest.mark.parametrize(
+    "path", sorted(CONFIGS.glob("dpo_*_distributed/*.yaml")), ids=lambda p: f"{p.parent.name}/{p.stem}"
+)
 def test_distributed_configs_load_and_build(path):
     recipe = importlib.import_module(f"dpokit.recipes.{path.parent.name}")
     cfg = load_config(path)

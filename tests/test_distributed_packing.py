@@ -57,12 +57,21 @@ def _one_thread():
 
 
 def _packed(prefix_sharing: bool, seed: int = 0):
-    return pack_preference_dataset(synthetic_pairs(NUM_PAIRS, seed=seed), pack_size=PACK_SIZE,
-                                   prefix_sharing=prefix_sharing)
+    return pack_preference_dataset(
+        synthetic_pairs(NUM_PAIRS, seed=seed), pack_size=PACK_SIZE, prefix_sharing=prefix_sharing
+    )
 
 
-def packed_trajectory(checkpoint: Path, strategy: str, prefix_sharing: bool, *, sharded: bool, rank: int,
-                      world_size: int, accumulation: int) -> dict:
+def packed_trajectory(
+    checkpoint: Path,
+    strategy: str,
+    prefix_sharing: bool,
+    *,
+    sharded: bool,
+    rank: int,
+    world_size: int,
+    accumulation: int,
+) -> dict:
     """STEPS SGD steps on packed batches (1 pack per micro-batch); per-step losses, this rank's
     pair counts per step, and the final full weights."""
     from dpokit.training.fsdp import full_tensors
@@ -74,8 +83,15 @@ def packed_trajectory(checkpoint: Path, strategy: str, prefix_sharing: bool, *, 
     else:
         reference, step_loss = make_reference(strategy, policy, checkpoint, packed.pairs, sharded=sharded), loss_fn
     optimizer = torch.optim.SGD(policy.parameters(), lr=5.0)  # SGD: see _distributed_helpers.train_trajectory
-    sampler = PackedGlobalBatchSampler(packed, pad_id=0, batch_size=1, gradient_accumulation_steps=accumulation,
-                                       rank=rank, world_size=world_size, seed=0)
+    sampler = PackedGlobalBatchSampler(
+        packed,
+        pad_id=0,
+        batch_size=1,
+        gradient_accumulation_steps=accumulation,
+        rank=rank,
+        world_size=world_size,
+        seed=0,
+    )
     losses, local_pairs = [], []
     for _ in range(STEPS):
         micro_batches = sampler.next_step()
@@ -89,8 +105,9 @@ def packed_trajectory(checkpoint: Path, strategy: str, prefix_sharing: bool, *, 
 
 
 def _two_rank_worker(rank, checkpoint, out_dir):
-    runs = {run: packed_trajectory(checkpoint, *run, sharded=True, rank=rank, world_size=2, accumulation=2)
-            for run in RUNS}
+    runs = {
+        run: packed_trajectory(checkpoint, *run, sharded=True, rank=rank, world_size=2, accumulation=2) for run in RUNS
+    }
     torch.save(runs, out_dir / f"rank{rank}.pt")
 
 
@@ -125,10 +142,10 @@ def test_packed_step_equals_the_padded_step_on_the_same_pairs(tmp_path, prefix_s
     # A reference unlike the policy (per-pair losses and gradients differ), looked up by pair_index:
     # a wrong pair order in the packed batch would change the loss.
     other = build_model()
-    reference = PrecomputedReference(*compute_reference_logps(other, packed.pairs, collate, batch_size=16,
-                                                              device=CPU))
-    sampler = PackedGlobalBatchSampler(packed, pad_id=0, batch_size=1, gradient_accumulation_steps=4, rank=0,
-                                       world_size=1, seed=0)
+    reference = PrecomputedReference(*compute_reference_logps(other, packed.pairs, collate, batch_size=16, device=CPU))
+    sampler = PackedGlobalBatchSampler(
+        packed, pad_id=0, batch_size=1, gradient_accumulation_steps=4, rank=0, world_size=1, seed=0
+    )
     micro_batches = sampler.next_step()
     counts = [b["num_pairs"] for b in micro_batches]
     assert len(set(counts)) > 1  # uneven micro-batches: the per-pair weighting is exercised
@@ -164,8 +181,9 @@ def test_packed_data_position_round_trips_and_refuses_another_stream():
         PackedGlobalBatchSampler(other, **settings).load_state_dict(state)
     with pytest.raises(DpokitError, match="num_packs=15, this run has 11"):  # prefix sharing packs differently
         PackedGlobalBatchSampler(_packed(True), **settings).load_state_dict(state)
-    padded = GlobalBatchSampler(packed.pairs, collate, batch_size=1, gradient_accumulation_steps=2, rank=0,
-                                world_size=1, seed=0)
+    padded = GlobalBatchSampler(
+        packed.pairs, collate, batch_size=1, gradient_accumulation_steps=2, rank=0, world_size=1, seed=0
+    )
     with pytest.raises(DpokitError, match="exact resume"):  # a packed position into a padded run
         padded.load_state_dict(state)
     with pytest.raises(DpokitError, match="num_packs=absent"):  # and a padded one into a packed run
@@ -197,8 +215,10 @@ def test_packed_recipe_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path)
     main(load_config(config, [f"output_dir={resumed}", "resume=true"]))
     a, b = load_file(full / "final" / "model.safetensors"), load_file(resumed / "final" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    rows = {name: [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-            for name, run in (("full", full), ("resumed", resumed))}
+    rows = {
+        name: [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        for name, run in (("full", full), ("resumed", resumed))
+    }
     losses = {name: {r["step"]: r["loss"] for r in rs if r["split"] == "train"} for name, rs in rows.items()}
     assert sorted(losses["resumed"]) == [3, 4] and all(losses["resumed"][s] == losses["full"][s] for s in (3, 4))
     # Step 1 runs before any update, so the policy is its reference: rewards 0, loss log 2, which
@@ -213,8 +233,8 @@ def test_packed_recipe_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path)
 def test_lora_recipe_trains_on_a_dpokit_pack_file(tmp_path):
     """`dpo_lora_distributed` with a packed file as train_dataset (the offline flow): step 1 is at
     the reference (adapters start at zero), so its loss is log 2 on the packed forward; it trains."""
-    from dpokit.data import PreferenceDataset, byte_tokenizer
     from dpokit.config import load_config
+    from dpokit.data import PreferenceDataset, byte_tokenizer
     from dpokit.errors import DpokitError
     from dpokit.recipes.dpo_lora_distributed import main
 
@@ -224,8 +244,11 @@ def test_lora_recipe_trains_on_a_dpokit_pack_file(tmp_path):
     pairs = PreferenceDataset(tmp_path / "train.jsonl", byte_tokenizer(), max_seq_len=64)
     pack_preference_dataset(pairs, pack_size=160, prefix_sharing=True).save(tmp_path / "packed.jsonl")
     cfg.train_dataset = {"_component_": "dpokit.data.load_packed_dataset", "path": str(tmp_path / "packed.jsonl")}
-    cfg.validation_dataset = {"_component_": "dpokit.data.PreferenceDataset", "path": str(tmp_path / "validation.jsonl"),
-                              "max_seq_len": 64}
+    cfg.validation_dataset = {
+        "_component_": "dpokit.data.PreferenceDataset",
+        "path": str(tmp_path / "validation.jsonl"),
+        "max_seq_len": 64,
+    }
     cfg.batch_size, cfg.gradient_accumulation_steps, cfg.max_steps, cfg.eval_every = 1, 2, 4, 100
     cfg.optimizer.lr, cfg.lr_scheduler.warmup_steps, cfg.checkpoint.every = 1e-2, 1, 0
     config = tmp_path / "lora.yaml"

@@ -28,10 +28,17 @@ EXPECTED = {"prompt": PROMPT, "chosen": "4", "rejected": "5"}
 EXAMPLES = {
     "standard": {"prompt": PROMPT, "chosen": "4", "rejected": "5"},
     "nemo_aligner": {"prompt": PROMPT, "chosen_response": "4", "rejected_response": "5"},
-    "nemo_rl": {"context": PROMPT, "completions": [{"rank": 1, "completion": "5"},
-                                                   {"rank": 0, "completion": [{"role": "assistant", "content": "4"}]}]},
-    "conversational": {"chosen": PROMPT + [{"role": "assistant", "content": "4"}],
-                       "rejected": PROMPT + [{"role": "assistant", "content": "5"}]},
+    "nemo_rl": {
+        "context": PROMPT,
+        "completions": [
+            {"rank": 1, "completion": "5"},
+            {"rank": 0, "completion": [{"role": "assistant", "content": "4"}]},
+        ],
+    },
+    "conversational": {
+        "chosen": PROMPT + [{"role": "assistant", "content": "4"}],
+        "rejected": PROMPT + [{"role": "assistant", "content": "5"}],
+    },
 }
 
 
@@ -54,14 +61,22 @@ def test_hh_rlhf_transcripts_split_into_turns_with_shared_prompt(tmp_path):
     shared = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: 2+2?"
     record = {"chosen": shared + "\n\nAssistant: 4", "rejected": shared + "\n\nAssistant: 5"}
     [parsed] = load_preference_records(write_jsonl(tmp_path / "hh.jsonl", [record]))
-    assert parsed == {"prompt": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
-                                 {"role": "user", "content": "2+2?"}], "chosen": "4", "rejected": "5"}
+    assert parsed == {
+        "prompt": [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello"},
+            {"role": "user", "content": "2+2?"},
+        ],
+        "chosen": "4",
+        "rejected": "5",
+    }
 
 
 def test_nemo_aligner_rewards_reach_the_batch(tmp_path):
-    rows = [{"prompt": "p", "chosen_response": "a", "rejected_response": "b", "chosen_reward": 2.5,
-             "rejected_reward": -1}, {"prompt": "q", "chosen_response": "c", "rejected_response": "d",
-                                      "chosen_reward": 1, "rejected_reward": 0.5}]
+    rows = [
+        {"prompt": "p", "chosen_response": "a", "rejected_response": "b", "chosen_reward": 2.5, "rejected_reward": -1},
+        {"prompt": "q", "chosen_response": "c", "rejected_response": "d", "chosen_reward": 1, "rejected_reward": 0.5},
+    ]
     ds = PreferenceDataset(write_jsonl(tmp_path / "d.jsonl", rows), byte_tokenizer(), max_seq_len=64)
     batch = collate_preference_pairs([ds[0], ds[1]], pad_id=0)
     assert batch["chosen_reward"].tolist() == [2.5, 1.0] and batch["rejected_reward"].tolist() == [-1.0, 0.5]
@@ -93,8 +108,12 @@ def test_parquet_when_pyarrow_is_installed(tmp_path):
     import pyarrow.parquet as pq
 
     path = tmp_path / "d.parquet"
-    pq.write_table(pa.Table.from_pylist([{"prompt": "2+2?", "chosen": "4", "rejected": "5"},
-                                         {"prompt": "x", "chosen": "", "rejected": "5"}]), path)
+    pq.write_table(
+        pa.Table.from_pylist(
+            [{"prompt": "2+2?", "chosen": "4", "rejected": "5"}, {"prompt": "x", "chosen": "", "rejected": "5"}]
+        ),
+        path,
+    )
     with pytest.raises(PreferenceDataError, match=r"d.parquet:row 2: field 'chosen': empty response"):
         load_preference_records(path)
 
@@ -103,39 +122,103 @@ MALFORMED = [
     # (format, line, expected message after "d.jsonl:2: ", skip reason)
     ("standard", '{"prompt": "p", "chosen": "a"', "invalid JSON", "invalid JSON"),
     ("standard", {"prompt": "p", "chosen": "a"}, "missing field 'rejected'", "missing field"),
-    ("standard", {"prompt": 5, "chosen": "a", "rejected": "b"}, "field 'prompt': expected a string or a list",
-     "mistyped field"),
+    (
+        "standard",
+        {"prompt": 5, "chosen": "a", "rejected": "b"},
+        "field 'prompt': expected a string or a list",
+        "mistyped field",
+    ),
     ("standard", {"prompt": "p", "chosen": " ", "rejected": "b"}, "field 'chosen': empty response", "empty response"),
-    ("standard", {"prompt": "p", "chosen": "a", "rejected": "a"}, "field 'rejected': identical to 'chosen'",
-     "chosen == rejected"),
-    ("standard", {"prompt": [{"role": "robot", "content": "x"}], "chosen": "a", "rejected": "b"},
-     "field 'prompt'[0].role: unknown role 'robot'", "unknown role"),
-    ("nemo_aligner", {"prompt": "p", "chosen_response": "a", "rejected_response": "b", "chosen_reward": "high",
-                      "rejected_reward": 0}, "field 'chosen_reward': expected a finite number", "mistyped field"),
-    ("nemo_aligner", {"prompt": "p", "chosen_response": "a", "rejected_response": "b", "chosen_reward": 1},
-     "missing field 'rejected_reward'", "missing field"),
-    ("nemo_rl", {"context": [{"role": "user", "content": "p"}], "completions": [
-        {"rank": 0, "completion": "a"}, {"rank": 0, "completion": "b"}]}, "field 'completions': both completions have rank 0 (a tie)",
-     "tied ranks"),
-    ("nemo_rl", {"context": [{"role": "user", "content": "p"}], "completions": [{"rank": 0, "completion": "a"}]},
-     "field 'completions': expected exactly two completions, got 1 items", "mistyped field"),
-    ("nemo_rl", {"context": [{"role": "user", "content": "p"}], "completions": [
-        {"rank": 0, "completion": "a"}, {"completion": "b"}]}, "field 'completions[1]': missing field 'rank'",
-     "missing field"),
-    ("hh_rlhf", {"chosen": "\n\nHuman: hi\n\nAssistant: a", "rejected": "\n\nHuman: hi\n\nAssistant:"},
-     "field 'rejected': empty response", "empty response"),
-    ("hh_rlhf", {"chosen": "\n\nHuman: hi\n\nAssistant: a\n\nAssistant: b", "rejected": "\n\nHuman: hi\n\nAssistant: c"},
-     "field 'chosen': after the 1 shared message(s) expected exactly one assistant message, got 2",
-     "no single final assistant turn"),
-    ("hh_rlhf", {"chosen": "hi there\n\nAssistant: a", "rejected": "\n\nHuman: hi\n\nAssistant: c"},
-     "field 'chosen': text before the first", "bad transcript"),
-    ("conversational", {"chosen": [{"role": "user", "content": "p"}, {"role": "assistant", "content": "a"}],
-                        "rejected": [{"role": "user", "content": "p"}, {"role": "bot", "content": "b"}]},
-     "field 'rejected'[1].role: unknown role 'bot'", "unknown role"),
-    ("conversational", {"chosen": [{"role": "user", "content": "p"}, {"role": "assistant", "content": "a"}],
-                        "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "b"}]},
-     "field 'chosen': after the 0 shared message(s) expected exactly one assistant message, got 2",
-     "no single final assistant turn"),
+    (
+        "standard",
+        {"prompt": "p", "chosen": "a", "rejected": "a"},
+        "field 'rejected': identical to 'chosen'",
+        "chosen == rejected",
+    ),
+    (
+        "standard",
+        {"prompt": [{"role": "robot", "content": "x"}], "chosen": "a", "rejected": "b"},
+        "field 'prompt'[0].role: unknown role 'robot'",
+        "unknown role",
+    ),
+    (
+        "nemo_aligner",
+        {
+            "prompt": "p",
+            "chosen_response": "a",
+            "rejected_response": "b",
+            "chosen_reward": "high",
+            "rejected_reward": 0,
+        },
+        "field 'chosen_reward': expected a finite number",
+        "mistyped field",
+    ),
+    (
+        "nemo_aligner",
+        {"prompt": "p", "chosen_response": "a", "rejected_response": "b", "chosen_reward": 1},
+        "missing field 'rejected_reward'",
+        "missing field",
+    ),
+    (
+        "nemo_rl",
+        {
+            "context": [{"role": "user", "content": "p"}],
+            "completions": [{"rank": 0, "completion": "a"}, {"rank": 0, "completion": "b"}],
+        },
+        "field 'completions': both completions have rank 0 (a tie)",
+        "tied ranks",
+    ),
+    (
+        "nemo_rl",
+        {"context": [{"role": "user", "content": "p"}], "completions": [{"rank": 0, "completion": "a"}]},
+        "field 'completions': expected exactly two completions, got 1 items",
+        "mistyped field",
+    ),
+    (
+        "nemo_rl",
+        {
+            "context": [{"role": "user", "content": "p"}],
+            "completions": [{"rank": 0, "completion": "a"}, {"completion": "b"}],
+        },
+        "field 'completions[1]': missing field 'rank'",
+        "missing field",
+    ),
+    (
+        "hh_rlhf",
+        {"chosen": "\n\nHuman: hi\n\nAssistant: a", "rejected": "\n\nHuman: hi\n\nAssistant:"},
+        "field 'rejected': empty response",
+        "empty response",
+    ),
+    (
+        "hh_rlhf",
+        {"chosen": "\n\nHuman: hi\n\nAssistant: a\n\nAssistant: b", "rejected": "\n\nHuman: hi\n\nAssistant: c"},
+        "field 'chosen': after the 1 shared message(s) expected exactly one assistant message, got 2",
+        "no single final assistant turn",
+    ),
+    (
+        "hh_rlhf",
+        {"chosen": "hi there\n\nAssistant: a", "rejected": "\n\nHuman: hi\n\nAssistant: c"},
+        "field 'chosen': text before the first",
+        "bad transcript",
+    ),
+    (
+        "conversational",
+        {
+            "chosen": [{"role": "user", "content": "p"}, {"role": "assistant", "content": "a"}],
+            "rejected": [{"role": "user", "content": "p"}, {"role": "bot", "content": "b"}],
+        },
+        "field 'rejected'[1].role: unknown role 'bot'",
+        "unknown role",
+    ),
+    (
+        "conversational",
+        {
+            "chosen": [{"role": "user", "content": "p"}, {"role": "assistant", "content": "a"}],
+            "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "b"}],
+        },
+        "field 'chosen': after the 0 shared message(s) expected exactly one assistant message, got 2",
+        "no single final assistant turn",
+    ),
 ]
 
 
@@ -167,9 +250,10 @@ def test_non_utf8_line_and_mixed_formats(tmp_path):
 
 def test_skips_are_counted_in_the_summary(tmp_path):
     rows = [EXAMPLES["standard"], "{bad", {"prompt": "p", "chosen": "a", "rejected": "a"}, "{bad"]
-    ds = PreferenceDataset(write_jsonl(tmp_path / "d.jsonl", rows), byte_tokenizer(), max_seq_len=64,
-                           skip_invalid=True)
-    assert ds.stats.summary() == "1 pairs, 3 skipped (1 chosen == rejected, 2 invalid JSON), 0 truncated, standard format"
+    ds = PreferenceDataset(write_jsonl(tmp_path / "d.jsonl", rows), byte_tokenizer(), max_seq_len=64, skip_invalid=True)
+    assert (
+        ds.stats.summary() == "1 pairs, 3 skipped (1 chosen == rejected, 2 invalid JSON), 0 truncated, standard format"
+    )
 
 
 def test_truncation_cuts_prompt_start_then_response_end_never_to_empty(tmp_path):
@@ -187,8 +271,9 @@ def test_truncation_cuts_prompt_start_then_response_end_never_to_empty(tmp_path)
 
 
 def test_dataset_smaller_than_one_global_batch_is_an_error(tmp_path):
-    ds = PreferenceDataset(write_jsonl(tmp_path / "d.jsonl", [EXAMPLES["standard"]] * 3), byte_tokenizer(),
-                           max_seq_len=64)
+    ds = PreferenceDataset(
+        write_jsonl(tmp_path / "d.jsonl", [EXAMPLES["standard"]] * 3), byte_tokenizer(), max_seq_len=64
+    )
     check_enough_pairs(ds, 3)
     with pytest.raises(DpokitError, match=r"d.jsonl: 3 pairs, fewer than one global batch of 4 pairs"):
         check_enough_pairs(ds, 4)

@@ -11,20 +11,39 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
-from hf_fixtures import LLAMA3_2_JINJA, QWEN2_5_JINJA, SMOLLM2_JINJA, write_tokenizer  # noqa: E402
-
-from dpokit.models import LoRALinear, load_hf_checkpoint  # noqa: E402
 from dpokit.config import check_keys, instantiate, load_config  # noqa: E402
+from dpokit.models import LoRALinear, load_hf_checkpoint  # noqa: E402
+from hf_fixtures import LLAMA3_2_JINJA, QWEN2_5_JINJA, SMOLLM2_JINJA, write_tokenizer  # noqa: E402
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "dpo_lora_single_device.py"
 CONFIGS = RECIPE.parent / "configs" / "dpo_lora_single_device"
-SMALL = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)
+SMALL = dict(
+    vocab_size=320,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    tie_word_embeddings=True,
+)
 # config name -> (transformers config, the family's published chat template, the template it is)
 FAKES = {
-    "llama3_2_1b": (transformers.LlamaConfig(**SMALL, rope_theta=500_000.0, rope_scaling=dict(
-        rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
-        original_max_position_embeddings=64)), LLAMA3_2_JINJA, "llama3_2"),
+    "llama3_2_1b": (
+        transformers.LlamaConfig(
+            **SMALL,
+            rope_theta=500_000.0,
+            rope_scaling=dict(
+                rope_type="llama3",
+                factor=32.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=64,
+            ),
+        ),
+        LLAMA3_2_JINJA,
+        "llama3_2",
+    ),
     "qwen2_5_0_5b": (transformers.Qwen2Config(**SMALL, rope_theta=1e6), QWEN2_5_JINJA, "qwen2_5"),
     "smollm2_135m": (transformers.LlamaConfig(**SMALL, rope_theta=1e5), SMOLLM2_JINJA, "smollm2"),
 }
@@ -47,8 +66,10 @@ def fake_checkpoint(name, directory):
 
 
 def preference_file(path):
-    rows = [{"prompt": f"Say {w} in UPPER case", "chosen": w.upper(), "rejected": w} for w in
-            ("hello", "world", "case", "lower", "upper", "hello world")]
+    rows = [
+        {"prompt": f"Say {w} in UPPER case", "chosen": w.upper(), "rejected": w}
+        for w in ("hello", "world", "case", "lower", "upper", "hello world")
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
@@ -57,8 +78,10 @@ def preference_file(path):
 def test_config_validates_and_builds_against_a_checkpoint(name, tmp_path, capsys):
     ckpt = fake_checkpoint(name, tmp_path / "ckpt")
     data = preference_file(tmp_path / "pairs.jsonl")
-    cfg = load_config(CONFIGS / f"{name}.yaml", [f"checkpoint_dir={ckpt}", f"train_dataset.path={data}",
-                                                  f"validation_dataset.path={data}"])
+    cfg = load_config(
+        CONFIGS / f"{name}.yaml",
+        [f"checkpoint_dir={ckpt}", f"train_dataset.path={data}", f"validation_dataset.path={data}"],
+    )
     check_keys(cfg, recipe_module().CONFIG_KEYS)
     tokenizer = instantiate(cfg.tokenizer)
     assert tokenizer.template.name == FAKES[name][2]
@@ -79,16 +102,34 @@ def test_recipe_trains_on_a_checkpoint_and_writes_an_hf_folder(tmp_path):
     module = recipe_module()
     from dpokit.config import recipe_main
 
-    recipe_main(module.main, module.CONFIG_KEYS, [
-        "--config", str(CONFIGS / "smollm2_135m.yaml"), f"checkpoint_dir={ckpt}", f"train_dataset.path={data}",
-        f"validation_dataset.path={data}", f"output_dir={tmp_path / 'out'}", "device=cpu", "dtype=fp32",
-        "batch_size=1", "gradient_accumulation_steps=1", "max_steps=2", "eval_every=2", "eval_batch_size=6",
-        "train_dataset.max_seq_len=48", "train_dataset.max_prompt_len=32", "packing.pack_size=96",  # 2 packs
-        "lr_scheduler.warmup_steps=1", "optimizer.lr=1e-2",
-    ])
+    recipe_main(
+        module.main,
+        module.CONFIG_KEYS,
+        [
+            "--config",
+            str(CONFIGS / "smollm2_135m.yaml"),
+            f"checkpoint_dir={ckpt}",
+            f"train_dataset.path={data}",
+            f"validation_dataset.path={data}",
+            f"output_dir={tmp_path / 'out'}",
+            "device=cpu",
+            "dtype=fp32",
+            "batch_size=1",
+            "gradient_accumulation_steps=1",
+            "max_steps=2",
+            "eval_every=2",
+            "eval_batch_size=6",
+            "train_dataset.max_seq_len=48",
+            "train_dataset.max_prompt_len=32",
+            "packing.pack_size=96",  # 2 packs
+            "lr_scheduler.warmup_steps=1",
+            "optimizer.lr=1e-2",
+        ],
+    )
     final = tmp_path / "out" / "final"
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= {
-        p.name for p in final.iterdir()}
+        p.name for p in final.iterdir()
+    }
     assert {p.name for p in (final / "adapter").iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
     merged = transformers.AutoModelForCausalLM.from_pretrained(final).float().eval()
     trained = load_hf_checkpoint(final)

@@ -9,34 +9,62 @@ from safetensors.torch import load_file, save_file
 from dpokit.errors import DpokitError
 from dpokit.models import CheckpointError, load_hf_checkpoint, model_from_hf_config
 
-LLAMA = dict(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, rope_theta=10_000.0)
+LLAMA = dict(
+    model_type="llama",
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=1,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    rope_theta=10_000.0,
+)
 QWEN = dict(LLAMA, model_type="qwen2", use_sliding_window=False, sliding_window=4096, max_window_layers=28)
 
 
 def test_published_style_configs_are_accepted():
-    smollm = dict(LLAMA, architectures=["LlamaForCausalLM"], attention_bias=False, attention_dropout=0.0,
-                  bos_token_id=0, eos_token_id=0, head_dim=8, hidden_act="silu", initializer_range=0.04,
-                  is_llama_config=True, mlp_bias=False, pretraining_tp=1, rms_norm_eps=1e-5, rope_interleaved=False,
-                  rope_scaling=None, tie_word_embeddings=True, torch_dtype="bfloat16", transformers_version="4.42.3",
-                  use_cache=True)
+    smollm = dict(
+        LLAMA,
+        architectures=["LlamaForCausalLM"],
+        attention_bias=False,
+        attention_dropout=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+        head_dim=8,
+        hidden_act="silu",
+        initializer_range=0.04,
+        is_llama_config=True,
+        mlp_bias=False,
+        pretraining_tp=1,
+        rms_norm_eps=1e-5,
+        rope_interleaved=False,
+        rope_scaling=None,
+        tie_word_embeddings=True,
+        torch_dtype="bfloat16",
+        transformers_version="4.42.3",
+        use_cache=True,
+    )
     model = model_from_hf_config(smollm)
     assert model.lm_head is None and model.args["norm_eps"] == 1e-5
     qwen = model_from_hf_config(dict(QWEN, tie_word_embeddings=True, use_mrope=False))
     assert qwen.layers[0].self_attn.q_proj.bias is not None and qwen.layers[0].self_attn.o_proj.bias is None
 
 
-@pytest.mark.parametrize("change, message", [
-    (dict(model_type="mistral"), "model_type 'mistral' is not supported"),
-    (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "rope scaling type 'yarn' is not implemented"),
-    (dict(rope_scaling={"type": "linear", "factor": 2.0}), "rope scaling type 'linear'"),
-    (dict(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}), "'dynamic'"),
-    (dict(attention_bias=True), "attention_bias=True is not supported"),
-    (dict(hidden_act="gelu"), "hidden_act='gelu'"),
-    (dict(quantization_config={"quant_method": "gptq"}), "quantization_config"),
-    (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}), "missing"),
-    (dict(hidden_size="32"), "hidden_size must be an integer"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(model_type="mistral"), "model_type 'mistral' is not supported"),
+        (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "rope scaling type 'yarn' is not implemented"),
+        (dict(rope_scaling={"type": "linear", "factor": 2.0}), "rope scaling type 'linear'"),
+        (dict(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}), "'dynamic'"),
+        (dict(attention_bias=True), "attention_bias=True is not supported"),
+        (dict(hidden_act="gelu"), "hidden_act='gelu'"),
+        (dict(quantization_config={"quant_method": "gptq"}), "quantization_config"),
+        (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}), "missing"),
+        (dict(hidden_size="32"), "hidden_size must be an integer"),
+    ],
+)
 def test_unsupported_llama_configs_are_refused(change, message):
     with pytest.raises(CheckpointError, match=message):
         model_from_hf_config(dict(LLAMA, **change))
@@ -92,4 +120,5 @@ def test_load_builds_on_meta_and_fills_everything(tmp_path):
     tokens = torch.randint(0, 64, (2, 8))
     assert torch.equal(loaded(tokens), saved(tokens))  # fresh adapters: B = 0
     assert {n for n, p in loaded.named_parameters() if p.requires_grad} == {
-        n for n in dict(loaded.named_parameters()) if ".lora_" in n}
+        n for n in dict(loaded.named_parameters()) if ".lora_" in n
+    }

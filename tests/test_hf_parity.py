@@ -5,8 +5,6 @@ import json
 import pytest
 import torch
 
-from hf_fixtures import FAMILIES, hf_logits, hf_model, write_hf_checkpoint
-
 from dpokit.models import adapter_params
 from dpokit.models.hf_checkpoint import (
     iter_hf_weights,
@@ -15,6 +13,7 @@ from dpokit.models.hf_checkpoint import (
     save_hf_checkpoint,
     save_peft_adapter,
 )
+from hf_fixtures import FAMILIES, hf_logits, hf_model, write_hf_checkpoint
 
 transformers = pytest.importorskip("transformers")
 TOKENS = torch.randint(0, 96, (2, 40), generator=torch.Generator().manual_seed(1))

@@ -35,9 +35,21 @@ SUPPORTED = {"llama", "qwen2"}
 FOLDERS = sorted(p.name for p in HF_REAL.iterdir() if (p / "config.json").is_file()) if HF_REAL.is_dir() else []
 
 HARD_TEXTS = [
-    "a\x04b", "x\x06\x13\x14y", "ab\x04ab\x04ab", "héllo\x7fwörld", "ababababab", " " * 40 + "x",
-    "\t\t\t\t\t  \n\n\n   \t", "line\r\nbreaks\r\n\r\n", "1234567890 3.14159 1e-9", "don't I'LL we'Re",
-    "Ünïcödé 漢字 العربية हिन्दी 🙂🙂", "e\u0301 \u212b", "  leading", "trailing   ", "def f(x):\n\treturn x",
+    "a\x04b",
+    "x\x06\x13\x14y",
+    "ab\x04ab\x04ab",
+    "héllo\x7fwörld",
+    "ababababab",
+    " " * 40 + "x",
+    "\t\t\t\t\t  \n\n\n   \t",
+    "line\r\nbreaks\r\n\r\n",
+    "1234567890 3.14159 1e-9",
+    "don't I'LL we'Re",
+    "Ünïcödé 漢字 العربية हिन्दी 🙂🙂",
+    "e\u0301 \u212b",
+    "  leading",
+    "trailing   ",
+    "def f(x):\n\treturn x",
 ]
 
 
@@ -78,8 +90,11 @@ def tokenizer_files(tmp_path: Path) -> dict[str, Path]:
         elif (folder / "original" / "tokenizer.model").is_file():
             from transformers.convert_slow_tokenizer import TikTokenConverter
 
-            converter = TikTokenConverter(vocab_file=str(folder / "original" / "tokenizer.model"),
-                                          pattern=LLAMA3_PATTERN, extra_special_tokens=list(llama3_special_tokens(128000)))
+            converter = TikTokenConverter(
+                vocab_file=str(folder / "original" / "tokenizer.model"),
+                pattern=LLAMA3_PATTERN,
+                extra_special_tokens=list(llama3_special_tokens(128000)),
+            )
             files[folder.name] = tmp_path / f"{folder.name}.json"
             converter.converted().save(str(files[folder.name]))
         elif (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
@@ -104,7 +119,9 @@ def test_real_tokenizers_give_the_ids_of_tokenizers_or_are_refused_with_the_reas
             outcomes[name] = "refused"
             continue
         # Any template will do for plain text; its end-of-turn must be one of the file's specials.
-        template = ChatTemplate(name="plain", begin="", header_format="", end_of_turn=next(iter(encoding._special_tokens)))
+        template = ChatTemplate(
+            name="plain", begin="", header_format="", end_of_turn=next(iter(encoding._special_tokens))
+        )
         ours = Tokenizer(encoding, template, **info)
         differ = [t for t in corpus if ours.encode(t) != reference.encode(t, add_special_tokens=False).ids]
         assert not differ, (name, differ[:2])
@@ -118,11 +135,18 @@ def test_real_tokenizers_give_the_ids_of_tokenizers_or_are_refused_with_the_reas
     assert outcomes["Mistral-7B-Instruct-v0.2"] == "refused" and outcomes["Phi-3-mini-128k-instruct"] == "refused"
 
 
-@pytest.mark.parametrize("name, expected", [
-    ("SmolLM2-135M-Instruct", "smollm2"), ("Qwen2.5-0.5B-Instruct", "qwen2_5"), ("Qwen2.5-1.5B-Instruct", "qwen2_5"),
-    ("Llama-3.2-3B-Instruct", "llama3_2"), ("Meta-Llama-3-8B-Instruct", "llama3"),
-    ("SmolLM3-3B", None), ("Qwen3-8B", None),
-])
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("SmolLM2-135M-Instruct", "smollm2"),
+        ("Qwen2.5-0.5B-Instruct", "qwen2_5"),
+        ("Qwen2.5-1.5B-Instruct", "qwen2_5"),
+        ("Llama-3.2-3B-Instruct", "llama3_2"),
+        ("Meta-Llama-3-8B-Instruct", "llama3"),
+        ("SmolLM3-3B", None),
+        ("Qwen3-8B", None),
+    ],
+)
 def test_real_chat_templates_are_detected_only_when_a_built_in_renders_them_exactly(name, expected):
     if expected is None:
         with pytest.raises(TokenizerError, match="renders differently from every built-in template"):
@@ -138,8 +162,11 @@ def test_a_real_folder_tokenizes_conversations_as_transformers_apply_chat_templa
     theirs = transformers.AutoTokenizer.from_pretrained(folder)
     conversations = [
         [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4, of course."}],
-        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "  Hi\n there "},
-         {"role": "assistant", "content": "Hello!\n\n How are you?"}],
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "  Hi\n there "},
+            {"role": "assistant", "content": "Hello!\n\n How are you?"},
+        ],
     ]
     for messages in conversations:
         expected = theirs.apply_chat_template(messages, tokenize=True, return_dict=False)

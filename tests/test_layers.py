@@ -47,15 +47,16 @@ def module_name(path: Path) -> str:
 def test_no_import_cycle_between_library_modules():
     """Module-level and function-level imports alike (a deferred import hides a cycle, it does not
     remove it); package __init__ files only re-export and are left out."""
-    modules = {module_name(p): p for layer in ALLOWED for p in (PACKAGE / layer).rglob("*.py")
-               if p.name != "__init__.py"}
+    modules = {
+        module_name(p): p for layer in ALLOWED for p in (PACKAGE / layer).rglob("*.py") if p.name != "__init__.py"
+    }
     graph = {name: {m for m in imports(path) if m in modules and m != name} for name, path in modules.items()}
     state: dict[str, int] = {}  # 1 = on the current path, 2 = done
 
     def visit(name: str, path: list[str]) -> None:
         state[name] = 1
         for target in sorted(graph[name]):
-            assert state.get(target) != 1, "import cycle: " + " -> ".join(path[path.index(target):] + [target])
+            assert state.get(target) != 1, "import cycle: " + " -> ".join(path[path.index(target) :] + [target])
             if target not in state:
                 visit(target, path + [target])
         state[name] = 2

@@ -51,8 +51,11 @@ def _make_checkpoints(root, names_complete):
 @pytest.mark.parametrize("keep_last", [0, 1, 2, 3, 10])
 def test_stale_checkpoints_are_the_complete_ones_beyond_the_newest_n(tmp_path, keep_last):
     steps = [40, 8, 120, 16, 100]  # created out of order
-    _make_checkpoints(tmp_path, [(f"step_{s:08d}", True) for s in steps]
-                      + [("step_00000200", False), (".tmp-step_00000300", True), ("notes", True)])
+    _make_checkpoints(
+        tmp_path,
+        [(f"step_{s:08d}", True) for s in steps]
+        + [("step_00000200", False), (".tmp-step_00000300", True), ("notes", True)],
+    )
     newest_first = sorted(steps, reverse=True)
     kept = newest_first if keep_last == 0 else newest_first[:keep_last]
     expected = sorted(set(steps) - set(kept))
@@ -86,8 +89,9 @@ def _fresh(seed):
     model = build_model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     scheduler = warmup_cosine_schedule(optimizer, total_steps=6, warmup_steps=2, min_lr_ratio=0.1)
-    sampler = GlobalBatchSampler(synthetic_pairs(24), collate, batch_size=2, gradient_accumulation_steps=2, rank=0,
-                                 world_size=1, seed=3)  # 6 steps per epoch: the resumed part crosses no epoch
+    sampler = GlobalBatchSampler(
+        synthetic_pairs(24), collate, batch_size=2, gradient_accumulation_steps=2, rank=0, world_size=1, seed=3
+    )  # 6 steps per epoch: the resumed part crosses no epoch
     return model, optimizer, scheduler, sampler
 
 
@@ -128,5 +132,6 @@ def test_resume_from_an_incomplete_checkpoint_is_an_error(tmp_path):
     _make_checkpoints(tmp_path, [("step_00000002", False)])
     model, optimizer, scheduler, sampler = _fresh(seed=0)
     with pytest.raises(DpokitError, match="resume: .*step_00000002 is not a complete checkpoint"):
-        Checkpointer(tmp_path, every=2, keep_last=2).resume(str(tmp_path / "step_00000002"), model, optimizer,
-                                                            scheduler, sampler)
+        Checkpointer(tmp_path, every=2, keep_last=2).resume(
+            str(tmp_path / "step_00000002"), model, optimizer, scheduler, sampler
+        )

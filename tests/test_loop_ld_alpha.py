@@ -20,14 +20,22 @@ import torch
 from omegaconf import OmegaConf
 
 from _distributed_helpers import spawn
+from dpokit.config import instantiate, load_config
 from dpokit.data import collate_preference_pairs
 from dpokit.data.synthetic import case_following_pairs
-from dpokit.config import instantiate, load_config
 from dpokit.training.dist_data import GlobalBatchSampler
 
 CONFIGS = Path(__file__).resolve().parents[1] / "recipes" / "configs"
-SMALL = {"vocab_size": 272, "dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "hidden_dim": 64,
-         "max_seq_len": 128, "rope_theta": 10000.0}
+SMALL = {
+    "vocab_size": 272,
+    "dim": 32,
+    "n_layers": 2,
+    "n_heads": 4,
+    "n_kv_heads": 2,
+    "hidden_dim": 64,
+    "max_seq_len": 128,
+    "rope_theta": 10000.0,
+}
 ALPHA = 0.5
 
 
@@ -42,8 +50,13 @@ def _unequal_lengths(pairs: list[dict]) -> list[dict]:
 def _config(tmp_path: Path, recipe: str) -> Path:
     cfg = OmegaConf.load(CONFIGS / recipe / "tiny.yaml")
     if recipe == "dpo_lora_distributed":
-        cfg.model = {"_component_": "dpokit.models.lora_llama", "lora_targets": ["q_proj", "v_proj"], "lora_rank": 4,
-                     "lora_alpha": 8.0, **SMALL}
+        cfg.model = {
+            "_component_": "dpokit.models.lora_llama",
+            "lora_targets": ["q_proj", "v_proj"],
+            "lora_rank": 4,
+            "lora_alpha": 8.0,
+            **SMALL,
+        }
     else:
         cfg.model = {"_component_": "dpokit.models.llama", **SMALL}
     for name, n, seed in (("train_dataset", 16, 0), ("validation_dataset", 4, 1)):
@@ -84,17 +97,25 @@ def _direct_step1_logps(config: Path, ld_alpha: float | None) -> tuple[float, fl
     model = instantiate(cfg.model).double().eval()
     tokenizer = instantiate(cfg.tokenizer)
     train_set = instantiate(cfg.train_dataset, tokenizer=tokenizer)
-    sampler = GlobalBatchSampler(train_set, partial(collate_preference_pairs, pad_id=tokenizer.pad_id),
-                                 batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-                                 rank=0, world_size=1, seed=cfg.seed)
+    sampler = GlobalBatchSampler(
+        train_set,
+        partial(collate_preference_pairs, pad_id=tokenizer.pad_id),
+        batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        rank=0,
+        world_size=1,
+        seed=cfg.seed,
+    )
     tail_weight = 1.0 if ld_alpha is None else ld_alpha
     chosen, rejected = [], []
     with torch.no_grad():
         for batch in sampler.next_step():
             log_probs = torch.log_softmax(model(batch["input_ids"]), dim=-1)
             labels, pairs = batch["labels"], batch["num_pairs"]
-            responses = [log_probs[row, labels[row] != -100].gather(-1, labels[row, labels[row] != -100, None])[:, 0]
-                         for row in range(2 * pairs)]
+            responses = [
+                log_probs[row, labels[row] != -100].gather(-1, labels[row, labels[row] != -100, None])[:, 0]
+                for row in range(2 * pairs)
+            ]
             for i in range(pairs):
                 shared = min(len(responses[i]), len(responses[pairs + i]))
                 for values, out in ((responses[i], chosen), (responses[pairs + i], rejected)):
@@ -116,12 +137,19 @@ def test_ld_alpha_reaches_policy_and_reference_in_both_distributed_recipes(tmp_p
         outputs[name] = tmp_path / name
         runs.append((recipe, config, [f"output_dir={outputs[name]}", *extra]))
     error_file = tmp_path / "error.txt"
-    spawn(_worker, 1, runs, ("dpo_lora_distributed", lora, [f"output_dir={tmp_path / 'bad'}", "ld_alpha=1.5"],
-                             error_file))
+    spawn(
+        _worker, 1, runs, ("dpo_lora_distributed", lora, [f"output_dir={tmp_path / 'bad'}", "ld_alpha=1.5"], error_file)
+    )
 
     direct = {(config, alpha): _direct_step1_logps(config, alpha) for config in (full, lora) for alpha in (None, ALPHA)}
-    for name, config, alpha in (("full_swap_off", full, None), ("full_swap", full, ALPHA), ("full_frozen", full, ALPHA),
-                                ("full_precomputed", full, ALPHA), ("lora_off", lora, None), ("lora", lora, ALPHA)):
+    for name, config, alpha in (
+        ("full_swap_off", full, None),
+        ("full_swap", full, ALPHA),
+        ("full_frozen", full, ALPHA),
+        ("full_precomputed", full, ALPHA),
+        ("lora_off", lora, None),
+        ("lora", lora, ALPHA),
+    ):
         first = _train_records(outputs[name])[1]
         chosen, rejected = direct[(config, alpha)]
         assert first["logps_chosen"] == pytest.approx(chosen, rel=1e-5), name

@@ -8,8 +8,17 @@ import json
 from dpokit.training.loop import RunReport
 
 # What `PairMetrics.means()` gives for a step of a loss with an SFT term ("loss" = the total).
-METRICS = {"acc": 0.75, "logps_chosen": -12.5, "logps_rejected": -14.0, "loss": 0.9, "preference_loss": 0.6,
-           "reward_margin": 0.2, "rewards_chosen_mean": 0.1, "rewards_rejected_mean": -0.1, "sft_loss": 0.3}
+METRICS = {
+    "acc": 0.75,
+    "logps_chosen": -12.5,
+    "logps_rejected": -14.0,
+    "loss": 0.9,
+    "preference_loss": 0.6,
+    "reward_margin": 0.2,
+    "rewards_chosen_mean": 0.1,
+    "rewards_rejected_mean": -0.1,
+    "sft_loss": 0.3,
+}
 VALIDATION = {"acc": 0.5, "loss": 0.69, "preference_loss": 0.69}
 
 
@@ -20,9 +29,18 @@ def _records(path):
 def _recipe_record(step, metrics, lr, grad_norm, tokens, elapsed, policy, reference, swap, optimizer):
     """The train record as `dpo_full_distributed` built it inline."""
     return {
-        "step": step, "split": "train", "loss": metrics["preference_loss"], **metrics, "lr": lr,
-        "grad_norm": grad_norm, "tokens_per_s_rank0": tokens / elapsed, "step_s": elapsed,
-        "policy_s": policy, "reference_s": reference, "swap_s": swap, "optimizer_s": optimizer,
+        "step": step,
+        "split": "train",
+        "loss": metrics["preference_loss"],
+        **metrics,
+        "lr": lr,
+        "grad_norm": grad_norm,
+        "tokens_per_s_rank0": tokens / elapsed,
+        "step_s": elapsed,
+        "policy_s": policy,
+        "reference_s": reference,
+        "swap_s": swap,
+        "optimizer_s": optimizer,
     }
 
 
@@ -62,8 +80,12 @@ def test_a_resumed_run_continues_the_log_and_a_fresh_one_restarts_it(tmp_path, c
     resumed.validation(2, VALIDATION)
     resumed.close()
     resumed.finish(tmp_path / "final")
-    assert [(r["step"], r["split"]) for r in _records(tmp_path / "metrics.jsonl")] == \
-        [(0, "validation"), (1, "train"), (2, "train"), (2, "validation")]
+    assert [(r["step"], r["split"]) for r in _records(tmp_path / "metrics.jsonl")] == [
+        (0, "validation"),
+        (1, "train"),
+        (2, "train"),
+        (2, "validation"),
+    ]
     out = capsys.readouterr().out
     assert f"resumed from {tmp_path / 'checkpoints' / 'step_00000001'} at step 1" in out
     assert "validation accuracy" not in out  # no step-0 validation in this process to compare with

@@ -19,8 +19,9 @@ from dpokit.models import (
     save_peft_adapter,
 )
 
-CFG = dict(vocab_size=40, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=48, max_seq_len=32,
-           rope_theta=10_000.0)
+CFG = dict(
+    vocab_size=40, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=48, max_seq_len=32, rope_theta=10_000.0
+)
 TARGETS = ("q_proj", "v_proj", "down_proj", "lm_head")
 
 
@@ -105,6 +106,7 @@ def test_unknown_target_and_tied_head_are_refused():
 
 # ----------------------------------------------------------------------------------------------
 # Mixed precision: bf16 frozen base, fp32 adapters (`cast_base`).
+
 
 def mixed_precision_lora():
     """A LoRA model with random adapters, cast to a bf16 base with fp32 adapters. The adapter values
@@ -198,8 +200,7 @@ def test_mixed_precision_checkpoint_merges_and_round_trips(tmp_path):
     assert all(v.dtype == torch.bfloat16 for v in merged.values())
     q = model.layers[0].self_attn.q_proj
     expected = q.weight.double() + q.scaling * q.lora_b.weight.double() @ q.lora_a.weight.double()
-    torch.testing.assert_close(merged["layers.0.self_attn.q_proj.weight"].double(), expected,
-                               rtol=2**-8, atol=0)
+    torch.testing.assert_close(merged["layers.0.self_attn.q_proj.weight"].double(), expected, rtol=2**-8, atol=0)
     plain = llama(**CFG).to(torch.bfloat16)
     plain.load_state_dict(merged)
     tokens = torch.randint(0, 40, (2, 7))

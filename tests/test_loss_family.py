@@ -44,46 +44,108 @@ def _dpo_like(z, eps):
 
 
 PAIR_FORMULAS = {
-    "dpo": ({"beta": B, "label_smoothing": 0.2},
-            lambda pc, pr, rc, rr, *_: (_dpo_like(B * ((pc - rc) - (pr - rr)), 0.2), B * (pc - rc), B * (pr - rr))),
-    "ipo": ({"beta": B},
-            lambda pc, pr, rc, rr, nc, nr, *_: (((pc - rc) / nc - (pr - rr) / nr - 1 / (2 * B)) ** 2,
-                                                B * (pc - rc) / nc, B * (pr - rr) / nr)),
-    "rpo_sq": ({"beta": B, "gt_reward_scale": 0.7},
-               lambda pc, pr, rc, rr, nc, nr, gc, gr: ((B * ((pc - rc) - (pr - rr)) - 0.7 * (gc - gr)) ** 2,
-                                                        B * (pc - rc), B * (pr - rr))),
+    "dpo": (
+        {"beta": B, "label_smoothing": 0.2},
+        lambda pc, pr, rc, rr, *_: (_dpo_like(B * ((pc - rc) - (pr - rr)), 0.2), B * (pc - rc), B * (pr - rr)),
+    ),
+    "ipo": (
+        {"beta": B},
+        lambda pc, pr, rc, rr, nc, nr, *_: (
+            ((pc - rc) / nc - (pr - rr) / nr - 1 / (2 * B)) ** 2,
+            B * (pc - rc) / nc,
+            B * (pr - rr) / nr,
+        ),
+    ),
+    "rpo_sq": (
+        {"beta": B, "gt_reward_scale": 0.7},
+        lambda pc, pr, rc, rr, nc, nr, gc, gr: (
+            (B * ((pc - rc) - (pr - rr)) - 0.7 * (gc - gr)) ** 2,
+            B * (pc - rc),
+            B * (pr - rr),
+        ),
+    ),
     "rpo_fwd_kl": ({"beta": B, "gt_reward_scale": 0.7}, None),  # below
     "rpo_bwd_kl": ({"beta": B, "gt_reward_scale": 0.7}, None),
-    "hinge": ({"beta": B}, lambda pc, pr, rc, rr, *_: (max(0.0, 1 - B * ((pc - rc) - (pr - rr))), B * (pc - rc), B * (pr - rr))),
-    "robust": ({"beta": B, "label_smoothing": 0.1},
-               lambda pc, pr, rc, rr, *_: ((-(0.9) * logsig(B * ((pc - rc) - (pr - rr)))
-                                            + 0.1 * logsig(-B * ((pc - rc) - (pr - rr)))) / 0.8, B * (pc - rc), B * (pr - rr))),
+    "hinge": (
+        {"beta": B},
+        lambda pc, pr, rc, rr, *_: (max(0.0, 1 - B * ((pc - rc) - (pr - rr))), B * (pc - rc), B * (pr - rr)),
+    ),
+    "robust": (
+        {"beta": B, "label_smoothing": 0.1},
+        lambda pc, pr, rc, rr, *_: (
+            (-(0.9) * logsig(B * ((pc - rc) - (pr - rr))) + 0.1 * logsig(-B * ((pc - rc) - (pr - rr)))) / 0.8,
+            B * (pc - rc),
+            B * (pr - rr),
+        ),
+    ),
     "exo_pair": ({"beta": B, "label_smoothing": 0.01}, None),
-    "nca_pair": ({"beta": B},
-                 lambda pc, pr, rc, rr, *_: (-logsig(B * (pc - rc)) - 0.5 * logsig(-B * (pc - rc)) - 0.5 * logsig(-B * (pr - rr)),
-                                             B * (pc - rc), B * (pr - rr))),
-    "bco_pair": ({"beta": B, "reward_shift": 0.25},
-                 lambda pc, pr, rc, rr, *_: (-logsig(B * (pc - rc) - 0.25) - logsig(-(B * (pr - rr) - 0.25)),
-                                             B * (pc - rc), B * (pr - rr))),
-    "sppo_hard": ({"beta": B},
-                  lambda pc, pr, rc, rr, *_: ((pc - rc - 1 / (2 * B)) ** 2 + (pr - rr + 1 / (2 * B)) ** 2, B * (pc - rc), B * (pr - rr))),
-    "apo_zero": ({"beta": B},
-                 lambda pc, pr, rc, rr, *_: (1 - sig(B * (pc - rc)) + sig(B * (pr - rr)), B * (pc - rc), B * (pr - rr))),
-    "apo_down": ({"beta": B},
-                 lambda pc, pr, rc, rr, *_: (sig(B * (pc - rc)) + 1 - sig(B * ((pc - rc) - (pr - rr))), B * (pc - rc), B * (pr - rr))),
+    "nca_pair": (
+        {"beta": B},
+        lambda pc, pr, rc, rr, *_: (
+            -logsig(B * (pc - rc)) - 0.5 * logsig(-B * (pc - rc)) - 0.5 * logsig(-B * (pr - rr)),
+            B * (pc - rc),
+            B * (pr - rr),
+        ),
+    ),
+    "bco_pair": (
+        {"beta": B, "reward_shift": 0.25},
+        lambda pc, pr, rc, rr, *_: (
+            -logsig(B * (pc - rc) - 0.25) - logsig(-(B * (pr - rr) - 0.25)),
+            B * (pc - rc),
+            B * (pr - rr),
+        ),
+    ),
+    "sppo_hard": (
+        {"beta": B},
+        lambda pc, pr, rc, rr, *_: (
+            (pc - rc - 1 / (2 * B)) ** 2 + (pr - rr + 1 / (2 * B)) ** 2,
+            B * (pc - rc),
+            B * (pr - rr),
+        ),
+    ),
+    "apo_zero": (
+        {"beta": B},
+        lambda pc, pr, rc, rr, *_: (1 - sig(B * (pc - rc)) + sig(B * (pr - rr)), B * (pc - rc), B * (pr - rr)),
+    ),
+    "apo_down": (
+        {"beta": B},
+        lambda pc, pr, rc, rr, *_: (
+            sig(B * (pc - rc)) + 1 - sig(B * ((pc - rc) - (pr - rr))),
+            B * (pc - rc),
+            B * (pr - rr),
+        ),
+    ),
     "discopop": ({"beta": B, "tau": 0.5}, None),
-    "sigmoid_norm": ({"beta": B},
-                     lambda pc, pr, rc, rr, nc, nr, *_: (-logsig(B * ((pc - rc) / nc - (pr - rr) / nr)),
-                                                         B * (pc - rc) / nc, B * (pr - rr) / nr)),
-    "reverse_kl": ({"beta": B}, lambda pc, pr, rc, rr, *_: (-logsig(B * ((pc - rc) - (pr - rr))), B * (pc - rc), B * (pr - rr))),
-    "forward_kl": ({"beta": B},
-                   lambda pc, pr, rc, rr, *_: (-logsig(B * (-math.exp(-(pc - rc)) + math.exp(-(pr - rr)))), B * (pc - rc), B * (pr - rr))),
+    "sigmoid_norm": (
+        {"beta": B},
+        lambda pc, pr, rc, rr, nc, nr, *_: (
+            -logsig(B * ((pc - rc) / nc - (pr - rr) / nr)),
+            B * (pc - rc) / nc,
+            B * (pr - rr) / nr,
+        ),
+    ),
+    "reverse_kl": (
+        {"beta": B},
+        lambda pc, pr, rc, rr, *_: (-logsig(B * ((pc - rc) - (pr - rr))), B * (pc - rc), B * (pr - rr)),
+    ),
+    "forward_kl": (
+        {"beta": B},
+        lambda pc, pr, rc, rr, *_: (
+            -logsig(B * (-math.exp(-(pc - rc)) + math.exp(-(pr - rr)))),
+            B * (pc - rc),
+            B * (pr - rr),
+        ),
+    ),
     "js_divergence": ({"beta": B}, None),
     "alpha_divergence": ({"beta": B, "alpha": 0.3}, None),
-    "simpo": ({"beta": 2.0, "gamma": 0.4},
-              lambda pc, pr, rc, rr, nc, nr, *_: (-logsig(2.0 * pc / nc - 2.0 * pr / nr - 0.4), 2.0 * pc / nc, 2.0 * pr / nr)),
-    "cpo": ({"beta": B, "cpo_alpha": 0.5},
-            lambda pc, pr, rc, rr, nc, nr, *_: (-logsig(B * (pc - pr)) - 0.5 * pc / nc, B * pc, B * pr)),
+    "simpo": (
+        {"beta": 2.0, "gamma": 0.4},
+        lambda pc, pr, rc, rr, nc, nr, *_: (-logsig(2.0 * pc / nc - 2.0 * pr / nr - 0.4), 2.0 * pc / nc, 2.0 * pr / nr),
+    ),
+    "cpo": (
+        {"beta": B, "cpo_alpha": 0.5},
+        lambda pc, pr, rc, rr, nc, nr, *_: (-logsig(B * (pc - pr)) - 0.5 * pc / nc, B * pc, B * pr),
+    ),
     "orpo": ({"beta": B}, None),
     "sft": ({}, lambda pc, *_: (-pc, 0.0, 0.0)),
 }
@@ -138,8 +200,15 @@ def run(name, kwargs, x, **extra):
     loss_fn = get_loss(name, **kwargs)
     ref = (None, None) if is_reference_free(loss_fn) else (x["rc"], x["rr"])
     return call_loss(
-        loss_fn, x["pc"], x["pr"], *ref, chosen_lengths=x["nc"], rejected_lengths=x["nr"],
-        chosen_gt_rewards=x["gc"], rejected_gt_rewards=x["gr"], **extra,
+        loss_fn,
+        x["pc"],
+        x["pr"],
+        *ref,
+        chosen_lengths=x["nc"],
+        rejected_lengths=x["nr"],
+        chosen_gt_rewards=x["gc"],
+        rejected_gt_rewards=x["gr"],
+        **extra,
     )
 
 
@@ -172,9 +241,34 @@ def test_aot_matches_sorted_formula(name, paired):
 
 def test_every_registered_name_resolves_and_runs():
     names = loss_names()
-    assert {"dpo", "ipo", "rpo_sq", "rpo_fwd_kl", "rpo_bwd_kl", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair",
-            "sppo_hard", "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm", "reverse_kl",
-            "forward_kl", "js_divergence", "alpha_divergence", "simpo", "cpo", "orpo", "sft", "combined"} <= set(names)
+    assert {
+        "dpo",
+        "ipo",
+        "rpo_sq",
+        "rpo_fwd_kl",
+        "rpo_bwd_kl",
+        "hinge",
+        "robust",
+        "exo_pair",
+        "nca_pair",
+        "bco_pair",
+        "sppo_hard",
+        "aot",
+        "aot_unpaired",
+        "apo_zero",
+        "apo_down",
+        "discopop",
+        "sigmoid_norm",
+        "reverse_kl",
+        "forward_kl",
+        "js_divergence",
+        "alpha_divergence",
+        "simpo",
+        "cpo",
+        "orpo",
+        "sft",
+        "combined",
+    } <= set(names)
     x = inputs(n=6)
     for name in names:
         kwargs = {} if name in ("sft", "simpo", "cpo", "orpo") else {"beta": 0.2}
@@ -215,9 +309,16 @@ def test_extreme_gaps_stay_finite(name):
     kwargs = PAIR_FORMULAS.get(name, ({"beta": B},))[0]
     big = torch.tensor([0.0, -1e4, -1e4, -0.5], dtype=torch.float32)
     small = torch.tensor([-1e4, 0.0, -1e4, -1e4], dtype=torch.float32)
-    x = {"pc": big - 1e-3, "pr": small - 1e-3, "rc": torch.zeros(4), "rr": torch.zeros(4),
-         "nc": torch.tensor([1, 3, 7, 1]), "nr": torch.tensor([5, 1, 2, 1]),
-         "gc": torch.tensor([1e4, 0.0, 1.0, -1e4]), "gr": torch.zeros(4)}
+    x = {
+        "pc": big - 1e-3,
+        "pr": small - 1e-3,
+        "rc": torch.zeros(4),
+        "rr": torch.zeros(4),
+        "nc": torch.tensor([1, 3, 7, 1]),
+        "nr": torch.tensor([5, 1, 2, 1]),
+        "gc": torch.tensor([1e4, 0.0, 1.0, -1e4]),
+        "gr": torch.zeros(4),
+    }
     pc, pr = x["pc"].requires_grad_(), x["pr"].requires_grad_()
     out = run(name, kwargs, x)
     assert torch.isfinite(out.losses).all(), out.losses
@@ -267,17 +368,27 @@ def test_rpo_ground_truth_defaults_are_one_and_zero():
 def test_alpha_divergence_limits():
     """alpha -> 0 is reverse KL (DPO), alpha -> 1 is forward KL."""
     x = inputs()
-    torch.testing.assert_close(run("alpha_divergence", {"beta": B, "alpha": 1e-7}, x).losses,
-                               run("dpo", {"beta": B}, x).losses, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        run("alpha_divergence", {"beta": B, "alpha": 1e-7}, x).losses,
+        run("dpo", {"beta": B}, x).losses,
+        rtol=1e-5,
+        atol=1e-6,
+    )
     # forward KL's score is -1/u; alpha = 1 gives 1 - 1/u: same margins.
-    torch.testing.assert_close(run("alpha_divergence", {"beta": B, "alpha": 1 - 1e-9}, {**x, "pc": x["pc"] / 10, "pr": x["pr"] / 10}).losses,
-                               run("forward_kl", {"beta": B}, {**x, "pc": x["pc"] / 10, "pr": x["pr"] / 10}).losses, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(
+        run("alpha_divergence", {"beta": B, "alpha": 1 - 1e-9}, {**x, "pc": x["pc"] / 10, "pr": x["pr"] / 10}).losses,
+        run("forward_kl", {"beta": B}, {**x, "pc": x["pc"] / 10, "pr": x["pr"] / 10}).losses,
+        rtol=1e-6,
+        atol=1e-6,
+    )
 
 
 class TestCombined:
     def test_nemo_objective_preference_plus_sft(self):
         x = inputs()
-        out = run("combined", {"preference_loss": "ipo", "beta": B, "preference_loss_weight": 0.5, "sft_loss_weight": 0.2}, x)
+        out = run(
+            "combined", {"preference_loss": "ipo", "beta": B, "preference_loss_weight": 0.5, "sft_loss_weight": 0.2}, x
+        )
         ipo = run("ipo", {"beta": B}, x)
         assert isinstance(out, CombinedLossOutput)
         torch.testing.assert_close(out.preference_losses, 0.5 * ipo.losses)
@@ -287,13 +398,25 @@ class TestCombined:
 
     def test_average_switches_divide_by_token_counts(self):
         x = inputs()
-        out = run("combined", {"preference_loss": "dpo", "beta": B, "preference_average_log_probs": True,
-                               "sft_loss_weight": 1.0}, x)
+        out = run(
+            "combined",
+            {"preference_loss": "dpo", "beta": B, "preference_average_log_probs": True, "sft_loss_weight": 1.0},
+            x,
+        )
         avg = {**x, **{k: x[k] / x[n] for k, n in (("pc", "nc"), ("rc", "nc"), ("pr", "nr"), ("rr", "nr"))}}
         torch.testing.assert_close(out.preference_losses, run("dpo", {"beta": B}, avg).losses)
         torch.testing.assert_close(out.sft_losses, -x["pc"] / x["nc"])  # sft follows the switch by default
-        summed = run("combined", {"preference_loss": "dpo", "beta": B, "preference_average_log_probs": True,
-                                  "sft_average_log_probs": False, "sft_loss_weight": 1.0}, x)
+        summed = run(
+            "combined",
+            {
+                "preference_loss": "dpo",
+                "beta": B,
+                "preference_average_log_probs": True,
+                "sft_average_log_probs": False,
+                "sft_loss_weight": 1.0,
+            },
+            x,
+        )
         torch.testing.assert_close(summed.sft_losses, -x["pc"])
 
     def test_length_normalising_term_does_not_divide_twice(self):
@@ -305,17 +428,28 @@ class TestCombined:
         x = inputs()
         x = {**x, "pc": x["pc"] / 30, "pr": x["pr"] / 30}
         terms = ["dpo", "bco_pair", "sft"]
-        out = run("combined", {"preference_loss": terms, "preference_loss_weight": [0.8, 0.2, 1.0], "beta": B,
-                               "wpo_weighting": True}, x)
+        out = run(
+            "combined",
+            {"preference_loss": terms, "preference_loss_weight": [0.8, 0.2, 1.0], "beta": B, "wpo_weighting": True},
+            x,
+        )
         w = torch.exp(x["pc"] / x["nc"] + x["pr"] / x["nr"])
-        want = w * (0.8 * run("dpo", {"beta": B}, x).losses + 0.2 * run("bco_pair", {"beta": B}, x).losses - 1.0 * x["pc"])
+        want = w * (
+            0.8 * run("dpo", {"beta": B}, x).losses + 0.2 * run("bco_pair", {"beta": B}, x).losses - 1.0 * x["pc"]
+        )
         torch.testing.assert_close(out.losses, want)
         torch.testing.assert_close(wpo_weights(x["pc"], x["pr"], x["nc"], x["nr"]), w)
 
     def test_terms_may_be_callables(self):
         x = inputs()
-        out = combined_loss(x["pc"], x["pr"], x["rc"], x["rr"], preference_loss=[get_loss("hinge", beta=0.5)],
-                            preference_loss_weight=[2.0])
+        out = combined_loss(
+            x["pc"],
+            x["pr"],
+            x["rc"],
+            x["rr"],
+            preference_loss=[get_loss("hinge", beta=0.5)],
+            preference_loss_weight=[2.0],
+        )
         torch.testing.assert_close(out.losses, 2 * run("hinge", {"beta": 0.5}, x).losses)
 
     def test_argument_no_term_takes_is_an_error(self):

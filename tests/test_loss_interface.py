@@ -8,7 +8,9 @@ from dpokit.losses import get_loss
 from dpokit.models import lora_llama
 from dpokit.training import PairMetrics, PolicyLogps, evaluate_preference, policy_logps, preference_loss
 
-TINY = dict(vocab_size=61, dim=32, n_layers=1, n_heads=4, n_kv_heads=2, hidden_dim=48, max_seq_len=32, rope_theta=10_000.0)
+TINY = dict(
+    vocab_size=61, dim=32, n_layers=1, n_heads=4, n_kv_heads=2, hidden_dim=48, max_seq_len=32, rope_theta=10_000.0
+)
 
 
 def batch():
@@ -26,11 +28,15 @@ def test_preference_loss_supplies_token_counts_and_ground_truth_rewards():
     ref = PolicyLogps(torch.tensor([-4.0, -7.0]), torch.tensor([-8.0, -6.0]))
     out = preference_loss(get_loss("sigmoid_norm", beta=1.0), policy, ref, b)
     lengths_c, lengths_r = torch.tensor([3.0, 7.0]), torch.tensor([7.0, 5.0])
-    want = -torch.nn.functional.logsigmoid((policy.chosen - ref.chosen) / lengths_c - (policy.rejected - ref.rejected) / lengths_r)
+    want = -torch.nn.functional.logsigmoid(
+        (policy.chosen - ref.chosen) / lengths_c - (policy.rejected - ref.rejected) / lengths_r
+    )
     torch.testing.assert_close(out.losses, want)
     # averaged log-probs: the loss must not divide again
     averaged = preference_loss(get_loss("sigmoid_norm", beta=1.0), policy, ref, b, averaged=True)
-    torch.testing.assert_close(averaged.losses, -torch.nn.functional.logsigmoid(policy.chosen - ref.chosen - policy.rejected + ref.rejected))
+    torch.testing.assert_close(
+        averaged.losses, -torch.nn.functional.logsigmoid(policy.chosen - ref.chosen - policy.rejected + ref.rejected)
+    )
     # RPO reads per-pair ground-truth rewards from the batch when present
     b["chosen_reward"], b["rejected_reward"] = torch.tensor([2.0, 0.5]), torch.tensor([1.0, 1.5])
     rpo = preference_loss(get_loss("rpo_sq", beta=0.5), policy, ref, b)
@@ -39,7 +45,12 @@ def test_preference_loss_supplies_token_counts_and_ground_truth_rewards():
 
 
 def test_reference_free_loss_needs_no_reference():
-    out = preference_loss(get_loss("simpo", beta=2.0, gamma=0.5), PolicyLogps(torch.tensor([-3.0, -8.0]), torch.tensor([-9.0, -4.0])), None, batch())
+    out = preference_loss(
+        get_loss("simpo", beta=2.0, gamma=0.5),
+        PolicyLogps(torch.tensor([-3.0, -8.0]), torch.tensor([-9.0, -4.0])),
+        None,
+        batch(),
+    )
     assert torch.isfinite(out.losses).all()
     with pytest.raises(ValueError, match="needs reference log-probs"):
         preference_loss(get_loss("dpo", beta=0.1), PolicyLogps(torch.zeros(2), torch.zeros(2)), None, batch())
@@ -55,8 +66,9 @@ def test_evaluation_skips_the_reference_forward_for_reference_free_losses():
     metrics = evaluate_preference(model, ExplodingReference(), [batch()], get_loss("orpo", beta=0.1), device="cpu")
     policy = policy_logps(model, batch())
     with torch.no_grad():
-        want = get_loss("orpo", beta=0.1)(policy.chosen, policy.rejected, chosen_lengths=torch.tensor([3, 7]),
-                                          rejected_lengths=torch.tensor([7, 5])).losses.mean()
+        want = get_loss("orpo", beta=0.1)(
+            policy.chosen, policy.rejected, chosen_lengths=torch.tensor([3, 7]), rejected_lengths=torch.tensor([7, 5])
+        ).losses.mean()
     assert metrics["loss"] == pytest.approx(want.item(), rel=1e-5)
 
 

@@ -22,7 +22,9 @@ def test_dpo_loss_matches_float64_formula(beta, label_smoothing):
     inputs = [torch.randn(32, dtype=torch.float64) * 20 - 50 for _ in range(4)]
     out = dpo_loss(*inputs, beta=beta, label_smoothing=label_smoothing)
     expected = reference_dpo(*[t.tolist() for t in inputs], beta, label_smoothing)
-    torch.testing.assert_close(out.losses, torch.tensor([e[0] for e in expected], dtype=torch.float64), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        out.losses, torch.tensor([e[0] for e in expected], dtype=torch.float64), rtol=1e-12, atol=1e-12
+    )
     torch.testing.assert_close(out.chosen_rewards, torch.tensor([e[1] for e in expected], dtype=torch.float64))
     torch.testing.assert_close(out.rejected_rewards, torch.tensor([e[2] for e in expected], dtype=torch.float64))
 

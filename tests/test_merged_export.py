@@ -32,8 +32,10 @@ def trained(tmp_path):
     """An fp32 HF folder, loaded with LoRA, base cast to bf16 as the recipe does, adapters 'trained'
     (small random updates, as a few steps of DPO give)."""
     reference = write_hf_checkpoint("llama3_gqa", tmp_path / "base")
-    model = cast_base(load_hf_checkpoint(tmp_path / "base", lora={"lora_targets": TARGETS, "lora_rank": 4,
-                                                                   "lora_alpha": 8.0}), torch.bfloat16)
+    model = cast_base(
+        load_hf_checkpoint(tmp_path / "base", lora={"lora_targets": TARGETS, "lora_rank": 4, "lora_alpha": 8.0}),
+        torch.bfloat16,
+    )
     torch.manual_seed(1)
     with torch.no_grad():
         for name, p in adapter_params(model).items():
@@ -64,8 +66,9 @@ def test_bf16_export_reports_the_dropped_updates_and_the_logit_change_it_makes(t
     transformers = pytest.importorskip("transformers")
     model, _, tmp_path = trained
     probe = [torch.randint(0, 96, (n,), generator=torch.Generator().manual_seed(n)) for n in (17, 30)]
-    export = save_lora_checkpoint(model, tmp_path / "final16", source_dir=tmp_path / "base", dtype=torch.bfloat16,
-                                  probe_sequences=probe)
+    export = save_lora_checkpoint(
+        model, tmp_path / "final16", source_dir=tmp_path / "base", dtype=torch.bfloat16, probe_sequences=probe
+    )
     exact = save_lora_checkpoint(model, tmp_path / "final32", source_dir=tmp_path / "base")
     assert 0 < export.rounding.dropped < export.rounding.updated
     assert export.rounding.updated == exact.rounding.updated

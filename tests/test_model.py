@@ -8,8 +8,9 @@ from dpokit.models.transformer import RopeScaling, apply_rope, rope_inverse_freq
 
 
 def small(**kw):
-    cfg = dict(vocab_size=50, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=48, max_seq_len=64,
-               rope_theta=10_000.0)
+    cfg = dict(
+        vocab_size=50, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=48, max_seq_len=64, rope_theta=10_000.0
+    )
     cfg.update(kw)
     return llama(**cfg)
 

@@ -25,7 +25,8 @@ from dpokit.data.packing import first_fit
 from dpokit.errors import DpokitError
 
 lengths_and_capacity = st.integers(1, 64).flatmap(
-    lambda cap: st.tuples(st.lists(st.integers(1, cap), max_size=80), st.just(cap)))
+    lambda cap: st.tuples(st.lists(st.integers(1, cap), max_size=80), st.just(cap))
+)
 
 
 def check_packing(packs, lengths, capacity):
@@ -151,8 +152,11 @@ def test_online_packed_dataset_and_offline_file_round_trip(tmp_path, algorithm, 
     packed = pack_preference_dataset(pairs, pack_size=128, algorithm=algorithm, prefix_sharing=prefix_sharing)
     check_packing(packed.packs, packed.lengths, 128)
     assert packed.stats.pairs == 60 and 0 < packed.stats.occupancy <= 1
-    loader = torch.utils.data.DataLoader(packed, batch_size=3, collate_fn=lambda packs: collate_packed(
-        packs, pad_id=0, pack_size=128, prefix_sharing=prefix_sharing))
+    loader = torch.utils.data.DataLoader(
+        packed,
+        batch_size=3,
+        collate_fn=lambda packs: collate_packed(packs, pad_id=0, pack_size=128, prefix_sharing=prefix_sharing),
+    )
     assert sum(batch["num_pairs"] for batch in loader) == 60
     path, stats_path = packed.save(tmp_path / "packed.jsonl")
     loaded = load_packed_dataset(path)
@@ -185,11 +189,15 @@ def test_loading_a_corrupt_packed_file_names_the_line(tmp_path):
 
 def test_dpokit_pack_command(tmp_path, capsys):
     source = tmp_path / "d.jsonl"
-    source.write_text("".join(json.dumps({"prompt": f"q{i}", "chosen": "yes" * (i % 5 + 1), "rejected": "no"}) + "\n"
-                              for i in range(30)))
+    source.write_text(
+        "".join(
+            json.dumps({"prompt": f"q{i}", "chosen": "yes" * (i % 5 + 1), "rejected": "no"}) + "\n" for i in range(30)
+        )
+    )
     out = tmp_path / "packed.jsonl"
-    assert cli_main(["pack", str(source), str(out), "--max-seq-len", "64", "--pack-size", "256",
-                     "--prefix-sharing"]) == 0
+    assert (
+        cli_main(["pack", str(source), str(out), "--max-seq-len", "64", "--pack-size", "256", "--prefix-sharing"]) == 0
+    )
     loaded = load_packed_dataset(out)
     assert loaded.prefix_sharing and loaded.stats.pairs == 30 and "occupancy" in capsys.readouterr().out
     assert cli_main(["pack", str(source), str(out), "--max-seq-len", "64", "--pack-size", "100"]) == 2

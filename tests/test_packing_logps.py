@@ -16,8 +16,18 @@ TOL = dict(rtol=1e-5, atol=1e-5)
 
 
 def tiny_lora_model():
-    model = lora_llama(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, max_seq_len=256,
-                       rope_theta=10_000.0, lora_targets=["q_proj", "v_proj", "o_proj", "down_proj"], lora_rank=4)
+    model = lora_llama(
+        vocab_size=64,
+        dim=32,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        hidden_dim=64,
+        max_seq_len=256,
+        rope_theta=10_000.0,
+        lora_targets=["q_proj", "v_proj", "o_proj", "down_proj"],
+        lora_rank=4,
+    )
     # Non-zero adapters, so "adapters on" differs from "adapters off".
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -38,8 +48,9 @@ def batches(pairs, prefix_sharing, packer):
     packs = packer(lengths, 64)
     assert len(packs) < len(pairs)  # several pairs really share a row
     ordered = [pairs[i] for pack in packs for i in pack]
-    packed = collate_packed([[pairs[i] for i in pack] for pack in packs], pad_id=0, pack_size=64,
-                            prefix_sharing=prefix_sharing)
+    packed = collate_packed(
+        [[pairs[i] for i in pack] for pack in packs], pad_id=0, pack_size=64, prefix_sharing=prefix_sharing
+    )
     return packed, collate_preference_pairs(ordered, pad_id=0)
 
 
@@ -52,9 +63,15 @@ def test_packed_logps_equal_padded_logps(prefix_sharing, adapters, average):
     with torch.no_grad():
         if adapters == "off":
             with disable_adapter(model):
-                got, want = packed_policy_logps(model, packed, average=average), policy_logps(model, padded, average=average)
+                got, want = (
+                    packed_policy_logps(model, packed, average=average),
+                    policy_logps(model, padded, average=average),
+                )
         else:
-            got, want = packed_policy_logps(model, packed, average=average), policy_logps(model, padded, average=average)
+            got, want = (
+                packed_policy_logps(model, packed, average=average),
+                policy_logps(model, padded, average=average),
+            )
     torch.testing.assert_close(got.chosen, want.chosen, **TOL)
     torch.testing.assert_close(got.rejected, want.rejected, **TOL)
 

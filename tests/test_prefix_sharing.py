@@ -9,12 +9,12 @@ import torch
 from dpokit.data import collate_packed
 from dpokit.models import llama
 from dpokit.models.attention import (
+    SegmentMask,
     attention,
     build_attention_mask,
     flex_attention,
     packed_attention_mask,
     packed_mask_mod,
-    SegmentMask,
 )
 from dpokit.training.packed_forward import packed_policy_logps
 
@@ -24,8 +24,10 @@ def rule(doc, branch, q, k):
 
 
 def test_mask_matches_the_rule_elementwise():
-    pairs = [{"prompt_ids": [1, 2, 3], "chosen_ids": [4, 5], "rejected_ids": [6, 7, 8]},
-             {"prompt_ids": [9], "chosen_ids": [10], "rejected_ids": [11]}]
+    pairs = [
+        {"prompt_ids": [1, 2, 3], "chosen_ids": [4, 5], "rejected_ids": [6, 7, 8]},
+        {"prompt_ids": [9], "chosen_ids": [10], "rejected_ids": [11]},
+    ]
     batch = collate_packed([pairs], pad_id=0, pack_size=20, prefix_sharing=True)
     doc, branch = batch["document_ids"][0].tolist(), batch["branch_ids"][0].tolist()
     mask = packed_attention_mask(batch["document_ids"], batch["branch_ids"])[0, 0]
@@ -48,8 +50,10 @@ def test_rejected_logps_do_not_depend_on_chosen_tokens():
 
 
 def test_flex_mask_mod_equals_the_boolean_mask_on_every_element():
-    pairs = [{"prompt_ids": [1] * n, "chosen_ids": [2] * (n % 3 + 1), "rejected_ids": [3] * (n % 2 + 1)}
-             for n in (1, 4, 6, 2)]
+    pairs = [
+        {"prompt_ids": [1] * n, "chosen_ids": [2] * (n % 3 + 1), "rejected_ids": [3] * (n % 2 + 1)}
+        for n in (1, 4, 6, 2)
+    ]
     for prefix_sharing in (False, True):
         batch = collate_packed([pairs[:3], pairs[3:]], pad_id=0, pack_size=48, prefix_sharing=prefix_sharing)
         doc, branch = batch["document_ids"], batch["branch_ids"]
@@ -61,23 +65,27 @@ def test_flex_mask_mod_equals_the_boolean_mask_on_every_element():
 
 @pytest.mark.skipif(flex_attention is None, reason="FlexAttention needs torch >= 2.5")
 def test_flex_block_mask_path_equals_sdpa_boolean_path():
-    pairs = [{"prompt_ids": list(range(1, 1 + n)), "chosen_ids": [3] * (n % 4 + 1), "rejected_ids": [4] * 2}
-             for n in (3, 7, 2)]
+    pairs = [
+        {"prompt_ids": list(range(1, 1 + n)), "chosen_ids": [3] * (n % 4 + 1), "rejected_ids": [4] * 2}
+        for n in (3, 7, 2)
+    ]
     batch = collate_packed([pairs[:2], pairs[2:]], pad_id=0, pack_size=40, prefix_sharing=True)
     q, k, v = torch.randn(2, 4, 40, 16), torch.randn(2, 2, 40, 16), torch.randn(2, 2, 40, 16)
-    sdpa = attention(q, k, v, build_attention_mask(batch["document_ids"], batch["branch_ids"], "sdpa"),
-                     enable_gqa=True)
+    sdpa = attention(q, k, v, build_attention_mask(batch["document_ids"], batch["branch_ids"], "sdpa"), enable_gqa=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # eager FlexAttention warns that it is unfused
-        flex = attention(q, k, v, build_attention_mask(batch["document_ids"], batch["branch_ids"], "flex"),
-                         enable_gqa=True)
+        flex = attention(
+            q, k, v, build_attention_mask(batch["document_ids"], batch["branch_ids"], "flex"), enable_gqa=True
+        )
     torch.testing.assert_close(flex, sdpa, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("prefix_sharing", [False, True])
 def test_per_document_sdpa_equals_the_dense_mask_values_and_gradients(prefix_sharing):
-    pairs = [{"prompt_ids": list(range(1, 1 + n)), "chosen_ids": [3] * (n % 4 + 1), "rejected_ids": [4] * (n % 3 + 1)}
-             for n in (3, 7, 2, 5, 1)]
+    pairs = [
+        {"prompt_ids": list(range(1, 1 + n)), "chosen_ids": [3] * (n % 4 + 1), "rejected_ids": [4] * (n % 3 + 1)}
+        for n in (3, 7, 2, 5, 1)
+    ]
     batch = collate_packed([pairs[:2], pairs[2:]], pad_id=0, pack_size=48, prefix_sharing=prefix_sharing)
     real = (batch["document_ids"] >= 0)[:, None, :, None]  # padding: zero output per-document, not compared
     assert not real.all()
@@ -87,8 +95,9 @@ def test_per_document_sdpa_equals_the_dense_mask_values_and_gradients(prefix_sha
         torch.manual_seed(0)
         q = torch.randn(2, 4, 48, 16, dtype=torch.float64, requires_grad=True)
         k, v = (torch.randn(2, 2, 48, 16, dtype=torch.float64, requires_grad=True) for _ in range(2))
-        out = attention(q, k, v, build_attention_mask(batch["document_ids"], batch["branch_ids"], backend),
-                        enable_gqa=True)
+        out = attention(
+            q, k, v, build_attention_mask(batch["document_ids"], batch["branch_ids"], backend), enable_gqa=True
+        )
         (out * weights * real).sum().backward()
         results.append((out * real, q.grad, k.grad, v.grad))
     for segmented, dense in zip(*results):
@@ -108,8 +117,10 @@ def test_compiled_blocks_run_the_per_document_path_like_eager():
     gives eager's log-probs and gradients (the per-document attention runs outside the graph)."""
     torch.manual_seed(0)
     model = llama(vocab_size=32, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, max_seq_len=64)
-    pairs = [{"prompt_ids": list(range(1, 1 + n)), "chosen_ids": [3] * (n % 4 + 1), "rejected_ids": [4] * 2}
-             for n in (3, 7, 2, 5)]
+    pairs = [
+        {"prompt_ids": list(range(1, 1 + n)), "chosen_ids": [3] * (n % 4 + 1), "rejected_ids": [4] * 2}
+        for n in (3, 7, 2, 5)
+    ]
     batch = collate_packed([pairs[:2], pairs[2:]], pad_id=0, pack_size=40, prefix_sharing=True)
 
     def logps_and_grads():

@@ -7,8 +7,9 @@ import torch
 from dpokit.models import adapter_params, disable_adapter, llama, lora_llama, merged_state_dict
 from dpokit.models.lora import LoRALinear, NF4Linear, dequantize, is_nf4
 
-CFG = dict(vocab_size=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128, max_seq_len=32,
-           rope_theta=10_000.0)
+CFG = dict(
+    vocab_size=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128, max_seq_len=32, rope_theta=10_000.0
+)
 TARGETS = ("q_proj", "v_proj", "down_proj")
 
 
@@ -86,8 +87,17 @@ def test_quantize_needs_lora():
     from dpokit.models import model_from_hf_config
 
     with pytest.raises(ValueError, match="needs LoRA"):
-        model_from_hf_config(dict(model_type="llama", vocab_size=64, hidden_size=64, intermediate_size=128,
-                                  num_hidden_layers=1, num_attention_heads=4), quantize_base=True)
+        model_from_hf_config(
+            dict(
+                model_type="llama",
+                vocab_size=64,
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=1,
+                num_attention_heads=4,
+            ),
+            quantize_base=True,
+        )
 
 
 def test_cast_base_keeps_nf4_weights_quantised_in_bf16_with_fp32_adapters():

@@ -141,8 +141,8 @@ def test_chat_template_matches_transformers(folder):
         assert ours.encode_prompt(prompt) == hf_chat_ids(theirs, prompt, add_generation_prompt=True), prompt
         # A training pair is prompt + reply + end of turn: the whole conversation without the
         # template's final newline.
-        assert full[-len(newline):] == newline
-        assert ours.encode_prompt(prompt) + ours.encode_response(reply) == full[:-len(newline)], messages
+        assert full[-len(newline) :] == newline
+        assert ours.encode_prompt(prompt) + ours.encode_response(reply) == full[: -len(newline)], messages
 
 
 def write_pairs(path: Path, records: list[dict]) -> Path:
@@ -161,11 +161,24 @@ def test_lora_dpo_run_writes_a_checkpoint_transformers_and_peft_load(folder, tmp
     out = tmp_path / "run"
     dpokit = Path(sys.executable).with_name("dpokit")
     command = [
-        str(dpokit) if dpokit.is_file() else "dpokit", "run", "dpo_lora_single_device", "--config", "smollm2_135m",
-        f"checkpoint_dir={folder}", f"output_dir={out}", "max_steps=3", "batch_size=1",
-        "gradient_accumulation_steps=1", "eval_batch_size=8", "lr_scheduler.warmup_steps=0", "packing.pack_size=512",
-        f"train_dataset.path={train}", "train_dataset.max_seq_len=256", "train_dataset.max_prompt_len=192",
-        f"validation_dataset.path={validation}", "validation_dataset.max_seq_len=256",
+        str(dpokit) if dpokit.is_file() else "dpokit",
+        "run",
+        "dpo_lora_single_device",
+        "--config",
+        "smollm2_135m",
+        f"checkpoint_dir={folder}",
+        f"output_dir={out}",
+        "max_steps=3",
+        "batch_size=1",
+        "gradient_accumulation_steps=1",
+        "eval_batch_size=8",
+        "lr_scheduler.warmup_steps=0",
+        "packing.pack_size=512",
+        f"train_dataset.path={train}",
+        "train_dataset.max_seq_len=256",
+        "train_dataset.max_prompt_len=192",
+        f"validation_dataset.path={validation}",
+        "validation_dataset.max_seq_len=256",
         "validation_dataset.max_prompt_len=192",
     ]
     result = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=1800)
@@ -190,4 +203,6 @@ def test_lora_dpo_run_writes_a_checkpoint_transformers_and_peft_load(folder, tmp
     with torch.no_grad():
         diff = (adapted(tokens).logits - merged_logits).abs().max().item()
     stored = {json.loads((final / "config.json").read_text()).get(k) for k in ("dtype", "torch_dtype")} - {None}
-    assert diff <= 1e-3, f"PEFT base + final/adapter vs final/: max abs logit difference {diff} (final/ stored as {stored})"
+    assert diff <= 1e-3, (
+        f"PEFT base + final/adapter vs final/: max abs logit difference {diff} (final/ stored as {stored})"
+    )

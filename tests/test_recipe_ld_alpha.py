@@ -13,13 +13,13 @@ import pytest
 import torch
 
 import dpokit.recipes
+from dpokit.config import check_keys, load_config
 from dpokit.data import byte_tokenizer, collate_preference_pairs
 from dpokit.data.preference import PreferenceDataset
+from dpokit.errors import DpokitError
 from dpokit.losses import dpo_loss
 from dpokit.losses.logprobs import length_desensitized_logps, token_logps
 from dpokit.models import adapter_params, disable_adapter, lora_tiny
-from dpokit.config import check_keys, load_config
-from dpokit.errors import DpokitError
 from dpokit.recipes.dpo_lora_single_device import CONFIG_KEYS, main
 
 CONFIG = Path(dpokit.recipes.__file__).parent / "configs" / "dpo_lora_single_device" / "tiny.yaml"
@@ -54,9 +54,19 @@ def run_recipe(tmp_path, ld_alpha):
     """One step over all four pairs; returns (train record of step 1, validation record of step 0)."""
     data = write_pairs(tmp_path)
     out = tmp_path / f"run_{ld_alpha}"
-    cfg = load_config(CONFIG, [f"output_dir={out}", "batch_size=4", "eval_batch_size=4", "eval_every=100",
-                               "max_steps=1", "dtype=fp32", "device=cpu",
-                               f"ld_alpha={'null' if ld_alpha is None else ld_alpha}"])
+    cfg = load_config(
+        CONFIG,
+        [
+            f"output_dir={out}",
+            "batch_size=4",
+            "eval_batch_size=4",
+            "eval_every=100",
+            "max_steps=1",
+            "dtype=fp32",
+            "device=cpu",
+            f"ld_alpha={'null' if ld_alpha is None else ld_alpha}",
+        ],
+    )
     cfg.model = {"_component_": f"{__name__}.lora_tiny_with_random_adapters"}
     for split in ("train_dataset", "validation_dataset"):
         cfg[split] = {"_component_": "dpokit.data.PreferenceDataset", "path": str(data), "max_seq_len": 128}
@@ -103,11 +113,28 @@ def test_ld_alpha_step_loss_equals_length_desensitized_computation(tmp_path):
 
 
 def test_packing_with_ld_alpha_is_a_one_line_config_error(tmp_path):
-    small_train_set = ["train_dataset._component_=dpokit.data.PreferenceDataset",
-                       f"+train_dataset.path={write_pairs(tmp_path)}", "~train_dataset.name", "~train_dataset.split"]
+    small_train_set = [
+        "train_dataset._component_=dpokit.data.PreferenceDataset",
+        f"+train_dataset.path={write_pairs(tmp_path)}",
+        "~train_dataset.name",
+        "~train_dataset.split",
+    ]
     packing = "packing={_component_: dpokit.data.pack_preference_dataset, pack_size: 256}"
-    result = subprocess.run(["dpokit", "run", "dpo_lora_single_device", "--config", "tiny", f"output_dir={tmp_path}",
-                             *small_train_set, "ld_alpha=0.5", packing], capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            "dpokit",
+            "run",
+            "dpo_lora_single_device",
+            "--config",
+            "tiny",
+            f"output_dir={tmp_path}",
+            *small_train_set,
+            "ld_alpha=0.5",
+            packing,
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1, result.stderr[-2000:]

@@ -8,8 +8,7 @@ import pytest
 
 from dpokit.data import PreferenceDataError, bundled_task_path, byte_tokenizer, load_packed_dataset
 
-RUN = ["dpokit", "run", "dpo_lora_single_device", "--config", "tiny", "max_steps=2", "eval_every=100",
-       "batch_size=4"]
+RUN = ["dpokit", "run", "dpo_lora_single_device", "--config", "tiny", "max_steps=2", "eval_every=100", "batch_size=4"]
 
 
 def train_records(output_dir):
@@ -34,18 +33,37 @@ def test_online_packing_with_prefix_sharing(tmp_path):
 
 def test_offline_pack_file_is_read_by_the_recipe(tmp_path):
     packed = tmp_path / "packed.jsonl"
-    made = subprocess.run(["dpokit", "pack", str(bundled_task_path("case_following", "train")), str(packed),
-                           "--max-seq-len", "128", "--pack-size", "256"], capture_output=True, text=True)
+    made = subprocess.run(
+        [
+            "dpokit",
+            "pack",
+            str(bundled_task_path("case_following", "train")),
+            str(packed),
+            "--max-seq-len",
+            "128",
+            "--pack-size",
+            "256",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert made.returncode == 0, made.stderr[-2000:]
-    overrides = ["train_dataset._component_=dpokit.data.load_packed_dataset", f"+train_dataset.path={packed}",
-                 "~train_dataset.name", "~train_dataset.split", "~train_dataset.max_seq_len"]
+    overrides = [
+        "train_dataset._component_=dpokit.data.load_packed_dataset",
+        f"+train_dataset.path={packed}",
+        "~train_dataset.name",
+        "~train_dataset.split",
+        "~train_dataset.max_seq_len",
+    ]
     result = subprocess.run([*RUN, f"output_dir={tmp_path / 'out'}", *overrides], capture_output=True, text=True)
     check_run(result, tmp_path / "out")
 
 
 def test_packed_file_from_another_tokenizer_is_refused(tmp_path):
     packed = tmp_path / "p.jsonl"
-    packed.write_text(json.dumps({"pairs": [{"prompt_ids": [1, 2], "chosen_ids": [3, 5000], "rejected_ids": [4]}]}) + "\n")
+    packed.write_text(
+        json.dumps({"pairs": [{"prompt_ids": [1, 2], "chosen_ids": [3, 5000], "rejected_ids": [4]}]}) + "\n"
+    )
     (tmp_path / "p.jsonl.stats.json").write_text(json.dumps({"pack_size": 64, "prefix_sharing": False}))
     assert len(load_packed_dataset(packed)) == 1
     with pytest.raises(PreferenceDataError, match=r"p.jsonl:1: field 'chosen_ids': token id 5000 is outside"):

@@ -48,9 +48,18 @@ def checkpoint_policy_and_reference(final):
 
 def test_qlora_recipe_learns_and_its_checkpoint_reproduces_the_run(tmp_path):
     result = subprocess.run(
-        ["dpokit", "run", "dpo_lora_single_device", "--config", "tiny_qlora", f"output_dir={tmp_path}",
-         f"max_steps={STEPS}", f"eval_every={STEPS}"],
-        capture_output=True, text=True,
+        [
+            "dpokit",
+            "run",
+            "dpo_lora_single_device",
+            "--config",
+            "tiny_qlora",
+            f"output_dir={tmp_path}",
+            f"max_steps={STEPS}",
+            f"eval_every={STEPS}",
+        ],
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "trainable (float32), " in result.stdout and " in NF4" in result.stdout  # the base stayed 4-bit
@@ -70,8 +79,9 @@ def test_qlora_recipe_learns_and_its_checkpoint_reproduces_the_run(tmp_path):
     assert "merged model (float32)" in result.stdout
     adapter = load_file(final / "adapter" / "adapter_model.safetensors")
     assert all(v.dtype == torch.float32 for v in adapter.values())  # trained and saved in fp32
-    qlora = cast_base(lora_tiny(lora_targets=["q_proj", "k_proj", "v_proj", "o_proj"], quantize_base=True),
-                      torch.bfloat16)
+    qlora = cast_base(
+        lora_tiny(lora_targets=["q_proj", "k_proj", "v_proj", "o_proj"], quantize_base=True), torch.bfloat16
+    )
     load_peft_adapter(qlora, final / "adapter")  # strict: rank, alpha, targets and every key
     assert is_nf4(qlora.layers[0].mlp.gate_proj.weight)
 

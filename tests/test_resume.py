@@ -12,9 +12,10 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from _distributed_helpers import small_full_recipe_config, spawn
-from dpokit.models import load_hf_checkpoint, save_hf_checkpoint
 from dpokit.config import instantiate
+from dpokit.models import load_hf_checkpoint, save_hf_checkpoint
 from dpokit.training.dist_checkpoint import COMPLETE, latest_checkpoint
+
 
 def _config(tmp_path: Path) -> Path:
     """The tiny config, made smaller: 2-layer dim-32 model, 64 train / 8 validation pairs."""
@@ -40,8 +41,8 @@ def _recipe_worker(rank, config, full, resumed, diverged, from_hf, hf_dir):
     loss is NaN from the first step (beta = NaN), and one loading its weights from an HF folder."""
     import torch.distributed as dist
 
-    from dpokit.errors import DpokitError
     from dpokit.config import load_config, recipe_main
+    from dpokit.errors import DpokitError
     from dpokit.recipes.dpo_full_distributed import CONFIG_KEYS, main
 
     recipe_main(main, CONFIG_KEYS, ["--config", str(config), f"output_dir={full}"])
@@ -91,14 +92,20 @@ def test_resume_after_step_k_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
     # identically, and the final folder is an HF checkpoint that loads back.
     losses_hf = _train_losses(from_hf)
     assert losses_hf == {1: losses_full[1], 2: losses_full[2]}
-    assert sum(p.numel() for p in load_hf_checkpoint(from_hf / "final").parameters()) == \
-        sum(t.numel() for t in load_file(from_hf / "final" / "model.safetensors").values())
+    assert sum(p.numel() for p in load_hf_checkpoint(from_hf / "final").parameters()) == sum(
+        t.numel() for t in load_file(from_hf / "final" / "model.safetensors").values()
+    )
 
 
 def test_latest_checkpoint_ignores_incomplete_saves(tmp_path):
     assert latest_checkpoint(tmp_path / "nothing") is None
-    for name, complete in (("step_00000010", True), ("step_00000020", True), ("step_00000030", False),
-                           (".tmp-step_00000040", True), ("step_x", True)):
+    for name, complete in (
+        ("step_00000010", True),
+        ("step_00000020", True),
+        ("step_00000030", False),
+        (".tmp-step_00000040", True),
+        ("step_x", True),
+    ):
         (tmp_path / name).mkdir()
         if complete:
             (tmp_path / name / COMPLETE).write_text("{}")

@@ -10,8 +10,8 @@ from dpokit.data import (
     CHATML_TEMPLATE,
     PreferenceDataError,
     PreferenceDataset,
-    byte_tokenizer,
     bundled_task_path,
+    byte_tokenizer,
     collate_preference_pairs,
 )
 from dpokit.data.synthetic import case_following_pairs, write_case_following_task
@@ -61,9 +61,17 @@ def test_llama3_1_system_turn_layout_and_date_string():
         tok = byte_tokenizer(template)
         for prompt, system_message in prompts:
             ids, mask = tok.tokenize_messages(prompt + [{"role": "assistant", "content": " a "}])
-            assert tok.decode(ids) == ("<|begin_of_text|>" + header.format("system") + system.format(date)
-                                       + system_message + "<|eot_id|>" + header.format("user") + "q<|eot_id|>"
-                                       + header.format("assistant") + "a<|eot_id|>")
+            assert tok.decode(ids) == (
+                "<|begin_of_text|>"
+                + header.format("system")
+                + system.format(date)
+                + system_message
+                + "<|eot_id|>"
+                + header.format("user")
+                + "q<|eot_id|>"
+                + header.format("assistant")
+                + "a<|eot_id|>"
+            )
             assert tok.decode([i for i, m in zip(ids, mask) if m]) == "a<|eot_id|>"
             assert ids == tok.encode_prompt(prompt) + tok.encode_response(" a ")
     # the default date is fixed, not today's: 3.1 and 3.2 tokenize identically by default
@@ -91,30 +99,46 @@ def write_jsonl(path, rows):
 
 def test_dataset_reads_strings_and_message_lists(tmp_path):
     tok = byte_tokenizer()
-    path = write_jsonl(tmp_path / "d.jsonl", [
-        {"prompt": "2+2?", "chosen": "4", "rejected": "5"},
-        {"prompt": [{"role": "user", "content": "2+2?"}], "chosen": [{"role": "assistant", "content": "4"}],
-         "rejected": [{"role": "assistant", "content": "5"}]},
-    ])
+    path = write_jsonl(
+        tmp_path / "d.jsonl",
+        [
+            {"prompt": "2+2?", "chosen": "4", "rejected": "5"},
+            {
+                "prompt": [{"role": "user", "content": "2+2?"}],
+                "chosen": [{"role": "assistant", "content": "4"}],
+                "rejected": [{"role": "assistant", "content": "5"}],
+            },
+        ],
+    )
     ds = PreferenceDataset(path, tok, max_seq_len=128)
     assert len(ds) == 2 and ds[0] == ds[1]
     assert ds[0]["chosen_ids"] == tok.encode_response("4")
     assert ds[0]["prompt_ids"] == tok.encode_prompt([{"role": "user", "content": "2+2?"}])
 
 
-@pytest.mark.parametrize("line, message", [
-    ('{"prompt": "p", "chosen": "a"', "d.jsonl:2: invalid JSON"),
-    ('{"prompt": "p", "chosen": "a"}', "d.jsonl:2: missing field 'rejected'"),
-    ('{"prompt": "p", "chosen": 3, "rejected": "b"}', "d.jsonl:2: field 'chosen': expected a string"),
-    ('{"prompt": "p", "chosen": "", "rejected": "b"}', "d.jsonl:2: field 'chosen': empty response"),
-    ('{"prompt": "p", "chosen": "a", "rejected": "a"}', "d.jsonl:2: field 'rejected': identical to 'chosen'"),
-    ('{"prompt": [{"role": "robot", "content": "x"}], "chosen": "a", "rejected": "b"}',
-     "d.jsonl:2: field 'prompt'[0].role: unknown role 'robot'"),
-    ('{"prompt": "p", "chosen": [{"role": "assistant", "content": null, "tool_calls": [{"type": "function"}]}], '
-     '"rejected": "b"}', "d.jsonl:2: field 'chosen'[0].tool_calls: tool calls are not supported"),
-    ('{"prompt": [{"role": "user", "content": "x", "function_call": {"name": "f"}}], "chosen": "a", "rejected": "b"}',
-     "d.jsonl:2: field 'prompt'[0].function_call: tool calls are not supported"),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('{"prompt": "p", "chosen": "a"', "d.jsonl:2: invalid JSON"),
+        ('{"prompt": "p", "chosen": "a"}', "d.jsonl:2: missing field 'rejected'"),
+        ('{"prompt": "p", "chosen": 3, "rejected": "b"}', "d.jsonl:2: field 'chosen': expected a string"),
+        ('{"prompt": "p", "chosen": "", "rejected": "b"}', "d.jsonl:2: field 'chosen': empty response"),
+        ('{"prompt": "p", "chosen": "a", "rejected": "a"}', "d.jsonl:2: field 'rejected': identical to 'chosen'"),
+        (
+            '{"prompt": [{"role": "robot", "content": "x"}], "chosen": "a", "rejected": "b"}',
+            "d.jsonl:2: field 'prompt'[0].role: unknown role 'robot'",
+        ),
+        (
+            '{"prompt": "p", "chosen": [{"role": "assistant", "content": null, "tool_calls": [{"type": "function"}]}], '
+            '"rejected": "b"}',
+            "d.jsonl:2: field 'chosen'[0].tool_calls: tool calls are not supported",
+        ),
+        (
+            '{"prompt": [{"role": "user", "content": "x", "function_call": {"name": "f"}}], "chosen": "a", "rejected": "b"}',
+            "d.jsonl:2: field 'prompt'[0].function_call: tool calls are not supported",
+        ),
+    ],
+)
 def test_malformed_lines_name_file_line_and_field(tmp_path, line, message):
     path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"}, line])
     with pytest.raises(PreferenceDataError) as info:
@@ -176,8 +200,10 @@ def test_bundled_task_has_no_repeats_and_no_validation_prompt_in_training():
     train = bundled_task_path("case_following", "train").read_text().splitlines()
     validation = bundled_task_path("case_following", "validation").read_text().splitlines()
     assert (len(train), len(validation)) == (4000, 256)
-    prompts = {split: [json.loads(line)["prompt"] for line in lines]
-               for split, lines in (("train", train), ("validation", validation))}
+    prompts = {
+        split: [json.loads(line)["prompt"] for line in lines]
+        for split, lines in (("train", train), ("validation", validation))
+    }
     assert len(set(prompts["train"])) == 4000 and len(set(prompts["validation"])) == 256
     assert not set(prompts["train"]) & set(prompts["validation"])
 

@@ -21,10 +21,19 @@ from dpokit.data.hf_tokenizer import (  # noqa: E402
 from dpokit.data.tokenizer import llama3_1_template, llama3_2_template  # noqa: E402
 from hf_fixtures import LLAMA3_1_JINJA, LLAMA3_2_JINJA, LLAMA3_JINJA, QWEN2_5_JINJA, SMOLLM2_JINJA  # noqa: E402
 
-QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
-                 r"\s*[\r\n]+|\s+(?!\S)|\s+")
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|begin_of_text|>", "<|start_header_id|>",
-            "<|end_header_id|>", "<|eot_id|>"]
+QWEN2_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+    r"\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+SPECIALS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|begin_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+]
 CORPUS = [
     "Hello world! The quick brown fox jumps over the lazy dog 1234567890 times.",
     "def f(x):\n    return x ** 2  # square\n\n\tif x > 10:\n\t\tprint('big')\r\n",
@@ -34,7 +43,7 @@ CORPUS = [
     "     leading spaces, trailing spaces     \n\n\n   mixed \t tabs\t\t and newlines\r\n\r\n",
     "numbers: 3.14159, 2,718, 1e-10, 0x1F, 007, 12345678901234567890",
     "don't won't it's I'm we'll they'd you've SHOUTING'S",
-    "<|im_start|>user\nhi<|im_end|> and <tool_call>{\"a\": 1}</tool_call>",
+    '<|im_start|>user\nhi<|im_end|> and <tool_call>{"a": 1}</tool_call>',
     "café vs cafe\u0301 (NFC matters)",
 ]
 EVAL_TEXTS = CORPUS + [
@@ -55,27 +64,52 @@ def train(pre_tokenizer, normalizer=None, vocab_size=700):
     if normalizer is not None:
         tok.normalizer = normalizer
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  special_tokens=SPECIALS, show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=SPECIALS,
+        show_progress=False,
+    )
     tok.train_from_iterator(CORPUS * 20, trainer)
     tok.add_tokens(["<tool_call>", "</tool_call>"])  # added, not special: matched inside text
     return tok
 
 
 VARIANTS = {
-    "qwen2_split_nfc": lambda: train(pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN2_PATTERN), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]), normalizers.NFC()),
-    "llama3_split": lambda: train(pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])),
+    "qwen2_split_nfc": lambda: train(
+        pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(QWEN2_PATTERN), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        ),
+        normalizers.NFC(),
+    ),
+    "llama3_split": lambda: train(
+        pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+    ),
     "gpt2_bytelevel": lambda: train(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)),
-    "smollm2_digits": lambda: train(pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])),
-    "gaps_split": lambda: train(pre_tokenizers.Sequence([  # a pattern that leaves text between matches
-        pre_tokenizers.Split(Regex(r"\p{L}+"), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])),
+    "smollm2_digits": lambda: train(
+        pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Digits(individual_digits=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+            ]
+        )
+    ),
+    "gaps_split": lambda: train(
+        pre_tokenizers.Sequence(
+            [  # a pattern that leaves text between matches
+                pre_tokenizers.Split(Regex(r"\p{L}+"), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+    ),
 }
 
 
@@ -91,8 +125,11 @@ def test_converted_tokenizer_json_matches_tokenizers_exactly(variant, tmp_path):
         assert tok.encoding.encode(raw, allowed_special="all") == expected, (variant, text)
         if not any(s in text for s in SPECIALS):
             assert tok.encode(text) == expected, (variant, text)
-        assert tok.decode(tok.encode(text)) == (text if "NFC" not in variant and "nfc" not in variant
-                                                else reference.decode(expected, skip_special_tokens=False))
+        assert tok.decode(tok.encode(text)) == (
+            text
+            if "NFC" not in variant and "nfc" not in variant
+            else reference.decode(expected, skip_special_tokens=False)
+        )
     # user-typed special-token text stays text in dpokit (unlike the raw encoding)
     assert tok.eot_id not in tok.encode("<|im_end|>")
     assert tok.encode("<tool_call>") == [reference.token_to_id("<tool_call>")]
@@ -150,19 +187,25 @@ def _save(reference, tmp_path):
 
 CONVERSATIONS = [
     [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4, of course. 🙂"}],
-    [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "  Hello\n there  "},
-     {"role": "assistant", "content": "Bonjour !\n\n  ça va ?"}, {"role": "user", "content": "x=1;\ty = 22"}],
+    [
+        {"role": "system", "content": "Answer in French."},
+        {"role": "user", "content": "  Hello\n there  "},
+        {"role": "assistant", "content": "Bonjour !\n\n  ça va ?"},
+        {"role": "user", "content": "x=1;\ty = 22"},
+    ],
 ]
 
 
-@pytest.mark.parametrize("jinja, expected_template", [
-    (LLAMA3_JINJA, "llama3"), (QWEN2_5_JINJA, "qwen2_5"), (SMOLLM2_JINJA, "smollm2")])
+@pytest.mark.parametrize(
+    "jinja, expected_template", [(LLAMA3_JINJA, "llama3"), (QWEN2_5_JINJA, "qwen2_5"), (SMOLLM2_JINJA, "smollm2")]
+)
 def test_chat_template_ids_equal_transformers_apply_chat_template(jinja, expected_template, tmp_path):
     transformers = pytest.importorskip("transformers")
     reference = VARIANTS["qwen2_split_nfc"]()
     reference.save(str(tmp_path / "tokenizer.json"))
-    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=reference, bos_token="<|begin_of_text|>",
-                                              eos_token="<|endoftext|>", chat_template=jinja)
+    hf = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=reference, bos_token="<|begin_of_text|>", eos_token="<|endoftext|>", chat_template=jinja
+    )
     hf.save_pretrained(tmp_path)
     tok = hf_tokenizer(tmp_path)  # the template is detected from tokenizer_config.json
     assert tok.template.name == expected_template
@@ -176,8 +219,11 @@ def test_chat_template_ids_equal_transformers_apply_chat_template(jinja, expecte
         # the training mask covers exactly the assistant contents and their end-of-turn tokens
         trained = tok.decode([i for i, m in zip(ids, mask) if m])
         end = tok.template.end_of_turn
-        replies = [m["content"].strip() if tok.template.trim_content else m["content"]
-                   for m in messages if m["role"] == "assistant"]
+        replies = [
+            m["content"].strip() if tok.template.trim_content else m["content"]
+            for m in messages
+            if m["role"] == "assistant"
+        ]
         assert trained == "".join(r + end for r in replies)
 
 
@@ -189,13 +235,32 @@ def test_chat_template_ids_equal_transformers_apply_chat_template(jinja, expecte
 # whitespace-only system, multi-turn prompts (an earlier assistant turn, a later system turn).
 LLAMA_PAIRS = [
     ([{"role": "user", "content": "What is 2 + 2?"}], "4, of course. 🙂", "5"),
-    ([{"role": "system", "content": "  Answer in French.\n"}, {"role": "user", "content": "  Hello\n there  "}],
-     "Bonjour !\n\n  ça va ?", "  Hello there.  "),
+    (
+        [{"role": "system", "content": "  Answer in French.\n"}, {"role": "user", "content": "  Hello\n there  "}],
+        "Bonjour !\n\n  ça va ?",
+        "  Hello there.  ",
+    ),
     ([{"role": "system", "content": " \n "}, {"role": "user", "content": "x=1;\ty = 22"}], "y - x = 21", "23"),
-    ([{"role": "system", "content": "1) be brief\n2) be kind"}, {"role": "user", "content": "Hi"},
-      {"role": "assistant", "content": " Hello! "}, {"role": "user", "content": "Count to 3"}], "1 2 3", "1, 2, 4"),
-    ([{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
-      {"role": "system", "content": "Now shout."}, {"role": "user", "content": "q2"}], "A2!", "a2"),
+    (
+        [
+            {"role": "system", "content": "1) be brief\n2) be kind"},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": " Hello! "},
+            {"role": "user", "content": "Count to 3"},
+        ],
+        "1 2 3",
+        "1, 2, 4",
+    ),
+    (
+        [
+            {"role": "user", "content": "q1"},
+            {"role": "assistant", "content": "a1"},
+            {"role": "system", "content": "Now shout."},
+            {"role": "user", "content": "q2"},
+        ],
+        "A2!",
+        "a2",
+    ),
 ]
 
 
@@ -213,15 +278,19 @@ def test_llama3_1_and_3_2_ids_equal_transformers_with_meta_templates(variant, na
     transformers = pytest.importorskip("transformers")
     jinja, make_template = LLAMA_TEMPLATES[name]
     reference = VARIANTS[variant]()
-    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=reference, bos_token="<|begin_of_text|>",
-                                              eos_token="<|eot_id|>", chat_template=jinja)
+    hf = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=reference, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", chat_template=jinja
+    )
     hf.save_pretrained(tmp_path)
     assert hf_tokenizer(tmp_path).template.name == name  # detected from tokenizer_config.json
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps({"prompt": p, "chosen": c, "rejected": r}) + "\n" for p, c, r in LLAMA_PAIRS))
     for date in ("26 Jul 2024", "01 Jan 2025"):
-        tok = hf_tokenizer(tmp_path, template=name) if date == "26 Jul 2024" else \
-            tokenizer_from_json(tmp_path / "tokenizer.json", make_template(date_string=date))
+        tok = (
+            hf_tokenizer(tmp_path, template=name)
+            if date == "26 Jul 2024"
+            else tokenizer_from_json(tmp_path / "tokenizer.json", make_template(date_string=date))
+        )
         dataset = PreferenceDataset(data, tok, max_seq_len=4096)
         for (prompt, chosen, rejected), item in zip(LLAMA_PAIRS, dataset):
             hf_prompt = _hf_ids(hf, prompt, add_generation_prompt=True, date_string=date)
@@ -244,15 +313,19 @@ def test_llama3_1_and_3_2_ids_equal_transformers_with_meta_templates(variant, na
 TOOL_CALL = {"type": "function", "function": {"name": "f", "arguments": {}}}
 
 
-@pytest.mark.parametrize("message", [
-    {"role": "assistant", "content": "", "tool_calls": [TOOL_CALL]},
-    {"role": "tool", "content": "42"},
-    {"role": "ipython", "content": "42"},
-])
+@pytest.mark.parametrize(
+    "message",
+    [
+        {"role": "assistant", "content": "", "tool_calls": [TOOL_CALL]},
+        {"role": "tool", "content": "42"},
+        {"role": "ipython", "content": "42"},
+    ],
+)
 def test_llama3_1_template_refuses_tool_messages(message, tmp_path):
     transformers = pytest.importorskip("transformers")
-    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=VARIANTS["llama3_split"](),
-                                              bos_token="<|begin_of_text|>", chat_template=LLAMA3_1_JINJA)
+    hf = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=VARIANTS["llama3_split"](), bos_token="<|begin_of_text|>", chat_template=LLAMA3_1_JINJA
+    )
     messages = [{"role": "user", "content": "call f"}, message]
     # Meta's template renders these in its own tool layout; dpokit refuses rather than render them as text
     hf_text = hf.apply_chat_template(messages, tokenize=False)
@@ -269,11 +342,13 @@ def test_tokenizer_json_converted_from_tiktoken_ranks_loads_by_its_ranks(tmp_pat
     reference = VARIANTS["llama3_split"]()
     encoding, _ = tokenizer_json_encoding(_save(reference, tmp_path))
     ordered = sorted(encoding._mergeable_ranks, key=encoding._mergeable_ranks.get)
-    (tmp_path / "tokenizer.model").write_text("".join(f"{base64.b64encode(t).decode()} {i}\n"
-                                                      for i, t in enumerate(ordered)))
+    (tmp_path / "tokenizer.model").write_text(
+        "".join(f"{base64.b64encode(t).decode()} {i}\n" for i, t in enumerate(ordered))
+    )
     specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
-    converted = convert.TikTokenConverter(vocab_file=str(tmp_path / "tokenizer.model"), pattern=LLAMA3_PATTERN,
-                                          extra_special_tokens=specials).converted()
+    converted = convert.TikTokenConverter(
+        vocab_file=str(tmp_path / "tokenizer.model"), pattern=LLAMA3_PATTERN, extra_special_tokens=specials
+    ).converted()
     folder = tmp_path / "export"
     folder.mkdir()
     converted.save(str(folder / "tokenizer.json"))

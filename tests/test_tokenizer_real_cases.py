@@ -14,8 +14,18 @@ from dpokit.data.preference import DROPPED_BYTES, SPECIAL_TOKEN_TEXT  # noqa: E4
 
 CORPUS = ["hello world, hello there", "ab ab abab  tabs\tand   spaces", "numbers 123 4567"] * 30
 LACKING = [4, 6, 0x13, 0xC0, 0xFF]  # two control bytes and two that never occur in UTF-8
-TEXTS = ["hel\x04lo world", "\x04", "a\x04b\x06ab", "x\x13 \x04 y", "ab\x04ab\x04ab", "héllo\x06wörld 12\x043",
-         "plain text", " " * 9 + "x", "a" + " " * 17 + "b\t\t  c", "<|im_end|> inside"]
+TEXTS = [
+    "hel\x04lo world",
+    "\x04",
+    "a\x04b\x06ab",
+    "x\x13 \x04 y",
+    "ab\x04ab\x04ab",
+    "héllo\x06wörld 12\x043",
+    "plain text",
+    " " * 9 + "x",
+    "a" + " " * 17 + "b\t\t  c",
+    "<|im_end|> inside",
+]
 
 
 def _tokenizer(tmp_path, added=()):
@@ -25,8 +35,9 @@ def _tokenizer(tmp_path, added=()):
     byte_char = pre_tokenizers.ByteLevel.alphabet()
     table = {b: c for b, c in zip(range(256), sorted(byte_char, key=lambda c: _byte_of(c)))}
     alphabet = [c for b, c in table.items() if b not in LACKING]
-    trainer = trainers.BpeTrainer(vocab_size=400, initial_alphabet=alphabet, special_tokens=["<|im_start|>", "<|im_end|>"],
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, initial_alphabet=alphabet, special_tokens=["<|im_start|>", "<|im_end|>"], show_progress=False
+    )
     tok.train_from_iterator(CORPUS, trainer)
     if added:
         tok.add_tokens(list(added))
@@ -64,9 +75,11 @@ def test_overlapping_added_tokens_match_leftmost_longest(tmp_path):
 def test_datasets_count_and_name_records_with_missing_bytes_or_special_token_text(tmp_path):
     _tokenizer(tmp_path)
     tok = hf_tokenizer(tmp_path, template="chatml")
-    rows = [{"prompt": "say hello", "chosen": "hello", "rejected": "world"},
-            {"prompt": "say\x04 hello", "chosen": "hello", "rejected": "world"},
-            {"prompt": "say <|im_end|> hello", "chosen": "hello", "rejected": "world"}]
+    rows = [
+        {"prompt": "say hello", "chosen": "hello", "rejected": "world"},
+        {"prompt": "say\x04 hello", "chosen": "hello", "rejected": "world"},
+        {"prompt": "say <|im_end|> hello", "chosen": "hello", "rejected": "world"},
+    ]
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     dataset = PreferenceDataset(data, tok, max_seq_len=256)

@@ -23,8 +23,8 @@ from dpokit.data import (
     load_preference_records,
     pack_preference_dataset,
 )
-from dpokit.data.validate import load_tokenizer, percentile, validate_preference_file
 from dpokit.data.preference import SKIP_INVALID_EFFECT
+from dpokit.data.validate import load_tokenizer, percentile, validate_preference_file
 
 GOOD = {"prompt": "Say hi", "chosen": "hi there", "rejected": "go away"}
 DEFECTS = {  # line number -> (line, reason); line 1 is GOOD
@@ -49,8 +49,14 @@ TRIMMED_TWIN = {"prompt": "p9", "chosen": " yes", "rejected": "yes  "}
 def random_pairs(n, seed=0):
     rng = random.Random(seed)
     text = lambda k: "".join(rng.choice("abcdefgh ") for _ in range(k)).strip() or "x"  # noqa: E731
-    return [{"prompt": text(rng.randint(1, 120)), "chosen": "A" + text(rng.randint(0, 60)),
-             "rejected": "B" + text(rng.randint(0, 90))} for _ in range(n)]
+    return [
+        {
+            "prompt": text(rng.randint(1, 120)),
+            "chosen": "A" + text(rng.randint(0, 60)),
+            "rejected": "B" + text(rng.randint(0, 90)),
+        }
+        for _ in range(n)
+    ]
 
 
 def write_lines(path, lines):
@@ -63,8 +69,14 @@ def defective(tmp_path, monkeypatch):
     """d.jsonl (relative, so locations read "d.jsonl:LINE") and its valid records in order."""
     monkeypatch.chdir(tmp_path)
     extra = random_pairs(40)
-    lines = [json.dumps(GOOD), *(DEFECTS[k][0] for k in sorted(DEFECTS)), json.dumps(GOOD), "",
-             json.dumps(TRIMMED_TWIN), *map(json.dumps, extra)]
+    lines = [
+        json.dumps(GOOD),
+        *(DEFECTS[k][0] for k in sorted(DEFECTS)),
+        json.dumps(GOOD),
+        "",
+        json.dumps(TRIMMED_TWIN),
+        *map(json.dumps, extra),
+    ]
     write_lines(tmp_path / "d.jsonl", lines)
     return "d.jsonl", [GOOD, GOOD, TRIMMED_TWIN, *extra]
 
@@ -119,8 +131,12 @@ def test_length_percentiles_equal_the_byte_counts_of_the_template(defective):
     prompt, chosen, rejected = zip(*map(byte_lengths, valid))
     sequence = [p + max(c, r) for p, c, r in zip(prompt, chosen, rejected)]
     for name, values in zip(("prompt", "chosen", "rejected", "sequence"), (prompt, chosen, rejected, sequence)):
-        expected = {"p50": nearest_rank(values, 50), "p90": nearest_rank(values, 90),
-                    "p99": nearest_rank(values, 99), "max": max(values)}
+        expected = {
+            "p50": nearest_rank(values, 50),
+            "p90": nearest_rank(values, 90),
+            "p99": nearest_rank(values, 99),
+            "max": max(values),
+        }
         assert report.lengths[name] == expected, name
 
 
@@ -144,15 +160,17 @@ def test_truncation_and_layout_costs_equal_the_training_path(defective):
     padded, packed, shared = report.layouts
     order = list(range(len(dataset)))
     random.Random(0).shuffle(order)  # the documented batch order: a seeded shuffle, seed 0
-    batches = [collate_preference_pairs([dataset[i] for i in order[s:s + 4]], pad_id=0)
-               for s in range(0, len(order), 4)]
+    batches = [
+        collate_preference_pairs([dataset[i] for i in order[s : s + 4]], pad_id=0) for s in range(0, len(order), 4)
+    ]
     assert padded.computed == sum(b["input_ids"].numel() for b in batches)
     assert padded.real == sum(b["num_tokens"] for b in batches)
     assert 0 < padded.padding < 1
     for layout, prefix_sharing in ((packed, False), (shared, True)):
         packs = pack_preference_dataset(dataset, pack_size=2 * max_length, prefix_sharing=prefix_sharing)
-        batches = [collate_packed([pack], pad_id=0, pack_size=2 * max_length, prefix_sharing=prefix_sharing)
-                   for pack in packs]
+        batches = [
+            collate_packed([pack], pad_id=0, pack_size=2 * max_length, prefix_sharing=prefix_sharing) for pack in packs
+        ]
         assert layout.computed == sum(b["input_ids"].numel() for b in batches)
         assert layout.real == sum(b["num_tokens"] for b in batches)
         assert layout.tokens_per_pair == pytest.approx(len(batches) * 2 * max_length / len(dataset))
@@ -166,11 +184,13 @@ def test_cli_text_report_lists_capped_errors_and_exits_1(defective, capsys):
     assert out[2] == "... and 3 more invalid records (--json lists them all)"
     assert out[3] == "d.jsonl: 48 records: 43 valid pairs, 5 invalid, standard format"
     assert [line.split(None, 1) for line in out[4:9]] == [  # counts per reason, most frequent first, then by name
-        ["1", reason] for reason in sorted(reason for _, reason in DEFECTS.values())]
+        ["1", reason] for reason in sorted(reason for _, reason in DEFECTS.values())
+    ]
     assert any(line.startswith("max length 90: ") for line in out)
     assert "  d.jsonl:7: same prompt, chosen and rejected as d.jsonl:1" in out
-    assert out[-1].startswith("FAILED: 5 invalid record(s); training stops at the first unless the dataset sets "
-                              "skip_invalid: true")
+    assert out[-1].startswith(
+        "FAILED: 5 invalid record(s); training stops at the first unless the dataset sets skip_invalid: true"
+    )
 
 
 def test_cli_json_report(defective, capsys):
@@ -179,12 +199,15 @@ def test_cli_json_report(defective, capsys):
     report = json.loads(capsys.readouterr().out)
     assert (report["records"], report["pairs"], report["invalid"], report["ok"]) == (48, 43, 5, False)
     assert report["invalid_by_reason"] == {reason: 1 for _, reason in sorted(DEFECTS.values(), key=lambda d: d[1])}
-    assert [e["message"][:len(x)] for e, x in zip(report["errors"], EXPECTED_ERRORS)] == EXPECTED_ERRORS
+    assert [e["message"][: len(x)] for e, x in zip(report["errors"], EXPECTED_ERRORS)] == EXPECTED_ERRORS
     assert report["duplicates"] == [{"location": "d.jsonl:7", "first": "d.jsonl:1"}]
     assert report["identical_after_tokenization"] == ["d.jsonl:9"]
     assert report["lengths"]["prompt"]["max"] == max(byte_lengths(r)[0] for r in valid)
-    assert set(report["layouts"]) == {"padded (8 pairs per batch)", "packed FFD (packs of 180)",
-                                      "prefix-shared FFD (packs of 180)"}
+    assert set(report["layouts"]) == {
+        "padded (8 pairs per batch)",
+        "packed FFD (packs of 180)",
+        "prefix-shared FFD (packs of 180)",
+    }
 
 
 def test_clean_file_exits_0_with_renamed_keys(tmp_path, capsys):
@@ -213,16 +236,21 @@ def test_file_level_defects_and_empty_files_exit_1(tmp_path, capsys):
     assert capsys.readouterr().out.endswith("FAILED: no preference pairs\n")
 
 
-@pytest.mark.parametrize("args, message", [
-    (["missing.jsonl"], "missing.jsonl: preference data file not found"),
-    (["{data}", "--tokenizer", "nope/tokenizer.json"], "tokenizer 'nope/tokenizer.json': expected 'byte'"),
-    (["{data}", "--template", "llama2"], "unknown chat template 'llama2'"),
-    (["{data}", "--format", "alpaca"], "unknown preference data format 'alpaca'"),
-    (["{data}", "--key-names", "prompt"], "--key-names: expected FIELD=NAME"),
-    (["{data}", "--key-names", "question=prompt"], "unknown preference field name(s) ['question']"),
-    (["{data}", "--max-length", "100", "--pack-size", "150"],
-     "pack size 150 must be at least 2 x the max length (200)"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["missing.jsonl"], "missing.jsonl: preference data file not found"),
+        (["{data}", "--tokenizer", "nope/tokenizer.json"], "tokenizer 'nope/tokenizer.json': expected 'byte'"),
+        (["{data}", "--template", "llama2"], "unknown chat template 'llama2'"),
+        (["{data}", "--format", "alpaca"], "unknown preference data format 'alpaca'"),
+        (["{data}", "--key-names", "prompt"], "--key-names: expected FIELD=NAME"),
+        (["{data}", "--key-names", "question=prompt"], "unknown preference field name(s) ['question']"),
+        (
+            ["{data}", "--max-length", "100", "--pack-size", "150"],
+            "pack size 150 must be at least 2 x the max length (200)",
+        ),
+    ],
+)
 def test_usage_errors_exit_2(tmp_path, capsys, args, message):
     data = write_lines(tmp_path / "ok.jsonl", [json.dumps(GOOD)])
     assert main(["validate", *(str(data) if a == "{data}" else a for a in args)]) == 2
@@ -243,8 +271,9 @@ def test_subprocess_exit_status_and_json(defective):
     result = subprocess.run(["dpokit", "validate", path, "--json"], capture_output=True, text=True)
     assert result.returncode == 1, result.stderr
     assert json.loads(result.stdout)["invalid"] == 5
-    good = subprocess.run(["dpokit", "validate", str(bundled_task_path("case_following", "validation"))],
-                          capture_output=True, text=True)
+    good = subprocess.run(
+        ["dpokit", "validate", str(bundled_task_path("case_following", "validation"))], capture_output=True, text=True
+    )
     assert good.returncode == 0 and good.stdout.endswith("OK: every record is valid\n"), good.stderr
 
 
@@ -258,9 +287,11 @@ def test_bundled_task_duplicates_equal_repeated_lines():
         assert lines[int(where.rsplit(":", 1)[1]) - 1] == lines[int(first.rsplit(":", 1)[1]) - 1]
 
 
-CHATML_JINJA = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
-                "'<|im_end|>' + '\n'}}{% endfor %}"
-                "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+CHATML_JINJA = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 
 
 def test_tokenizer_json_lengths_equal_transformers(tmp_path, monkeypatch):
@@ -270,8 +301,9 @@ def test_tokenizer_json_lengths_equal_transformers(tmp_path, monkeypatch):
     checkpoint = tmp_path / "ckpt"
     checkpoint.mkdir()
     write_tokenizer(checkpoint, CHATML_JINJA, vocab_size=400)
-    reference = transformers.PreTrainedTokenizerFast(tokenizer_file=str(checkpoint / "tokenizer.json"),
-                                                     chat_template=CHATML_JINJA)
+    reference = transformers.PreTrainedTokenizerFast(
+        tokenizer_file=str(checkpoint / "tokenizer.json"), chat_template=CHATML_JINJA
+    )
     monkeypatch.chdir(tmp_path)
     records = random_pairs(25, seed=3)
     write_lines(tmp_path / "d.jsonl", map(json.dumps, records))
@@ -279,13 +311,27 @@ def test_tokenizer_json_lengths_equal_transformers(tmp_path, monkeypatch):
     def ids(encoded):
         return encoded["input_ids"] if hasattr(encoded, "keys") else encoded
 
-    prompt = [len(ids(reference.apply_chat_template([{"role": "user", "content": r["prompt"]}], tokenize=True,
-                                                    add_generation_prompt=True))) for r in records]
-    chosen, rejected = ([len(reference.encode(r[k], add_special_tokens=False)) + 1 for r in records]  # + <|im_end|>
-                        for k in ("chosen", "rejected"))
+    prompt = [
+        len(
+            ids(
+                reference.apply_chat_template(
+                    [{"role": "user", "content": r["prompt"]}], tokenize=True, add_generation_prompt=True
+                )
+            )
+        )
+        for r in records
+    ]
+    chosen, rejected = (
+        [len(reference.encode(r[k], add_special_tokens=False)) + 1 for r in records]  # + <|im_end|>
+        for k in ("chosen", "rejected")
+    )
     for spec in (str(checkpoint), str(checkpoint / "tokenizer.json")):  # the template is detected either way
         report = validate_preference_file("d.jsonl", load_tokenizer(spec))
         assert report.template == "chatml" and report.ok
         for name, values in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
-            assert report.lengths[name] == {"p50": nearest_rank(values, 50), "p90": nearest_rank(values, 90),
-                                            "p99": nearest_rank(values, 99), "max": max(values)}, (spec, name)
+            assert report.lengths[name] == {
+                "p50": nearest_rank(values, 50),
+                "p90": nearest_rank(values, 90),
+                "p99": nearest_rank(values, 99),
+                "max": max(values),
+            }, (spec, name)

@@ -19,9 +19,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from shared_io import Stopwatch, emit, read_model_config, read_workload, step_slices, throughput_result  # noqa: E402
-
 from safetensors.torch import load_file  # noqa: E402
+from shared_io import Stopwatch, emit, read_model_config, read_workload, step_slices, throughput_result  # noqa: E402
 from torchtune import rlhf, training  # noqa: E402
 from torchtune.data import padded_collate_dpo  # noqa: E402
 from torchtune.models.convert_weights import hf_to_tune  # noqa: E402
@@ -33,15 +32,23 @@ IGNORE = -100
 
 def build_model(model_dir: Path, config: dict, dtype: torch.dtype, device: str):
     model = llama3(
-        vocab_size=config["vocab_size"], num_layers=config["num_hidden_layers"],
-        num_heads=config["num_attention_heads"], num_kv_heads=config["num_key_value_heads"],
-        embed_dim=config["hidden_size"], max_seq_len=config["max_position_embeddings"],
-        intermediate_dim=config["intermediate_size"], rope_base=int(config["rope_theta"]),
+        vocab_size=config["vocab_size"],
+        num_layers=config["num_hidden_layers"],
+        num_heads=config["num_attention_heads"],
+        num_kv_heads=config["num_key_value_heads"],
+        embed_dim=config["hidden_size"],
+        max_seq_len=config["max_position_embeddings"],
+        intermediate_dim=config["intermediate_size"],
+        rope_base=int(config["rope_theta"]),
         norm_eps=config["rms_norm_eps"],
     )
-    state = hf_to_tune(load_file(str(model_dir / "model.safetensors")), num_heads=config["num_attention_heads"],
-                       num_kv_heads=config["num_key_value_heads"], dim=config["hidden_size"],
-                       head_dim=config.get("head_dim"))
+    state = hf_to_tune(
+        load_file(str(model_dir / "model.safetensors")),
+        num_heads=config["num_attention_heads"],
+        num_kv_heads=config["num_key_value_heads"],
+        dim=config["hidden_size"],
+        head_dim=config.get("head_dim"),
+    )
     model.load_state_dict(state, strict=True)
     return model.to(device=device, dtype=dtype)
 
@@ -100,8 +107,9 @@ def main(argv=None) -> int:
 
     def step(indices) -> None:
         nonlocal first
-        input_ids, labels = padded_collate_dpo([example(pairs[i]) for i in indices], padding_idx=pad_id,
-                                               ignore_idx=IGNORE)
+        input_ids, labels = padded_collate_dpo(
+            [example(pairs[i]) for i in indices], padding_idx=pad_id, ignore_idx=IGNORE
+        )
         input_ids, labels = input_ids.to(device), labels.to(device)
         policy_chosen, policy_rejected = concatenated_forward(model, input_ids, labels)
         with torch.no_grad():
@@ -123,13 +131,25 @@ def main(argv=None) -> int:
             step([warm_pairs + i for i in batch])
     import torchtune
 
-    emit(throughput_result(
-        name=args.name or f"torchtune {args.dtype}{' compile' if args.compile else ''}", framework="torchtune",
-        config=config, pairs=pairs[warm_pairs:warm_pairs + timed_pairs], seconds=watch.seconds,
-        steps=watch.steps, device=device, losses=losses, dtype=args.dtype, compile=args.compile,
-        batch_size=args.batch_size, first_chosen_logps=first, version=torchtune.__version__,
-        torch_version=torch.__version__, threads=torch.get_num_threads(),
-    ))
+    emit(
+        throughput_result(
+            name=args.name or f"torchtune {args.dtype}{' compile' if args.compile else ''}",
+            framework="torchtune",
+            config=config,
+            pairs=pairs[warm_pairs : warm_pairs + timed_pairs],
+            seconds=watch.seconds,
+            steps=watch.steps,
+            device=device,
+            losses=losses,
+            dtype=args.dtype,
+            compile=args.compile,
+            batch_size=args.batch_size,
+            first_chosen_logps=first,
+            version=torchtune.__version__,
+            torch_version=torch.__version__,
+            threads=torch.get_num_threads(),
+        )
+    )
     return 0
 
 

@@ -31,11 +31,10 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from shared_io import emit, read_model_config, read_workload, throughput_result  # noqa: E402
-
 import transformers  # noqa: E402
 import trl  # noqa: E402
 from datasets import Dataset  # noqa: E402
+from shared_io import emit, read_model_config, read_workload, throughput_result  # noqa: E402
 from tokenizers import Tokenizer, models  # noqa: E402
 from torch.utils.data import SequentialSampler  # noqa: E402
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, TrainerCallback  # noqa: E402
@@ -102,43 +101,73 @@ def main(argv=None) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
 
     def load():
-        return AutoModelForCausalLM.from_pretrained(assets / "model", attn_implementation="sdpa",
-                                                    dtype=torch.float32)
+        return AutoModelForCausalLM.from_pretrained(assets / "model", attn_implementation="sdpa", dtype=torch.float32)
 
     model = load()
     ref_model = None if args.reference == "precomputed" else load()
     with tempfile.TemporaryDirectory() as out:
         training_args = DPOConfig(
-            output_dir=out, per_device_train_batch_size=args.batch_size, max_steps=total_steps,
-            learning_rate=1e-5, lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=0.0,
-            beta=0.1, loss_type=["sigmoid"], bf16=args.dtype == "bf16", max_length=None,
-            gradient_checkpointing=args.gradient_checkpointing, torch_compile=args.compile,
-            precompute_ref_log_probs=args.reference == "precomputed", logging_steps=1, report_to=[],
-            save_strategy="no", dataloader_num_workers=0, use_cpu=device == "cpu", seed=0,
-            disable_dropout=True, optim="adamw_torch_fused",  # TRL's default with torch >= 2.8
+            output_dir=out,
+            per_device_train_batch_size=args.batch_size,
+            max_steps=total_steps,
+            learning_rate=1e-5,
+            lr_scheduler_type="constant",
+            warmup_steps=0,
+            max_grad_norm=0.0,
+            beta=0.1,
+            loss_type=["sigmoid"],
+            bf16=args.dtype == "bf16",
+            max_length=None,
+            gradient_checkpointing=args.gradient_checkpointing,
+            torch_compile=args.compile,
+            precompute_ref_log_probs=args.reference == "precomputed",
+            logging_steps=1,
+            report_to=[],
+            save_strategy="no",
+            dataloader_num_workers=0,
+            use_cpu=device == "cpu",
+            seed=0,
+            disable_dropout=True,
+            optim="adamw_torch_fused",  # TRL's default with torch >= 2.8
         )
         times = StepTimes()
         started = time.perf_counter()
         trainer = PretokenizedDPOTrainer(
-            model=model, ref_model=ref_model, args=training_args,
-            train_dataset=dataset, processing_class=id_tokenizer(meta["pad_id"], meta["eos_id"],
-                                                                 config["vocab_size"]),
+            model=model,
+            ref_model=ref_model,
+            args=training_args,
+            train_dataset=dataset,
+            processing_class=id_tokenizer(meta["pad_id"], meta["eos_id"], config["vocab_size"]),
             callbacks=[times],
         )
         setup_seconds = time.perf_counter() - started  # includes the precompute pass when enabled
         trainer.train()
-    timed = times.seconds[args.warmup_steps:]
+    timed = times.seconds[args.warmup_steps :]
     step_logs = [log for log in times.logs if "loss" in log]
-    emit(throughput_result(
-        name=args.name or f"TRL {args.dtype}" + (" precomputed-ref" if args.reference == "precomputed" else ""),
-        framework="trl", config=config, pairs=used[args.warmup_steps * args.batch_size:], seconds=sum(timed),
-        steps=len(timed), device=device, reference_forward=args.reference != "precomputed",
-        losses=[log["loss"] for log in step_logs], dtype=args.dtype, reference=args.reference,
-        compile=args.compile, gradient_checkpointing=args.gradient_checkpointing, batch_size=args.batch_size,
-        first_mean_chosen_logp=step_logs[0].get("logps/chosen") if step_logs else None,
-        setup_seconds=setup_seconds, version=trl.__version__, transformers_version=transformers.__version__,
-        torch_version=torch.__version__, threads=torch.get_num_threads(),
-    ))
+    emit(
+        throughput_result(
+            name=args.name or f"TRL {args.dtype}" + (" precomputed-ref" if args.reference == "precomputed" else ""),
+            framework="trl",
+            config=config,
+            pairs=used[args.warmup_steps * args.batch_size :],
+            seconds=sum(timed),
+            steps=len(timed),
+            device=device,
+            reference_forward=args.reference != "precomputed",
+            losses=[log["loss"] for log in step_logs],
+            dtype=args.dtype,
+            reference=args.reference,
+            compile=args.compile,
+            gradient_checkpointing=args.gradient_checkpointing,
+            batch_size=args.batch_size,
+            first_mean_chosen_logp=step_logs[0].get("logps/chosen") if step_logs else None,
+            setup_seconds=setup_seconds,
+            version=trl.__version__,
+            transformers_version=transformers.__version__,
+            torch_version=torch.__version__,
+            threads=torch.get_num_threads(),
+        )
+    )
     return 0
 
 

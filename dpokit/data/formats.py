@@ -99,8 +99,10 @@ def _messages(value: Any, where: str) -> list[dict]:
     for i, message in enumerate(value):
         tool_field = next((f for f in TOOL_CALL_FIELDS if message.get(f)), None) if isinstance(message, dict) else None
         if tool_field:
-            raise PreferenceDataError(f"{where}[{i}].{tool_field}: tool calls are not supported (the chat templates "
-                                      "render text turns only)", "tool calls")
+            raise PreferenceDataError(
+                f"{where}[{i}].{tool_field}: tool calls are not supported (the chat templates render text turns only)",
+                "tool calls",
+            )
         if not isinstance(message, dict) or not isinstance(message.get("content"), str):
             raise PreferenceDataError(f"{where}[{i}]: expected {{'role': str, 'content': str}}", "mistyped field")
         if message.get("role") not in ROLES:
@@ -149,11 +151,17 @@ def _reward(record: dict, key: str, where: str) -> float | None:
     return float(value)
 
 
-def _finish(prompt: list[dict], chosen: str, rejected: str, where: str, rejected_key: str, chosen_key: str,
-            **extra) -> dict:
+def _finish(
+    prompt: list[dict], chosen: str, rejected: str, where: str, rejected_key: str, chosen_key: str, **extra
+) -> dict:
     if chosen == rejected:
         raise PreferenceDataError(f"{where}: field {rejected_key!r}: identical to {chosen_key!r}", "chosen == rejected")
-    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, **{k: v for k, v in extra.items() if v is not None}}
+    return {
+        "prompt": prompt,
+        "chosen": chosen,
+        "rejected": rejected,
+        **{k: v for k, v in extra.items() if v is not None},
+    }
 
 
 def _split_shared(chosen: list[dict], rejected: list[dict], where: str, keys: Mapping[str, str]) -> tuple:
@@ -180,7 +188,7 @@ _HH_ROLES = {"Human": "user", "Assistant": "assistant"}
 
 
 def split_hh_transcript(text: str, where: str) -> list[dict]:
-    """"\\n\\nHuman: a\\n\\nAssistant: b" -> [{"role": "user", "content": "a"}, {"role": "assistant", ...}]."""
+    """ "\\n\\nHuman: a\\n\\nAssistant: b" -> [{"role": "user", "content": "a"}, {"role": "assistant", ...}]."""
     pieces = _HH_TURN.split(text)
     if pieces[0].strip():
         raise PreferenceDataError(f"{where}: text before the first '\\n\\nHuman:' turn", "bad transcript")
@@ -209,8 +217,16 @@ def parse_nemo_aligner(record: dict, where: str, keys: Mapping[str, str]) -> dic
     if (chosen_reward is None) != (rejected_reward is None):
         missing = keys["rejected_reward"] if rejected_reward is None else keys["chosen_reward"]
         raise PreferenceDataError(f"{where}: missing field {missing!r} (rewards come in pairs)", "missing field")
-    return _finish(prompt, chosen, rejected, where, rejected_key, chosen_key,
-                   chosen_reward=chosen_reward, rejected_reward=rejected_reward)
+    return _finish(
+        prompt,
+        chosen,
+        rejected,
+        where,
+        rejected_key,
+        chosen_key,
+        chosen_reward=chosen_reward,
+        rejected_reward=rejected_reward,
+    )
 
 
 def parse_nemo_rl(record: dict, where: str, keys: Mapping[str, str]) -> dict:
@@ -219,8 +235,9 @@ def parse_nemo_rl(record: dict, where: str, keys: Mapping[str, str]) -> dict:
     completions = _field(record, completions_key, where)
     if not isinstance(completions, list) or len(completions) != 2:
         got = f"{len(completions)} items" if isinstance(completions, list) else type(completions).__name__
-        raise PreferenceDataError(f"{where}: field {completions_key!r}: expected exactly two completions, got {got}",
-                                  "mistyped field")
+        raise PreferenceDataError(
+            f"{where}: field {completions_key!r}: expected exactly two completions, got {got}", "mistyped field"
+        )
     ranked = []
     for i, item in enumerate(completions):
         field_where = f"{where}: field '{completions_key}[{i}]'"
@@ -232,8 +249,9 @@ def parse_nemo_rl(record: dict, where: str, keys: Mapping[str, str]) -> dict:
         response = _response(_field(item, keys["completion"], field_where), f"{field_where}.{keys['completion']}")
         ranked.append((rank, response))
     if ranked[0][0] == ranked[1][0]:
-        raise PreferenceDataError(f"{where}: field {completions_key!r}: both completions have rank {ranked[0][0]} (a tie)",
-                                  "tied ranks")
+        raise PreferenceDataError(
+            f"{where}: field {completions_key!r}: both completions have rank {ranked[0][0]} (a tie)", "tied ranks"
+        )
     (_, chosen), (_, rejected) = sorted(ranked, key=lambda r: r[0])
     return _finish(prompt, chosen, rejected, where, f"{completions_key}[1]", f"{completions_key}[0]")
 
@@ -243,8 +261,10 @@ def parse_hh_rlhf(record: dict, where: str, keys: Mapping[str, str]) -> dict:
     for side in ("chosen", "rejected"):
         value = _field(record, keys[side], where)
         if not isinstance(value, str):
-            raise PreferenceDataError(f"{where}: field {keys[side]!r}: expected a transcript string, got "
-                                      f"{type(value).__name__}", "mistyped field")
+            raise PreferenceDataError(
+                f"{where}: field {keys[side]!r}: expected a transcript string, got {type(value).__name__}",
+                "mistyped field",
+            )
         sides.append(split_hh_transcript(value, f"{where}: field {keys[side]!r}"))
     prompt, chosen, rejected = _split_shared(*sides, where, keys)
     chosen = _response(chosen, f"{where}: field {keys['chosen']!r}")

@@ -51,9 +51,17 @@ DIGITS_THEN_GPT2_PATTERN = r"\p{N}|'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?[^\s\p{L}\
 
 LLAMA3_NUM_SPECIAL = 256
 LLAMA3_NAMED_SPECIALS = (
-    "<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
-    "<|finetune_right_pad_id|>", "<|reserved_special_token_2|>", "<|start_header_id|>", "<|end_header_id|>",
-    "<|eom_id|>", "<|eot_id|>", "<|python_tag|>",
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|reserved_special_token_0|>",
+    "<|reserved_special_token_1|>",
+    "<|finetune_right_pad_id|>",
+    "<|reserved_special_token_2|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eom_id|>",
+    "<|eot_id|>",
+    "<|python_tag|>",
 )
 
 
@@ -85,7 +93,10 @@ def llama3_tokenizer(path: str | Path, template: ChatTemplate = LLAMA3_TEMPLATE)
         raise TokenizerError(f"{path}: tokenizer file not found")
     ranks = _read_tiktoken_ranks(path)
     encoding = tiktoken.Encoding(
-        name="llama3", pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks, special_tokens=llama3_special_tokens(len(ranks)),
+        name="llama3",
+        pat_str=LLAMA3_PATTERN,
+        mergeable_ranks=ranks,
+        special_tokens=llama3_special_tokens(len(ranks)),
     )
     return Tokenizer(encoding, template, pad_token="<|finetune_right_pad_id|>")
 
@@ -108,8 +119,10 @@ def _pattern(pre_tokenizer: dict | None, source: str) -> str:
         if node.get("add_prefix_space"):
             raise TokenizerError(f"{source}: pre_tokenizer ByteLevel add_prefix_space=true is not supported")
         if use_regex_expected is not None and bool(node.get("use_regex", True)) != use_regex_expected:
-            raise TokenizerError(f"{source}: pre_tokenizer ByteLevel use_regex={node.get('use_regex')} "
-                                 "cannot be combined with the preceding split exactly")
+            raise TokenizerError(
+                f"{source}: pre_tokenizer ByteLevel use_regex={node.get('use_regex')} "
+                "cannot be combined with the preceding split exactly"
+            )
 
     if pre_tokenizer is None:
         raise TokenizerError(f"{source}: no pre_tokenizer: not a byte-level BPE tokenizer")
@@ -126,8 +139,10 @@ def _pattern(pre_tokenizer: dict | None, source: str) -> str:
             split, level = steps
             regex = split.get("pattern", {}).get("Regex")
             if regex is None or split.get("behavior") != "Isolated" or split.get("invert"):
-                raise TokenizerError(f"{source}: pre_tokenizer Split must be a Regex with behavior Isolated, "
-                                     f"got {split.get('pattern')} / {split.get('behavior')} / invert={split.get('invert')}")
+                raise TokenizerError(
+                    f"{source}: pre_tokenizer Split must be a Regex with behavior Isolated, "
+                    f"got {split.get('pattern')} / {split.get('behavior')} / invert={split.get('invert')}"
+                )
             byte_level(level, False)
             return f"(?:{regex})|(?:(?!(?:{regex}))[\\s\\S])+"
         if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits"):
@@ -151,9 +166,12 @@ def tokenizer_json_encoding(path: str | Path) -> tuple[tiktoken.Encoding, dict]:
     model = data.get("model") or {}
     if model.get("type") != "BPE":
         raise TokenizerError(f"{source}: model type {model.get('type')!r}: only BPE can be converted")
-    for name, ok in (("byte_fallback", not model.get("byte_fallback")), ("dropout", model.get("dropout") is None),
-                     ("continuing_subword_prefix", not model.get("continuing_subword_prefix")),
-                     ("end_of_word_suffix", not model.get("end_of_word_suffix"))):
+    for name, ok in (
+        ("byte_fallback", not model.get("byte_fallback")),
+        ("dropout", model.get("dropout") is None),
+        ("continuing_subword_prefix", not model.get("continuing_subword_prefix")),
+        ("end_of_word_suffix", not model.get("end_of_word_suffix")),
+    ):
         if not ok:
             raise TokenizerError(f"{source}: model.{name}={model.get(name)!r} is not supported")
     normalizer = data.get("normalizer")
@@ -183,10 +201,14 @@ def tokenizer_json_encoding(path: str | Path) -> tuple[tiktoken.Encoding, dict]:
     missing_bytes = frozenset(b for b in range(256) if bytes([b]) not in vocab)
     _check_merges(model, vocab, to_bytes, source)
     specials = {t["content"]: t["id"] for t in added}
-    encoding = tiktoken.Encoding(name=path.parent.name or "tokenizer", pat_str=pattern, mergeable_ranks=vocab,
-                                 special_tokens=specials)
-    info = {"text_tokens": frozenset(t["content"] for t in added if not t.get("special")),
-            "normalizer": "NFC" if normalizer is not None else None, "missing_bytes": missing_bytes}
+    encoding = tiktoken.Encoding(
+        name=path.parent.name or "tokenizer", pat_str=pattern, mergeable_ranks=vocab, special_tokens=specials
+    )
+    info = {
+        "text_tokens": frozenset(t["content"] for t in added if not t.get("special")),
+        "normalizer": "NFC" if normalizer is not None else None,
+        "missing_bytes": missing_bytes,
+    }
     return encoding, info
 
 
@@ -209,17 +231,22 @@ def _check_merges(model: dict, vocab: dict[bytes, int], to_bytes, source: str) -
         repeated = token_id == last_id
         several |= repeated
         if token_id < last_id or (result in merged and not repeated):
-            raise TokenizerError(f"{source}: merge {index} ({left!r} {right!r}): token ids do not follow the merge "
-                                 "order, so tiktoken ranks cannot reproduce it")
+            raise TokenizerError(
+                f"{source}: merge {index} ({left!r} {right!r}): token ids do not follow the merge "
+                "order, so tiktoken ranks cannot reproduce it"
+            )
         merged.add(result)
         last_id = token_id
     if several and not model.get("ignore_merges"):
-        raise TokenizerError(f"{source}: some tokens come from several merges and model.ignore_merges is false: "
-                             "HF may split a whole-token piece that tiktoken keeps, so ids could differ")
+        raise TokenizerError(
+            f"{source}: some tokens come from several merges and model.ignore_merges is false: "
+            "HF may split a whole-token piece that tiktoken keeps, so ids could differ"
+        )
     unreachable = [t for t in vocab if len(t) > 1 and t not in merged]
     if unreachable:
-        raise TokenizerError(f"{source}: {len(unreachable)} vocab token(s) are not produced by any merge "
-                             f"(e.g. {unreachable[0]!r})")
+        raise TokenizerError(
+            f"{source}: {len(unreachable)} vocab token(s) are not produced by any merge (e.g. {unreachable[0]!r})"
+        )
 
 
 def tokenizer_from_json(path: str | Path, template: ChatTemplate | str, *, pad_token: str | None = None) -> Tokenizer:
@@ -244,15 +271,19 @@ def detect_template(checkpoint_dir: str | Path) -> ChatTemplate:
     (`dpokit.data.jinja_template`); refused when none does."""
     found = read_jinja_template(checkpoint_dir)
     if found is None:
-        raise TokenizerError(f"{Path(checkpoint_dir)}: no chat template (tokenizer_config.json chat_template or "
-                             f"chat_template.jinja); pass template= one of {sorted(TEMPLATES)}")
+        raise TokenizerError(
+            f"{Path(checkpoint_dir)}: no chat template (tokenizer_config.json chat_template or "
+            f"chat_template.jinja); pass template= one of {sorted(TEMPLATES)}"
+        )
     text, config, where = found
     names = _likely_first(text)
     template, difference = match_template(text, config, [TEMPLATES[name] for name in names])
     if template is None:
-        raise TokenizerError(f"{where}: the chat template renders differently from every built-in template "
-                             f"({names[0]}: {difference}); pass template= one of {sorted(TEMPLATES)} "
-                             "to use one anyway")
+        raise TokenizerError(
+            f"{where}: the chat template renders differently from every built-in template "
+            f"({names[0]}: {difference}); pass template= one of {sorted(TEMPLATES)} "
+            "to use one anyway"
+        )
     return template
 
 

@@ -22,9 +22,13 @@ from dpokit.errors import DpokitError
 # surrounding whitespace (Llama 3 trims it, chatml keeps it).
 PROBES = (
     [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"}],
-    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
-     {"role": "assistant", "content": "4"}, {"role": "user", "content": " And 3+3? "},
-     {"role": "assistant", "content": " 6\n"}],
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4"},
+        {"role": "user", "content": " And 3+3? "},
+        {"role": "assistant", "content": " 6\n"},
+    ],
 )
 
 
@@ -70,8 +74,9 @@ def render_probes(template_text: str, config: dict) -> list[tuple[list[dict], bo
         return datetime.strptime(LLAMA3_DEFAULT_DATE, "%d %b %Y").strftime(fmt)
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
-    env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False: json.dumps(x, indent=indent,
-                                                                                   ensure_ascii=ensure_ascii)
+    env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False: json.dumps(
+        x, indent=indent, ensure_ascii=ensure_ascii
+    )
     env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now)
     compiled = env.from_string(template_text)
     rendered = []
@@ -79,8 +84,12 @@ def render_probes(template_text: str, config: dict) -> list[tuple[list[dict], bo
         for generation_prompt in (False, True):
             probe = messages[:-1] if generation_prompt else messages
             text = compiled.render(
-                messages=list(probe), add_generation_prompt=generation_prompt, tools=None, documents=None,
-                bos_token=_token_text(config.get("bos_token")), eos_token=_token_text(config.get("eos_token")),
+                messages=list(probe),
+                add_generation_prompt=generation_prompt,
+                tools=None,
+                documents=None,
+                bos_token=_token_text(config.get("bos_token")),
+                eos_token=_token_text(config.get("eos_token")),
                 date_string=LLAMA3_DEFAULT_DATE,
             )
             rendered.append((probe, generation_prompt, text))
@@ -103,12 +112,13 @@ def first_difference(rendered: list[tuple[list[dict], bool, str]], template: Cha
         ours = render_ours(template, probe, generation_prompt)
         if ours != theirs:
             at = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
-            return f"at character {at}: {theirs[at:at + 40]!r} (folder) vs {ours[at:at + 40]!r} ({template.name})"
+            return f"at character {at}: {theirs[at : at + 40]!r} (folder) vs {ours[at : at + 40]!r} ({template.name})"
     return None
 
 
-def match_template(template_text: str, config: dict, templates: Sequence[ChatTemplate]
-                   ) -> tuple[ChatTemplate | None, str]:
+def match_template(
+    template_text: str, config: dict, templates: Sequence[ChatTemplate]
+) -> tuple[ChatTemplate | None, str]:
     """(the first of `templates` that lays out every probe as the Jinja template renders it, or
     None; where the first of `templates` differs, "" when it matches)."""
     try:

@@ -77,10 +77,10 @@ def _layout_pair(item: dict, pair: int, num_pairs: int, document: int, prefix_sh
     positions = list(range(p + len(chosen))) + list(range(p - 1, p + len(rejected)))
     # The last prompt token heads each branch, so neither branch sees it twice (see the docstring).
     branches = [0] * (p - 1) + [CHOSEN] * (len(chosen) + 1) + [REJECTED] * (len(rejected) + 1)
-    labels = ([IGNORE_INDEX] * (p - 1) + [chosen[0]] + response_labels(chosen)
-              + [rejected[0]] + response_labels(rejected))
-    seq = ([-1] * (p - 1) + [chosen_seq] * len(chosen) + [-1]
-           + [rejected_seq] * len(rejected) + [-1])
+    labels = (
+        [IGNORE_INDEX] * (p - 1) + [chosen[0]] + response_labels(chosen) + [rejected[0]] + response_labels(rejected)
+    )
+    seq = [-1] * (p - 1) + [chosen_seq] * len(chosen) + [-1] + [rejected_seq] * len(rejected) + [-1]
     return [(tokens, positions, document, branches, labels, seq)]
 
 
@@ -134,8 +134,16 @@ class PackedPreferenceDataset(Dataset):
     prefix_sharing=packed.prefix_sharing))`. With "ffs", `set_epoch(e)` repacks in a new order.
     """
 
-    def __init__(self, pairs: Sequence[dict], *, pack_size: int, algorithm: str = "ffd",
-                 prefix_sharing: bool = False, seed: int = 0, packs: list[list[int]] | None = None):
+    def __init__(
+        self,
+        pairs: Sequence[dict],
+        *,
+        pack_size: int,
+        algorithm: str = "ffd",
+        prefix_sharing: bool = False,
+        seed: int = 0,
+        packs: list[list[int]] | None = None,
+    ):
         self.pairs, self.pack_size, self.algorithm = pairs, pack_size, algorithm
         self.prefix_sharing, self.seed = prefix_sharing, seed
         self.lengths = [pair_length(pairs[i], prefix_sharing=prefix_sharing) for i in range(len(pairs))]
@@ -162,8 +170,14 @@ class PackedPreferenceDataset(Dataset):
             for pack in self.packs:
                 f.write(json.dumps({"pairs": [self.pairs[i] for i in pack]}) + "\n")
         stats_path = stats_path_for(path)
-        stats = {"pack_size": self.pack_size, "algorithm": self.algorithm, "prefix_sharing": self.prefix_sharing,
-                 "seed": self.seed, **self.stats.as_dict(), **metadata}
+        stats = {
+            "pack_size": self.pack_size,
+            "algorithm": self.algorithm,
+            "prefix_sharing": self.prefix_sharing,
+            "seed": self.seed,
+            **self.stats.as_dict(),
+            **metadata,
+        }
         stats_path.write_text(json.dumps(stats, indent=2) + "\n")
         return path, stats_path
 
@@ -173,15 +187,19 @@ def stats_path_for(path: str | Path) -> Path:
     return path.with_name(path.name + ".stats.json")
 
 
-def pack_preference_dataset(pairs: Sequence[dict], *, pack_size: int, algorithm: str = "ffd",
-                            prefix_sharing: bool = False, seed: int = 0) -> PackedPreferenceDataset:
+def pack_preference_dataset(
+    pairs: Sequence[dict], *, pack_size: int, algorithm: str = "ffd", prefix_sharing: bool = False, seed: int = 0
+) -> PackedPreferenceDataset:
     """Online packing of a tokenized dataset (e.g. a `PreferenceDataset`)."""
-    return PackedPreferenceDataset(pairs, pack_size=pack_size, algorithm=algorithm,
-                                   prefix_sharing=prefix_sharing, seed=seed)
+    return PackedPreferenceDataset(
+        pairs, pack_size=pack_size, algorithm=algorithm, prefix_sharing=prefix_sharing, seed=seed
+    )
 
 
 def training_set(
-    dataset: Dataset, *, packer: Callable[[Dataset], PackedPreferenceDataset] | None = None,
+    dataset: Dataset,
+    *,
+    packer: Callable[[Dataset], PackedPreferenceDataset] | None = None,
     ld_alpha: float | None = None,
 ) -> tuple[Dataset, bool]:
     """(the set to train on, packed?): `packer(dataset)` when a packer is given (e.g.
@@ -191,18 +209,22 @@ def training_set(
     Refused, each with one line: packing an already packed set; `ld_alpha` (LD-DPO) outside [0, 1],
     or with packed data (it weights each response's tokens past the shorter response of its pair,
     which needs every response in its own row)."""
-    if ld_alpha is not None and (isinstance(ld_alpha, bool) or not isinstance(ld_alpha, (int, float))
-                                 or not 0.0 <= ld_alpha <= 1.0):
+    if ld_alpha is not None and (
+        isinstance(ld_alpha, bool) or not isinstance(ld_alpha, (int, float)) or not 0.0 <= ld_alpha <= 1.0
+    ):
         raise DpokitError(f"ld_alpha: {ld_alpha!r} is not a number in [0, 1] (null turns LD-DPO off)")
     if packer is not None:
         if isinstance(dataset, PackedPreferenceDataset):
-            raise DpokitError("packing is set but train_dataset is already packed (a `dpokit pack` file): "
-                              "set packing: null")
+            raise DpokitError(
+                "packing is set but train_dataset is already packed (a `dpokit pack` file): set packing: null"
+            )
         dataset = packer(dataset)
     packed = isinstance(dataset, PackedPreferenceDataset)
     if packed and ld_alpha is not None:
-        raise DpokitError("ld_alpha is set but the training data is packed (packing, or a packed train_dataset): "
-                          "LD-DPO needs unpacked batches; set ld_alpha: null or packing: null")
+        raise DpokitError(
+            "ld_alpha is set but the training data is packed (packing, or a packed train_dataset): "
+            "LD-DPO needs unpacked batches; set ld_alpha: null or packing: null"
+        )
     return dataset, packed
 
 
@@ -234,7 +256,9 @@ def load_packed_dataset(path: str | Path, tokenizer=None) -> PackedPreferenceDat
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise PreferenceDataError(f"{where}: invalid JSON ({e.msg}, column {e.colno})", "invalid JSON") from None
+                raise PreferenceDataError(
+                    f"{where}: invalid JSON ({e.msg}, column {e.colno})", "invalid JSON"
+                ) from None
             if not isinstance(record, dict) or not isinstance(record.get("pairs"), list) or not record["pairs"]:
                 raise PreferenceDataError(f"{where}: missing field 'pairs' (a non-empty list)", "missing field")
             pack = []
@@ -242,8 +266,10 @@ def load_packed_dataset(path: str | Path, tokenizer=None) -> PackedPreferenceDat
                 field_where = f"{where}: field 'pairs[{k}]'"
                 if not isinstance(item, dict):
                     raise PreferenceDataError(f"{field_where}: expected an object", "mistyped field")
-                pair = {key: _ids(item.get(key), f"{field_where}.{key}")
-                        for key in ("prompt_ids", "chosen_ids", "rejected_ids")}
+                pair = {
+                    key: _ids(item.get(key), f"{field_where}.{key}")
+                    for key in ("prompt_ids", "chosen_ids", "rejected_ids")
+                }
                 for key in ("chosen_reward", "rejected_reward"):
                     if key in item:
                         pair[key] = float(item[key])
@@ -251,8 +277,10 @@ def load_packed_dataset(path: str | Path, tokenizer=None) -> PackedPreferenceDat
                 pairs.append(pair)
             used = sum(pair_length(pairs[i], prefix_sharing=prefix_sharing) for i in pack)
             if used > pack_size:
-                raise PreferenceDataError(f"{where}: field 'pairs': {used} tokens, more than the pack size "
-                                          f"{pack_size} in {stats_path.name}", "pack too long")
+                raise PreferenceDataError(
+                    f"{where}: field 'pairs': {used} tokens, more than the pack size {pack_size} in {stats_path.name}",
+                    "pack too long",
+                )
             if tokenizer is not None:
                 for i in pack:
                     for key in ("prompt_ids", "chosen_ids", "rejected_ids"):
@@ -260,7 +288,14 @@ def load_packed_dataset(path: str | Path, tokenizer=None) -> PackedPreferenceDat
                             raise PreferenceDataError(
                                 f"{where}: field '{key}': token id {max(pairs[i][key])} is outside the tokenizer's "
                                 f"vocabulary ({tokenizer.vocab_size}); was it packed with another tokenizer?",
-                                "token id out of range")
+                                "token id out of range",
+                            )
             packs.append(pack)
-    return PackedPreferenceDataset(pairs, pack_size=pack_size, algorithm=stats.get("algorithm", "ffd"),
-                                   prefix_sharing=prefix_sharing, seed=stats.get("seed", 0), packs=packs)
+    return PackedPreferenceDataset(
+        pairs,
+        pack_size=pack_size,
+        algorithm=stats.get("algorithm", "ffd"),
+        prefix_sharing=prefix_sharing,
+        seed=stats.get("seed", 0),
+        packs=packs,
+    )

@@ -29,8 +29,10 @@ def _check_lengths(lengths: Sequence[int], capacity: int) -> list[int]:
         if n <= 0:
             raise ValueError(f"pair {i} has length {n}; lengths must be positive")
         if n > capacity:
-            raise DpokitError(f"pair {i} needs {n} tokens, more than the pack size {capacity}; "
-                              f"use a pack size of at least 2 x max_seq_len")
+            raise DpokitError(
+                f"pair {i} needs {n} tokens, more than the pack size {capacity}; "
+                f"use a pack size of at least 2 x max_seq_len"
+            )
     return lengths
 
 
@@ -117,8 +119,10 @@ class PackingStats:
         return {**asdict(self), "occupancy": self.occupancy, "pairs_per_pack": self.pairs_per_pack}
 
     def summary(self) -> str:
-        return (f"{self.pairs} pairs in {self.packs} packs of {self.capacity} tokens: occupancy "
-                f"{self.occupancy:.3f}, {self.pairs_per_pack:.2f} pairs per pack")
+        return (
+            f"{self.pairs} pairs in {self.packs} packs of {self.capacity} tokens: occupancy "
+            f"{self.occupancy:.3f}, {self.pairs_per_pack:.2f} pairs per pack"
+        )
 
 
 def packing_stats(packs: Sequence[Sequence[int]], lengths: Sequence[int], capacity: int) -> PackingStats:

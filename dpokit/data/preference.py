@@ -23,8 +23,13 @@ from dpokit.data.tokenizer import Tokenizer
 from dpokit.errors import DpokitError
 
 __all__ = [
-    "SKIP_INVALID_EFFECT", "DatasetStats", "PreferenceDataError", "PreferenceDataset", "check_enough_pairs",
-    "load_preference_records", "truncate_pair",
+    "SKIP_INVALID_EFFECT",
+    "DatasetStats",
+    "PreferenceDataError",
+    "PreferenceDataset",
+    "check_enough_pairs",
+    "load_preference_records",
+    "truncate_pair",
 ]
 
 
@@ -50,8 +55,10 @@ class DatasetStats:
         detail = ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped.items()))
         fmt = f", {self.format} format" if self.format else ""
         noted = "".join(f", {len(where)} {note} (first: {where[0]})" for note, where in sorted(self.noted.items()))
-        return (f"{self.pairs} pairs, {skipped} skipped{f' ({detail})' if detail else ''}, "
-                f"{self.truncated} truncated{noted}{fmt}")
+        return (
+            f"{self.pairs} pairs, {skipped} skipped{f' ({detail})' if detail else ''}, "
+            f"{self.truncated} truncated{noted}{fmt}"
+        )
 
 
 # Appended to the error of the first invalid record when skipping is off: the fix it has.
@@ -102,14 +109,17 @@ def load_preference_records(
                     shown = sorted(record)[:8] if isinstance(record, dict) else type(record).__name__
                     raise PreferenceDataError(
                         f"{where}: cannot tell the preference format from fields {shown}; "
-                        f"pass format= one of {list(FORMATS)} (and keys= for renamed fields)", "unknown format")
+                        f"pass format= one of {list(FORMATS)} (and keys= for renamed fields)",
+                        "unknown format",
+                    )
             records.append(parse_record(record, where, chosen_format, keys))
             if locations is not None:
                 locations.append(where)
         except PreferenceDataError as error:
             if not skip_invalid:
-                raise PreferenceDataError(str(error), error.reason, fix_param="skip_invalid",
-                                          fix_effect=SKIP_INVALID_EFFECT) from None
+                raise PreferenceDataError(
+                    str(error), error.reason, fix_param="skip_invalid", fix_effect=SKIP_INVALID_EFFECT
+                ) from None
             stats.skip(error)
     stats.format = chosen_format
     return records
@@ -123,7 +133,7 @@ def truncate_pair(prompt: list[int], chosen: list[int], rejected: list[int], max
     if len(prompt) + longest <= max_seq_len:
         return prompt, chosen, rejected, False
     keep_prompt = max(max_seq_len - longest, min(len(prompt), max_prompt_len))
-    prompt = prompt[len(prompt) - keep_prompt:]
+    prompt = prompt[len(prompt) - keep_prompt :]
     room = max_seq_len - len(prompt)
     return prompt, chosen[:room], rejected[:room], True
 
@@ -153,8 +163,9 @@ class PreferenceDataset(Dataset):
         self.stats = DatasetStats()
         self.items = []
         locations = []
-        records = load_preference_records(self.path, format=format, keys=keys, skip_invalid=skip_invalid,
-                                          stats=self.stats, locations=locations)
+        records = load_preference_records(
+            self.path, format=format, keys=keys, skip_invalid=skip_invalid, stats=self.stats, locations=locations
+        )
         for record, where in zip(records, locations):
             self.stats.note(tokenizer, record, where)
             prompt, chosen, rejected, truncated = truncate_pair(

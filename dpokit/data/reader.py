@@ -57,9 +57,13 @@ def read_json_records(path: Path) -> Iterator[Located]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
-        raise PreferenceDataError(f"{path}:{e.lineno}: invalid JSON ({e.msg}, column {e.colno})", "invalid JSON") from None
+        raise PreferenceDataError(
+            f"{path}:{e.lineno}: invalid JSON ({e.msg}, column {e.colno})", "invalid JSON"
+        ) from None
     if not isinstance(data, list):
-        raise PreferenceDataError(f"{path}: expected a JSON array of records, got {type(data).__name__}", "mistyped field")
+        raise PreferenceDataError(
+            f"{path}: expected a JSON array of records, got {type(data).__name__}", "mistyped field"
+        )
     for index, record in enumerate(data):
         yield f"{path}:[{index}]", record
 
@@ -68,7 +72,9 @@ def read_parquet_records(path: Path) -> Iterator[Located]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise PreferenceDataError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)", "unsupported") from None
+        raise PreferenceDataError(
+            f"{path}: reading Parquet needs pyarrow (pip install pyarrow)", "unsupported"
+        ) from None
     table = pq.read_table(path)
     for row, record in enumerate(table.to_pylist(), start=1):
         yield f"{path}:row {row}", record

@@ -48,8 +48,10 @@ def case_following_pairs(n: int, seed: int, *, exclude: frozenset[str] = frozens
 def write_case_following_task(directory: Path = ASSETS / "case_following", train: int = 4000, validation: int = 256):
     directory.mkdir(parents=True, exist_ok=True)
     held_out = case_following_pairs(validation, seed=1)
-    splits = {"validation": held_out,
-              "train": case_following_pairs(train, seed=0, exclude=frozenset(p["prompt"] for p in held_out))}
+    splits = {
+        "validation": held_out,
+        "train": case_following_pairs(train, seed=0, exclude=frozenset(p["prompt"] for p in held_out)),
+    }
     for split, pairs in splits.items():
         with open(directory / f"{split}.jsonl", "w", encoding="utf-8") as f:
             for pair in pairs:

@@ -73,11 +73,13 @@ CHATML_TEMPLATE = ChatTemplate(
 # The chatml families differ only in the system prompt their own Jinja template inserts when the
 # conversation has none.
 QWEN2_5_TEMPLATE = replace(
-    CHATML_TEMPLATE, name="qwen2_5",
+    CHATML_TEMPLATE,
+    name="qwen2_5",
     default_system_prompt="You are Qwen, created by Alibaba Cloud. You are a helpful assistant.",
 )
 SMOLLM2_TEMPLATE = replace(
-    CHATML_TEMPLATE, name="smollm2",
+    CHATML_TEMPLATE,
+    name="smollm2",
     default_system_prompt="You are a helpful AI assistant named SmolLM, trained by Hugging Face",
 )
 
@@ -95,7 +97,8 @@ def llama3_1_template(date_string: str = LLAMA3_DEFAULT_DATE) -> ChatTemplate:
     yesterday must still match). Tool calls are not rendered: messages with them are refused.
     """
     return replace(
-        LLAMA3_TEMPLATE, name="llama3_1",
+        LLAMA3_TEMPLATE,
+        name="llama3_1",
         system_preamble=f"Cutting Knowledge Date: December 2023\nToday Date: {date_string}\n\n",
     )
 
@@ -110,8 +113,17 @@ def llama3_2_template(date_string: str = LLAMA3_DEFAULT_DATE) -> ChatTemplate:
     return replace(llama3_1_template(date_string), name="llama3_2")
 
 
-TEMPLATES = {t.name: t for t in (LLAMA3_TEMPLATE, llama3_1_template(), llama3_2_template(), CHATML_TEMPLATE,
-                                 QWEN2_5_TEMPLATE, SMOLLM2_TEMPLATE)}
+TEMPLATES = {
+    t.name: t
+    for t in (
+        LLAMA3_TEMPLATE,
+        llama3_1_template(),
+        llama3_2_template(),
+        CHATML_TEMPLATE,
+        QWEN2_5_TEMPLATE,
+        SMOLLM2_TEMPLATE,
+    )
+}
 
 
 class Tokenizer:
@@ -124,8 +136,13 @@ class Tokenizer:
     """
 
     def __init__(
-        self, encoding: tiktoken.Encoding, template: ChatTemplate, *, pad_token: str | None = None,
-        text_tokens: frozenset[str] = frozenset(), normalizer: str | None = None,
+        self,
+        encoding: tiktoken.Encoding,
+        template: ChatTemplate,
+        *,
+        pad_token: str | None = None,
+        text_tokens: frozenset[str] = frozenset(),
+        normalizer: str | None = None,
         missing_bytes: frozenset[int] = frozenset(),
     ):
         self.encoding = encoding
@@ -160,7 +177,7 @@ class Tokenizer:
             return self._encode_ordinary(text)
         ids, start = [], 0
         for match in self._text_token_re.finditer(text):
-            ids += self._encode_ordinary(text[start:match.start()])
+            ids += self._encode_ordinary(text[start : match.start()])
             ids.append(self.special_tokens[match.group()])
             start = match.end()
         return ids + self._encode_ordinary(text[start:])
@@ -275,8 +292,10 @@ def chat_turns(template: ChatTemplate, messages: Sequence[Message]) -> list[tupl
         # A null / empty field (OpenAI exports write "tool_calls": null) carries no call.
         tool_field = next((field for field in TOOL_CALL_FIELDS if message.get(field)), None)
         if tool_field:
-            raise ValueError(f"message {i}: has {tool_field!r}; chat template {template.name!r} renders "
-                             "text turns only (tool calls are not supported)")
+            raise ValueError(
+                f"message {i}: has {tool_field!r}; chat template {template.name!r} renders "
+                "text turns only (tool calls are not supported)"
+            )
         content = message["content"]
         turns.append((role, content.strip() if template.trim_content else content))
     has_system = bool(turns) and turns[0][0] == "system"

@@ -55,16 +55,18 @@ class CollectingStats(DatasetStats):
         self.errors.append(error)
 
 
-def collect_records(path: str | Path, *, format: str = "auto", keys: Mapping[str, str] | None = None
-                    ) -> tuple[list[dict], list[str], CollectingStats]:
+def collect_records(
+    path: str | Path, *, format: str = "auto", keys: Mapping[str, str] | None = None
+) -> tuple[list[dict], list[str], CollectingStats]:
     """(valid normalised records, their locations, stats holding every invalid record's error).
 
     A problem with the file as a whole (a `.json` file that is not one JSON array, a truncated
     `.gz`) is reported as one error; nothing in such a file is checked further."""
     stats, locations = CollectingStats(), []
     try:
-        records = load_preference_records(path, format=format, keys=keys, skip_invalid=True, stats=stats,
-                                          locations=locations)
+        records = load_preference_records(
+            path, format=format, keys=keys, skip_invalid=True, stats=stats, locations=locations
+        )
     except PreferenceDataError as error:
         if error.reason in NOT_DATA_DEFECTS:
             raise
@@ -112,8 +114,13 @@ class LayoutCost:
         return 1 - self.real / self.computed
 
     def as_dict(self) -> dict:
-        return {"pairs": self.pairs, "computed_tokens": self.computed, "real_tokens": self.real,
-                "tokens_per_pair": self.tokens_per_pair, "padding": self.padding}
+        return {
+            "pairs": self.pairs,
+            "computed_tokens": self.computed,
+            "real_tokens": self.real,
+            "tokens_per_pair": self.tokens_per_pair,
+            "padding": self.padding,
+        }
 
 
 def padded_cost(items: Sequence[dict], batch_size: int, *, seed: int = 0) -> LayoutCost:
@@ -123,7 +130,7 @@ def padded_cost(items: Sequence[dict], batch_size: int, *, seed: int = 0) -> Lay
     random.Random(seed).shuffle(order)
     computed = 0
     for start in range(0, len(order), batch_size):
-        batch = [items[i] for i in order[start:start + batch_size]]
+        batch = [items[i] for i in order[start : start + batch_size]]
         computed += len(batch) * max(padded_pair_length(item) for item in batch)
     real = sum(pair_length(item) for item in items)
     return LayoutCost(f"padded ({batch_size} pairs per batch)", len(items), computed, real)
@@ -177,12 +184,19 @@ class ValidationReport:
 
     def as_dict(self) -> dict:
         return {
-            "path": self.path, "ok": self.ok, "format": self.stats.format,
-            "records": self.stats.pairs + len(self.errors), "pairs": self.stats.pairs, "invalid": len(self.errors),
+            "path": self.path,
+            "ok": self.ok,
+            "format": self.stats.format,
+            "records": self.stats.pairs + len(self.errors),
+            "pairs": self.stats.pairs,
+            "invalid": len(self.errors),
             "invalid_by_reason": dict(sorted(self.stats.skipped.items())),
             "errors": [{"message": str(e), "reason": e.reason} for e in self.errors],
-            "tokenizer": self.tokenizer, "template": self.template, "lengths": self.lengths,
-            "max_length": self.max_length, "max_prompt_length": self.max_prompt_length,
+            "tokenizer": self.tokenizer,
+            "template": self.template,
+            "lengths": self.lengths,
+            "max_length": self.max_length,
+            "max_prompt_length": self.max_prompt_length,
             "truncated": self.stats.truncated,
             "duplicates": [{"location": where, "first": first} for where, first in self.duplicates],
             "identical_after_tokenization": self.identical_tokens,
@@ -196,8 +210,10 @@ class ValidationReport:
         if len(self.errors) > max_errors:
             lines.append(f"... and {len(self.errors) - max_errors} more invalid records (--json lists them all)")
         fmt = f", {self.stats.format} format" if self.stats.format else ""
-        lines.append(f"{self.path}: {self.stats.pairs + len(self.errors)} records: {self.stats.pairs} valid pairs, "
-                     f"{len(self.errors)} invalid{fmt}")
+        lines.append(
+            f"{self.path}: {self.stats.pairs + len(self.errors)} records: {self.stats.pairs} valid pairs, "
+            f"{len(self.errors)} invalid{fmt}"
+        )
         for reason, count in sorted(self.stats.skipped.items(), key=lambda item: (-item[1], item[0])):
             lines.append(f"  {count:>8}  {reason}")
         if self.lengths:
@@ -205,23 +221,29 @@ class ValidationReport:
         if self.ok:
             lines.append("OK: every record is valid")
         elif self.errors:
-            lines.append(f"FAILED: {len(self.errors)} invalid record(s); training stops at the first unless the "
-                         f"dataset sets skip_invalid: true (then they are skipped and counted)")
+            lines.append(
+                f"FAILED: {len(self.errors)} invalid record(s); training stops at the first unless the "
+                f"dataset sets skip_invalid: true (then they are skipped and counted)"
+            )
         else:
             lines.append("FAILED: no preference pairs")
         return "\n".join(lines)
 
     def _length_lines(self) -> list[str]:
         columns = [*(f"p{q}" for q in PERCENTILES), "max"]
-        lines = [f"token lengths ({self.tokenizer}, {self.template} template)".ljust(44)
-                 + "".join(f"{c:>8}" for c in columns)]
+        lines = [
+            f"token lengths ({self.tokenizer}, {self.template} template)".ljust(44)
+            + "".join(f"{c:>8}" for c in columns)
+        ]
         labels = {"sequence": "sequence (prompt + longer response)"}
         for name in LENGTH_FIELDS:
             values = "".join(f"{self.lengths[name][c]:>8}" for c in columns)
             lines.append(f"  {labels.get(name, name)}".ljust(44) + values)
         if self.max_length is not None:
-            lines.append(f"max length {self.max_length}: {self.stats.truncated} of {self.stats.pairs} pairs would be "
-                         f"truncated (prompt first, down to {self.max_prompt_length} tokens)")
+            lines.append(
+                f"max length {self.max_length}: {self.stats.truncated} of {self.stats.pairs} pairs would be "
+                f"truncated (prompt first, down to {self.max_prompt_length} tokens)"
+            )
         return lines
 
     def _duplicate_lines(self, shown: int = 5) -> list[str]:
@@ -244,8 +266,10 @@ class ValidationReport:
         padded = self.layouts[0].tokens_per_pair
         lines = ["cost".ljust(44) + f"{'tokens/pair':>12}{'padding':>9}{'vs padded':>11}"]
         for layout in self.layouts:
-            lines.append(f"  {layout.name}".ljust(44) + f"{layout.tokens_per_pair:>12.1f}{layout.padding:>9.1%}"
-                         f"{layout.tokens_per_pair / padded:>10.2f}x")
+            lines.append(
+                f"  {layout.name}".ljust(44) + f"{layout.tokens_per_pair:>12.1f}{layout.padding:>9.1%}"
+                f"{layout.tokens_per_pair / padded:>10.2f}x"
+            )
         return lines
 
 
@@ -277,20 +301,28 @@ def validate_preference_file(
     records, locations, stats = collect_records(path, format=format, keys=keys)
     for record, where in zip(records, locations):
         stats.note(tokenizer, record, where)
-    tokenized = [(tokenizer.encode_prompt(r["prompt"]), tokenizer.encode_response(r["chosen"]),
-                  tokenizer.encode_response(r["rejected"])) for r in records]
+    tokenized = [
+        (
+            tokenizer.encode_prompt(r["prompt"]),
+            tokenizer.encode_response(r["chosen"]),
+            tokenizer.encode_response(r["rejected"]),
+        )
+        for r in records
+    ]
     lengths = {}
     if tokenized:
         prompt, chosen, rejected = ([len(ids[i]) for ids in tokenized] for i in range(3))
         sequence = [p + max(c, r) for p, c, r in zip(prompt, chosen, rejected)]
-        lengths = {name: length_summary(values)
-                   for name, values in zip(LENGTH_FIELDS, (prompt, chosen, rejected, sequence))}
+        lengths = {
+            name: length_summary(values) for name, values in zip(LENGTH_FIELDS, (prompt, chosen, rejected, sequence))
+        }
 
     items = []  # the pairs as training sees them
     for prompt_ids, chosen_ids, rejected_ids in tokenized:
         if max_length is not None:
             prompt_ids, chosen_ids, rejected_ids, truncated = truncate_pair(
-                prompt_ids, chosen_ids, rejected_ids, max_length, max_prompt_length)
+                prompt_ids, chosen_ids, rejected_ids, max_length, max_prompt_length
+            )
             stats.truncated += truncated
         items.append({"prompt_ids": prompt_ids, "chosen_ids": chosen_ids, "rejected_ids": rejected_ids})
     stats.pairs = len(items)
@@ -303,16 +335,26 @@ def validate_preference_file(
         longest = max_length if max_length is not None else lengths["sequence"]["max"]
         pack_size = 2 * longest if pack_size is None else pack_size
         if pack_size < 2 * longest:
-            raise DpokitError(f"pack size {pack_size} must be at least 2 x the "
-                              f"{'max length' if max_length is not None else 'longest sequence'} ({2 * longest})")
-        layouts = [padded_cost(items, batch_size, seed=seed),
-                   packed_cost(items, pack_size, prefix_sharing=False),
-                   packed_cost(items, pack_size, prefix_sharing=True)]
+            raise DpokitError(
+                f"pack size {pack_size} must be at least 2 x the "
+                f"{'max length' if max_length is not None else 'longest sequence'} ({2 * longest})"
+            )
+        layouts = [
+            padded_cost(items, batch_size, seed=seed),
+            packed_cost(items, pack_size, prefix_sharing=False),
+            packed_cost(items, pack_size, prefix_sharing=True),
+        ]
     return ValidationReport(
-        path=str(path), stats=stats, tokenizer=tokenizer.encoding.name, template=tokenizer.template.name,
-        lengths=lengths, max_length=max_length, max_prompt_length=max_prompt_length,
+        path=str(path),
+        stats=stats,
+        tokenizer=tokenizer.encoding.name,
+        template=tokenizer.template.name,
+        lengths=lengths,
+        max_length=max_length,
+        max_prompt_length=max_prompt_length,
         duplicates=[(locations[i], locations[first]) for i, first in duplicates],
-        identical_tokens=[locations[i] for i in identical], layouts=layouts,
+        identical_tokens=[locations[i] for i in identical],
+        layouts=layouts,
     )
 
 
@@ -338,5 +380,6 @@ def load_tokenizer(spec: str, template: str | None = None) -> Tokenizer:
             return llama3_tokenizer(path, TEMPLATES[template or "llama3"])
     except ValueError as e:  # includes DpokitError; e.g. a template whose special tokens the vocabulary lacks
         raise DpokitError(f"tokenizer {spec!r}: {e}") from None
-    raise DpokitError(f"tokenizer {spec!r}: expected 'byte', a tokenizer.json or tokenizer.model file, "
-                      f"or a checkpoint directory")
+    raise DpokitError(
+        f"tokenizer {spec!r}: expected 'byte', a tokenizer.json or tokenizer.model file, or a checkpoint directory"
+    )

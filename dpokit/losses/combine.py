@@ -14,8 +14,12 @@ from dpokit.losses.types import CombinedLossOutput
 
 def _terms(preference_loss, preference_loss_weight, loss_kwargs) -> list[tuple[Callable, float]]:
     # Any sequence (lists from a YAML config included) is several terms; a name or callable is one.
-    losses = [preference_loss] if isinstance(preference_loss, str) or callable(preference_loss) else list(preference_loss)
-    weights = [preference_loss_weight] if isinstance(preference_loss_weight, (int, float)) else list(preference_loss_weight)
+    losses = (
+        [preference_loss] if isinstance(preference_loss, str) or callable(preference_loss) else list(preference_loss)
+    )
+    weights = (
+        [preference_loss_weight] if isinstance(preference_loss_weight, (int, float)) else list(preference_loss_weight)
+    )
     if len(losses) != len(weights) or not losses:
         raise ValueError(f"combined_loss: {len(losses)} preference loss(es) but {len(weights)} weight(s)")
     # Shared hyper-parameters (beta, ...) go to each named term that takes them; one that no term
@@ -103,17 +107,24 @@ def combined_loss(
     lengths = (chosen_lengths, rejected_lengths)
     if preference_average_log_probs:
         inputs = [
-            None if x is None else per_token(x, length, "combined_loss")
-            for x, length in zip(inputs, lengths * 2)
+            None if x is None else per_token(x, length, "combined_loss") for x, length in zip(inputs, lengths * 2)
         ]
         lengths = (torch.ones_like(policy_chosen_logps), torch.ones_like(policy_rejected_logps))
-    weights = wpo_weights(policy_chosen_logps, policy_rejected_logps, chosen_lengths, rejected_lengths) if wpo_weighting else 1.0
+    weights = (
+        wpo_weights(policy_chosen_logps, policy_rejected_logps, chosen_lengths, rejected_lengths)
+        if wpo_weighting
+        else 1.0
+    )
 
     preference, rewards = 0.0, None
     for fn, weight in terms:
         out = call_loss(
-            fn, *inputs, chosen_lengths=lengths[0], rejected_lengths=lengths[1],
-            chosen_gt_rewards=chosen_gt_rewards, rejected_gt_rewards=rejected_gt_rewards,
+            fn,
+            *inputs,
+            chosen_lengths=lengths[0],
+            rejected_lengths=lengths[1],
+            chosen_gt_rewards=chosen_gt_rewards,
+            rejected_gt_rewards=rejected_gt_rewards,
         )
         preference = preference + weight * weights * out.losses
         rewards = rewards or (out.chosen_rewards, out.rejected_rewards)
@@ -125,7 +136,14 @@ def combined_loss(
 
 
 _OWN_KEYWORDS = {
-    "preference_loss", "preference_loss_weight", "sft_loss_weight", "preference_average_log_probs",
-    "sft_average_log_probs", "wpo_weighting", "chosen_lengths", "rejected_lengths", "chosen_gt_rewards",
+    "preference_loss",
+    "preference_loss_weight",
+    "sft_loss_weight",
+    "preference_average_log_probs",
+    "sft_average_log_probs",
+    "wpo_weighting",
+    "chosen_lengths",
+    "rejected_lengths",
+    "chosen_gt_rewards",
     "rejected_gt_rewards",
 }

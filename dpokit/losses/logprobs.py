@@ -42,7 +42,12 @@ def sequence_logps(
 
 
 def length_desensitized_logps(
-    per_token_logps: torch.Tensor, labels: torch.Tensor, num_pairs: int, *, ld_alpha: float, ignore_index: int = IGNORE_INDEX
+    per_token_logps: torch.Tensor,
+    labels: torch.Tensor,
+    num_pairs: int,
+    *,
+    ld_alpha: float,
+    ignore_index: int = IGNORE_INDEX,
 ) -> torch.Tensor:
     """LD-DPO's sequence log-probs (Liu et al., 2024, "Length Desensitization in Direct Preference
     Optimization", arXiv:2409.06411, eq. 9). For a pair whose responses have n_w and n_l tokens,

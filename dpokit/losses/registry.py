@@ -121,4 +121,6 @@ def call_loss(
         extras.update(chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths)
     if "chosen_gt_rewards" in accepted and chosen_gt_rewards is not None:
         extras.update(chosen_gt_rewards=chosen_gt_rewards, rejected_gt_rewards=rejected_gt_rewards)
-    return loss_fn(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, **extras)
+    return loss_fn(
+        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, **extras
+    )

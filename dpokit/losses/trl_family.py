@@ -56,7 +56,9 @@ def robust_loss(pc, pr, rc, rr, *, beta: float, label_smoothing: float = 0.0) ->
         raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
     r_w, r_l = _ratios("robust_loss", pc, pr, rc, rr)
     z = beta * (r_w - r_l)
-    losses = ((1 - label_smoothing) * -F.logsigmoid(z) - label_smoothing * -F.logsigmoid(-z)) / (1 - 2 * label_smoothing)
+    losses = ((1 - label_smoothing) * -F.logsigmoid(z) - label_smoothing * -F.logsigmoid(-z)) / (
+        1 - 2 * label_smoothing
+    )
     return _out(losses, beta, r_w, r_l)
 
 
@@ -75,7 +77,9 @@ def exo_pair_loss(pc, pr, rc, rr, *, beta: float, label_smoothing: float = 1e-3)
     r_w, r_l = _ratios("exo_pair_loss", pc, pr, rc, rr)
     z = beta * (r_w - r_l)
     log_qw, log_ql = F.logsigmoid(z), F.logsigmoid(-z)
-    losses = log_qw.exp() * (log_qw - math.log1p(-label_smoothing)) + log_ql.exp() * (log_ql - math.log(label_smoothing))
+    losses = log_qw.exp() * (log_qw - math.log1p(-label_smoothing)) + log_ql.exp() * (
+        log_ql - math.log(label_smoothing)
+    )
     return _out(losses, beta, r_w, r_l)
 
 
@@ -83,7 +87,7 @@ def exo_pair_loss(pc, pr, rc, rr, *, beta: float, label_smoothing: float = 1e-3)
 def nca_pair_loss(pc, pr, rc, rr, *, beta: float) -> PreferenceLossOutput:
     """Noise Contrastive Alignment, pairwise (Chen et al., 2024, arXiv:2402.05369):
 
-        L = -log sigma(beta r_w) - 0.5 log sigma(-beta r_w) - 0.5 log sigma(-beta r_l).
+    L = -log sigma(beta r_w) - 0.5 log sigma(-beta r_w) - 0.5 log sigma(-beta r_l).
     """
     r_w, r_l = _ratios("nca_pair_loss", pc, pr, rc, rr)
     losses = -F.logsigmoid(beta * r_w) - 0.5 * F.logsigmoid(-beta * r_w) - 0.5 * F.logsigmoid(-beta * r_l)
@@ -199,7 +203,10 @@ def sigmoid_norm_loss(
     Rewards are beta * r / n. Typical beta is much larger than DPO's (Tulu 3 uses 5).
     """
     r_w, r_l = _ratios("sigmoid_norm_loss", pc, pr, rc, rr)
-    r_w, r_l = per_token(r_w, chosen_lengths, "sigmoid_norm_loss"), per_token(r_l, rejected_lengths, "sigmoid_norm_loss")
+    r_w, r_l = (
+        per_token(r_w, chosen_lengths, "sigmoid_norm_loss"),
+        per_token(r_l, rejected_lengths, "sigmoid_norm_loss"),
+    )
     return _out(-F.logsigmoid(beta * (r_w - r_l)), beta, r_w, r_l)
 
 

@@ -89,10 +89,10 @@ def segment_mask(document_ids: torch.Tensor, branch_ids: torch.Tensor) -> Segmen
             while end < len(ids) and ids[end] == ids[start]:
                 end += 1
             if ids[start] >= 0:  # -1 = padding
-                branches = branch_ids[row:row + 1, start:end]
+                branches = branch_ids[row : row + 1, start:end]
                 mask = None
                 if bool((branches != 0).any()):
-                    mask = packed_attention_mask(document_ids[row:row + 1, start:end], branches)
+                    mask = packed_attention_mask(document_ids[row : row + 1, start:end], branches)
                 segments.append(Segment(row, start, end, mask))
             start = end
     return SegmentMask(len(documents), document_ids.shape[-1], tuple(segments))
@@ -111,8 +111,11 @@ def segmented_attention(q, k, v, mask: SegmentMask, *, enable_gqa: bool = False)
     for seg in mask.segments:
         pad(seg.row, seg.start)
         sl = (slice(seg.row, seg.row + 1), slice(None), slice(seg.start, seg.end))
-        rows[seg.row].append(F.scaled_dot_product_attention(
-            q[sl], k[sl], v[sl], attn_mask=seg.mask, is_causal=seg.mask is None, enable_gqa=enable_gqa))
+        rows[seg.row].append(
+            F.scaled_dot_product_attention(
+                q[sl], k[sl], v[sl], attn_mask=seg.mask, is_causal=seg.mask is None, enable_gqa=enable_gqa
+            )
+        )
         cursor[seg.row] = seg.end
     for row in range(mask.batch):
         pad(row, mask.seq_len)
@@ -137,8 +140,9 @@ def build_attention_mask(document_ids: torch.Tensor, branch_ids: torch.Tensor, b
         if create_block_mask is None:
             raise RuntimeError("FlexAttention needs torch >= 2.5")
         batch, seq = document_ids.shape
-        return create_block_mask(packed_mask_mod(document_ids, branch_ids), batch, None, seq, seq,
-                                 device=document_ids.device)
+        return create_block_mask(
+            packed_mask_mod(document_ids, branch_ids), batch, None, seq, seq, device=document_ids.device
+        )
     raise ValueError(f"unknown attention backend {backend!r}; choose from 'auto', 'segments', 'sdpa', 'flex'")
 
 

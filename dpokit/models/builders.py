@@ -83,8 +83,14 @@ def preset_builders(name: str, arch: dict, description: str):
         lora_dropout: float = 0.0,
         quantize_base: bool = False,
     ) -> TransformerDecoder:
-        return lora_llama(lora_targets=lora_targets, lora_rank=lora_rank, lora_alpha=lora_alpha,
-                          lora_dropout=lora_dropout, quantize_base=quantize_base, **arch)
+        return lora_llama(
+            lora_targets=lora_targets,
+            lora_rank=lora_rank,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
+            quantize_base=quantize_base,
+            **arch,
+        )
 
     base.__name__ = base.__qualname__ = name
     base.__doc__ = f"{description} (plain decoder, random init; load weights with `load_hf_checkpoint`)."

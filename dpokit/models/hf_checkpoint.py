@@ -63,8 +63,15 @@ ADAPTER_FILE = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 # Copied next to saved weights so the output directory is a complete model.
 TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json", "vocab.json",
-    "merges.txt", "tokenizer.model", "original/tokenizer.model", "chat_template.jinja",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "original/tokenizer.model",
+    "chat_template.jinja",
 )
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
 
@@ -112,8 +119,11 @@ def hf_weight_files(checkpoint_dir: str | Path) -> list[Path]:
         return files
     if (directory / SINGLE_FILE).is_file():
         return [directory / SINGLE_FILE]
-    hint = " (pytorch_model.bin is not supported: convert it to safetensors)" if any(
-        directory.glob("pytorch_model*.bin")) else ""
+    hint = (
+        " (pytorch_model.bin is not supported: convert it to safetensors)"
+        if any(directory.glob("pytorch_model*.bin"))
+        else ""
+    )
     raise CheckpointError(f"{directory}: no {SINGLE_FILE} or {INDEX_FILE}{hint}")
 
 
@@ -183,8 +193,9 @@ def assign_weight(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
     module = model.get_submodule(module_path)
     old = getattr(module, name)
     if old is None or tuple(old.shape) != tuple(tensor.shape):
-        raise CheckpointError(f"{key}: checkpoint shape {tuple(tensor.shape)} != model shape "
-                              f"{None if old is None else tuple(old.shape)}")
+        raise CheckpointError(
+            f"{key}: checkpoint shape {tuple(tensor.shape)} != model shape {None if old is None else tuple(old.shape)}"
+        )
     if name == "weight" and isinstance(module, _FrozenBase):
         module.set_base_weight(tensor)
     else:
@@ -234,8 +245,14 @@ def _materialise_adapters(model: nn.Module, device, dtype) -> None:
 
 
 def _resolve_dtype(dtype) -> torch.dtype | None:
-    names = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-             "fp16": torch.float16, "float16": torch.float16}
+    names = {
+        "fp32": torch.float32,
+        "float32": torch.float32,
+        "bf16": torch.bfloat16,
+        "bfloat16": torch.bfloat16,
+        "fp16": torch.float16,
+        "float16": torch.float16,
+    }
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in names:
@@ -266,7 +283,10 @@ class StoredWeights:
 
 
 def plain_state_dict(
-    model: nn.Module, dtype: torch.dtype | None = None, *, source_dir: str | Path | None = None,
+    model: nn.Module,
+    dtype: torch.dtype | None = None,
+    *,
+    source_dir: str | Path | None = None,
     rounding: MergeRounding | None = None,
 ) -> dict[str, torch.Tensor]:
     """The model's weights as a plain (adapter-free, unquantised) model, on the CPU, in `dtype`.
@@ -412,7 +432,9 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | Path) -> None:
     for field_name in ("r", "lora_alpha", "target_modules"):
         theirs = sorted(config[field_name]) if field_name == "target_modules" else config[field_name]
         if theirs != ours[field_name]:
-            raise CheckpointError(f"{adapter_dir / ADAPTER_CONFIG}: {field_name}={theirs!r}, model has {ours[field_name]!r}")
+            raise CheckpointError(
+                f"{adapter_dir / ADAPTER_CONFIG}: {field_name}={theirs!r}, model has {ours[field_name]!r}"
+            )
     back = {peft_key(k): k for k in adapter_state_dict(model)}
     state = load_file(adapter_dir / ADAPTER_FILE)
     unexpected = [k for k in state if k not in back]

@@ -56,32 +56,85 @@ _QWEN2_KEYS = {
 # `PretrainedConfig` may carry these (transformers' own `to_dict()` writes many of them); a field
 # that is absent here and changes the arithmetic is refused instead.
 _IGNORED_FIELDS = {
-    **dict.fromkeys(("architectures", "model_type", "transformers_version", "_name_or_path", "_model_name_or_path",
-                     "_commit_hash", "_attn_implementation_autoset", "is_llama_config", "tokenizer_class",
-                     "name_or_path"), "identity and provenance"),
-    **dict.fromkeys(("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id", "sep_token_id",
-                     "decoder_start_token_id"), "token ids for tokenizers and generation, not the forward"),
+    **dict.fromkeys(
+        (
+            "architectures",
+            "model_type",
+            "transformers_version",
+            "_name_or_path",
+            "_model_name_or_path",
+            "_commit_hash",
+            "_attn_implementation_autoset",
+            "is_llama_config",
+            "tokenizer_class",
+            "name_or_path",
+        ),
+        "identity and provenance",
+    ),
+    **dict.fromkeys(
+        ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id", "sep_token_id", "decoder_start_token_id"),
+        "token ids for tokenizers and generation, not the forward",
+    ),
     **dict.fromkeys(("torch_dtype", "dtype"), "storage dtype; the recipe chooses the compute dtype"),
-    **dict.fromkeys(("use_cache", "output_attentions", "output_hidden_states", "return_dict", "torchscript",
-                     "use_return_dict"), "what the HF forward returns or caches, not its values"),
+    **dict.fromkeys(
+        ("use_cache", "output_attentions", "output_hidden_states", "return_dict", "torchscript", "use_return_dict"),
+        "what the HF forward returns or caches, not its values",
+    ),
     "initializer_range": "initialisation of new weights; checkpoints bring theirs",
     "pretraining_tp": "HF splits the matmuls into tp slices: same math",
-    **dict.fromkeys(("id2label", "label2id", "num_labels", "problem_type", "finetuning_task"),
-                    "heads for classification models, absent from a causal LM"),
+    **dict.fromkeys(
+        ("id2label", "label2id", "num_labels", "problem_type", "finetuning_task"),
+        "heads for classification models, absent from a causal LM",
+    ),
     "chunk_size_feed_forward": "HF computes the MLP in chunks: same math",
-    **dict.fromkeys(("is_encoder_decoder", "is_decoder", "add_cross_attention", "cross_attention_hidden_size",
-                     "tie_encoder_decoder"), "encoder-decoder options; false or unused for a causal LM"),
+    **dict.fromkeys(
+        (
+            "is_encoder_decoder",
+            "is_decoder",
+            "add_cross_attention",
+            "cross_attention_hidden_size",
+            "tie_encoder_decoder",
+        ),
+        "encoder-decoder options; false or unused for a causal LM",
+    ),
     **dict.fromkeys(("transformers.js_config", "quantization_config_ignore"), "hints for other runtimes"),
-    **dict.fromkeys(("prefix", "task_specific_params", "tf_legacy_loss", "use_bfloat16", "pruned_heads",
-                     "torch_compile", "generation_config"), "legacy or generation-time settings"),
+    **dict.fromkeys(
+        (
+            "prefix",
+            "task_specific_params",
+            "tf_legacy_loss",
+            "use_bfloat16",
+            "pruned_heads",
+            "torch_compile",
+            "generation_config",
+        ),
+        "legacy or generation-time settings",
+    ),
 }
 _METADATA_FIELDS = frozenset(_IGNORED_FIELDS)
 # Carried from the source config.json into an exported one (the rest of `_IGNORED_FIELDS` is not).
-_KEPT_ON_EXPORT = frozenset({
-    "architectures", "model_type", "bos_token_id", "eos_token_id", "pad_token_id", "torch_dtype", "dtype",
-    "transformers_version", "use_cache", "initializer_range", "_name_or_path", "is_llama_config", "pretraining_tp",
-    "tokenizer_class", "_commit_hash", "output_attentions", "output_hidden_states", "return_dict",
-})
+_KEPT_ON_EXPORT = frozenset(
+    {
+        "architectures",
+        "model_type",
+        "bos_token_id",
+        "eos_token_id",
+        "pad_token_id",
+        "torch_dtype",
+        "dtype",
+        "transformers_version",
+        "use_cache",
+        "initializer_range",
+        "_name_or_path",
+        "is_llama_config",
+        "pretraining_tp",
+        "tokenizer_class",
+        "_commit_hash",
+        "output_attentions",
+        "output_hidden_states",
+        "return_dict",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -116,22 +169,45 @@ def _translate(key: str, table: Mapping[str, str]) -> str | None:
 
 FAMILIES: dict[str, Family] = {
     "llama": Family(
-        model_type="llama", architecture="LlamaForCausalLM", keys=_LLAMA_KEYS, qkv_bias=False,
-        required={"hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0,
-                  "rope_interleaved": False},
+        model_type="llama",
+        architecture="LlamaForCausalLM",
+        keys=_LLAMA_KEYS,
+        qkv_bias=False,
+        required={
+            "hidden_act": "silu",
+            "attention_bias": False,
+            "mlp_bias": False,
+            "attention_dropout": 0.0,
+            "rope_interleaved": False,
+        },
     ),
     "qwen2": Family(
-        model_type="qwen2", architecture="Qwen2ForCausalLM", keys=_QWEN2_KEYS, qkv_bias=True,
+        model_type="qwen2",
+        architecture="Qwen2ForCausalLM",
+        keys=_QWEN2_KEYS,
+        qkv_bias=True,
         required={"hidden_act": "silu", "attention_dropout": 0.0, "use_sliding_window": False, "use_mrope": False},
         tolerated=frozenset({"sliding_window", "max_window_layers", "layer_types"}),
     ),
 }
 
-_ARCH_FIELDS = frozenset({
-    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-    "intermediate_size", "max_position_embeddings", "head_dim", "rms_norm_eps", "tie_word_embeddings",
-    "rope_theta", "rope_scaling", "rope_parameters",
-})
+_ARCH_FIELDS = frozenset(
+    {
+        "vocab_size",
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "intermediate_size",
+        "max_position_embeddings",
+        "head_dim",
+        "rms_norm_eps",
+        "tie_word_embeddings",
+        "rope_theta",
+        "rope_scaling",
+        "rope_parameters",
+    }
+)
 _LLAMA3_ROPE_FIELDS = {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
 
 
@@ -153,9 +229,7 @@ def read_hf_config(config: Mapping | str | Path) -> tuple[dict, str]:
 def family_of(config: Mapping, source: str = "config") -> Family:
     model_type = config.get("model_type")
     if model_type not in FAMILIES:
-        raise CheckpointError(
-            f"{source}: model_type {model_type!r} is not supported; supported: {sorted(FAMILIES)}"
-        )
+        raise CheckpointError(f"{source}: model_type {model_type!r} is not supported; supported: {sorted(FAMILIES)}")
     return FAMILIES[model_type]
 
 
@@ -178,7 +252,8 @@ def _rope(config: Mapping, source: str) -> tuple[float, RopeScaling | None]:
     if extra or missing:
         raise CheckpointError(f"{source}: llama3 rope scaling: missing {sorted(missing)}, unsupported {sorted(extra)}")
     return float(theta), RopeScaling(
-        factor=float(scaling["factor"]), low_freq_factor=float(scaling["low_freq_factor"]),
+        factor=float(scaling["factor"]),
+        low_freq_factor=float(scaling["low_freq_factor"]),
         high_freq_factor=float(scaling["high_freq_factor"]),
         original_max_position_embeddings=int(scaling["original_max_position_embeddings"]),
     )
@@ -264,8 +339,12 @@ def hf_config_from_model(model: TransformerDecoder, dtype: torch.dtype, base: Ma
         max_position_embeddings=args["max_seq_len"],
         rms_norm_eps=args["norm_eps"],
         rope_theta=args["rope_theta"],
-        rope_scaling=None if scaling is None else {
-            "rope_type": "llama3", "factor": scaling.factor, "low_freq_factor": scaling.low_freq_factor,
+        rope_scaling=None
+        if scaling is None
+        else {
+            "rope_type": "llama3",
+            "factor": scaling.factor,
+            "low_freq_factor": scaling.low_freq_factor,
             "high_freq_factor": scaling.high_freq_factor,
             "original_max_position_embeddings": scaling.original_max_position_embeddings,
         },

@@ -9,8 +9,15 @@ from dpokit.errors import DpokitError
 
 # Weights as safetensors, every JSON (config, index, tokenizer, generation), BPE text files and
 # Meta's tiktoken file. Not fetched: original/*.pth consolidated weights, *.bin, *.gguf, ONNX...
-ALLOW_PATTERNS = ("*.safetensors", "*.json", "merges.txt", "vocab.txt", "tokenizer.model",
-                  "original/tokenizer.model", "*.jinja")
+ALLOW_PATTERNS = (
+    "*.safetensors",
+    "*.json",
+    "merges.txt",
+    "vocab.txt",
+    "tokenizer.model",
+    "original/tokenizer.model",
+    "*.jinja",
+)
 
 
 class DownloadError(DpokitError):
@@ -26,7 +33,10 @@ def download_checkpoint(repo_id: str, output_dir: str | Path | None = None, *, r
     output_dir = Path(output_dir) if output_dir is not None else Path("checkpoints") / repo_id.split("/")[-1]
     try:
         path = snapshot_download(
-            repo_id, revision=revision, local_dir=output_dir, allow_patterns=list(ALLOW_PATTERNS),
+            repo_id,
+            revision=revision,
+            local_dir=output_dir,
+            allow_patterns=list(ALLOW_PATTERNS),
             token=os.environ.get("HF_TOKEN") or None,
         )
     except Exception as e:  # network, auth, gated repo, offline mode: one line for the user

@@ -19,16 +19,38 @@ LLAMA3_70B = dict(_COMMON, dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, hidd
 LLAMA3_1_8B = dict(LLAMA3_8B, max_seq_len=131_072, rope_scaling=_ROPE_3_1)
 LLAMA3_1_70B = dict(LLAMA3_70B, max_seq_len=131_072, rope_scaling=_ROPE_3_1)
 LLAMA3_1_405B = dict(
-    _COMMON, dim=16_384, n_layers=126, n_heads=128, n_kv_heads=8, hidden_dim=53_248, max_seq_len=131_072,
+    _COMMON,
+    dim=16_384,
+    n_layers=126,
+    n_heads=128,
+    n_kv_heads=8,
+    hidden_dim=53_248,
+    max_seq_len=131_072,
     rope_scaling=_ROPE_3_1,
 )
 LLAMA3_2_1B = dict(
-    _COMMON, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, head_dim=64, hidden_dim=8192, max_seq_len=131_072,
-    rope_scaling=_ROPE_3_2, tie_embeddings=True,
+    _COMMON,
+    dim=2048,
+    n_layers=16,
+    n_heads=32,
+    n_kv_heads=8,
+    head_dim=64,
+    hidden_dim=8192,
+    max_seq_len=131_072,
+    rope_scaling=_ROPE_3_2,
+    tie_embeddings=True,
 )
 LLAMA3_2_3B = dict(
-    _COMMON, dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, head_dim=128, hidden_dim=8192, max_seq_len=131_072,
-    rope_scaling=_ROPE_3_2, tie_embeddings=True,
+    _COMMON,
+    dim=3072,
+    n_layers=28,
+    n_heads=24,
+    n_kv_heads=8,
+    head_dim=128,
+    hidden_dim=8192,
+    max_seq_len=131_072,
+    rope_scaling=_ROPE_3_2,
+    tie_embeddings=True,
 )
 
 llama3_8b, lora_llama3_8b = preset_builders("llama3_8b", LLAMA3_8B, "Llama 3 8B")
@@ -40,6 +62,11 @@ llama3_2_1b, lora_llama3_2_1b = preset_builders("llama3_2_1b", LLAMA3_2_1B, "Lla
 llama3_2_3b, lora_llama3_2_3b = preset_builders("llama3_2_3b", LLAMA3_2_3B, "Llama 3.2 3B")
 
 ARCHITECTURES = {
-    "llama3_8b": LLAMA3_8B, "llama3_70b": LLAMA3_70B, "llama3_1_8b": LLAMA3_1_8B, "llama3_1_70b": LLAMA3_1_70B,
-    "llama3_1_405b": LLAMA3_1_405B, "llama3_2_1b": LLAMA3_2_1B, "llama3_2_3b": LLAMA3_2_3B,
+    "llama3_8b": LLAMA3_8B,
+    "llama3_70b": LLAMA3_70B,
+    "llama3_1_8b": LLAMA3_1_8B,
+    "llama3_1_70b": LLAMA3_1_70B,
+    "llama3_1_405b": LLAMA3_1_405B,
+    "llama3_2_1b": LLAMA3_2_1B,
+    "llama3_2_3b": LLAMA3_2_3B,
 }

@@ -47,6 +47,7 @@ def is_nf4(tensor: torch.Tensor) -> bool:
     module = sys.modules.get(_NF4_MODULE)  # no NF4 tensor can exist before torchao is imported
     return module is not None and isinstance(tensor, module.NF4Tensor)
 
+
 # Projection names a LoRA builder may target (the HF module names of the decoder).
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
@@ -125,7 +126,13 @@ class LoRALinear(_FrozenBase, nn.Module):
     """
 
     def __init__(
-        self, in_features: int, out_features: int, rank: int, alpha: float, dropout: float = 0.0, bias: bool = False,
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        alpha: float,
+        dropout: float = 0.0,
+        bias: bool = False,
         quantize_base: bool = False,
     ):
         super().__init__()
@@ -177,7 +184,10 @@ class LoRALinear(_FrozenBase, nn.Module):
         return self.scaling * F.linear(self.dropout(x), self.lora_a.weight.to(x.dtype))
 
     def merged_weight(
-        self, *, base: torch.Tensor | None = None, dtype: torch.dtype | None = None,
+        self,
+        *,
+        base: torch.Tensor | None = None,
+        dtype: torch.dtype | None = None,
         rounding: MergeRounding | None = None,
     ) -> torch.Tensor:
         """W + (alpha / rank) B A, the weight of the equivalent plain linear layer (see `merge_update`).
@@ -185,8 +195,9 @@ class LoRALinear(_FrozenBase, nn.Module):
         base: W at a higher precision than the module holds (the checkpoint's stored weight), else
         the module's own (dequantised when NF4). dtype: of the result, default W's dtype."""
         base = dequantize(self.weight) if base is None else base
-        return merge_update(base, self.lora_a.weight, self.lora_b.weight, self.scaling,
-                            dtype=dtype or base.dtype, rounding=rounding)
+        return merge_update(
+            base, self.lora_a.weight, self.lora_b.weight, self.scaling, dtype=dtype or base.dtype, rounding=rounding
+        )
 
     def extra_repr(self) -> str:
         nf4 = ", nf4" if self.quantize_base else ""
@@ -311,7 +322,12 @@ class MergeRounding:
 
 
 def merge_update(
-    base: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, *, dtype: torch.dtype,
+    base: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    *,
+    dtype: torch.dtype,
     rounding: MergeRounding | None = None,
 ) -> torch.Tensor:
     """W' = W + scaling * B A computed in fp32, then cast to `dtype`. With `rounding`, counts the
@@ -327,8 +343,11 @@ def merge_update(
 
 
 def merged_state_dict(
-    model: nn.Module, *, dtype: torch.dtype | None = None,
-    base_weights: Callable[[str], torch.Tensor | None] | None = None, rounding: MergeRounding | None = None,
+    model: nn.Module,
+    *,
+    dtype: torch.dtype | None = None,
+    base_weights: Callable[[str], torch.Tensor | None] | None = None,
+    rounding: MergeRounding | None = None,
 ) -> dict[str, torch.Tensor]:
     """The state dict of the equivalent plain model: adapters folded into the base weights
     (NF4 base weights are dequantised first), in `dtype` (None: each weight's own dtype).

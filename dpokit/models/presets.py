@@ -11,7 +11,13 @@ from dpokit.models.transformer import TransformerDecoder
 # A 4-layer, ~0.2M-parameter decoder over the byte-level tokenizer (256 bytes + 16 specials):
 # small enough that a DPO run on a laptop CPU finishes in about a minute.
 TINY = dict(
-    vocab_size=272, dim=64, n_layers=4, n_heads=4, n_kv_heads=2, hidden_dim=172, max_seq_len=256,
+    vocab_size=272,
+    dim=64,
+    n_layers=4,
+    n_heads=4,
+    n_kv_heads=2,
+    hidden_dim=172,
+    max_seq_len=256,
     rope_theta=10_000.0,
 )
 
@@ -23,7 +29,19 @@ def tiny() -> TransformerDecoder:
     return llama(**TINY)
 
 
-def lora_tiny(*, lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"), lora_rank=8, lora_alpha=16.0,
-              lora_dropout=0.0, quantize_base=False) -> TransformerDecoder:
-    return lora_llama(lora_targets=lora_targets, lora_rank=lora_rank, lora_alpha=lora_alpha,
-                      lora_dropout=lora_dropout, quantize_base=quantize_base, **TINY)
+def lora_tiny(
+    *,
+    lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"),
+    lora_rank=8,
+    lora_alpha=16.0,
+    lora_dropout=0.0,
+    quantize_base=False,
+) -> TransformerDecoder:
+    return lora_llama(
+        lora_targets=lora_targets,
+        lora_rank=lora_rank,
+        lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout,
+        quantize_base=quantize_base,
+        **TINY,
+    )

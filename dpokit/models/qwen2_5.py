@@ -30,6 +30,11 @@ qwen2_5_32b, lora_qwen2_5_32b = preset_builders("qwen2_5_32b", QWEN2_5_32B, "Qwe
 qwen2_5_72b, lora_qwen2_5_72b = preset_builders("qwen2_5_72b", QWEN2_5_72B, "Qwen2.5 72B")
 
 ARCHITECTURES = {
-    "qwen2_5_0_5b": QWEN2_5_0_5B, "qwen2_5_1_5b": QWEN2_5_1_5B, "qwen2_5_3b": QWEN2_5_3B, "qwen2_5_7b": QWEN2_5_7B,
-    "qwen2_5_14b": QWEN2_5_14B, "qwen2_5_32b": QWEN2_5_32B, "qwen2_5_72b": QWEN2_5_72B,
+    "qwen2_5_0_5b": QWEN2_5_0_5B,
+    "qwen2_5_1_5b": QWEN2_5_1_5B,
+    "qwen2_5_3b": QWEN2_5_3B,
+    "qwen2_5_7b": QWEN2_5_7B,
+    "qwen2_5_14b": QWEN2_5_14B,
+    "qwen2_5_32b": QWEN2_5_32B,
+    "qwen2_5_72b": QWEN2_5_72B,
 }

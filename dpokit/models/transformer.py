@@ -52,7 +52,7 @@ def rope_inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling |
         between: (1 - s) inv_freq / factor + s inv_freq,  s = (L / wavelen - low) / (high - low).
     """
     exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
-    inv_freq = 1.0 / (theta ** exponents)
+    inv_freq = 1.0 / (theta**exponents)
     if scaling is None:
         return inv_freq
     low_freq_wavelen = scaling.original_max_position_embeddings / scaling.low_freq_factor
@@ -161,9 +161,19 @@ class TransformerDecoder(nn.Module):
         self.vocab_size, self.dim, self.max_seq_len = vocab_size, dim, max_seq_len
         # The architecture as plain values: what `dpokit.models.hf_config` writes to config.json.
         self.args = dict(
-            vocab_size=vocab_size, dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
-            hidden_dim=hidden_dim, max_seq_len=max_seq_len, head_dim=head_dim, rope_theta=rope_theta,
-            rope_scaling=rope_scaling, norm_eps=norm_eps, qkv_bias=qkv_bias, tie_embeddings=tie_embeddings,
+            vocab_size=vocab_size,
+            dim=dim,
+            n_layers=n_layers,
+            n_heads=n_heads,
+            n_kv_heads=n_kv_heads,
+            hidden_dim=hidden_dim,
+            max_seq_len=max_seq_len,
+            head_dim=head_dim,
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
+            norm_eps=norm_eps,
+            qkv_bias=qkv_bias,
+            tie_embeddings=tie_embeddings,
         )
         self.tie_embeddings = tie_embeddings
         self.embed_tokens = nn.Embedding(vocab_size, dim)
@@ -174,9 +184,7 @@ class TransformerDecoder(nn.Module):
         self.norm = RMSNorm(dim, norm_eps)
         self.lm_head = None if tie_embeddings else linear("lm_head", dim, vocab_size, False)
         # Not a buffer that is saved: it is derived from the config and rebuilt on every load.
-        self.register_buffer(
-            "inv_freq", rope_inverse_frequencies(head_dim, rope_theta, rope_scaling), persistent=False
-        )
+        self.register_buffer("inv_freq", rope_inverse_frequencies(head_dim, rope_theta, rope_scaling), persistent=False)
 
     @property
     def output_weight(self) -> torch.Tensor:

@@ -42,11 +42,15 @@ class MergedExport:
 
     def summary(self) -> str:
         name = str(self.dtype).removeprefix("torch.")
-        line = (f"merged model ({name}): {self.rounding.dropped:,} of {self.rounding.updated:,} updated weight entries "
-                f"({self.rounding.dropped_fraction:.1%}) rounded back to the base value")
+        line = (
+            f"merged model ({name}): {self.rounding.dropped:,} of {self.rounding.updated:,} updated weight entries "
+            f"({self.rounding.dropped_fraction:.1%}) rounded back to the base value"
+        )
         if self.max_logit_change is not None:
-            line += (f"; logits differ from base + adapter by up to {self.max_logit_change:.3g} "
-                     f"(mean {self.mean_logit_change:.3g}) on a validation batch")
+            line += (
+                f"; logits differ from base + adapter by up to {self.max_logit_change:.3g} "
+                f"(mean {self.mean_logit_change:.3g}) on a validation batch"
+            )
         if self.rounding.dropped and self.dtype != torch.float32:
             line += "; save_dtype=fp32 keeps every update (the adapter alone is exact in adapter/)"
         return line
@@ -79,8 +83,9 @@ def save_lora_checkpoint(
     save_hf_checkpoint(model, directory, source_dir=source_dir, dtype=dtype, rounding=rounding)
     for stale in ("adapter_model.safetensors", "adapter_config.json"):  # the layout of earlier versions
         (directory / stale).unlink(missing_ok=True)
-    save_peft_adapter(model, directory / ADAPTER_SUBDIR,
-                      base_model_name_or_path=None if source_dir is None else str(source_dir))
+    save_peft_adapter(
+        model, directory / ADAPTER_SUBDIR, base_model_name_or_path=None if source_dir is None else str(source_dir)
+    )
     export = MergedExport(directory, dtype, rounding)
     if probe_sequences and dtype != torch.float32:
         exact = plain_state_dict(model, torch.float32, source_dir=source_dir)
@@ -89,7 +94,9 @@ def save_lora_checkpoint(
 
 
 @torch.no_grad()
-def _logit_change(directory: Path, exact: dict[str, torch.Tensor], sequences: list[torch.Tensor]) -> tuple[float, float]:
+def _logit_change(
+    directory: Path, exact: dict[str, torch.Tensor], sequences: list[torch.Tensor]
+) -> tuple[float, float]:
     """(max, mean) |logit| difference in fp32 between the model saved in `directory` and the same
     model with the `exact` weights, over every position of `sequences` (1-D id tensors)."""
     model = load_hf_checkpoint(directory, dtype=torch.float32).eval()

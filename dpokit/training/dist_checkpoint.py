@@ -74,8 +74,14 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(
-    root: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, *, trainer_state: dict,
-    keep_last: int = 2, trainable_only: bool = False,
+    root: str | Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    trainer_state: dict,
+    keep_last: int = 2,
+    trainable_only: bool = False,
 ) -> Path:
     """Collective: every rank calls it. `trainer_state` (scheduler, data position, ...) is saved
     per rank together with the step and the RNG states. `trainable_only` leaves frozen parameters
@@ -91,8 +97,10 @@ def save_checkpoint(
     barrier()
     model_state, optimizer_state = get_state_dict(model, optimizer, options=_options(trainable_only))
     dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(tmp))
-    torch.save({"step": step, "world_size": get_world_size(), "rng": rng_state(), **trainer_state},
-               tmp / f"rank{get_rank()}.pt")
+    torch.save(
+        {"step": step, "world_size": get_world_size(), "rng": rng_state(), **trainer_state},
+        tmp / f"rank{get_rank()}.pt",
+    )
     barrier()
     if get_rank() == 0:
         (tmp / COMPLETE).write_text(json.dumps({"step": step, "world_size": get_world_size()}) + "\n")
@@ -125,8 +133,9 @@ def _options(trainable_only: bool) -> StateDictOptions:
     return StateDictOptions(ignore_frozen_params=trainable_only, strict=not trainable_only)
 
 
-def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, *,
-                    trainable_only: bool = False) -> dict:
+def load_checkpoint(
+    path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, *, trainable_only: bool = False
+) -> dict:
     """Collective: load model + optimizer shards and this rank's RNG states; returns this rank's
     trainer state (step, scheduler, data position, ...)."""
     path = Path(path)
@@ -134,21 +143,28 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     model_state, optimizer_state = get_state_dict(model, optimizer, options=options)
     state = {"model": model_state, "optimizer": optimizer_state}
     dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
-                   options=options)
+    set_state_dict(
+        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"], options=options
+    )
     reshard(model)  # drop parameters a no-grad forward left gathered: they predate the loaded weights
     own = path / f"rank{get_rank()}.pt"
     saved = torch.load(own if own.is_file() else path / "rank0.pt", map_location="cpu", weights_only=True)
     if saved["world_size"] == get_world_size():
         set_rng_state(saved["rng"])
     elif get_rank() == 0:
-        print(f"note: {path} was saved by {saved['world_size']} ranks, this run has {get_world_size()}: "
-              "weights, optimizer and data position resume exactly, per-rank RNG streams do not")
+        print(
+            f"note: {path} was saved by {saved['world_size']} ranks, this run has {get_world_size()}: "
+            "weights, optimizer and data position resume exactly, per-rank RNG streams do not"
+        )
     return saved
 
 
 def save_full_model(
-    model: nn.Module, directory: str | Path, *, dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 2**30,
+    model: nn.Module,
+    directory: str | Path,
+    *,
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int = 5 * 2**30,
 ) -> Path | None:
     """Collective: gather the sharded model one tensor at a time and, on rank 0, write it as
     Hugging Face safetensors (see `save_hf_safetensors`). Returns the folder on rank 0, else None."""
@@ -158,7 +174,10 @@ def save_full_model(
 
 
 def save_hf_safetensors(
-    tensors: Iterable[tuple[str, torch.Tensor]], directory: str | Path, *, max_shard_bytes: int = 5 * 2**30,
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    directory: str | Path,
+    *,
+    max_shard_bytes: int = 5 * 2**30,
 ) -> Path | None:
     """Collective: every rank iterates `tensors` (our keys, full tensors: iterating may all-gather);
     rank 0 writes them with HF key names as `model.safetensors`, or as
@@ -201,8 +220,9 @@ def save_hf_safetensors(
     return directory if main else None
 
 
-def write_hf_metadata(model: nn.Module, directory: str | Path, *, source_dir: str | Path | None,
-                      dtype: torch.dtype) -> None:
+def write_hf_metadata(
+    model: nn.Module, directory: str | Path, *, source_dir: str | Path | None, dtype: torch.dtype
+) -> None:
     """config.json (and `source_dir`'s tokenizer files) beside final weights saved in `dtype`, so
     the folder loads with `AutoModelForCausalLM.from_pretrained` and serves as a `checkpoint_dir`.
     Metadata such as token ids is kept from `source_dir`'s config.json. Rank 0 calls it."""

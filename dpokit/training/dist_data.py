@@ -45,8 +45,15 @@ class GlobalBatchSampler:
     unit = "pairs"  # what one dealt item is, for messages
 
     def __init__(
-        self, dataset: Sequence[dict], collate: Callable[[list[dict]], dict], *, batch_size: int,
-        gradient_accumulation_steps: int, rank: int, world_size: int, seed: int,
+        self,
+        dataset: Sequence[dict],
+        collate: Callable[[list[dict]], dict],
+        *,
+        batch_size: int,
+        gradient_accumulation_steps: int,
+        rank: int,
+        world_size: int,
+        seed: int,
     ):
         self.dataset, self.collate = dataset, collate
         self.batch_size, self.accumulation = batch_size, gradient_accumulation_steps
@@ -54,8 +61,10 @@ class GlobalBatchSampler:
         self.global_batch = batch_size * gradient_accumulation_steps * world_size
         self.steps_per_epoch = len(dataset) // self.global_batch
         if self.steps_per_epoch == 0:
-            raise DpokitError(f"{len(dataset)} training {self.unit}, fewer than one global batch of "
-                              f"{self.global_batch} (batch_size x gradient_accumulation_steps x {world_size} ranks)")
+            raise DpokitError(
+                f"{len(dataset)} training {self.unit}, fewer than one global batch of "
+                f"{self.global_batch} (batch_size x gradient_accumulation_steps x {world_size} ranks)"
+            )
         self.epoch, self.step_in_epoch = 0, 0
         self._perm = None
 
@@ -71,7 +80,7 @@ class GlobalBatchSampler:
         out = []
         for micro in range(self.accumulation):
             offset = start + (micro * self.world_size + self.rank) * self.batch_size
-            out.append(self._perm[offset: offset + self.batch_size].tolist())
+            out.append(self._perm[offset : offset + self.batch_size].tolist())
         return out
 
     @property
@@ -92,8 +101,13 @@ class GlobalBatchSampler:
         return batches
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "seed": self.seed,
-                "global_batch": self.global_batch, "num_pairs": len(self.dataset)}
+        return {
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "seed": self.seed,
+            "global_batch": self.global_batch,
+            "num_pairs": len(self.dataset),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from a saved position. Everything that defines the data stream (seed, global
@@ -101,16 +115,19 @@ class GlobalBatchSampler:
         mine = self.state_dict()
         for key in sorted((set(mine) | set(state)) - {"epoch", "step_in_epoch"}):
             if state.get(key) != mine.get(key):
-                raise DpokitError(f"checkpoint data position was saved with {key}={state.get(key, 'absent')}, this "
-                                  f"run has {mine.get(key, 'absent')}; exact resume needs the same value "
-                                  f"(and the same packing setting)")
+                raise DpokitError(
+                    f"checkpoint data position was saved with {key}={state.get(key, 'absent')}, this "
+                    f"run has {mine.get(key, 'absent')}; exact resume needs the same value "
+                    f"(and the same packing setting)"
+                )
         self.epoch, self.step_in_epoch, self._perm = state["epoch"], state["step_in_epoch"], None
 
 
 def packs_fingerprint(packed: PackedPreferenceDataset) -> str:
     """Hash of the packing (pack size, layout, and which pairs are in which pack, in order)."""
-    payload = json.dumps({"pack_size": packed.pack_size, "prefix_sharing": packed.prefix_sharing,
-                          "packs": packed.packs})
+    payload = json.dumps(
+        {"pack_size": packed.pack_size, "prefix_sharing": packed.prefix_sharing, "packs": packed.packs}
+    )
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -121,12 +138,29 @@ class PackedGlobalBatchSampler(GlobalBatchSampler):
 
     unit = "packs"
 
-    def __init__(self, packed: PackedPreferenceDataset, *, pad_id: int, batch_size: int,
-                 gradient_accumulation_steps: int, rank: int, world_size: int, seed: int):
-        collate = partial(collate_packed, pad_id=pad_id, pack_size=packed.pack_size,
-                          prefix_sharing=packed.prefix_sharing)
-        super().__init__(packed, collate, batch_size=batch_size, gradient_accumulation_steps=gradient_accumulation_steps,
-                         rank=rank, world_size=world_size, seed=seed)
+    def __init__(
+        self,
+        packed: PackedPreferenceDataset,
+        *,
+        pad_id: int,
+        batch_size: int,
+        gradient_accumulation_steps: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+    ):
+        collate = partial(
+            collate_packed, pad_id=pad_id, pack_size=packed.pack_size, prefix_sharing=packed.prefix_sharing
+        )
+        super().__init__(
+            packed,
+            collate,
+            batch_size=batch_size,
+            gradient_accumulation_steps=gradient_accumulation_steps,
+            rank=rank,
+            world_size=world_size,
+            seed=seed,
+        )
         self.fingerprint = packs_fingerprint(packed)
 
     def collate_items(self, indices: list[int]) -> dict:
@@ -136,16 +170,26 @@ class PackedGlobalBatchSampler(GlobalBatchSampler):
         return batch
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "num_pairs": len(self.dataset.pairs), "num_packs": len(self.dataset),
-                "packing": self.fingerprint}
+        return {
+            **super().state_dict(),
+            "num_pairs": len(self.dataset.pairs),
+            "num_packs": len(self.dataset),
+            "packing": self.fingerprint,
+        }
 
 
-def training_sampler(dataset, *, pad_id: int, batch_size: int, gradient_accumulation_steps: int, rank: int,
-                     world_size: int, seed: int) -> GlobalBatchSampler:
+def training_sampler(
+    dataset, *, pad_id: int, batch_size: int, gradient_accumulation_steps: int, rank: int, world_size: int, seed: int
+) -> GlobalBatchSampler:
     """The sampler for a training set: packs for a `PackedPreferenceDataset` (online packing or a
     `dpokit pack` file), padded pairs otherwise."""
-    settings = dict(batch_size=batch_size, gradient_accumulation_steps=gradient_accumulation_steps, rank=rank,
-                    world_size=world_size, seed=seed)
+    settings = dict(
+        batch_size=batch_size,
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        rank=rank,
+        world_size=world_size,
+        seed=seed,
+    )
     if isinstance(dataset, PackedPreferenceDataset):
         return PackedGlobalBatchSampler(dataset, pad_id=pad_id, **settings)
     return GlobalBatchSampler(dataset, partial(collate_preference_pairs, pad_id=pad_id), **settings)
@@ -165,12 +209,17 @@ def rank_shard(num_items: int, rank: int, world_size: int) -> tuple[list[int], l
 
 
 def eval_batches(
-    dataset: Sequence[dict], collate: Callable[[list[dict]], dict], *, batch_size: int, rank: int, world_size: int,
+    dataset: Sequence[dict],
+    collate: Callable[[list[dict]], dict],
+    *,
+    batch_size: int,
+    rank: int,
+    world_size: int,
 ) -> Iterator[dict]:
     """This rank's share of `dataset` in batches, each with `pair_index` and a boolean `valid`
     ([B], False on padding pairs that only keep the ranks in step)."""
     indices, valid = rank_shard(len(dataset), rank, world_size)
     for start in range(0, len(indices), batch_size):
-        batch = collate_with_index(dataset, indices[start: start + batch_size], collate)
-        batch["valid"] = torch.tensor(valid[start: start + batch_size])
+        batch = collate_with_index(dataset, indices[start : start + batch_size], collate)
+        batch["valid"] = torch.tensor(valid[start : start + batch_size])
         yield batch

@@ -42,8 +42,9 @@ def init_distributed(device: str = "auto", *, timeout_minutes: float = 30.0) -> 
     """Initialise the default process group (once) and pick this rank's device."""
     if "RANK" not in os.environ:
         # Not launched by torchrun: a group of one on a free local port.
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
+        os.environ.update(
+            RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())
+        )
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     resolved = resolve_device(device)
     if resolved.type == "cuda":
@@ -51,7 +52,8 @@ def init_distributed(device: str = "auto", *, timeout_minutes: float = 30.0) -> 
         torch.cuda.set_device(resolved)
     if not dist.is_initialized():
         dist.init_process_group(
-            "nccl" if resolved.type == "cuda" else "gloo", timeout=timedelta(minutes=timeout_minutes),
+            "nccl" if resolved.type == "cuda" else "gloo",
+            timeout=timedelta(minutes=timeout_minutes),
             device_id=resolved if resolved.type == "cuda" else None,
         )
     return DistributedEnv(dist.get_rank(), dist.get_world_size(), local_rank, resolved)

@@ -17,7 +17,13 @@ def move_batch(batch: dict, device: torch.device | str) -> dict:
 
 @torch.no_grad()
 def preference_eval_metrics(
-    model: nn.Module, reference, batches: Iterable[dict], loss_fn: Callable, *, device, average_logps: bool = False,
+    model: nn.Module,
+    reference,
+    batches: Iterable[dict],
+    loss_fn: Callable,
+    *,
+    device,
+    average_logps: bool = False,
     ld_alpha: float | None = None,
 ) -> PairMetrics:
     """Preference metrics summed over every pair of `batches` (model in eval mode, then restored).
@@ -46,7 +52,13 @@ def preference_eval_metrics(
 
 
 def evaluate_preference(
-    model: nn.Module, reference, batches: Iterable[dict], loss_fn: Callable, *, device, average_logps: bool = False,
+    model: nn.Module,
+    reference,
+    batches: Iterable[dict],
+    loss_fn: Callable,
+    *,
+    device,
+    average_logps: bool = False,
     ld_alpha: float | None = None,
 ) -> dict[str, float]:
     """Mean preference metrics over every pair of `batches` (see `preference_eval_metrics`)."""

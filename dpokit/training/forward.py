@@ -20,7 +20,9 @@ from dpokit.training.packed_forward import packed_policy_logps
 from dpokit.training.scoring import PolicyLogps, scored_token_logps
 
 
-def _per_token_logps(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, chunk_size: int, materialize: bool):
+def _per_token_logps(
+    model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, chunk_size: int, materialize: bool
+):
     """[2B, T] fp32 log-probs of the labels (0 where unlabelled)."""
     if not materialize and hasattr(model, "hidden_states") and hasattr(model, "output_projection"):
         hidden = model.hidden_states(input_ids)

@@ -111,8 +111,9 @@ def init_rope_buffers(model: nn.Module, device: torch.device | str) -> None:
     model.inv_freq = rope_inverse_frequencies(args["head_dim"], args["rope_theta"], args["rope_scaling"]).to(device)
 
 
-def materialize(model: nn.Module, device: torch.device | str, *, buffer_device: torch.device | str | None = None
-                ) -> nn.Module:
+def materialize(
+    model: nn.Module, device: torch.device | str, *, buffer_device: torch.device | str | None = None
+) -> nn.Module:
     """Allocate a meta-built (and usually sharded) model on `device`: each rank gets only its
     shards; values are garbage until `load_into_shards` fills them. `buffer_device`: where the
     RoPE table goes when it differs (CPU offload keeps shards on CPU, computes on the GPU)."""
@@ -143,7 +144,9 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def load_into_shards(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], *, source: str = "checkpoint") -> int:
+def load_into_shards(
+    model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], *, source: str = "checkpoint"
+) -> int:
     """Copy each (key, full tensor) into this rank's shard of the same-named parameter or
     persistent buffer, casting to its dtype. Every key of the model must be filled exactly once
     and every tensor must name a key of the model. Returns the number of tensors loaded."""
@@ -159,8 +162,9 @@ def load_into_shards(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor
             raise DpokitError(f"{source}: tensor {key!r} appears twice")
         target = targets[key]
         if tuple(full.shape) != tuple(target.shape):
-            raise DpokitError(f"{source}: tensor {key!r} has shape {tuple(full.shape)}, the model expects "
-                              f"{tuple(target.shape)}")
+            raise DpokitError(
+                f"{source}: tensor {key!r} has shape {tuple(full.shape)}, the model expects {tuple(target.shape)}"
+            )
         piece = local_slice(full, target)
         _local(target).copy_(piece)
         seen.add(key)

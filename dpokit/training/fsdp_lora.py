@@ -28,7 +28,10 @@ def fresh_adapter_tensors(model: nn.Module, *, seed: int) -> Iterator[tuple[str,
 
 
 def merged_full_tensors(
-    model: nn.Module, *, dtype: torch.dtype | None = None, rounding: MergeRounding | None = None,
+    model: nn.Module,
+    *,
+    dtype: torch.dtype | None = None,
+    rounding: MergeRounding | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """(key, full CPU tensor) of the equivalent plain model, adapters folded in:
     W' = W + (alpha / rank) B A in fp32, then cast to `dtype` (`merge_update`; `rounding` counts
@@ -45,8 +48,14 @@ def merged_full_tensors(
         pending.setdefault(owner, {})[part] = tensor
         parts = pending[owner]
         if len(parts) == 3:
-            merged = merge_update(parts["weight"], parts["lora_a"], parts["lora_b"], lora[owner].scaling,
-                                  dtype=dtype or parts["weight"].dtype, rounding=rounding)
+            merged = merge_update(
+                parts["weight"],
+                parts["lora_a"],
+                parts["lora_b"],
+                lora[owner].scaling,
+                dtype=dtype or parts["weight"].dtype,
+                rounding=rounding,
+            )
             del pending[owner]
             yield f"{owner}.weight", merged
     if pending:

@@ -83,7 +83,12 @@ class Checkpointer:
     def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, sampler) -> Path:
         """Write the checkpoint of `step` (atomically) and drop the ones beyond `keep_last`."""
         return save_checkpoint(
-            self.root, step, model, optimizer, keep_last=self.keep_last, trainable_only=self.trainable_only,
+            self.root,
+            step,
+            model,
+            optimizer,
+            keep_last=self.keep_last,
+            trainable_only=self.trainable_only,
             trainer_state={"scheduler": scheduler.state_dict(), "data": sampler.state_dict()},
         )
 
@@ -141,25 +146,47 @@ class RunReport:
         self.last_validation = metrics
         self.say(f"step {step}: validation loss {metrics['preference_loss']:.4f} acc {metrics['acc']:.3f}")
 
-    def train_step(self, step: int, metrics: dict, *, lr: float, grad_norm: float, tokens: int, seconds: float,
-                   phases: dict[str, float]) -> None:
+    def train_step(
+        self,
+        step: int,
+        metrics: dict,
+        *,
+        lr: float,
+        grad_norm: float,
+        tokens: int,
+        seconds: float,
+        phases: dict[str, float],
+    ) -> None:
         """Log one optimizer step: its (rank-reduced) metrics, LR, gradient norm, rank 0's token
         throughput, its wall time `seconds` and the `phases` it was spent in (policy, reference...),
         and advance the bar."""
         if self.log:
             ordered = [name for name in PHASE_ORDER if name in phases] + [n for n in phases if n not in PHASE_ORDER]
-            self.log.log({
-                "step": step, "split": "train", "loss": metrics["loss"], **metrics, "lr": lr,  # loss first
-                "grad_norm": grad_norm, "tokens_per_s_rank0": tokens / seconds, "step_s": seconds,
-                **{f"{name}_s": phases[name] for name in ordered},
-            })
+            self.log.log(
+                {
+                    "step": step,
+                    "split": "train",
+                    "loss": metrics["loss"],
+                    **metrics,
+                    "lr": lr,  # loss first
+                    "grad_norm": grad_norm,
+                    "tokens_per_s_rank0": tokens / seconds,
+                    "step_s": seconds,
+                    **{f"{name}_s": phases[name] for name in ordered},
+                }
+            )
         if self.progress is None:
             total, done = self._steps
-            self.progress = tqdm(total=total, initial=done, desc="dpo", dynamic_ncols=True, disable=not self.is_main,
-                                 mininterval=0.5 if sys.stderr.isatty() else 5)
+            self.progress = tqdm(
+                total=total,
+                initial=done,
+                desc="dpo",
+                dynamic_ncols=True,
+                disable=not self.is_main,
+                mininterval=0.5 if sys.stderr.isatty() else 5,
+            )
         self.progress.update()
-        self.progress.set_postfix(loss=f"{metrics['preference_loss']:.3f}", acc=f"{metrics['acc']:.2f}",
-                                  refresh=False)
+        self.progress.set_postfix(loss=f"{metrics['preference_loss']:.3f}", acc=f"{metrics['acc']:.2f}", refresh=False)
 
     def close(self) -> None:
         """Close the bar and `metrics.jsonl` (the end of the loop, before the final save)."""

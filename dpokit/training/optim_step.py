@@ -29,8 +29,10 @@ def clip_and_step(
     if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
         grad_norm = grad_norm.full_tensor()
     if not (math.isfinite(loss) and torch.isfinite(grad_norm)):
-        message = (f"step {step}: non-finite loss ({loss}) or gradient norm ({grad_norm.item()}); "
-                   f"stopped before the optimizer step")
+        message = (
+            f"step {step}: non-finite loss ({loss}) or gradient norm ({grad_norm.item()}); "
+            f"stopped before the optimizer step"
+        )
         if last_checkpoint is not None:
             message += f". Last good checkpoint: {last_checkpoint() or 'none'}"
         raise DpokitError(message)

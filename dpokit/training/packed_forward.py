@@ -21,8 +21,9 @@ from dpokit.models.attention import build_attention_mask
 from dpokit.training.scoring import PolicyLogps, scored_token_logps
 
 
-def segment_logps(token_values: torch.Tensor, sequence_ids: torch.Tensor, num_sequences: int,
-                  *, average: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def segment_logps(
+    token_values: torch.Tensor, sequence_ids: torch.Tensor, num_sequences: int, *, average: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """token_values [N], sequence_ids [N] (all >= 0) -> (per-sequence sums or means [S], counts [S])."""
     sums = torch.zeros(num_sequences, dtype=token_values.dtype, device=token_values.device)
     sums = sums.index_add(0, sequence_ids, token_values)
@@ -33,8 +34,9 @@ def segment_logps(token_values: torch.Tensor, sequence_ids: torch.Tensor, num_se
     return (sums / counts if average else sums), counts
 
 
-def packed_policy_logps(model: nn.Module, batch: dict, *, average: bool = False,
-                        attention_backend: str = "auto") -> PolicyLogps:
+def packed_policy_logps(
+    model: nn.Module, batch: dict, *, average: bool = False, attention_backend: str = "auto"
+) -> PolicyLogps:
     """Chosen / rejected log-probs [num_pairs] of a packed (optionally prefix-shared) batch.
 
     `model` needs `hidden_states(tokens, positions, mask)` and `project(hidden)` (TransformerDecoder).

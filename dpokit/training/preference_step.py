@@ -73,8 +73,15 @@ def _set_gradient_sync(model: nn.Module, enabled: bool) -> None:
 
 
 def accumulate_gradients(
-    model: nn.Module, reference, micro_batches: list[dict], loss_fn: Callable, *, device: torch.device,
-    average_logps: bool = False, ld_alpha: float | None = None, timer: StepTimer | None = None,
+    model: nn.Module,
+    reference,
+    micro_batches: list[dict],
+    loss_fn: Callable,
+    *,
+    device: torch.device,
+    average_logps: bool = False,
+    ld_alpha: float | None = None,
+    timer: StepTimer | None = None,
 ) -> tuple[PairMetrics, int]:
     """Forward + backward over this rank's micro-batches of one optimizer step, with the loss
     normalised over the global batch (module docstring). Returns the step's metrics summed over
@@ -101,8 +108,14 @@ def accumulate_gradients(
 
 
 def evaluate_distributed(
-    model: nn.Module, reference, batches: Iterable[dict], loss_fn: Callable, *, device: torch.device,
-    average_logps: bool = False, ld_alpha: float | None = None,
+    model: nn.Module,
+    reference,
+    batches: Iterable[dict],
+    loss_fn: Callable,
+    *,
+    device: torch.device,
+    average_logps: bool = False,
+    ld_alpha: float | None = None,
 ) -> dict[str, float]:
     """Mean preference metrics over every pair of every rank's `batches` (from
     `dist_data.eval_batches`; padding pairs, `valid == False`, are not counted)."""

@@ -67,8 +67,14 @@ def reference_cache_key(*, weights: str, datasets: dict[str, str], settings: dic
 
 @torch.no_grad()
 def compute_reference_logps(
-    model: nn.Module, dataset: Sequence[dict], collate: Callable[[list[dict]], dict], *, batch_size: int,
-    device: torch.device, average_logps: bool = False, ld_alpha: float | None = None,
+    model: nn.Module,
+    dataset: Sequence[dict],
+    collate: Callable[[list[dict]], dict],
+    *,
+    batch_size: int,
+    device: torch.device,
+    average_logps: bool = False,
+    ld_alpha: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """[num_pairs] chosen and rejected reference log-probs (fp32, CPU) of every pair, on every rank."""
     rank, world_size = get_rank(), get_world_size()
@@ -78,8 +84,17 @@ def compute_reference_logps(
     try:
         for batch in eval_batches(dataset, collate, batch_size=batch_size, rank=rank, world_size=world_size):
             out = policy_logps(model, move_batch(batch, device), average=average_logps, ld_alpha=ld_alpha)
-            local.append(torch.stack([batch["pair_index"].double(), batch["valid"].double(),
-                                      out.chosen.double().cpu(), out.rejected.double().cpu()], dim=1))
+            local.append(
+                torch.stack(
+                    [
+                        batch["pair_index"].double(),
+                        batch["valid"].double(),
+                        out.chosen.double().cpu(),
+                        out.rejected.double().cpu(),
+                    ],
+                    dim=1,
+                )
+            )
     finally:
         model.train(was_training)
         reshard(model)  # FSDP2 leaves the root gathered after a forward with no backward
@@ -101,8 +116,15 @@ def _write_atomic(obj, path: Path) -> None:
 
 
 def precompute_reference_logps(
-    model: nn.Module, datasets: dict[str, Sequence[dict]], collate: Callable[[list[dict]], dict], *,
-    cache_dir: str | Path | None, key: str, batch_size: int, device: torch.device, average_logps: bool = False,
+    model: nn.Module,
+    datasets: dict[str, Sequence[dict]],
+    collate: Callable[[list[dict]], dict],
+    *,
+    cache_dir: str | Path | None,
+    key: str,
+    batch_size: int,
+    device: torch.device,
+    average_logps: bool = False,
     ld_alpha: float | None = None,
 ) -> tuple[dict[str, PrecomputedReference], bool]:
     """One `PrecomputedReference` per split (e.g. {"train": ..., "validation": ...}), loaded from
@@ -114,8 +136,9 @@ def precompute_reference_logps(
         if cached.get("key") == key and set(cached["splits"]) >= set(datasets):
             return {name: PrecomputedReference(*cached["splits"][name]) for name in datasets}, True
     tables = {
-        name: compute_reference_logps(model, data, collate, batch_size=batch_size, device=device,
-                                      average_logps=average_logps, ld_alpha=ld_alpha)
+        name: compute_reference_logps(
+            model, data, collate, batch_size=batch_size, device=device, average_logps=average_logps, ld_alpha=ld_alpha
+        )
         for name, data in datasets.items()
     }
     if path is not None and get_rank() == 0:

@@ -9,12 +9,18 @@ import torch
 
 from dpokit.errors import DpokitError
 
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-          "fp16": torch.float16, "float16": torch.float16}
+DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """"auto" -> cuda if available, else cpu; otherwise any torch device string."""
+    """ "auto" -> cuda if available, else cpu; otherwise any torch device string."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)

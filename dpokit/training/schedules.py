@@ -36,5 +36,7 @@ def warmup_warning(*, warmup_steps: int, total_steps: int) -> str | None:
     if warmup_steps < total_steps:
         return None
     peak = total_steps / (warmup_steps + 1)
-    return (f"warmup_steps={warmup_steps} is not below the run's {total_steps} steps: the learning rate "
-            f"rises to only {peak:.0%} of its base value and never decays; lower warmup_steps or run longer")
+    return (
+        f"warmup_steps={warmup_steps} is not below the run's {total_steps} steps: the learning rate "
+        f"rises to only {peak:.0%} of its base value and never decays; lower warmup_steps or run longer"
+    )
