@@ -38,10 +38,17 @@ from dpokit.data import collate_preference_pairs, training_set
 from dpokit.errors import DpokitError
 from dpokit.losses import is_reference_free
 from dpokit.training import resolve_dtype, seed_everything, warmup_warning
-from dpokit.training.dist_checkpoint import save_full_model, write_hf_metadata
+from dpokit.training.dist_checkpoint import save_hf_model
 from dpokit.training.dist_data import eval_batches, training_sampler
-from dpokit.training.distributed import barrier
-from dpokit.training.fsdp import check_no_meta, load_into_shards, materialize, reshard, shard_model, state_dict_tensors
+from dpokit.training.fsdp import (
+    check_no_meta,
+    full_tensors,
+    load_into_shards,
+    materialize,
+    reshard,
+    shard_model,
+    state_dict_tensors,
+)
 from dpokit.training.loop import Checkpointer, RunReport, evaluation_due, process_group, total_training_steps
 from dpokit.training.optim_step import clip_and_step
 from dpokit.training.preference_step import StepTimer, accumulate_gradients, evaluate_distributed
@@ -282,10 +289,15 @@ def train(cfg, env) -> None:
             report.say(f"step {step}: checkpoint {checkpoints.save(step, model, optimizer, scheduler, sampler)}")
     report.close()
 
-    final_dir = save_full_model(model, output_dir / "final", dtype=resolve_dtype(cfg.save_dtype))
-    if env.is_main:
-        write_hf_metadata(model, final_dir, source_dir=cfg.checkpoint_dir, dtype=resolve_dtype(cfg.save_dtype))
-    barrier()
+    # Final: an HF folder (weights gathered one tensor at a time, config.json, tokenizer files).
+    save_dtype = resolve_dtype(cfg.save_dtype)
+    final_dir = save_hf_model(
+        model,
+        full_tensors(model, dtype=save_dtype),
+        output_dir / "final",
+        dtype=save_dtype,
+        source_dir=cfg.checkpoint_dir,
+    )
     report.finish(final_dir)
 
 

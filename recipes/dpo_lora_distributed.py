@@ -15,7 +15,6 @@ micro-batch is `batch_size` packs, dealt to ranks as in `dpo_full_distributed`; 
 from __future__ import annotations
 
 import itertools
-import json
 from functools import partial
 from pathlib import Path
 
@@ -24,9 +23,9 @@ from omegaconf import OmegaConf
 
 from dpokit.config import instantiate, recipe_main
 from dpokit.data import collate_preference_pairs, training_set
-from dpokit.models import MergeRounding
+from dpokit.models import MergeRounding, save_peft_adapter
 from dpokit.training import resolve_dtype, seed_everything, warmup_warning
-from dpokit.training.dist_checkpoint import save_hf_safetensors, write_hf_metadata
+from dpokit.training.dist_checkpoint import save_hf_model
 from dpokit.training.dist_data import eval_batches, training_sampler
 from dpokit.training.distributed import barrier
 from dpokit.training.fsdp import check_no_meta, load_into_shards, materialize, reshard, shard_model, state_dict_tensors
@@ -98,25 +97,6 @@ def build_sharded_model(cfg, env):
     load_into_shards(model, weight_source(cfg, model), source=str(cfg.checkpoint_dir or "random init"))
     check_no_meta(model)
     return model
-
-
-def write_peft_adapter(model, adapters: dict, directory: Path, cfg) -> None:
-    """adapter_model.safetensors (PEFT key names) + adapter_config.json in `directory`.
-
-    Never the merged model's own folder: transformers would apply an adapter it finds next to
-    config.json on top of the already-merged weights."""
-    from safetensors.torch import save_file
-
-    from dpokit.models.hf_checkpoint import peft_adapter_config, peft_key
-
-    directory.mkdir(parents=True, exist_ok=True)
-    save_file(
-        {peft_key(k): v.contiguous() for k, v in adapters.items()},
-        directory / "adapter_model.safetensors",
-        metadata={"format": "pt"},
-    )
-    config = peft_adapter_config(model, cfg.checkpoint_dir)
-    (directory / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 def main(cfg) -> None:
@@ -239,18 +219,19 @@ def train(cfg, env) -> None:
 
     # Final: the merged model (HF safetensors, gathered one module at a time) in final/, the adapter
     # alone (PEFT layout) in final/adapter/.
-    rounding = MergeRounding()
-    final_dir = save_hf_safetensors(
-        merged_full_tensors(model, dtype=resolve_dtype(cfg.save_dtype), rounding=rounding), output_dir / "final"
-    )
-    adapters = adapter_full_tensors(model)
+    # final/adapter/, never final/ itself: transformers would apply an adapter found next to
+    # config.json on top of the already-merged weights.
+    rounding, save_dtype = MergeRounding(), resolve_dtype(cfg.save_dtype)
+    merged = merged_full_tensors(model, dtype=save_dtype, rounding=rounding)
+    final_dir = save_hf_model(model, merged, output_dir / "final", dtype=save_dtype, source_dir=cfg.checkpoint_dir)
+    adapters = adapter_full_tensors(model)  # collective
     report.say(
         f"merged model ({cfg.save_dtype}): {rounding.dropped:,} of {rounding.updated:,} updated weight entries "
         f"({rounding.dropped_fraction:.1%}) rounded back to the base value"
     )
     if env.is_main:
-        write_hf_metadata(model, final_dir, source_dir=cfg.checkpoint_dir, dtype=resolve_dtype(cfg.save_dtype))
-        write_peft_adapter(model, adapters, final_dir / "adapter", cfg)
+        base = None if cfg.checkpoint_dir is None else str(cfg.checkpoint_dir)
+        save_peft_adapter(model, final_dir / "adapter", base_model_name_or_path=base, adapters=adapters)
     barrier()
     report.finish(final_dir)
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Iterable, Iterator, Mapping
 
 import torch
 from safetensors import safe_open
@@ -302,23 +302,82 @@ def plain_state_dict(
     return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
 
 
-def _shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
-    shards, current, size = [], {}, 0
-    for key, tensor in tensors.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if current and size + nbytes > max_bytes:
-            shards.append(current)
-            current, size = {}, 0
-        current[key] = tensor
-        size += nbytes
-    return [*shards, current] if current else shards
-
-
 def _remove_old_weights(directory: Path) -> None:
     # A stale model.safetensors next to a new index (or the reverse) would be loaded instead.
     for path in [*directory.glob("model*.safetensors"), directory / INDEX_FILE]:
         if path.is_file():
             path.unlink()
+
+
+def write_hf_weights(
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    out_dir: str | Path,
+    *,
+    family,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    write: bool = True,
+) -> Path:
+    """The one Hugging Face weight writer: (our key, full tensor) pairs, consumed one at a time,
+    become `model.safetensors`, or `model-0000i-of-0000N.safetensors` + `model.safetensors.index.json`
+    (with `total_size`) beyond `max_shard_bytes`, under the family's HF key names. At most one
+    shard's worth of tensors is held. Old weight files in `out_dir` are removed first.
+
+    write=False consumes `tensors` without writing: the other ranks of a collective gather, where
+    iterating is what all-gathers and rank 0 alone writes."""
+    out_dir = Path(out_dir)
+    if not write:
+        for _ in tensors:
+            pass
+        return out_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _remove_old_weights(out_dir)
+    parts: list[Path] = []
+    weight_map: dict[str, int] = {}
+    current: dict[str, torch.Tensor] = {}
+    size = total = 0
+
+    def flush() -> None:
+        part = out_dir / f".part-{len(parts):05d}.safetensors"
+        save_file(current, part, metadata={"format": "pt"})
+        parts.append(part)
+
+    for key, tensor in tensors:
+        name = family.hf_key(key)
+        if name is None:
+            raise CheckpointError(f"parameter {key!r} has no name in the {family.model_type} checkpoint layout")
+        nbytes = tensor.numel() * tensor.element_size()
+        if current and size + nbytes > max_shard_bytes:
+            flush()
+            current, size = {}, 0
+        current[name] = tensor.detach().to("cpu").contiguous()
+        weight_map[name] = len(parts)
+        size += nbytes
+        total += nbytes
+    if current or not parts:
+        flush()
+    if len(parts) == 1:
+        parts[0].rename(out_dir / SINGLE_FILE)
+        return out_dir
+    names = [f"model-{i:05d}-of-{len(parts):05d}.safetensors" for i in range(1, len(parts) + 1)]
+    for part, name in zip(parts, names):
+        part.rename(out_dir / name)
+    index = {"metadata": {"total_size": total}, "weight_map": {k: names[i] for k, i in sorted(weight_map.items())}}
+    (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    return out_dir
+
+
+def write_hf_config(
+    model: nn.Module, out_dir: str | Path, *, dtype: torch.dtype, source_dir: str | Path | None = None
+) -> None:
+    """config.json for weights saved in `dtype` (metadata such as token ids kept from
+    `source_dir`'s config.json) and `source_dir`'s tokenizer files, so the folder loads with
+    `AutoModelForCausalLM.from_pretrained` and serves as a `checkpoint_dir`."""
+    out_dir = Path(out_dir)
+    base = read_hf_config(source_dir)[0] if source_dir is not None else None
+    config = hf_config_from_model(model, dtype, base)
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if source_dir is not None:
+        copy_tokenizer_files(source_dir, out_dir)
 
 
 def copy_tokenizer_files(source_dir: str | Path, out_dir: str | Path) -> list[str]:
@@ -351,36 +410,10 @@ def save_hf_checkpoint(
     in `out_dir` are removed first. LoRA weights are merged in fp32 and then cast to `dtype`
     (None: each weight's own); `rounding` counts the updates the cast drops (`merge_update`).
     """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    family = family_for_model(model)
     state = plain_state_dict(model, dtype, source_dir=source_dir, rounding=rounding)
-    tensors = {}
-    for key, tensor in state.items():
-        name = family.hf_key(key)
-        if name is None:
-            raise CheckpointError(f"parameter {key!r} has no name in the {family.model_type} checkpoint layout")
-        tensors[name] = tensor
-    _remove_old_weights(out_dir)
-    shards = _shards(tensors, max_shard_bytes)
-    if len(shards) == 1:
-        save_file(shards[0], out_dir / SINGLE_FILE, metadata={"format": "pt"})
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards, start=1):
-            name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, out_dir / name, metadata={"format": "pt"})
-            weight_map.update(dict.fromkeys(shard, name))
-        total = sum(t.numel() * t.element_size() for t in tensors.values())
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-    base = read_hf_config(source_dir)[0] if source_dir is not None else None
-    saved_dtype = next(iter(tensors.values())).dtype
-    config = hf_config_from_model(model, saved_dtype, base)
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    if source_dir is not None:
-        copy_tokenizer_files(source_dir, out_dir)
-    return out_dir
+    write_hf_weights(state.items(), out_dir, family=family_for_model(model), max_shard_bytes=max_shard_bytes)
+    write_hf_config(model, out_dir, dtype=next(iter(state.values())).dtype, source_dir=source_dir)
+    return Path(out_dir)
 
 
 # ---------------------------------------------------------------------------------------- PEFT
@@ -412,13 +445,21 @@ def peft_adapter_config(model: nn.Module, base_model_name_or_path: str | None = 
     }
 
 
-def save_peft_adapter(model: nn.Module, out_dir: str | Path, *, base_model_name_or_path: str | None = None) -> Path:
+def save_peft_adapter(
+    model: nn.Module,
+    out_dir: str | Path,
+    *,
+    base_model_name_or_path: str | None = None,
+    adapters: Mapping[str, torch.Tensor] | None = None,
+) -> Path:
     """adapter_config.json + adapter_model.safetensors (PEFT key names), loadable by
-    `peft.PeftModel.from_pretrained(hf_model, out_dir)`."""
+    `peft.PeftModel.from_pretrained(hf_model, out_dir)`. adapters: the adapter tensors by our
+    key when the model's own are shards (FSDP2: gathered by the caller), else the model's."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    adapter = {peft_key(k): v.detach().to("cpu").contiguous() for k, v in adapter_state_dict(model).items()}
-    save_file(adapter, out_dir / ADAPTER_FILE, metadata={"format": "pt"})
+    adapters = adapter_state_dict(model) if adapters is None else adapters
+    tensors = {peft_key(k): v.detach().to("cpu").contiguous() for k, v in adapters.items()}
+    save_file(tensors, out_dir / ADAPTER_FILE, metadata={"format": "pt"})
     config = peft_adapter_config(model, base_model_name_or_path)
     (out_dir / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     return out_dir

@@ -27,6 +27,8 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from dpokit.errors import DpokitError
+from dpokit.models.hf_checkpoint import write_hf_config, write_hf_weights
+from dpokit.models.hf_config import family_for_model
 from dpokit.training.distributed import barrier, broadcast_object, get_rank, get_world_size
 from dpokit.training.fsdp import reshard
 
@@ -159,86 +161,21 @@ def load_checkpoint(
     return saved
 
 
-def save_full_model(
+def save_hf_model(
     model: nn.Module,
-    directory: str | Path,
-    *,
-    dtype: torch.dtype | None = None,
-    max_shard_bytes: int = 5 * 2**30,
-) -> Path | None:
-    """Collective: gather the sharded model one tensor at a time and, on rank 0, write it as
-    Hugging Face safetensors (see `save_hf_safetensors`). Returns the folder on rank 0, else None."""
-    from dpokit.training.fsdp import full_tensors
-
-    return save_hf_safetensors(full_tensors(model, dtype=dtype), directory, max_shard_bytes=max_shard_bytes)
-
-
-def save_hf_safetensors(
     tensors: Iterable[tuple[str, torch.Tensor]],
     directory: str | Path,
     *,
-    max_shard_bytes: int = 5 * 2**30,
+    dtype: torch.dtype,
+    source_dir: str | Path | None = None,
 ) -> Path | None:
-    """Collective: every rank iterates `tensors` (our keys, full tensors: iterating may all-gather);
-    rank 0 writes them with HF key names as `model.safetensors`, or as
-    `model-0000i-of-0000n.safetensors` + `model.safetensors.index.json` beyond `max_shard_bytes`.
-    Rank 0 holds at most one file's worth of tensors. Returns the folder on rank 0, else None."""
-    from safetensors.torch import save_file
-
-    from dpokit.models.hf_checkpoint import hf_key
-
-    directory = Path(directory)
+    """Collective: every rank iterates `tensors` (our keys, full tensors: iterating all-gathers,
+    e.g. `fsdp.full_tensors(model)` or `fsdp_lora.merged_full_tensors(model)`); rank 0 writes them
+    with the one HF writer (`models.hf_checkpoint.write_hf_weights`), then config.json and
+    `source_dir`'s tokenizer files. Returns the folder on rank 0, else None."""
     main = get_rank() == 0
+    write_hf_weights(tensors, directory, family=family_for_model(model), write=main)
     if main:
-        directory.mkdir(parents=True, exist_ok=True)
-    current: dict[str, torch.Tensor] = {}
-    written: list[Path] = []
-    weight_map: dict[str, int] = {}
-    size = 0
-    for key, tensor in tensors:
-        if not main:
-            continue
-        nbytes = tensor.numel() * tensor.element_size()
-        if current and size + nbytes > max_shard_bytes:
-            written.append(_write_part(current, directory, len(written), save_file))
-            current, size = {}, 0
-        current[hf_key(key)] = tensor.contiguous()
-        weight_map[hf_key(key)] = len(written)
-        size += nbytes
-    if main:
-        if current:
-            written.append(_write_part(current, directory, len(written), save_file))
-        if len(written) == 1:
-            written[0].rename(directory / "model.safetensors")
-        else:
-            names = [f"model-{i + 1:05d}-of-{len(written):05d}.safetensors" for i in range(len(written))]
-            for part, name in zip(written, names):
-                part.rename(directory / name)
-            index = {"metadata": {}, "weight_map": {k: names[i] for k, i in sorted(weight_map.items())}}
-            (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        write_hf_config(model, directory, dtype=dtype, source_dir=source_dir)
     barrier()
-    return directory if main else None
-
-
-def write_hf_metadata(
-    model: nn.Module, directory: str | Path, *, source_dir: str | Path | None, dtype: torch.dtype
-) -> None:
-    """config.json (and `source_dir`'s tokenizer files) beside final weights saved in `dtype`, so
-    the folder loads with `AutoModelForCausalLM.from_pretrained` and serves as a `checkpoint_dir`.
-    Metadata such as token ids is kept from `source_dir`'s config.json. Rank 0 calls it."""
-    from dpokit.models.hf_checkpoint import copy_tokenizer_files
-    from dpokit.models.hf_config import hf_config_from_model
-
-    directory = Path(directory)
-    base = None
-    if source_dir is not None:
-        base = json.loads((Path(source_dir) / "config.json").read_text())
-        copy_tokenizer_files(source_dir, directory)
-    config = hf_config_from_model(model, dtype, base)
-    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-
-
-def _write_part(tensors: dict[str, torch.Tensor], directory: Path, index: int, save_file) -> Path:
-    part = directory / f".part-{index:05d}.safetensors"
-    save_file(tensors, part, metadata={"format": "pt"})
-    return part
+    return Path(directory) if main else None
