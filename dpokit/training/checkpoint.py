@@ -8,22 +8,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dpokit.models.hf_checkpoint import (  # noqa: F401  (re-exported: their historic home)
-    hf_key,
-    load_hf_checkpoint,
-    peft_adapter_config,
-    peft_key,
-    plain_state_dict,
-    save_hf_checkpoint,
-    save_peft_adapter,
-)
+from dpokit.models.hf_checkpoint import load_hf_checkpoint, plain_state_dict, save_hf_checkpoint, save_peft_adapter
 from dpokit.models.lora import MergeRounding
-
-
-def lora_config(model: nn.Module) -> dict:
-    """The PEFT adapter_config.json of the model's adapters."""
-    return peft_adapter_config(model)
-
 
 ADAPTER_SUBDIR = "adapter"
 
