@@ -1,7 +1,8 @@
 """DPO with LoRA adapters on one device (CPU, one GPU or Apple MPS).
 
 The reference policy is the same model with its adapters switched off, so there is exactly one
-copy of the weights. Run it with
+copy of the weights. The step, metrics, checkpoints and resume are the library's, as in the
+distributed recipes: kill a run and `resume=true` continues it exactly. Run it with
 
     dpokit run dpo_lora_single_device --config tiny [key=value ...]
 
@@ -10,36 +11,28 @@ or copy it (`dpokit cp dpo_lora_single_device my_dpo.py`) and edit: this file is
 
 from __future__ import annotations
 
-import sys
-import time
 from functools import partial
 from pathlib import Path
 
 from omegaconf import OmegaConf
-from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from dpokit.config import instantiate, recipe_main
-from dpokit.data import collate_packed, collate_preference_pairs, training_set
-from dpokit.errors import DpokitError
+from dpokit.data import collate_preference_pairs, training_set
 from dpokit.losses import is_reference_free
 from dpokit.models import adapter_params, cast_base, parameter_summary
 from dpokit.training import (
     AdapterOffReference,
-    JsonlLogger,
-    PairMetrics,
-    batches_forever,
     clip_and_step,
-    evaluate_preference,
-    move_batch,
-    policy_logps,
-    preference_loss,
     resolve_device,
     resolve_dtype,
     save_lora_checkpoint,
     seed_everything,
     warmup_warning,
 )
+from dpokit.training.dist_data import eval_batches, training_sampler
+from dpokit.training.loop import Checkpointer, RunReport, evaluation_due, total_training_steps
+from dpokit.training.preference_step import StepTimer, accumulate_gradients, evaluate_distributed
+from dpokit.training.reference import NoReference
 
 CONFIG_KEYS = (
     "output_dir",
@@ -65,141 +58,108 @@ CONFIG_KEYS = (
     "eval_batch_size",
     "packing",
     "save_dtype",
+    "checkpoint",
+    "resume",
 )
 
 
 def main(cfg) -> None:
     """DPO with LoRA on a single device; the reference is the model with adapters off."""
-    data_generator = seed_everything(cfg.seed)
+    seed_everything(cfg.seed)
     device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, output_dir / "config.yaml")
+    report = RunReport(output_dir, is_main=True)
 
-    # Data: chosen and rejected of a batch go through the model as one padded batch, or, with
-    # packing, several pairs share each row (a batch is then `batch_size` packs).
+    # Data: chosen and rejected of a pair go through the model as rows of one padded batch, or,
+    # with packing, several pairs share each row (`batch_size` then counts packs).
     tokenizer = instantiate(cfg.tokenizer)
     train_set = instantiate(cfg.train_dataset, tokenizer=tokenizer)
     validation_set = instantiate(cfg.validation_dataset, tokenizer=tokenizer)
-    print(f"train: {train_set.stats.summary()}\nvalidation: {validation_set.stats.summary()}")
-    collate = partial(collate_preference_pairs, pad_id=tokenizer.pad_id)
+    report.say(f"train: {train_set.stats.summary()}\nvalidation: {validation_set.stats.summary()}")
     packer = None if cfg.packing is None else partial(instantiate, cfg.packing)  # `packing:` online
     train_set, packed = training_set(train_set, packer=packer, ld_alpha=cfg.ld_alpha)  # or a `dpokit pack` file
     if packed:
-        print(f"packing: {train_set.stats.summary()}")
-        train_collate = partial(
-            collate_packed,
-            pad_id=tokenizer.pad_id,
-            pack_size=train_set.pack_size,
-            prefix_sharing=train_set.prefix_sharing,
-        )
-    else:
-        train_collate = collate
-    items_per_step = cfg.batch_size * cfg.gradient_accumulation_steps
-    if len(train_set) < items_per_step:
-        raise DpokitError(f"{train_set.path}: {len(train_set)} training items, fewer than one step's {items_per_step}")
-    train_loader = DataLoader(
+        report.say(f"packing: {train_set.stats.summary()}")
+    sampler = training_sampler(
         train_set,
+        pad_id=tokenizer.pad_id,
         batch_size=cfg.batch_size,
-        shuffle=True,
-        drop_last=True,
-        collate_fn=train_collate,
-        generator=data_generator,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        rank=0,
+        world_size=1,
+        seed=cfg.seed,
     )
-    validation_loader = DataLoader(validation_set, batch_size=cfg.eval_batch_size, collate_fn=collate)
 
     # Model: only the adapters train; the reference is the same module with adapters off. The
     # frozen base is cast to `dtype`, the adapters stay fp32 so small updates are not rounded away.
     model = cast_base(instantiate(cfg.model), dtype).to(device)
     trainable = list(adapter_params(model).values())
     loss_fn = instantiate(cfg.loss)
+    logps_settings = {"average_logps": cfg.average_logps, "ld_alpha": cfg.ld_alpha}
     # Reference-free losses (SimPO, CPO, ORPO, ...) never run the reference forward.
-    reference = None
-    if not is_reference_free(loss_fn):
-        reference = AdapterOffReference(model, average_logps=cfg.average_logps, ld_alpha=cfg.ld_alpha)
-    print(f"model: {parameter_summary(model)}")
+    reference = NoReference() if is_reference_free(loss_fn) else AdapterOffReference(model, **logps_settings)
+    report.say(f"model: {parameter_summary(model)}")
 
-    steps_per_epoch = len(train_set) // items_per_step
-    total_steps = cfg.epochs * steps_per_epoch
-    if cfg.max_steps is not None:
-        total_steps = min(total_steps, cfg.max_steps)
+    total_steps = total_training_steps(
+        steps_per_epoch=sampler.steps_per_epoch, epochs=cfg.epochs, max_steps=cfg.max_steps
+    )
     optimizer = instantiate(cfg.optimizer, trainable)
     scheduler = instantiate(cfg.lr_scheduler, optimizer, total_steps=total_steps)
     warning = warmup_warning(warmup_steps=cfg.lr_scheduler.get("warmup_steps", 0), total_steps=total_steps)
     if warning:
-        print(f"warning: lr_scheduler.{warning}", file=sys.stderr)
+        report.warn(f"lr_scheduler.{warning}")
 
-    log = JsonlLogger(output_dir / "metrics.jsonl")
-
-    def validate(step: int) -> dict:
-        metrics = evaluate_preference(
-            model,
-            reference,
-            validation_loader,
-            loss_fn,
-            device=device,
-            average_logps=cfg.average_logps,
-            ld_alpha=cfg.ld_alpha,
-        )
-        log.log({"step": step, "split": "validation", **metrics})
-        return metrics
-
-    val = validate(0)
-    first_val_acc = val["acc"]
-    progress = tqdm(total=total_steps, desc="dpo", dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 5)
-    progress.write(f"step 0: validation loss {val['preference_loss']:.4f} acc {val['acc']:.3f}")
-    batches = batches_forever(train_loader)
-    model.train()
-    for step in range(1, total_steps + 1):
-        started = time.perf_counter()
-        metrics, tokens = PairMetrics(), 0
-        micro_batches = [move_batch(next(batches), device) for _ in range(cfg.gradient_accumulation_steps)]
-        pairs_in_step = sum(batch["num_pairs"] for batch in micro_batches)  # varies when packed
-        for batch in micro_batches:
-            policy = policy_logps(model, batch, average=cfg.average_logps, ld_alpha=cfg.ld_alpha)
-            ref = None if reference is None else reference.logps(batch)
-            out = preference_loss(loss_fn, policy, ref, batch, averaged=cfg.average_logps)
-            # Sum over pairs / pairs in the whole step: the gradient is the mean over every pair of
-            # the step, however it is split into micro-batches.
-            (out.losses.sum() / pairs_in_step).backward()
-            metrics.add(out, policy.chosen, policy.rejected)
-            tokens += batch["num_tokens"]
-        train = metrics.means()
-        grad_norm, lr = clip_and_step(
-            trainable, optimizer, scheduler, max_grad_norm=cfg.max_grad_norm, loss=train["preference_loss"], step=step
-        )
-
-        record = {
-            "step": step,
-            "split": "train",
-            "loss": train["loss"],
-            **train,
-            "lr": lr,
-            "grad_norm": grad_norm,
-            "tokens_per_s": tokens / (time.perf_counter() - started),
-        }
-        log.log(record)
-        progress.update()
-        progress.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['acc']:.2f}", refresh=False)
-        if step % cfg.eval_every == 0 or step == total_steps:
-            val = validate(step)
-            progress.write(f"step {step}: validation loss {val['preference_loss']:.4f} acc {val['acc']:.3f}")
-    progress.close()
-    log.close()
-
-    # With an HF checkpoint_dir, the output is a complete HF folder (its config and tokenizer files
-    # too). The merge is fp32; a bf16 save_dtype is measured on a few validation sequences.
-    probe_sequences = list(next(iter(validation_loader))["input_ids"][:4])
-    export = save_lora_checkpoint(
-        model,
-        output_dir / "final",
-        source_dir=cfg.checkpoint_dir,
-        dtype=resolve_dtype(cfg.save_dtype),
-        probe_sequences=probe_sequences,
+    # Resume: adapters + optimizer, scheduler, data position, RNG, step (the base is checkpoint_dir's).
+    checkpoints = Checkpointer(
+        cfg.checkpoint.dir, every=cfg.checkpoint.every, keep_last=cfg.checkpoint.keep_last, trainable_only=True
     )
-    print(export.summary())
-    print(f"validation accuracy {first_val_acc:.3f} -> {val['acc']:.3f}")
-    print(f"metrics: {log.path}\ncheckpoint: {export.directory}\noutput directory: {output_dir.resolve()}")
+    start_step = checkpoints.resume(cfg.resume, model, optimizer, scheduler, sampler)
+    report.start(total_steps=total_steps, start_step=start_step, resumed_from=checkpoints.resumed_from)
+
+    def validate(step: int) -> None:
+        batches = eval_batches(validation_set, collate, batch_size=cfg.eval_batch_size, rank=0, world_size=1)
+        report.validation(
+            step, evaluate_distributed(model, reference, batches, loss_fn, device=device, **logps_settings)
+        )
+
+    collate = partial(collate_preference_pairs, pad_id=tokenizer.pad_id)  # validation: padded
+    if start_step == 0:
+        validate(0)
+    timer = StepTimer(device)
+    model.train()
+    for step in range(start_step + 1, total_steps + 1):
+        timer.begin_step()
+        # The gradient is that of the mean over every pair of the step, however it is split.
+        metrics, tokens = accumulate_gradients(
+            model, reference, sampler.next_step(), loss_fn, device=device, timer=timer, **logps_settings
+        )
+        with timer("optimizer"):
+            train_metrics = metrics.means()
+            grad_norm, lr = clip_and_step(
+                trainable, optimizer, scheduler, max_grad_norm=cfg.max_grad_norm,
+                loss=train_metrics["preference_loss"], step=step, last_checkpoint=checkpoints.latest,
+            )  # fmt: skip
+        report.train_step(
+            step, train_metrics, lr=lr, grad_norm=grad_norm, tokens=tokens, seconds=timer.step_seconds(),
+            phases=timer.seconds,
+        )  # fmt: skip
+        if evaluation_due(step, every=cfg.eval_every, total_steps=total_steps):
+            validate(step)
+        if checkpoints.due(step):
+            report.say(f"step {step}: checkpoint {checkpoints.save(step, model, optimizer, scheduler, sampler)}")
+    report.close()
+
+    # With an HF checkpoint_dir, final/ is a complete HF folder (its config and tokenizer files
+    # too). The merge is fp32; a narrower save_dtype is measured on a few validation sequences.
+    probe_sequences = list(collate([validation_set[i] for i in range(min(4, len(validation_set)))])["input_ids"])
+    export = save_lora_checkpoint(
+        model, output_dir / "final", source_dir=cfg.checkpoint_dir, dtype=resolve_dtype(cfg.save_dtype),
+        probe_sequences=probe_sequences,
+    )  # fmt: skip
+    report.say(export.summary())
+    report.finish(export.directory)
 
 
 if __name__ == "__main__":

@@ -50,7 +50,10 @@ def test_demo_learns_the_bundled_task_and_writes_metrics_and_checkpoint(tmp_path
         "logps_rejected",
         "lr",
         "grad_norm",
-        "tokens_per_s",
+        "tokens_per_s_rank0",  # the names every recipe logs (the shared RunReport)
+        "step_s",
+        "policy_s",
+        "reference_s",
     ):
         assert name in train[-1], name
     assert train[-1]["loss"] < train[0]["loss"]

@@ -14,10 +14,12 @@ newest `keep_last` checkpoints are kept.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Iterable
 
@@ -98,7 +100,8 @@ def save_checkpoint(
         tmp.mkdir()
     barrier()
     model_state, optimizer_state = get_state_dict(model, optimizer, options=_options(trainable_only))
-    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(tmp))
+    with _single_process_quietly():
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(tmp))
     torch.save(
         {"step": step, "world_size": get_world_size(), "rng": rng_state(), **trainer_state},
         tmp / f"rank{get_rank()}.pt",
@@ -131,6 +134,15 @@ def resolve_resume(resume, root: str | Path) -> Path | None:
     return path
 
 
+@contextlib.contextmanager
+def _single_process_quietly():
+    """DCP without a process group (the single-device recipe) saves and loads in one process, as
+    intended; it warns that it assumes so on every call."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        yield
+
+
 def _options(trainable_only: bool) -> StateDictOptions:
     return StateDictOptions(ignore_frozen_params=trainable_only, strict=not trainable_only)
 
@@ -144,7 +156,8 @@ def load_checkpoint(
     options = _options(trainable_only)
     model_state, optimizer_state = get_state_dict(model, optimizer, options=options)
     state = {"model": model_state, "optimizer": optimizer_state}
-    dcp.load(state, checkpoint_id=str(path))
+    with _single_process_quietly():
+        dcp.load(state, checkpoint_id=str(path))
     set_state_dict(
         model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"], options=options
     )
