@@ -37,9 +37,24 @@ from dpokit.config import instantiate, recipe_main
 from dpokit.data import collate_preference_pairs, training_set
 from dpokit.errors import DpokitError
 from dpokit.losses import is_reference_free
-from dpokit.training import resolve_dtype, seed_everything, warmup_warning
+from dpokit.training import (
+    Checkpointer,
+    NoReference,
+    RunReport,
+    StepTimer,
+    accumulate_gradients,
+    clip_and_step,
+    eval_batches,
+    evaluate_distributed,
+    evaluation_due,
+    process_group,
+    resolve_dtype,
+    seed_everything,
+    total_training_steps,
+    training_sampler,
+    warmup_warning,
+)
 from dpokit.training.dist_checkpoint import save_hf_model
-from dpokit.training.dist_data import eval_batches, training_sampler
 from dpokit.training.fsdp import (
     check_no_meta,
     full_tensors,
@@ -49,10 +64,7 @@ from dpokit.training.fsdp import (
     shard_model,
     state_dict_tensors,
 )
-from dpokit.training.loop import Checkpointer, RunReport, evaluation_due, process_group, total_training_steps
-from dpokit.training.optim_step import clip_and_step
-from dpokit.training.preference_step import StepTimer, accumulate_gradients, evaluate_distributed
-from dpokit.training.reference import FrozenCopyReference, NoReference, StateDictSwapReference
+from dpokit.training.reference import FrozenCopyReference, StateDictSwapReference
 from dpokit.training.reference_cache import (
     TensorFingerprint,
     dataset_fingerprint,

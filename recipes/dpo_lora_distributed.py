@@ -24,16 +24,27 @@ from omegaconf import OmegaConf
 from dpokit.config import instantiate, recipe_main
 from dpokit.data import collate_preference_pairs, training_set
 from dpokit.models import MergeRounding, save_peft_adapter
-from dpokit.training import resolve_dtype, seed_everything, warmup_warning
+from dpokit.training import (
+    AdapterOffReference,
+    Checkpointer,
+    RunReport,
+    StepTimer,
+    accumulate_gradients,
+    clip_and_step,
+    eval_batches,
+    evaluate_distributed,
+    evaluation_due,
+    process_group,
+    resolve_dtype,
+    seed_everything,
+    total_training_steps,
+    training_sampler,
+    warmup_warning,
+)
 from dpokit.training.dist_checkpoint import save_hf_model
-from dpokit.training.dist_data import eval_batches, training_sampler
 from dpokit.training.distributed import barrier
 from dpokit.training.fsdp import check_no_meta, load_into_shards, materialize, reshard, shard_model, state_dict_tensors
 from dpokit.training.fsdp_lora import adapter_full_tensors, fresh_adapter_tensors, merged_full_tensors
-from dpokit.training.loop import Checkpointer, RunReport, evaluation_due, process_group, total_training_steps
-from dpokit.training.optim_step import clip_and_step
-from dpokit.training.preference_step import StepTimer, accumulate_gradients, evaluate_distributed
-from dpokit.training.reference import AdapterOffReference
 
 CONFIG_KEYS = (
     "output_dir",

@@ -22,17 +22,23 @@ from dpokit.losses import is_reference_free
 from dpokit.models import adapter_params, cast_base, parameter_summary
 from dpokit.training import (
     AdapterOffReference,
+    Checkpointer,
+    NoReference,
+    RunReport,
+    StepTimer,
+    accumulate_gradients,
     clip_and_step,
+    eval_batches,
+    evaluate_distributed,
+    evaluation_due,
     resolve_device,
     resolve_dtype,
     save_lora_checkpoint,
     seed_everything,
+    total_training_steps,
+    training_sampler,
     warmup_warning,
 )
-from dpokit.training.dist_data import eval_batches, training_sampler
-from dpokit.training.loop import Checkpointer, RunReport, evaluation_due, total_training_steps
-from dpokit.training.preference_step import StepTimer, accumulate_gradients, evaluate_distributed
-from dpokit.training.reference import NoReference
 
 CONFIG_KEYS = (
     "output_dir",

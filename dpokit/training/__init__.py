@@ -1,33 +1,48 @@
 """Pieces every recipe needs: the preference forward, reference policies, metrics, evaluation,
-LR schedules, runtime helpers and checkpoints. Plain functions and classes taking plain values."""
+the step (sampler, gradient accumulation, report, checkpoints and resume), LR schedules, runtime
+helpers and the final export. Plain functions and classes taking plain values. FSDP2 wiring and
+distributed checkpoints live in their own modules (`fsdp`, `fsdp_lora`, `dist_checkpoint`)."""
 
 from dpokit.training.checkpoint import save_lora_checkpoint
+from dpokit.training.dist_data import eval_batches, training_sampler
 from dpokit.training.evaluate import evaluate_preference, move_batch
 from dpokit.training.forward import policy_logps, preference_loss, response_lengths
+from dpokit.training.loop import Checkpointer, RunReport, evaluation_due, process_group, total_training_steps
 from dpokit.training.metrics import JsonlLogger, PairMetrics, preference_accuracy
 from dpokit.training.optim_step import clip_and_step
-from dpokit.training.reference import AdapterOffReference
-from dpokit.training.runtime import batches_forever, resolve_device, resolve_dtype, seed_everything
+from dpokit.training.preference_step import StepTimer, accumulate_gradients, evaluate_distributed
+from dpokit.training.reference import AdapterOffReference, NoReference
+from dpokit.training.runtime import resolve_device, resolve_dtype, seed_everything
 from dpokit.training.schedules import warmup_cosine_schedule, warmup_warning
 from dpokit.training.scoring import PolicyLogps
 
 __all__ = [
     "AdapterOffReference",
+    "Checkpointer",
     "JsonlLogger",
+    "NoReference",
     "PairMetrics",
     "PolicyLogps",
-    "batches_forever",
+    "RunReport",
+    "StepTimer",
+    "accumulate_gradients",
     "clip_and_step",
+    "eval_batches",
+    "evaluate_distributed",
     "evaluate_preference",
+    "evaluation_due",
     "move_batch",
     "policy_logps",
     "preference_accuracy",
     "preference_loss",
-    "response_lengths",
+    "process_group",
     "resolve_device",
     "resolve_dtype",
+    "response_lengths",
     "save_lora_checkpoint",
     "seed_everything",
+    "total_training_steps",
+    "training_sampler",
     "warmup_cosine_schedule",
     "warmup_warning",
 ]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-from typing import Iterable, Iterator
 
 import torch
 
@@ -40,14 +39,3 @@ def seed_everything(seed: int) -> torch.Generator:
     random.seed(seed)
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
-
-
-def batches_forever(loader: Iterable[dict]) -> Iterator[dict]:
-    """Epoch after epoch of `loader` (a shuffling loader reshuffles each epoch)."""
-    while True:
-        yielded = False
-        for batch in loader:
-            yielded = True
-            yield batch
-        if not yielded:
-            raise DpokitError("the training data loader produced no batch")
