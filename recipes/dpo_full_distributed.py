@@ -65,12 +65,7 @@ from dpokit.training.fsdp import (
     state_dict_tensors,
 )
 from dpokit.training.reference import FrozenCopyReference, StateDictSwapReference
-from dpokit.training.reference_cache import (
-    TensorFingerprint,
-    dataset_fingerprint,
-    precompute_reference_logps,
-    reference_cache_key,
-)
+from dpokit.training.reference_cache import TensorFingerprint, precompute_reference_logps, reference_logps_key
 
 CONFIG_KEYS = (
     "output_dir",
@@ -205,13 +200,13 @@ def train(cfg, env) -> None:
         reference = FrozenCopyReference(build_sharded_model(cfg, env, trainable=False), **logps_settings)
     elif strategy == "precomputed":
         # One no-grad pass of the (still untrained) policy over both splits, or the cached result.
-        settings = {"average_logps": cfg.average_logps, "dtype": cfg.dtype, "param_dtype": cfg.fsdp.param_dtype}
-        if cfg.ld_alpha is not None:  # only when set, so the caches of earlier runs keep their keys
-            settings["ld_alpha"] = cfg.ld_alpha
-        key = reference_cache_key(
+        key = reference_logps_key(
             weights=fingerprint.hexdigest(),
-            datasets={"train": dataset_fingerprint(train_pairs), "validation": dataset_fingerprint(validation_set)},
-            settings=settings,
+            datasets={"train": train_pairs, "validation": validation_set},
+            average_logps=cfg.average_logps,
+            ld_alpha=cfg.ld_alpha,
+            dtype=cfg.dtype,
+            param_dtype=cfg.fsdp.param_dtype,
         )
         started = time.perf_counter()
         tables, cached = precompute_reference_logps(
@@ -259,11 +254,9 @@ def train(cfg, env) -> None:
     if start_step == 0:
         validate(0)
     timer = StepTimer(env.device)
-    swap_seconds = getattr(reference, "seconds", {"swap": 0.0})  # the swap reference times its copies
     model.train()
     for step in range(start_step + 1, total_steps + 1):
         timer.begin_step()
-        swap_before = swap_seconds.get("swap", 0.0)
         metrics, tokens = accumulate_gradients(
             model,
             reference,
@@ -285,7 +278,6 @@ def train(cfg, env) -> None:
                 last_checkpoint=checkpoints.latest,
             )
             reshard(model)  # nothing gathered before the update may serve the next forward
-        swap = swap_seconds.get("swap", 0.0) - swap_before  # spent inside the reference phase
         report.train_step(
             step,
             train_metrics,
@@ -293,7 +285,7 @@ def train(cfg, env) -> None:
             grad_norm=grad_norm,
             tokens=tokens,
             seconds=timer.step_seconds(),
-            phases={**timer.seconds, "reference": timer.seconds["reference"] - swap, "swap": swap},
+            phases=timer.seconds,
         )
         if evaluation_due(step, every=cfg.eval_every, total_steps=total_steps):
             validate(step)

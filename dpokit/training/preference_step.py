@@ -88,6 +88,10 @@ def accumulate_gradients(
     all ranks and this rank's token count. Gradients are reduced across ranks only after the
     last micro-batch."""
     timer = timer or StepTimer(device)
+    # A reference that copies weights (the state-dict swap) times its copies: they are reported
+    # as their own "swap" phase, out of the "reference" one they happen in.
+    copy_seconds = getattr(reference, "seconds", None)
+    swap_before = copy_seconds.get("swap", 0.0) if copy_seconds is not None else 0.0
     local_pairs = sum(b["num_pairs"] for b in micro_batches)
     global_pairs = all_reduce_sum([local_pairs])[0]
     scale = get_world_size() / global_pairs
@@ -104,6 +108,10 @@ def accumulate_gradients(
         metrics.add(out, policy.chosen, policy.rejected)
         tokens += batch["num_tokens"]
     _set_gradient_sync(model, True)
+    if copy_seconds is not None:
+        swap = copy_seconds.get("swap", 0.0) - swap_before
+        timer.seconds["reference"] -= swap
+        timer.seconds["swap"] += swap
     return all_reduce_pair_metrics(metrics), tokens
 
 

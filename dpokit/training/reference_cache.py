@@ -65,6 +65,25 @@ def reference_cache_key(*, weights: str, datasets: dict[str, str], settings: dic
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
+def reference_logps_key(
+    *,
+    weights: str,
+    datasets: dict[str, Sequence[dict]],
+    average_logps: bool,
+    ld_alpha: float | None,
+    dtype: str,
+    param_dtype: str | None,
+) -> str:
+    """The cache key of precomputed reference log-probs: everything they depend on, the weights'
+    fingerprint (`TensorFingerprint`), every split's token ids and the settings of the forward.
+    `ld_alpha` enters only when set, so caches written before LD-DPO existed keep their keys."""
+    settings = {"average_logps": average_logps, "dtype": dtype, "param_dtype": param_dtype}
+    if ld_alpha is not None:
+        settings["ld_alpha"] = ld_alpha
+    fingerprints = {name: dataset_fingerprint(data) for name, data in datasets.items()}
+    return reference_cache_key(weights=weights, datasets=fingerprints, settings=settings)
+
+
 @torch.no_grad()
 def compute_reference_logps(
     model: nn.Module,
