@@ -182,7 +182,7 @@ def test_policy_logps_full_finetune_tied_and_untied():
 
 def test_policy_logps_average_and_ld_alpha_match_materialised():
     model = lora_llama(lora_targets=["q_proj"], lora_rank=4, lora_alpha=8.0, **TINY)
-    compare_paths(model, [p for p in model.parameters() if p.requires_grad], average=True)
+    compare_paths(model, [p for p in model.parameters() if p.requires_grad], average_logps=True)
     compare_paths(model, [p for p in model.parameters() if p.requires_grad], ld_alpha=0.5)
 
 

@@ -37,7 +37,7 @@ def test_sequence_logps_sum_matches_direct_computation():
 
 def test_sequence_logps_average_divides_by_response_tokens():
     logits, labels = make()
-    got, _ = sequence_logps(logits, labels, average=True)
+    got, _ = sequence_logps(logits, labels, average_logps=True)
     want, counts = direct(logits, labels)
     torch.testing.assert_close(got.double(), want / counts, rtol=1e-5, atol=1e-5)
 

@@ -33,7 +33,7 @@ def test_preference_loss_supplies_token_counts_and_ground_truth_rewards():
     )
     torch.testing.assert_close(out.losses, want)
     # averaged log-probs: the loss must not divide again
-    averaged = preference_loss(get_loss("sigmoid_norm", beta=1.0), policy, ref, b, averaged=True)
+    averaged = preference_loss(get_loss("sigmoid_norm", beta=1.0), policy, ref, b, average_logps=True)
     torch.testing.assert_close(
         averaged.losses, -torch.nn.functional.logsigmoid(policy.chosen - ref.chosen - policy.rejected + ref.rejected)
     )

@@ -64,13 +64,13 @@ def test_packed_logps_equal_padded_logps(prefix_sharing, adapters, average):
         if adapters == "off":
             with disable_adapter(model):
                 got, want = (
-                    packed_policy_logps(model, packed, average=average),
-                    policy_logps(model, padded, average=average),
+                    packed_policy_logps(model, packed, average_logps=average),
+                    policy_logps(model, padded, average_logps=average),
                 )
         else:
             got, want = (
-                packed_policy_logps(model, packed, average=average),
-                policy_logps(model, padded, average=average),
+                packed_policy_logps(model, packed, average_logps=average),
+                policy_logps(model, padded, average_logps=average),
             )
     torch.testing.assert_close(got.chosen, want.chosen, **TOL)
     torch.testing.assert_close(got.rejected, want.rejected, **TOL)
@@ -120,7 +120,7 @@ def test_segment_logps_against_a_python_loop_and_empty_sequence_error():
     sums, counts = segment_logps(values, ids, 4)
     for s in range(4):
         assert sums[s].item() == pytest.approx(sum(v for v, i in zip(values.tolist(), ids.tolist()) if i == s))
-    means, _ = segment_logps(values, ids, 4, average=True)
+    means, _ = segment_logps(values, ids, 4, average_logps=True)
     torch.testing.assert_close(means, sums / counts)
     with pytest.raises(ValueError, match=r"sequence\(s\) \[4\] have no response tokens"):
         segment_logps(values, ids, 5)

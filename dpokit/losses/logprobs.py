@@ -24,11 +24,11 @@ def sequence_logps(
     logits: torch.Tensor,
     labels: torch.Tensor,
     *,
-    average: bool = False,
+    average_logps: bool = False,
     ignore_index: int = IGNORE_INDEX,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [N, T, V], labels [N, T] (already aligned: logits[:, t] predicts labels[:, t]) ->
-    (log-probs [N] summed over labelled tokens, or their mean if `average`; token counts [N]).
+    (log-probs [N] summed over labelled tokens, or their mean if `average_logps`; token counts [N]).
 
     A sequence with no labelled token is an error: its log-prob would be meaningless.
     """
@@ -38,7 +38,7 @@ def sequence_logps(
         raise ValueError(f"sequence(s) {rows[:5]} have no response tokens to score")
     per_token = token_logps(logits, labels, ignore_index)
     summed = per_token.sum(-1)
-    return (summed / counts if average else summed), counts
+    return (summed / counts if average_logps else summed), counts
 
 
 def length_desensitized_logps(

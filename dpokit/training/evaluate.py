@@ -38,9 +38,9 @@ def preference_eval_metrics(
     try:
         for batch in batches:
             batch = move_batch(batch, device)
-            policy = policy_logps(model, batch, average=average_logps, ld_alpha=ld_alpha)
+            policy = policy_logps(model, batch, average_logps=average_logps, ld_alpha=ld_alpha)
             ref = None if reference is None or is_reference_free(loss_fn) else reference.logps(batch)
-            out = preference_loss(loss_fn, policy, ref, batch, averaged=average_logps)
+            out = preference_loss(loss_fn, policy, ref, batch, average_logps=average_logps)
             valid = batch.get("valid")
             if valid is not None:
                 out = PreferenceLossOutput(*(t[valid] for t in out))

@@ -36,14 +36,14 @@ def policy_logps(
     model: nn.Module,
     batch: dict,
     *,
-    average: bool = False,
+    average_logps: bool = False,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     materialize_logits: bool = False,
     ld_alpha: float | None = None,
 ) -> PolicyLogps:
     """Chosen rows are the first half of the batch, rejected rows the second (see collate).
 
-    average: mean over response tokens instead of the sum.
+    average_logps: mean over response tokens instead of the sum.
     chunk_size: tokens per chunk of logits in the memory-lean path (see `chunked_token_logps`).
     materialize_logits: compute full logits with `model(input_ids)` and log-softmax them instead
         (the reference path; also used automatically for models without `hidden_states`).
@@ -55,7 +55,7 @@ def policy_logps(
     if "sequence_ids" in batch:
         if ld_alpha is not None:
             raise ValueError("ld_alpha is not supported on packed batches")
-        return packed_policy_logps(model, batch, average=average)
+        return packed_policy_logps(model, batch, average_logps=average_logps)
     labels = batch["labels"]
     counts = (labels != IGNORE_INDEX).sum(-1)
     if (counts == 0).any():
@@ -67,7 +67,7 @@ def policy_logps(
         logps = per_token.sum(-1)
     else:
         logps = length_desensitized_logps(per_token, labels, num_pairs, ld_alpha=ld_alpha)
-    if average:
+    if average_logps:
         logps = logps / counts
     return PolicyLogps(logps[:num_pairs], logps[num_pairs:])
 
@@ -84,16 +84,16 @@ def response_lengths(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def preference_loss(
-    loss_fn: Callable, policy: PolicyLogps, reference: PolicyLogps | None, batch: dict, *, averaged: bool = False
+    loss_fn: Callable, policy: PolicyLogps, reference: PolicyLogps | None, batch: dict, *, average_logps: bool = False
 ):
     """Call `loss_fn` on the batch's log-probs with whatever else it takes (`dpokit.losses.call_loss`):
     response token counts, and per-pair ground-truth rewards when the batch carries
     `chosen_reward` / `rejected_reward` tensors [B] (RPO). `reference` is None for reference-free
-    losses. averaged: the log-probs are already per-token means, so the losses get counts of 1
+    losses. average_logps: the log-probs are already per-token means, so the losses get counts of 1
     (a length-normalising loss must not divide twice).
     """
     chosen_lengths, rejected_lengths = response_lengths(batch)
-    if averaged:
+    if average_logps:
         chosen_lengths, rejected_lengths = torch.ones_like(chosen_lengths), torch.ones_like(rejected_lengths)
     return call_loss(
         loss_fn,

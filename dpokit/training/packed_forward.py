@@ -6,7 +6,7 @@ Per-sequence log-probs are segment sums of token log-probs:
 
     logp(seq s) = sum over positions t with sequence_ids[t] = s of log p(labels[t] | tokens <= t)
 
-(divided by the count of such positions when `average`). Only labelled positions are projected to
+(divided by the count of such positions when `average_logps`). Only labelled positions are projected to
 the vocabulary, so prompt tokens cost no output-head compute, and they are projected a chunk at a
 time (`chunked_token_logps`, as the padded path), so no [tokens, V] logits tensor is held. Returns the same `PolicyLogps` as
 `dpokit.training.forward.policy_logps` on the padded batch of the same pairs.
@@ -22,7 +22,7 @@ from dpokit.training.scoring import PolicyLogps, scored_token_logps
 
 
 def segment_logps(
-    token_values: torch.Tensor, sequence_ids: torch.Tensor, num_sequences: int, *, average: bool = False
+    token_values: torch.Tensor, sequence_ids: torch.Tensor, num_sequences: int, *, average_logps: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """token_values [N], sequence_ids [N] (all >= 0) -> (per-sequence sums or means [S], counts [S])."""
     sums = torch.zeros(num_sequences, dtype=token_values.dtype, device=token_values.device)
@@ -31,11 +31,11 @@ def segment_logps(
     if (counts == 0).any():
         rows = (counts == 0).nonzero().flatten().tolist()
         raise ValueError(f"sequence(s) {rows[:5]} have no response tokens to score")
-    return (sums / counts if average else sums), counts
+    return (sums / counts if average_logps else sums), counts
 
 
 def packed_policy_logps(
-    model: nn.Module, batch: dict, *, average: bool = False, attention_backend: str = "auto"
+    model: nn.Module, batch: dict, *, average_logps: bool = False, attention_backend: str = "auto"
 ) -> PolicyLogps:
     """Chosen / rejected log-probs [num_pairs] of a packed (optionally prefix-shared) batch.
 
@@ -51,5 +51,5 @@ def packed_policy_logps(
     labels = batch["labels"].reshape(-1)[labelled]
     per_token = scored_token_logps(model, hidden, labels)
     num_pairs = batch["num_pairs"]
-    logps, _ = segment_logps(per_token, sequence_ids[labelled], 2 * num_pairs, average=average)
+    logps, _ = segment_logps(per_token, sequence_ids[labelled], 2 * num_pairs, average_logps=average_logps)
     return PolicyLogps(logps[:num_pairs], logps[num_pairs:])

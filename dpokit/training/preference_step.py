@@ -102,8 +102,8 @@ def accumulate_gradients(
             ref = reference.logps(batch)  # before the policy forward: nothing of it is saved for backward
         _set_gradient_sync(model, m == len(micro_batches) - 1)
         with timer("policy"):
-            policy = policy_logps(model, batch, average=average_logps, ld_alpha=ld_alpha)
-            out = preference_loss(loss_fn, policy, ref, batch, averaged=average_logps)
+            policy = policy_logps(model, batch, average_logps=average_logps, ld_alpha=ld_alpha)
+            out = preference_loss(loss_fn, policy, ref, batch, average_logps=average_logps)
             (out.losses.sum() * scale).backward()
         metrics.add(out, policy.chosen, policy.rejected)
         tokens += batch["num_tokens"]

@@ -36,7 +36,7 @@ class AdapterOffReference:
     @torch.no_grad()
     def logps(self, batch: dict) -> PolicyLogps:
         with disable_adapter(self.model):
-            return policy_logps(self.model, batch, average=self.average_logps, ld_alpha=self.ld_alpha)
+            return policy_logps(self.model, batch, average_logps=self.average_logps, ld_alpha=self.ld_alpha)
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
@@ -125,7 +125,7 @@ class StateDictSwapReference:
     @torch.no_grad()
     def logps(self, batch: dict) -> PolicyLogps:
         with self.swapped(), _eval_mode(self.model):
-            return policy_logps(self.model, batch, average=self.average_logps, ld_alpha=self.ld_alpha)
+            return policy_logps(self.model, batch, average_logps=self.average_logps, ld_alpha=self.ld_alpha)
 
 
 class FrozenCopyReference:
@@ -140,7 +140,7 @@ class FrozenCopyReference:
     @torch.no_grad()
     def logps(self, batch: dict) -> PolicyLogps:
         try:
-            return policy_logps(self.model, batch, average=self.average_logps, ld_alpha=self.ld_alpha)
+            return policy_logps(self.model, batch, average_logps=self.average_logps, ld_alpha=self.ld_alpha)
         finally:
             _reshard(self.model)  # no backward follows: don't keep the root's weights gathered
 

@@ -102,7 +102,7 @@ def compute_reference_logps(
     local = []  # rows of (index, valid, chosen, rejected)
     try:
         for batch in eval_batches(dataset, collate, batch_size=batch_size, rank=rank, world_size=world_size):
-            out = policy_logps(model, move_batch(batch, device), average=average_logps, ld_alpha=ld_alpha)
+            out = policy_logps(model, move_batch(batch, device), average_logps=average_logps, ld_alpha=ld_alpha)
             local.append(
                 torch.stack(
                     [
