@@ -243,6 +243,6 @@ def recipe_main(main: Callable[[DictConfig], Any], known_keys: Iterable[str], ar
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun worker that finished: skip the C++ teardown
-        from dpokit.training.distributed import exit_worker
+        from dpokit.distributed.group import exit_worker
 
         exit_worker(0)

@@ -35,6 +35,16 @@ from omegaconf import OmegaConf
 
 from dpokit.config import instantiate, recipe_main
 from dpokit.data import collate_preference_pairs, training_set
+from dpokit.distributed.checkpoint import save_hf_model
+from dpokit.distributed.fsdp import (
+    check_no_meta,
+    full_tensors,
+    load_into_shards,
+    materialize,
+    reshard,
+    shard_model,
+    state_dict_tensors,
+)
 from dpokit.errors import DpokitError
 from dpokit.losses import is_reference_free
 from dpokit.training import (
@@ -53,16 +63,6 @@ from dpokit.training import (
     total_training_steps,
     training_sampler,
     warmup_warning,
-)
-from dpokit.training.dist_checkpoint import save_hf_model
-from dpokit.training.fsdp import (
-    check_no_meta,
-    full_tensors,
-    load_into_shards,
-    materialize,
-    reshard,
-    shard_model,
-    state_dict_tensors,
 )
 from dpokit.training.reference import FrozenCopyReference, StateDictSwapReference
 from dpokit.training.reference_cache import TensorFingerprint, precompute_reference_logps, reference_logps_key

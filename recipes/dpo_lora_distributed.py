@@ -23,6 +23,17 @@ from omegaconf import OmegaConf
 
 from dpokit.config import instantiate, recipe_main
 from dpokit.data import collate_preference_pairs, training_set
+from dpokit.distributed.checkpoint import save_hf_model
+from dpokit.distributed.fsdp import (
+    check_no_meta,
+    load_into_shards,
+    materialize,
+    reshard,
+    shard_model,
+    state_dict_tensors,
+)
+from dpokit.distributed.fsdp_lora import adapter_full_tensors, fresh_adapter_tensors, merged_full_tensors
+from dpokit.distributed.group import barrier
 from dpokit.models import MergeRounding, save_peft_adapter
 from dpokit.training import (
     AdapterOffReference,
@@ -41,10 +52,6 @@ from dpokit.training import (
     training_sampler,
     warmup_warning,
 )
-from dpokit.training.dist_checkpoint import save_hf_model
-from dpokit.training.distributed import barrier
-from dpokit.training.fsdp import check_no_meta, load_into_shards, materialize, reshard, shard_model, state_dict_tensors
-from dpokit.training.fsdp_lora import adapter_full_tensors, fresh_adapter_tensors, merged_full_tensors
 
 CONFIG_KEYS = (
     "output_dir",

@@ -81,7 +81,7 @@ def _entry(rank: int, world_size: int, port: int, fn, args) -> None:
         RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
     )
     torch.set_num_threads(1)
-    from dpokit.training.distributed import destroy_distributed, exit_worker, init_distributed
+    from dpokit.distributed.group import destroy_distributed, exit_worker, init_distributed
 
     init_distributed("cpu")
     try:
@@ -103,7 +103,7 @@ def make_model(
 ) -> torch.nn.Module:
     """The checkpoint's model: plain (loaded the ordinary way) or meta-built, FSDP2-sharded and
     loaded rank-locally through the seam under test."""
-    from dpokit.training.fsdp import load_into_shards, materialize, shard_model
+    from dpokit.distributed.fsdp import load_into_shards, materialize, shard_model
 
     if sharded:
         with torch.device("meta"):
@@ -145,8 +145,8 @@ def train_trajectory(
 ) -> dict:
     """`steps` SGD steps of DPO; returns per-step (rank-reduced) losses and grad norms and the
     final full weights."""
-    from dpokit.training.dist_data import GlobalBatchSampler
-    from dpokit.training.fsdp import full_tensors
+    from dpokit.distributed.fsdp import full_tensors
+    from dpokit.distributed.sampler import GlobalBatchSampler
     from dpokit.training.preference_step import accumulate_gradients
 
     pairs = synthetic_pairs(num_pairs)
@@ -186,9 +186,9 @@ def make_lora_model(checkpoint: Path, *, sharded: bool) -> torch.nn.Module:
     random so that B gets gradients)."""
     import itertools
 
+    from dpokit.distributed.fsdp import load_into_shards, materialize, shard_model
+    from dpokit.distributed.fsdp_lora import fresh_adapter_tensors
     from dpokit.models import lora_llama
-    from dpokit.training.fsdp import load_into_shards, materialize, shard_model
-    from dpokit.training.fsdp_lora import fresh_adapter_tensors
 
     if sharded:
         with torch.device("meta"):
@@ -215,9 +215,9 @@ def train_lora_trajectory(
     num_pairs: int = 48,
 ) -> dict:
     """Like `train_trajectory` for LoRA with the adapter-off reference; returns the merged weights."""
+    from dpokit.distributed.fsdp_lora import merged_full_tensors
+    from dpokit.distributed.sampler import GlobalBatchSampler
     from dpokit.models import merged_state_dict
-    from dpokit.training.dist_data import GlobalBatchSampler
-    from dpokit.training.fsdp_lora import merged_full_tensors
     from dpokit.training.preference_step import accumulate_gradients
     from dpokit.training.reference import AdapterOffReference
 

@@ -37,7 +37,7 @@ def _one_thread():
 def _two_rank_worker(rank, checkpoint, out_dir):
     from torch.distributed.tensor import DTensor
 
-    from dpokit.training.fsdp import full_tensors
+    from dpokit.distributed.fsdp import full_tensors
 
     # Rank-local loading: every parameter is a DTensor shard, and the sharded model is the checkpoint.
     model = make_model(checkpoint, sharded=True)
@@ -127,7 +127,7 @@ def _accumulated_grads(checkpoint, micro_batches, reference_tables):
 
 
 def test_gradient_accumulation_is_a_per_pair_mean_over_the_global_batch(tmp_path):
-    from dpokit.training.dist_data import collate_with_index
+    from dpokit.distributed.sampler import collate_with_index
 
     checkpoint = write_checkpoint(tmp_path / "checkpoint")
     pairs = synthetic_pairs(8, seed=3)

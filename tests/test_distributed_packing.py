@@ -35,9 +35,9 @@ from _distributed_helpers import (
 )
 from dpokit.data import PackedPreferenceDataset, pack_preference_dataset
 from dpokit.data.synthetic import case_following_pairs
+from dpokit.distributed.sampler import GlobalBatchSampler, PackedGlobalBatchSampler, collate_with_index
 from dpokit.errors import DpokitError
 from dpokit.losses import simpo_loss
-from dpokit.training.dist_data import GlobalBatchSampler, PackedGlobalBatchSampler, collate_with_index
 from dpokit.training.preference_step import accumulate_gradients
 from dpokit.training.reference import NoReference, PrecomputedReference
 from dpokit.training.reference_cache import compute_reference_logps
@@ -74,7 +74,7 @@ def packed_trajectory(
 ) -> dict:
     """STEPS SGD steps on packed batches (1 pack per micro-batch); per-step losses, this rank's
     pair counts per step, and the final full weights."""
-    from dpokit.training.fsdp import full_tensors
+    from dpokit.distributed.fsdp import full_tensors
 
     packed = _packed(prefix_sharing)
     policy = make_model(checkpoint, sharded=sharded)

@@ -1,5 +1,5 @@
 """The library is config-free: its packages never import the config layer or omegaconf, and the
-layers import only downwards (errors <- data, losses <- models <- training)."""
+layers import only downwards (errors <- data, losses <- models <- distributed <- training)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ ALLOWED = {
     "losses": {"errors", "losses"},
     "data": {"errors", "data", "losses"},
     "models": {"errors", "models", "losses", "data"},
-    "training": {"errors", "training", "models", "losses", "data"},
+    "distributed": {"errors", "distributed", "models", "losses", "data"},
+    "training": {"errors", "training", "distributed", "models", "losses", "data"},
 }
 
 

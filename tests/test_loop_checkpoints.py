@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from _distributed_helpers import build_model, collate, loss_fn, synthetic_pairs
+from dpokit.distributed.checkpoint import COMPLETE, stale_checkpoints
+from dpokit.distributed.sampler import GlobalBatchSampler
 from dpokit.errors import DpokitError
-from dpokit.training.dist_checkpoint import COMPLETE, stale_checkpoints
-from dpokit.training.dist_data import GlobalBatchSampler
 from dpokit.training.loop import Checkpointer, evaluation_due, total_training_steps
 from dpokit.training.optim_step import clip_and_step
 from dpokit.training.preference_step import accumulate_gradients

@@ -23,7 +23,7 @@ from _distributed_helpers import spawn
 from dpokit.config import instantiate, load_config
 from dpokit.data import collate_preference_pairs
 from dpokit.data.synthetic import case_following_pairs
-from dpokit.training.dist_data import GlobalBatchSampler
+from dpokit.distributed.sampler import GlobalBatchSampler
 
 CONFIGS = Path(__file__).resolve().parents[1] / "recipes" / "configs"
 SMALL = {

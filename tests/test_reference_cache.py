@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from _distributed_helpers import build_model, collate, synthetic_pairs
-from dpokit.training.dist_data import collate_with_index
+from dpokit.distributed.fsdp import state_dict_tensors
+from dpokit.distributed.sampler import collate_with_index
 from dpokit.training.forward import policy_logps
-from dpokit.training.fsdp import state_dict_tensors
 from dpokit.training.reference_cache import (
     TensorFingerprint,
     dataset_fingerprint,

@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 
 from _distributed_helpers import small_full_recipe_config, spawn
 from dpokit.config import instantiate
+from dpokit.distributed.checkpoint import COMPLETE, latest_checkpoint
 from dpokit.models import load_hf_checkpoint, save_hf_checkpoint
-from dpokit.training.dist_checkpoint import COMPLETE, latest_checkpoint
 
 
 def _config(tmp_path: Path) -> Path:

@@ -1,10 +1,11 @@
 """Pieces every recipe needs: the preference forward, reference policies, metrics, evaluation,
 the step (sampler, gradient accumulation, report, checkpoints and resume), LR schedules, runtime
 helpers and the final export. Plain functions and classes taking plain values. FSDP2 wiring and
-distributed checkpoints live in their own modules (`fsdp`, `fsdp_lora`, `dist_checkpoint`)."""
+distributed checkpoints are the layer below, `dpokit.distributed`."""
 
+from dpokit.distributed.group import resolve_device
+from dpokit.distributed.sampler import eval_batches, training_sampler
 from dpokit.training.checkpoint import save_lora_checkpoint
-from dpokit.training.dist_data import eval_batches, training_sampler
 from dpokit.training.evaluate import evaluate_preference, move_batch
 from dpokit.training.forward import policy_logps, preference_loss, response_lengths
 from dpokit.training.loop import Checkpointer, RunReport, evaluation_due, process_group, total_training_steps
@@ -12,7 +13,7 @@ from dpokit.training.metrics import JsonlLogger, PairMetrics, preference_accurac
 from dpokit.training.optim_step import clip_and_step
 from dpokit.training.preference_step import StepTimer, accumulate_gradients, evaluate_distributed
 from dpokit.training.reference import AdapterOffReference, NoReference
-from dpokit.training.runtime import resolve_device, resolve_dtype, seed_everything
+from dpokit.training.runtime import resolve_dtype, seed_everything
 from dpokit.training.schedules import warmup_cosine_schedule, warmup_warning
 from dpokit.training.scoring import PolicyLogps
 

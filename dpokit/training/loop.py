@@ -24,8 +24,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from dpokit.training.dist_checkpoint import latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint
-from dpokit.training.distributed import DistributedEnv, destroy_distributed, init_distributed
+from dpokit.distributed.checkpoint import latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint
+from dpokit.distributed.group import DistributedEnv, destroy_distributed, init_distributed
 from dpokit.training.metrics import JsonlLogger
 
 # The order of the per-step phase timings in a train record; other phases follow in their own order.
@@ -60,13 +60,13 @@ def evaluation_due(step: int, *, every: int, total_steps: int) -> bool:
 
 
 class Checkpointer:
-    """Sharded checkpoints of one run under `root` (see `dist_checkpoint`): every `every` steps
+    """Sharded checkpoints of one run under `root` (see `dpokit.distributed.checkpoint`): every `every` steps
     (0 = never), the newest `keep_last` kept (0 = all). Besides model and optimizer shards a
     checkpoint holds the LR scheduler, the data position (`sampler.state_dict()`), the step and
     every rank's RNG states, so `resume` continues exactly. `trainable_only` saves and loads only
     parameters that train (LoRA: the base weights are the initial checkpoint's).
 
-    Collective where `dist_checkpoint` is: every rank calls `resume` and `save`."""
+    Collective where `dpokit.distributed.checkpoint` is: every rank calls `resume` and `save`."""
 
     def __init__(self, root: str | Path, *, every: int, keep_last: int, trainable_only: bool = False):
         self.root = Path(root)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from dpokit.distributed.group import all_reduce_sum
 from dpokit.losses.types import PreferenceLossOutput
 
 
@@ -69,3 +70,16 @@ class JsonlLogger:
 
     def close(self) -> None:
         self._file.close()
+
+
+def all_reduce_pair_metrics(metrics: PairMetrics) -> PairMetrics:
+    """A `PairMetrics` holding the sums over every rank, so `means()` is the mean over all pairs
+    of all ranks (not a mean of per-rank means, which would weight ranks with few pairs up)."""
+    names = sorted(metrics.sums)
+    # Every rank must reduce the same names in the same order.
+    reduced = all_reduce_sum([metrics.sums[n] for n in names] + [metrics.pairs])
+    out = PairMetrics()
+    for name, value in zip(names, reduced[:-1]):
+        out.sums[name] = value
+    out.pairs = int(round(reduced[-1]))
+    return out

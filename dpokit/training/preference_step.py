@@ -8,7 +8,7 @@ all W ranks, the gradient should be that of the per-pair mean
 FSDP averages gradients over ranks (divides the sum by W), so each micro-batch backpropagates
 `loss.sum() * W / N`. N is all-reduced before the first backward, so uneven micro-batches are
 weighted per pair too (the bug of averaging per micro-batch, then per rank, which weights pairs in
-small micro-batches up). Packed micro-batches (`dist_data.PackedGlobalBatchSampler`: a pack holds
+small micro-batches up). Packed micro-batches (`dpokit.distributed.sampler.PackedGlobalBatchSampler`: a pack holds
 a varying number of pairs) rely on exactly that; `policy_logps` and every reference dispatch to the
 packed forward on their own.
 """
@@ -23,11 +23,11 @@ import torch
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
-from dpokit.training.distributed import all_reduce_pair_metrics, all_reduce_sum, get_world_size
+from dpokit.distributed.fsdp import reshard
+from dpokit.distributed.group import all_reduce_sum, get_world_size
 from dpokit.training.evaluate import move_batch, preference_eval_metrics
 from dpokit.training.forward import policy_logps, preference_loss
-from dpokit.training.fsdp import reshard
-from dpokit.training.metrics import PairMetrics
+from dpokit.training.metrics import PairMetrics, all_reduce_pair_metrics
 
 
 class StepTimer:
@@ -126,7 +126,7 @@ def evaluate_distributed(
     ld_alpha: float | None = None,
 ) -> dict[str, float]:
     """Mean preference metrics over every pair of every rank's `batches` (from
-    `dist_data.eval_batches`; padding pairs, `valid == False`, are not counted)."""
+    `dpokit.distributed.sampler.eval_batches`; padding pairs, `valid == False`, are not counted)."""
     try:
         metrics = preference_eval_metrics(
             model, reference, batches, loss_fn, device=device, average_logps=average_logps, ld_alpha=ld_alpha

@@ -158,7 +158,7 @@ class PrecomputedReference:
 
     def logps(self, batch: dict) -> PolicyLogps:
         if "pair_index" not in batch:
-            raise KeyError("a precomputed reference needs batch['pair_index'] (see dpokit.training.dist_data)")
+            raise KeyError("a precomputed reference needs batch['pair_index'] (see dpokit.distributed.sampler)")
         index = batch["pair_index"].to(self.chosen.device)
         device = batch["input_ids"].device
         return PolicyLogps(self.chosen[index].to(device), self.rejected[index].to(device))

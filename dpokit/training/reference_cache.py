@@ -25,11 +25,11 @@ from typing import Callable, Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
-from dpokit.training.dist_data import eval_batches
-from dpokit.training.distributed import all_gather_tensor, get_rank, get_world_size
+from dpokit.distributed.fsdp import reshard
+from dpokit.distributed.group import all_gather_tensor, get_rank, get_world_size
+from dpokit.distributed.sampler import eval_batches
 from dpokit.training.evaluate import move_batch
 from dpokit.training.forward import policy_logps
-from dpokit.training.fsdp import reshard
 from dpokit.training.reference import PrecomputedReference
 
 

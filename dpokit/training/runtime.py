@@ -18,16 +18,6 @@ DTYPES = {
 }
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    """ "auto" -> cuda if available, else cpu; otherwise any torch device string."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise DpokitError(f"device {name!r} requested but CUDA is not available")
-    return device
-
-
 def resolve_dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
         raise DpokitError(f"unknown dtype {name!r}; choose from {sorted(DTYPES)}")

@@ -16,8 +16,17 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from dpokit.training.metrics import PairMetrics
-from dpokit.training.runtime import resolve_device
+from dpokit.errors import DpokitError
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """ "auto" -> cuda if available, else cpu; otherwise any torch device string."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DpokitError(f"device {name!r} requested but CUDA is not available")
+    return device
 
 
 @dataclass(frozen=True)
@@ -111,19 +120,6 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor.tolist()
-
-
-def all_reduce_pair_metrics(metrics: PairMetrics) -> PairMetrics:
-    """A `PairMetrics` holding the sums over every rank, so `means()` is the mean over all pairs
-    of all ranks (not a mean of per-rank means, which would weight ranks with few pairs up)."""
-    names = sorted(metrics.sums)
-    # Every rank must reduce the same names in the same order.
-    reduced = all_reduce_sum([metrics.sums[n] for n in names] + [metrics.pairs])
-    out = PairMetrics()
-    for name, value in zip(names, reduced[:-1]):
-        out.sums[name] = value
-    out.pairs = int(round(reduced[-1]))
-    return out
 
 
 def all_gather_tensor(tensor: torch.Tensor) -> list[torch.Tensor]:

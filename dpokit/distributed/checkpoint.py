@@ -28,11 +28,11 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
+from dpokit.distributed.fsdp import reshard
+from dpokit.distributed.group import barrier, broadcast_object, get_rank, get_world_size
 from dpokit.errors import DpokitError
 from dpokit.models.hf_checkpoint import write_hf_config, write_hf_weights
 from dpokit.models.hf_config import family_for_model
-from dpokit.training.distributed import barrier, broadcast_object, get_rank, get_world_size
-from dpokit.training.fsdp import reshard
 
 COMPLETE = ".complete"
 _STEP_DIR = re.compile(r"^step_(\d+)$")

@@ -9,8 +9,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from dpokit.distributed.fsdp import full_tensors
 from dpokit.models.lora import LoRALinear, MergeRounding, merge_update
-from dpokit.training.fsdp import full_tensors
 
 
 def fresh_adapter_tensors(model: nn.Module, *, seed: int) -> Iterator[tuple[str, torch.Tensor]]:
