@@ -243,10 +243,7 @@ def train(cfg, env) -> None:
     merged = merged_full_tensors(model, dtype=save_dtype, rounding=rounding)
     final_dir = save_hf_model(model, merged, output_dir / "final", dtype=save_dtype, source_dir=cfg.checkpoint_dir)
     adapters = adapter_full_tensors(model)  # collective
-    report.say(
-        f"merged model ({cfg.save_dtype}): {rounding.dropped:,} of {rounding.updated:,} updated weight entries "
-        f"({rounding.dropped_fraction:.1%}) rounded back to the base value"
-    )
+    report.say(rounding.summary(save_dtype))
     if env.is_main:
         base = None if cfg.checkpoint_dir is None else str(cfg.checkpoint_dir)
         save_peft_adapter(model, final_dir / "adapter", base_model_name_or_path=base, adapters=adapters)

@@ -320,6 +320,13 @@ class MergeRounding:
     def dropped_fraction(self) -> float:
         return self.dropped / self.updated if self.updated else 0.0
 
+    def summary(self, dtype: torch.dtype) -> str:
+        name = str(dtype).removeprefix("torch.")
+        return (
+            f"merged model ({name}): {self.dropped:,} of {self.updated:,} updated weight entries "
+            f"({self.dropped_fraction:.1%}) rounded back to the base value"
+        )
+
 
 def merge_update(
     base: torch.Tensor,

@@ -27,11 +27,7 @@ class MergedExport:
     mean_logit_change: float | None = None
 
     def summary(self) -> str:
-        name = str(self.dtype).removeprefix("torch.")
-        line = (
-            f"merged model ({name}): {self.rounding.dropped:,} of {self.rounding.updated:,} updated weight entries "
-            f"({self.rounding.dropped_fraction:.1%}) rounded back to the base value"
-        )
+        line = self.rounding.summary(self.dtype)
         if self.max_logit_change is not None:
             line += (
                 f"; logits differ from base + adapter by up to {self.max_logit_change:.3g} "
