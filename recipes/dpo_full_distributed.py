@@ -145,6 +145,7 @@ def main(cfg) -> None:
 
 def train(cfg, env) -> None:
     seed_everything(cfg.seed + env.rank)
+    save_dtype = resolve_dtype(cfg.save_dtype, "save_dtype")  # checked before training, not after
     output_dir = Path(cfg.output_dir)
     report = RunReport(output_dir, is_main=env.is_main)  # rank 0 speaks, logs and draws the bar
     if env.is_main:
@@ -294,7 +295,6 @@ def train(cfg, env) -> None:
     report.close()
 
     # Final: an HF folder (weights gathered one tensor at a time, config.json, tokenizer files).
-    save_dtype = resolve_dtype(cfg.save_dtype)
     final_dir = save_hf_model(
         model,
         full_tensors(model, dtype=save_dtype),

@@ -125,6 +125,7 @@ def main(cfg) -> None:
 
 def train(cfg, env) -> None:
     seed_everything(cfg.seed + env.rank)
+    save_dtype = resolve_dtype(cfg.save_dtype, "save_dtype")  # checked before training, not after
     output_dir = Path(cfg.output_dir)
     report = RunReport(output_dir, is_main=env.is_main)  # rank 0 speaks, logs and draws the bar
     if env.is_main:
@@ -239,7 +240,7 @@ def train(cfg, env) -> None:
     # alone (PEFT layout) in final/adapter/.
     # final/adapter/, never final/ itself: transformers would apply an adapter found next to
     # config.json on top of the already-merged weights.
-    rounding, save_dtype = MergeRounding(), resolve_dtype(cfg.save_dtype)
+    rounding = MergeRounding()
     merged = merged_full_tensors(model, dtype=save_dtype, rounding=rounding)
     final_dir = save_hf_model(model, merged, output_dir / "final", dtype=save_dtype, source_dir=cfg.checkpoint_dir)
     adapters = adapter_full_tensors(model)  # collective

@@ -11,6 +11,7 @@ or copy it (`dpokit cp dpo_lora_single_device my_dpo.py`) and edit: this file is
 
 from __future__ import annotations
 
+import os
 from functools import partial
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from omegaconf import OmegaConf
 
 from dpokit.config import instantiate, recipe_main
 from dpokit.data import collate_preference_pairs, training_set
+from dpokit.errors import DpokitError
 from dpokit.losses import is_reference_free
 from dpokit.models import adapter_params, cast_base, parameter_summary
 from dpokit.training import (
@@ -72,7 +74,10 @@ CONFIG_KEYS = (
 def main(cfg) -> None:
     """DPO with LoRA on a single device; the reference is the model with adapters off."""
     seed_everything(cfg.seed)
-    device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # several copies would race on one output_dir
+        raise DpokitError("dpo_lora_single_device runs on one process; for several use dpo_lora_distributed")
+    device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype, "dtype")
+    save_dtype = resolve_dtype(cfg.save_dtype, "save_dtype")  # checked before training, not after
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, output_dir / "config.yaml")
@@ -161,7 +166,7 @@ def main(cfg) -> None:
     # too). The merge is fp32; a narrower save_dtype is measured on a few validation sequences.
     probe_sequences = list(collate([validation_set[i] for i in range(min(4, len(validation_set)))])["input_ids"])
     export = save_lora_checkpoint(
-        model, output_dir / "final", source_dir=cfg.checkpoint_dir, dtype=resolve_dtype(cfg.save_dtype),
+        model, output_dir / "final", source_dir=cfg.checkpoint_dir, dtype=save_dtype,
         probe_sequences=probe_sequences,
     )  # fmt: skip
     report.say(export.summary())

@@ -114,15 +114,18 @@ def test_ls_and_cat():
         (["run", "dpo_lora_single_device", "--config", "tiny", "batch_sise=4"], "no key 'batch_sise'"),
         (["run", "dpo_lora_single_device", "--config", "tiny", "model.lora_rank=0"], "LoRA rank must be positive"),
         (["run", "dpo_lora_single_device", "--config", "tiny", "train_dataset.name=nope"], "no bundled task"),
+        (["run", "dpo_lora_single_device", "--config", "tiny", "save_dtype=fp64"], "save_dtype: unknown dtype 'fp64'"),
+        (["run", "dpo_lora_single_device", "--config", "tiny", "checkpoint.keep_last=-1"], "checkpoint.keep_last: -1"),
         (["cat", "dpo_lora_single_device/nope"], "no config 'nope'"),
     ],
 )
-def test_mistakes_are_one_line_errors(args, message):
-    result = dpokit(*args)
+def test_mistakes_are_one_line_errors(args, message, tmp_path):
+    result = dpokit(*args, cwd=tmp_path)  # anything a run writes stays in tmp_path
     assert result.returncode == 2, result.stderr[-2000:]
     error_lines = [line for line in result.stderr.splitlines() if line.startswith(("error:", "dpokit: error:"))]
     assert len(error_lines) == 1 and message in error_lines[0], result.stderr[-2000:]
     assert "Traceback" not in result.stderr
+    assert not list(tmp_path.rglob("metrics.jsonl"))  # refused before any training
 
 
 def test_help_everywhere():

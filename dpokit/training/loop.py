@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from dpokit.distributed.checkpoint import latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint
 from dpokit.distributed.group import DistributedEnv, destroy_distributed, init_distributed
+from dpokit.errors import DpokitError
 from dpokit.training.metrics import JsonlLogger
 
 # The order of the per-step phase timings in a train record; other phases follow in their own order.
@@ -69,6 +70,12 @@ class Checkpointer:
     Collective where `dpokit.distributed.checkpoint` is: every rank calls `resume` and `save`."""
 
     def __init__(self, root: str | Path, *, every: int, keep_last: int, trainable_only: bool = False):
+        for name, value in (("every", every), ("keep_last", keep_last)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise DpokitError(
+                    f"checkpoint.{name}: {value!r} is not a whole number >= 0 (0: "
+                    f"{'never' if name == 'every' else 'keep every checkpoint'})"
+                )
         self.root = Path(root)
         self.every, self.keep_last, self.trainable_only = every, keep_last, trainable_only
         self.resumed_from: Path | None = None

@@ -18,9 +18,12 @@ DTYPES = {
 }
 
 
-def resolve_dtype(name: str) -> torch.dtype:
+def resolve_dtype(name: str, setting: str | None = None) -> torch.dtype:
+    """`name` ("bf16", "fp32", ...) -> the torch dtype; `setting` names where it was set (a config
+    key) in the error for an unknown name."""
     if name not in DTYPES:
-        raise DpokitError(f"unknown dtype {name!r}; choose from {sorted(DTYPES)}")
+        where = f"{setting}: " if setting else ""
+        raise DpokitError(f"{where}unknown dtype {name!r}; choose from {sorted(DTYPES)}")
     return DTYPES[name]
 
 
