@@ -1,5 +1,5 @@
 """Peak memory and time of one forward+backward of the output layer + per-token log-probs:
-chunked (`dpokit.losses.chunked_token_logps`) vs materialised (full logits, then
+chunked (`dpokit.logprobs.chunked_token_logps`) vs materialised (full logits, then
 `dpokit.losses.token_logps`, the path the recipes used before), side by side in one run.
 
     python benchmarks/chunked_logprobs.py                       # hidden 2048, V 128,256, 4,096 tokens
@@ -37,7 +37,7 @@ def _rss_kib(field: str) -> int:
 def child(args) -> dict:
     import torch
 
-    from dpokit.losses import chunked_token_logps, token_logps
+    from dpokit.logprobs import chunked_token_logps, token_logps
 
     torch.manual_seed(0)
     device = torch.device(args.device)

@@ -31,13 +31,13 @@ os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")  # torchao's n
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from master_weights import MasterWeights  # noqa: E402
 from shared_io import Stopwatch, emit, read_model_config, read_workload, throughput_result  # noqa: E402
 
-from dpokit.data import collate_packed, collate_preference_pairs, pack_preference_dataset  # noqa: E402
+from dpokit.data import PackedBatch, collate_packed, collate_preference_pairs, pack_preference_dataset  # noqa: E402
 from dpokit.losses import dpo_loss  # noqa: E402
 from dpokit.models import load_hf_checkpoint  # noqa: E402
 from dpokit.training.forward import policy_logps  # noqa: E402
-from dpokit.training.master_weights import MasterWeights  # noqa: E402
 from dpokit.training.packed_forward import packed_policy_logps  # noqa: E402
 from dpokit.training.reference import StateDictSwapReference  # noqa: E402
 from dpokit.training.scoring import PolicyLogps  # noqa: E402
@@ -57,7 +57,7 @@ def make_steps(
         for s in range(0, count, batch_size):
             chunk = index[s : s + batch_size]
             batch = collate_preference_pairs([pairs[i] for i in chunk], pad_id=pad_id, pad_to_multiple_of=8)
-            batch["pair_index"] = torch.tensor(chunk)
+            batch.pair_index = torch.tensor(chunk)
             steps.append(batch)
         return steps
     items = [dict(pairs[i], pair_index=i) for i in index]
@@ -74,19 +74,15 @@ def make_steps(
     for s in range(0, len(packs), per_step):
         group = packs[s : s + per_step]
         batch = collate_packed(group, pad_id=pad_id, pack_size=pack_size, prefix_sharing=layout == "prefix")
-        batch["pair_index"] = torch.tensor([item["pair_index"] for pack in group for item in pack])
+        batch.pair_index = torch.tensor([item["pair_index"] for pack in group for item in pack])
         steps.append(batch)
     return steps
 
 
-def forward_logps(model, batch: dict, *, chunked: bool) -> PolicyLogps:
-    if "sequence_ids" in batch:
+def forward_logps(model, batch, *, chunked: bool) -> PolicyLogps:
+    if isinstance(batch, PackedBatch):
         return packed_policy_logps(model, batch, attention_backend=ATTENTION)
     return policy_logps(model, batch, materialize_logits=not chunked)
-
-
-def to_device(batch: dict, device: str) -> dict:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 # Profiler op names -> where the time goes (first match wins; the rest is "other").
@@ -144,7 +140,7 @@ def main(argv=None) -> int:
         default="fp32",
         choices=("fp32", "bf16", "bf16m", "bf16w"),
         help="bf16 = autocast over fp32 weights; bf16m = bf16 weights + fp32 master weights in the "
-        "optimizer (dpokit.training.master_weights); bf16w = pure bf16 weights and optimizer "
+        "optimizer (benchmarks/master_weights.py); bf16w = pure bf16 weights and optimizer "
         "(torchtune's mode; small updates are rounded away)",
     )
     ap.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
@@ -209,8 +205,8 @@ def main(argv=None) -> int:
     first_chosen_logps = {}
     with torch.no_grad(), autocast:
         for batch in make_steps(pairs, 0, args.batch_size, **build):
-            out = forward_logps(model, to_device(batch, device), chunked=chunked)
-            first_chosen_logps.update({int(i): float(v) for i, v in zip(batch["pair_index"], out.chosen)})
+            out = forward_logps(model, batch.to(device), chunked=chunked)
+            first_chosen_logps.update({int(i): float(v) for i, v in zip(batch.pair_index, out.chosen)})
 
     precompute_seconds = 0.0
     if args.reference == "frozen_copy":
@@ -231,20 +227,20 @@ def main(argv=None) -> int:
         started = time.perf_counter()
         with torch.no_grad(), autocast:
             for batch in (*warmup, *timed):
-                batch = to_device(batch, device)
+                batch = batch.to(device)
                 out = forward_logps(model, batch, chunked=chunked)
-                chosen[batch["pair_index"]], rejected[batch["pair_index"]] = out.chosen.float(), out.rejected.float()
+                chosen[batch.pair_index], rejected[batch.pair_index] = out.chosen.float(), out.rejected.float()
         precompute_seconds = time.perf_counter() - started
 
         def reference(batch):
-            return PolicyLogps(chosen[batch["pair_index"]], rejected[batch["pair_index"]])
+            return PolicyLogps(chosen[batch.pair_index], rejected[batch.pair_index])
 
     master = MasterWeights(model.parameters()) if args.dtype == "bf16m" else None
     optimizer = torch.optim.AdamW(master.parameters() if master else model.parameters(), lr=1e-5, fused=True)
     losses: list[float] = []
 
     def step(batch: dict) -> None:
-        batch = to_device(batch, device)
+        batch = batch.to(device)
         ref = reference(batch)
         with autocast:
             policy = forward_logps(model, batch, chunked=chunked)
@@ -292,7 +288,7 @@ def main(argv=None) -> int:
             pack_size=pack_size if args.layout != "padded" else None,
             precompute_seconds=precompute_seconds,
             first_chosen_logps=first_chosen_logps,
-            padded_tokens=sum(int(b["input_ids"].numel()) for b in timed),
+            padded_tokens=sum(int(b.input_ids.numel()) for b in timed),
             threads=torch.get_num_threads(),
         )
     )

@@ -90,7 +90,7 @@ def main(argv=None) -> int:
     g = torch.Generator().manual_seed(0)
 
     def step(batch):
-        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        batch = batch.to(device)
         with torch.no_grad(), autocast:
             ref = policy_logps(ref_model, batch, materialize_logits=materialize)
         with autocast:

@@ -152,8 +152,8 @@ def run_tokenizer(name, items, vocab_size, args):
     useful_tokens = sum(useful.values())
     rows = []
     for name, batches in all_batches.items():
-        computed = sum(b["input_ids"].numel() for b in batches)
-        real = sum(b["num_tokens"] for b in batches)
+        computed = sum(b.input_ids.numel() for b in batches)
+        real = sum(b.num_tokens for b in batches)
         rows.append(
             (
                 name,
@@ -161,8 +161,8 @@ def run_tokenizer(name, items, vocab_size, args):
                 real / computed,
                 useful_tokens / best[name],
                 len(items) / best[name],
-                sum(b["input_ids"].shape[0] for b in batches) / len(batches),
-                max(b["input_ids"].shape[1] for b in batches),
+                sum(b.input_ids.shape[0] for b in batches) / len(batches),
+                max(b.input_ids.shape[1] for b in batches),
             )
         )
     base = rows[0][3]

@@ -164,7 +164,7 @@ def main(cfg) -> None:
 
     # With an HF checkpoint_dir, final/ is a complete HF folder (its config and tokenizer files
     # too). The merge is fp32; a narrower save_dtype is measured on a few validation sequences.
-    probe_sequences = list(collate([validation_set[i] for i in range(min(4, len(validation_set)))])["input_ids"])
+    probe_sequences = list(collate([validation_set[i] for i in range(min(4, len(validation_set)))]).input_ids)
     export = save_lora_checkpoint(
         model, output_dir / "final", source_dir=cfg.checkpoint_dir, dtype=save_dtype,
         probe_sequences=probe_sequences,

@@ -42,8 +42,8 @@ def random_pairs(n: int, seed: int) -> list[dict]:
 def test_visible_pairs_and_tokens_match_dpokit_packed_layout(prefix_sharing):
     pairs = random_pairs(6, seed=1 + prefix_sharing)
     batch = collate_packed([pairs[:4], pairs[4:]], pad_id=0, prefix_sharing=prefix_sharing)
-    mask = packed_attention_mask(batch["document_ids"], batch["branch_ids"])
-    real = batch["document_ids"] >= 0
+    mask = packed_attention_mask(batch.document_ids, batch.branch_ids)
+    real = batch.document_ids >= 0
     # Only real query-key pairs count (padding attends to padding in dpokit's mask).
     visible = (mask.squeeze(1) & real[:, :, None] & real[:, None, :]).sum().item()
     assert visible == sum(shared_io.visible_pairs(p, prefix_sharing) for p in pairs)

@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from dpokit.losses import chunked_token_logps, length_desensitized_logps
+from dpokit.data import PaddedBatch
+from dpokit.logprobs import chunked_token_logps, length_desensitized_logps
 from dpokit.models import disable_adapter, llama, lora_llama
 from dpokit.training import policy_logps
 
@@ -132,7 +133,7 @@ def batch(seed=0):
     labels[:, :4] = -100
     labels[1, 9:] = -100
     labels[4, 11:] = -100
-    return {"input_ids": input_ids, "labels": labels, "num_pairs": 3}
+    return PaddedBatch(input_ids=input_ids, labels=labels, num_pairs=3, num_tokens=input_ids.numel())
 
 
 def compare_paths(model, params, **kwargs):
@@ -189,9 +190,9 @@ def test_policy_logps_average_and_ld_alpha_match_materialised():
 def test_length_desensitized_logps_matches_loop():
     b = batch()
     per_token = torch.randn(6, 14)
-    per_token[b["labels"] == -100] = 0
-    got = length_desensitized_logps(per_token, b["labels"], 3, ld_alpha=0.25)
-    mask = b["labels"] != -100
+    per_token[b.labels == -100] = 0
+    got = length_desensitized_logps(per_token, b.labels, 3, ld_alpha=0.25)
+    mask = b.labels != -100
     counts = mask.sum(-1).tolist()
     want = []
     for row in range(6):
@@ -203,4 +204,4 @@ def test_length_desensitized_logps_matches_loop():
                 total += per_token[row, t].item() * (1.0 if seen <= shared else 0.25)
         want.append(total)
     torch.testing.assert_close(got, torch.tensor(want), rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(length_desensitized_logps(per_token, b["labels"], 3, ld_alpha=1.0), per_token.sum(-1))
+    torch.testing.assert_close(length_desensitized_logps(per_token, b.labels, 3, ld_alpha=1.0), per_token.sum(-1))

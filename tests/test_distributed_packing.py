@@ -33,7 +33,7 @@ from _distributed_helpers import (
     synthetic_pairs,
     write_checkpoint,
 )
-from dpokit.data import PackedPreferenceDataset, pack_preference_dataset
+from dpokit.data import PackedBatch, PackedPreferenceDataset, pack_preference_dataset
 from dpokit.data.synthetic import case_following_pairs
 from dpokit.distributed.sampler import GlobalBatchSampler, PackedGlobalBatchSampler, collate_with_index
 from dpokit.errors import DpokitError
@@ -95,8 +95,8 @@ def packed_trajectory(
     losses, local_pairs = [], []
     for _ in range(STEPS):
         micro_batches = sampler.next_step()
-        assert all("sequence_ids" in b for b in micro_batches)  # really packed
-        local_pairs.append(sum(b["num_pairs"] for b in micro_batches))
+        assert all(isinstance(b, PackedBatch) for b in micro_batches)  # really packed
+        local_pairs.append(sum(b.num_pairs for b in micro_batches))
         metrics, _ = accumulate_gradients(policy, reference, micro_batches, step_loss, device=CPU)
         losses.append(metrics.means()["preference_loss"])
         optimizer.step()
@@ -147,9 +147,9 @@ def test_packed_step_equals_the_padded_step_on_the_same_pairs(tmp_path, prefix_s
         packed, pad_id=0, batch_size=1, gradient_accumulation_steps=4, rank=0, world_size=1, seed=0
     )
     micro_batches = sampler.next_step()
-    counts = [b["num_pairs"] for b in micro_batches]
+    counts = [b.num_pairs for b in micro_batches]
     assert len(set(counts)) > 1  # uneven micro-batches: the per-pair weighting is exercised
-    pair_index = torch.cat([b["pair_index"] for b in micro_batches]).tolist()
+    pair_index = torch.cat([b.pair_index for b in micro_batches]).tolist()
     padded = [collate_with_index(packed.pairs, sorted(pair_index), collate)]
     packed_metrics, packed_grads = _step(checkpoint, reference, micro_batches)
     padded_metrics, padded_grads = _step(checkpoint, reference, padded)
@@ -170,7 +170,7 @@ def test_packed_data_position_round_trips_and_refuses_another_stream():
     restored.load_state_dict(sampler.state_dict())
     for _ in range(3):
         for a, b in zip(sampler.next_step(), restored.next_step()):
-            assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["pair_index"], b["pair_index"])
+            assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.pair_index, b.pair_index)
 
     state = sampler.state_dict()
     # Same pairs and pack count, other packs (two pairs swapped between packs): only the fingerprint differs.

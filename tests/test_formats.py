@@ -79,7 +79,7 @@ def test_nemo_aligner_rewards_reach_the_batch(tmp_path):
     ]
     ds = PreferenceDataset(write_jsonl(tmp_path / "d.jsonl", rows), byte_tokenizer(), max_seq_len=64)
     batch = collate_preference_pairs([ds[0], ds[1]], pad_id=0)
-    assert batch["chosen_reward"].tolist() == [2.5, 1.0] and batch["rejected_reward"].tolist() == [-1.0, 0.5]
+    assert batch.chosen_reward.tolist() == [2.5, 1.0] and batch.rejected_reward.tolist() == [-1.0, 0.5]
 
 
 def test_renamed_keys(tmp_path):

@@ -1,5 +1,5 @@
 """The library is config-free: its packages never import the config layer or omegaconf, and the
-layers import only downwards (errors <- data, losses <- models <- distributed <- training)."""
+layers import only downwards (errors <- logprobs, losses <- data <- models <- distributed <- training)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,12 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "dpokit"
 # package -> the dpokit packages it may import
 ALLOWED = {
+    "logprobs": {"errors", "logprobs"},
     "losses": {"errors", "losses"},
-    "data": {"errors", "data", "losses"},
-    "models": {"errors", "models", "losses", "data"},
-    "distributed": {"errors", "distributed", "models", "losses", "data"},
-    "training": {"errors", "training", "distributed", "models", "losses", "data"},
+    "data": {"errors", "data", "logprobs"},
+    "models": {"errors", "models", "logprobs", "data"},
+    "distributed": {"errors", "distributed", "models", "logprobs", "losses", "data"},
+    "training": {"errors", "training", "distributed", "models", "logprobs", "losses", "data"},
 }
 
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from dpokit.losses import sequence_logps, token_logps
+from dpokit.logprobs import sequence_logps, token_logps
 
 
 def direct(logits, labels):

@@ -110,8 +110,8 @@ def _direct_step1_logps(config: Path, ld_alpha: float | None) -> tuple[float, fl
     chosen, rejected = [], []
     with torch.no_grad():
         for batch in sampler.next_step():
-            log_probs = torch.log_softmax(model(batch["input_ids"]), dim=-1)
-            labels, pairs = batch["labels"], batch["num_pairs"]
+            log_probs = torch.log_softmax(model(batch.input_ids), dim=-1)
+            labels, pairs = batch.labels, batch.num_pairs
             responses = [
                 log_probs[row, labels[row] != -100].gather(-1, labels[row, labels[row] != -100, None])[:, 0]
                 for row in range(2 * pairs)

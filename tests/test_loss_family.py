@@ -344,7 +344,7 @@ def test_missing_lengths_is_a_clear_error(name):
 
 def test_ipo_summed_option_is_nemo_aligner_form():
     x = inputs()
-    out = run("ipo", {"beta": B, "average_log_probs": False}, x)
+    out = run("ipo", {"beta": B, "average_logps": False}, x)
     h = (x["pc"] - x["rc"]) - (x["pr"] - x["rr"])
     torch.testing.assert_close(out.losses, (h - 1 / (2 * B)) ** 2)
 
@@ -400,7 +400,7 @@ class TestCombined:
         x = inputs()
         out = run(
             "combined",
-            {"preference_loss": "dpo", "beta": B, "preference_average_log_probs": True, "sft_loss_weight": 1.0},
+            {"preference_loss": "dpo", "beta": B, "preference_average_logps": True, "sft_loss_weight": 1.0},
             x,
         )
         avg = {**x, **{k: x[k] / x[n] for k, n in (("pc", "nc"), ("rc", "nc"), ("pr", "nr"), ("rr", "nr"))}}
@@ -411,8 +411,8 @@ class TestCombined:
             {
                 "preference_loss": "dpo",
                 "beta": B,
-                "preference_average_log_probs": True,
-                "sft_average_log_probs": False,
+                "preference_average_logps": True,
+                "sft_average_logps": False,
                 "sft_loss_weight": 1.0,
             },
             x,
@@ -421,7 +421,7 @@ class TestCombined:
 
     def test_length_normalising_term_does_not_divide_twice(self):
         x = inputs()
-        out = run("combined", {"preference_loss": "sigmoid_norm", "beta": B, "preference_average_log_probs": True}, x)
+        out = run("combined", {"preference_loss": "sigmoid_norm", "beta": B, "preference_average_logps": True}, x)
         torch.testing.assert_close(out.losses, run("sigmoid_norm", {"beta": B}, x).losses)
 
     def test_mpo_weighted_sum_and_wpo_weighting(self):

@@ -4,6 +4,7 @@ losses never touching the reference, and the metrics of a combined (preference +
 import pytest
 import torch
 
+from dpokit.data import PaddedBatch
 from dpokit.losses import get_loss
 from dpokit.models import lora_llama
 from dpokit.training import PairMetrics, PolicyLogps, evaluate_preference, policy_logps, preference_loss
@@ -19,7 +20,7 @@ def batch():
     labels[:, :3] = -100
     labels[0, 6:] = -100  # chosen of pair 0: 3 tokens
     labels[3, 8:] = -100  # rejected of pair 1: 5 tokens
-    return {"input_ids": torch.randint(0, 61, (4, 10), generator=g), "labels": labels, "num_pairs": 2}
+    return PaddedBatch(input_ids=torch.randint(0, 61, (4, 10), generator=g), labels=labels, num_pairs=2, num_tokens=40)
 
 
 def test_preference_loss_supplies_token_counts_and_ground_truth_rewards():
@@ -38,7 +39,7 @@ def test_preference_loss_supplies_token_counts_and_ground_truth_rewards():
         averaged.losses, -torch.nn.functional.logsigmoid(policy.chosen - ref.chosen - policy.rejected + ref.rejected)
     )
     # RPO reads per-pair ground-truth rewards from the batch when present
-    b["chosen_reward"], b["rejected_reward"] = torch.tensor([2.0, 0.5]), torch.tensor([1.0, 1.5])
+    b.chosen_reward, b.rejected_reward = torch.tensor([2.0, 0.5]), torch.tensor([1.0, 1.5])
     rpo = preference_loss(get_loss("rpo_sq", beta=0.5), policy, ref, b)
     h = (policy.chosen - ref.chosen) - (policy.rejected - ref.rejected)
     torch.testing.assert_close(rpo.losses, (0.5 * h - torch.tensor([1.0, -1.0])) ** 2)

@@ -1,10 +1,15 @@
 """MasterWeights: bf16 model + fp32 optimizer copies equals AdamW on fp32 weights fed the same
 gradients, and keeps the small updates that pure bf16 AdamW rounds away."""
 
+import sys
+from pathlib import Path
+
 import torch
 
 from dpokit.models import llama
-from dpokit.training.master_weights import MasterWeights
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from master_weights import MasterWeights  # noqa: E402
 
 
 def tiny_bf16_model(seed=0):

@@ -108,7 +108,7 @@ def item(p, c, r):
 def test_unshared_packed_layout():
     a, b = item([1, 2], [3, 4], [5]), item([6], [7], [8, 9])
     batch = collate_packed([[a, b]], pad_id=0, pack_size=16)
-    row = {k: batch[k][0].tolist() for k in ("input_ids", "position_ids", "document_ids", "labels", "sequence_ids")}
+    row = {k: getattr(batch, k)[0].tolist() for k in ("input_ids", "position_ids", "document_ids", "labels", "sequence_ids")}
     X = IGNORE_INDEX
     assert row["input_ids"] == [1, 2, 3, 4, 1, 2, 5, 6, 7, 6, 8, 9] + [0] * 4
     assert row["position_ids"] == [0, 1, 2, 3, 0, 1, 2, 0, 1, 0, 1, 2] + [0] * 4
@@ -116,18 +116,18 @@ def test_unshared_packed_layout():
     assert row["labels"] == [X, 3, 4, X, X, 5, X, 7, X, 8, 9, X] + [X] * 4
     # pair 0 chosen = 0, pair 1 chosen = 1, pair 0 rejected = 2, pair 1 rejected = 3
     assert row["sequence_ids"] == [-1, 0, 0, -1, -1, 2, -1, 1, -1, 3, 3, -1] + [-1] * 4
-    assert batch["branch_ids"].eq(0).all() and batch["num_pairs"] == 2 and batch["num_tokens"] == 12
+    assert batch.branch_ids.eq(0).all() and batch.num_pairs == 2 and batch.num_tokens == 12
 
 
 def test_prefix_shared_layout():
     a = item([1, 2, 3], [4, 5], [6])
     batch = collate_packed([[a]], pad_id=0, prefix_sharing=True)
     X = IGNORE_INDEX
-    assert batch["input_ids"][0].tolist() == [1, 2, 3, 4, 5, 3, 6]
-    assert batch["position_ids"][0].tolist() == [0, 1, 2, 3, 4, 2, 3]
-    assert batch["branch_ids"][0].tolist() == [0, 0, 1, 1, 1, 2, 2]
-    assert batch["labels"][0].tolist() == [X, X, 4, 5, X, 6, X]
-    assert batch["sequence_ids"][0].tolist() == [-1, -1, 0, 0, -1, 1, -1]
+    assert batch.input_ids[0].tolist() == [1, 2, 3, 4, 5, 3, 6]
+    assert batch.position_ids[0].tolist() == [0, 1, 2, 3, 4, 2, 3]
+    assert batch.branch_ids[0].tolist() == [0, 0, 1, 1, 1, 2, 2]
+    assert batch.labels[0].tolist() == [X, X, 4, 5, X, 6, X]
+    assert batch.sequence_ids[0].tolist() == [-1, -1, 0, 0, -1, 1, -1]
     assert pair_length(a, prefix_sharing=True) == 7 and pair_length(a) == 9
 
 
@@ -136,7 +136,7 @@ def test_collate_packed_refuses_overfull_pack_and_carries_rewards():
     with pytest.raises(ValueError, match="more than pack_size=3"):
         collate_packed([[a]], pad_id=0, pack_size=3)
     batch = collate_packed([[a], [a]], pad_id=0, pack_size=4)
-    assert batch["chosen_reward"].tolist() == [1.0, 1.0] and batch["input_ids"].shape == (2, 4)
+    assert batch.chosen_reward.tolist() == [1.0, 1.0] and batch.input_ids.shape == (2, 4)
 
 
 def random_pairs(n, seed=0):
@@ -157,7 +157,7 @@ def test_online_packed_dataset_and_offline_file_round_trip(tmp_path, algorithm, 
         batch_size=3,
         collate_fn=lambda packs: collate_packed(packs, pad_id=0, pack_size=128, prefix_sharing=prefix_sharing),
     )
-    assert sum(batch["num_pairs"] for batch in loader) == 60
+    assert sum(batch.num_pairs for batch in loader) == 60
     path, stats_path = packed.save(tmp_path / "packed.jsonl")
     loaded = load_packed_dataset(path)
     assert [loaded[i] for i in range(len(loaded))] == [packed[i] for i in range(len(packed))]

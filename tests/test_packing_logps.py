@@ -111,7 +111,7 @@ def test_prefix_sharing_without_packing_is_a_pack_per_pair():
     torch.testing.assert_close(torch.cat(got), torch.cat(want), **TOL)
     # Each pair's prompt is computed once: fewer tokens than the two sequences of the padded layout.
     saved = sum(len(p["prompt_ids"]) - 1 for p in pairs)
-    assert shared["num_tokens"] == padded["num_tokens"] - saved
+    assert shared.num_tokens == padded.num_tokens - saved
 
 
 def test_segment_logps_against_a_python_loop_and_empty_sequence_error():

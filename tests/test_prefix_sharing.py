@@ -29,8 +29,8 @@ def test_mask_matches_the_rule_elementwise():
         {"prompt_ids": [9], "chosen_ids": [10], "rejected_ids": [11]},
     ]
     batch = collate_packed([pairs], pad_id=0, pack_size=20, prefix_sharing=True)
-    doc, branch = batch["document_ids"][0].tolist(), batch["branch_ids"][0].tolist()
-    mask = packed_attention_mask(batch["document_ids"], batch["branch_ids"])[0, 0]
+    doc, branch = batch.document_ids[0].tolist(), batch.branch_ids[0].tolist()
+    mask = packed_attention_mask(batch.document_ids, batch.branch_ids)[0, 0]
     for q in range(20):
         for k in range(20):
             assert mask[q, k].item() == rule(doc, branch, q, k), (q, k)
@@ -56,7 +56,7 @@ def test_flex_mask_mod_equals_the_boolean_mask_on_every_element():
     ]
     for prefix_sharing in (False, True):
         batch = collate_packed([pairs[:3], pairs[3:]], pad_id=0, pack_size=48, prefix_sharing=prefix_sharing)
-        doc, branch = batch["document_ids"], batch["branch_ids"]
+        doc, branch = batch.document_ids, batch.branch_ids
         grid = torch.arange(48)
         b = torch.arange(2)[:, None, None, None]
         got = packed_mask_mod(doc, branch)(b, torch.zeros_like(b), grid[:, None], grid[None, :])
@@ -71,12 +71,10 @@ def test_flex_block_mask_path_equals_sdpa_boolean_path():
     ]
     batch = collate_packed([pairs[:2], pairs[2:]], pad_id=0, pack_size=40, prefix_sharing=True)
     q, k, v = torch.randn(2, 4, 40, 16), torch.randn(2, 2, 40, 16), torch.randn(2, 2, 40, 16)
-    sdpa = attention(q, k, v, build_attention_mask(batch["document_ids"], batch["branch_ids"], "sdpa"), enable_gqa=True)
+    sdpa = attention(q, k, v, build_attention_mask(batch.document_ids, batch.branch_ids, "sdpa"), enable_gqa=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # eager FlexAttention warns that it is unfused
-        flex = attention(
-            q, k, v, build_attention_mask(batch["document_ids"], batch["branch_ids"], "flex"), enable_gqa=True
-        )
+        flex = attention(q, k, v, build_attention_mask(batch.document_ids, batch.branch_ids, "flex"), enable_gqa=True)
     torch.testing.assert_close(flex, sdpa, rtol=1e-5, atol=1e-5)
 
 
@@ -87,7 +85,7 @@ def test_per_document_sdpa_equals_the_dense_mask_values_and_gradients(prefix_sha
         for n in (3, 7, 2, 5, 1)
     ]
     batch = collate_packed([pairs[:2], pairs[2:]], pad_id=0, pack_size=48, prefix_sharing=prefix_sharing)
-    real = (batch["document_ids"] >= 0)[:, None, :, None]  # padding: zero output per-document, not compared
+    real = (batch.document_ids >= 0)[:, None, :, None]  # padding: zero output per-document, not compared
     assert not real.all()
     weights = torch.randn(2, 4, 48, 16, dtype=torch.float64)
     results = []
@@ -95,9 +93,7 @@ def test_per_document_sdpa_equals_the_dense_mask_values_and_gradients(prefix_sha
         torch.manual_seed(0)
         q = torch.randn(2, 4, 48, 16, dtype=torch.float64, requires_grad=True)
         k, v = (torch.randn(2, 2, 48, 16, dtype=torch.float64, requires_grad=True) for _ in range(2))
-        out = attention(
-            q, k, v, build_attention_mask(batch["document_ids"], batch["branch_ids"], backend), enable_gqa=True
-        )
+        out = attention(q, k, v, build_attention_mask(batch.document_ids, batch.branch_ids, backend), enable_gqa=True)
         (out * weights * real).sum().backward()
         results.append((out * real, q.grad, k.grad, v.grad))
     for segmented, dense in zip(*results):

@@ -17,8 +17,8 @@ from dpokit.config import check_keys, load_config
 from dpokit.data import byte_tokenizer, collate_preference_pairs
 from dpokit.data.preference import PreferenceDataset
 from dpokit.errors import DpokitError
+from dpokit.logprobs import length_desensitized_logps, token_logps
 from dpokit.losses import dpo_loss
-from dpokit.losses.logprobs import length_desensitized_logps, token_logps
 from dpokit.models import adapter_params, disable_adapter, lora_tiny
 from dpokit.recipes.dpo_lora_single_device import CONFIG_KEYS, main
 
@@ -84,10 +84,10 @@ def direct_loss(tmp_path, ld_alpha):
     dataset = PreferenceDataset(write_pairs(tmp_path), tokenizer, max_seq_len=128)
     batch = collate_preference_pairs([dataset[i] for i in range(len(dataset))], pad_id=tokenizer.pad_id)
     model = lora_tiny_with_random_adapters().double()
-    labels, pairs = batch["labels"], batch["num_pairs"]
+    labels, pairs = batch.labels, batch.num_pairs
 
     def sequence_logps():
-        per_token = token_logps(model(batch["input_ids"]), labels)
+        per_token = token_logps(model(batch.input_ids), labels)
         if ld_alpha is None:
             return per_token.sum(-1)
         return length_desensitized_logps(per_token, labels, pairs, ld_alpha=ld_alpha)

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from dpokit.data import bundled_preference_dataset, byte_tokenizer, collate_preference_pairs
-from dpokit.losses.logprobs import token_logps
+from dpokit.logprobs import token_logps
 from dpokit.models import cast_base, load_peft_adapter, lora_tiny, tiny
 from dpokit.models.lora import is_nf4
 
@@ -89,10 +89,10 @@ def test_qlora_recipe_learns_and_its_checkpoint_reproduces_the_run(tmp_path):
     tokenizer = byte_tokenizer()
     dataset = bundled_preference_dataset("case_following", "validation", tokenizer, max_seq_len=128)
     batch = collate_preference_pairs([dataset[i] for i in range(len(dataset))], pad_id=tokenizer.pad_id)
-    pairs = batch["num_pairs"]
+    pairs = batch.num_pairs
     with torch.no_grad():
-        pi = token_logps(policy(batch["input_ids"]), batch["labels"]).sum(-1)
-        ref = token_logps(reference(batch["input_ids"]), batch["labels"]).sum(-1)
+        pi = token_logps(policy(batch.input_ids), batch.labels).sum(-1)
+        ref = token_logps(reference(batch.input_ids), batch.labels).sum(-1)
     margin = (BETA * ((pi[:pairs] - ref[:pairs]) - (pi[pairs:] - ref[pairs:]))).mean().item()
     # The run computed in bf16: a few percent of noise.
     assert final_validation["reward_margin"] > 0.005

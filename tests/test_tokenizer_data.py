@@ -180,12 +180,12 @@ def test_collate_puts_chosen_then_rejected_with_shifted_response_labels():
         {"prompt_ids": [7], "chosen_ids": [8, 9, 10], "rejected_ids": [11, 12]},
     ]
     batch = collate_preference_pairs(items, pad_id=0)
-    assert batch["num_pairs"] == 2 and batch["num_tokens"] == 5 + 4 + 4 + 3
-    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5], [7, 8, 9, 10, 0], [1, 2, 3, 6, 0], [7, 11, 12, 0, 0]]
+    assert batch.num_pairs == 2 and batch.num_tokens == 5 + 4 + 4 + 3
+    assert batch.input_ids.tolist() == [[1, 2, 3, 4, 5], [7, 8, 9, 10, 0], [1, 2, 3, 6, 0], [7, 11, 12, 0, 0]]
     x = -100
-    assert batch["labels"].tolist() == [[x, x, 4, 5, x], [8, 9, 10, x, x], [x, x, 6, x, x], [11, 12, x, x, x]]
+    assert batch.labels.tolist() == [[x, x, 4, 5, x], [8, 9, 10, x, x], [x, x, 6, x, x], [11, 12, x, x, x]]
     # Every label is the next input token: logits at t score input t+1.
-    ids, labels = batch["input_ids"], batch["labels"]
+    ids, labels = batch.input_ids, batch.labels
     keep = labels[:, :-1] != -100
     assert torch.equal(labels[:, :-1][keep], ids[:, 1:][keep])
 

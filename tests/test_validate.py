@@ -163,16 +163,16 @@ def test_truncation_and_layout_costs_equal_the_training_path(defective):
     batches = [
         collate_preference_pairs([dataset[i] for i in order[s : s + 4]], pad_id=0) for s in range(0, len(order), 4)
     ]
-    assert padded.computed == sum(b["input_ids"].numel() for b in batches)
-    assert padded.real == sum(b["num_tokens"] for b in batches)
+    assert padded.computed == sum(b.input_ids.numel() for b in batches)
+    assert padded.real == sum(b.num_tokens for b in batches)
     assert 0 < padded.padding < 1
     for layout, prefix_sharing in ((packed, False), (shared, True)):
         packs = pack_preference_dataset(dataset, pack_size=2 * max_length, prefix_sharing=prefix_sharing)
         batches = [
             collate_packed([pack], pad_id=0, pack_size=2 * max_length, prefix_sharing=prefix_sharing) for pack in packs
         ]
-        assert layout.computed == sum(b["input_ids"].numel() for b in batches)
-        assert layout.real == sum(b["num_tokens"] for b in batches)
+        assert layout.computed == sum(b.input_ids.numel() for b in batches)
+        assert layout.real == sum(b.num_tokens for b in batches)
         assert layout.tokens_per_pair == pytest.approx(len(batches) * 2 * max_length / len(dataset))
 
 

@@ -1,5 +1,6 @@
 """Preference data: tokenizers, file formats, datasets, collation, packing and the bundled task."""
 
+from dpokit.data.batch import PackedBatch, PaddedBatch, PreferenceBatch
 from dpokit.data.collate import IGNORE_INDEX, collate_preference_pairs
 from dpokit.data.formats import FORMATS, PreferenceDataError, detect_format, parse_record
 from dpokit.data.packed import (
@@ -35,8 +36,11 @@ __all__ = [
     "FORMATS",
     "IGNORE_INDEX",
     "LLAMA3_TEMPLATE",
+    "PackedBatch",
     "PackedPreferenceDataset",
     "PackingStats",
+    "PaddedBatch",
+    "PreferenceBatch",
     "PreferenceDataError",
     "PreferenceDataset",
     "Tokenizer",

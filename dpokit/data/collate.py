@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import torch
 
-from dpokit.losses.logprobs import IGNORE_INDEX
+from dpokit.data.batch import PaddedBatch, pair_rewards
+from dpokit.logprobs import IGNORE_INDEX
 
 
-def collate_preference_pairs(items: list[dict], *, pad_id: int, pad_to_multiple_of: int = 1) -> dict:
-    """items -> {"input_ids": [2B, T], "labels": [2B, T], "num_pairs": B, "num_tokens": int}, plus
-    "chosen_reward" / "rejected_reward" [B] when every item carries rewards.
+def collate_preference_pairs(items: list[dict], *, pad_id: int, pad_to_multiple_of: int = 1) -> PaddedBatch:
+    """items -> a `PaddedBatch`: input_ids and labels [2B, T], with chosen_reward / rejected_reward [B]
+    when every item carries rewards.
 
     Rows 0..B-1 are prompt+chosen, rows B..2B-1 prompt+rejected. Padding is on the right, so plain
     causal attention never lets a real token see a pad.
@@ -33,14 +34,13 @@ def collate_preference_pairs(items: list[dict], *, pad_id: int, pad_to_multiple_
     for row, (seq, lab) in enumerate(zip(sequences, labels)):
         input_ids[row, : len(seq)] = torch.tensor(seq)
         label_ids[row, : len(lab)] = torch.tensor(lab)
-    batch = {
-        "input_ids": input_ids,
-        "labels": label_ids,
-        "num_pairs": len(items),
-        "num_tokens": sum(len(s) for s in sequences),
-    }
     # Rewards from the data (NeMo-Aligner format), for the losses that use them (RPO).
-    if all("chosen_reward" in item for item in items):
-        batch["chosen_reward"] = torch.tensor([item["chosen_reward"] for item in items], dtype=torch.float32)
-        batch["rejected_reward"] = torch.tensor([item["rejected_reward"] for item in items], dtype=torch.float32)
-    return batch
+    chosen_reward, rejected_reward = pair_rewards(items)
+    return PaddedBatch(
+        input_ids=input_ids,
+        labels=label_ids,
+        num_pairs=len(items),
+        num_tokens=sum(len(s) for s in sequences),
+        chosen_reward=chosen_reward,
+        rejected_reward=rejected_reward,
+    )

@@ -35,10 +35,11 @@ from typing import Callable, Sequence
 import torch
 from torch.utils.data import Dataset
 
+from dpokit.data.batch import PackedBatch, pair_rewards
 from dpokit.data.packing import PackingStats, pack_lengths, packing_stats
 from dpokit.data.preference import PreferenceDataError
 from dpokit.errors import DpokitError
-from dpokit.losses.logprobs import IGNORE_INDEX
+from dpokit.logprobs import IGNORE_INDEX
 
 CHOSEN, REJECTED = 1, 2
 
@@ -91,8 +92,8 @@ def collate_packed(
     pack_size: int | None = None,
     prefix_sharing: bool = False,
     pad_to_multiple_of: int = 1,
-) -> dict:
-    """packs (lists of pair items) -> one packed batch, a row per pack (see the module docstring).
+) -> PackedBatch:
+    """packs (lists of pair items) -> one `PackedBatch`, a row per pack (see the module docstring).
 
     pack_size fixes the row width (static shapes); None uses the longest pack, rounded up to
     `pad_to_multiple_of`. Also returns num_pairs, num_tokens (real tokens) and, when every pair
@@ -115,15 +116,19 @@ def collate_packed(
     width = pack_size or -(-longest // pad_to_multiple_of) * pad_to_multiple_of
     fills = (pad_id, 0, -1, 0, IGNORE_INDEX, -1)
     names = ("input_ids", "position_ids", "document_ids", "branch_ids", "labels", "sequence_ids")
-    batch = {name: torch.full((len(rows), width), fill, dtype=torch.long) for name, fill in zip(names, fills)}
+    tensors = {name: torch.full((len(rows), width), fill, dtype=torch.long) for name, fill in zip(names, fills)}
     for r, columns in enumerate(rows):
         for name, values in zip(names, columns):
-            batch[name][r, : len(values)] = torch.tensor(values, dtype=torch.long)
-    batch.update(num_pairs=num_pairs, num_tokens=sum(len(r[0]) for r in rows), prefix_sharing=prefix_sharing)
-    if items and all("chosen_reward" in item for item in items):
-        batch["chosen_reward"] = torch.tensor([item["chosen_reward"] for item in items], dtype=torch.float32)
-        batch["rejected_reward"] = torch.tensor([item["rejected_reward"] for item in items], dtype=torch.float32)
-    return batch
+            tensors[name][r, : len(values)] = torch.tensor(values, dtype=torch.long)
+    chosen_reward, rejected_reward = pair_rewards(items)
+    return PackedBatch(
+        **tensors,
+        num_pairs=num_pairs,
+        num_tokens=sum(len(r[0]) for r in rows),
+        prefix_sharing=prefix_sharing,
+        chosen_reward=chosen_reward,
+        rejected_reward=rejected_reward,
+    )
 
 
 class PackedPreferenceDataset(Dataset):

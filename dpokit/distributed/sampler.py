@@ -28,13 +28,15 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from dpokit.data import PackedPreferenceDataset, collate_packed, collate_preference_pairs
+from dpokit.data import PackedPreferenceDataset, PreferenceBatch, collate_packed, collate_preference_pairs
 from dpokit.errors import DpokitError
 
 
-def collate_with_index(dataset: Sequence[dict], indices: Sequence[int], collate: Callable[[list[dict]], dict]) -> dict:
+def collate_with_index(
+    dataset: Sequence[dict], indices: Sequence[int], collate: Callable[[list[dict]], PreferenceBatch]
+) -> PreferenceBatch:
     batch = collate([dataset[i] for i in indices])
-    batch["pair_index"] = torch.tensor(list(indices), dtype=torch.long)
+    batch.pair_index = torch.tensor(list(indices), dtype=torch.long)
     return batch
 
 
@@ -47,7 +49,7 @@ class GlobalBatchSampler:
     def __init__(
         self,
         dataset: Sequence[dict],
-        collate: Callable[[list[dict]], dict],
+        collate: Callable[[list[dict]], PreferenceBatch],
         *,
         batch_size: int,
         gradient_accumulation_steps: int,
@@ -88,11 +90,11 @@ class GlobalBatchSampler:
         """Items of an epoch beyond its last full global batch (a different seeded few each epoch)."""
         return len(self.dataset) - self.steps_per_epoch * self.global_batch
 
-    def collate_items(self, indices: list[int]) -> dict:
+    def collate_items(self, indices: list[int]) -> PreferenceBatch:
         """One micro-batch of the dataset items `indices`, with `pair_index`."""
         return collate_with_index(self.dataset, indices, self.collate)
 
-    def next_step(self) -> list[dict]:
+    def next_step(self) -> list[PreferenceBatch]:
         """The collated micro-batches of the next optimizer step; advances the position."""
         batches = [self.collate_items(idx) for idx in self.step_indices()]
         self.step_in_epoch += 1
@@ -163,10 +165,10 @@ class PackedGlobalBatchSampler(GlobalBatchSampler):
         )
         self.fingerprint = packs_fingerprint(packed)
 
-    def collate_items(self, indices: list[int]) -> dict:
+    def collate_items(self, indices: list[int]) -> PreferenceBatch:
         batch = self.collate([self.dataset[i] for i in indices])
         pair_index = [pair for i in indices for pair in self.dataset.packs[i]]  # collate_packed's pair order
-        batch["pair_index"] = torch.tensor(pair_index, dtype=torch.long)
+        batch.pair_index = torch.tensor(pair_index, dtype=torch.long)
         return batch
 
     def state_dict(self) -> dict:
@@ -210,16 +212,16 @@ def rank_shard(num_items: int, rank: int, world_size: int) -> tuple[list[int], l
 
 def eval_batches(
     dataset: Sequence[dict],
-    collate: Callable[[list[dict]], dict],
+    collate: Callable[[list[dict]], PreferenceBatch],
     *,
     batch_size: int,
     rank: int,
     world_size: int,
-) -> Iterator[dict]:
+) -> Iterator[PreferenceBatch]:
     """This rank's share of `dataset` in batches, each with `pair_index` and a boolean `valid`
     ([B], False on padding pairs that only keep the ranks in step)."""
     indices, valid = rank_shard(len(dataset), rank, world_size)
     for start in range(0, len(indices), batch_size):
         batch = collate_with_index(dataset, indices[start : start + batch_size], collate)
-        batch["valid"] = torch.tensor(valid[start : start + batch_size])
+        batch.valid = torch.tensor(valid[start : start + batch_size])
         yield batch

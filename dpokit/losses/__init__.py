@@ -1,39 +1,33 @@
-"""Preference losses as pure functions of per-sequence log-prob tensors, and the log-prob helpers.
+"""Preference losses as pure functions of per-sequence log-prob tensors (the log-probs come from
+`dpokit.logprobs`).
 
 Select a loss by name (`get_loss("ipo", beta=0.1)`, `loss_names()`) or by `_component_`; call any
 of them with `call_loss` (it supplies token counts / ground-truth rewards where the loss takes them);
 `is_reference_free(loss_fn)` says whether the reference forward can be skipped. See docs/losses.md.
 """
 
-from dpokit.losses.chunked import chunked_token_logps
 from dpokit.losses.combine import combined_loss, wpo_weights
-from dpokit.losses.dpo_family import dpo_loss, ipo_loss, rpo_bwd_kl_loss, rpo_fwd_kl_loss, rpo_sq_loss, sft_loss
-from dpokit.losses.logprobs import IGNORE_INDEX, length_desensitized_logps, sequence_logps, token_logps
-from dpokit.losses.reference_free import cpo_loss, orpo_loss, simpo_loss
-from dpokit.losses.registry import call_loss, get_loss, is_reference_free, loss_names, register_loss
-from dpokit.losses.trl_family import (
-    F_DIVERGENCES,
+from dpokit.losses.f_divergence import F_DIVERGENCES, f_divergence_loss, f_divergence_scores
+from dpokit.losses.margin import (
     aot_loss,
     aot_unpaired_loss,
-    apo_down_loss,
-    apo_zero_loss,
-    bco_pair_loss,
     discopop_loss,
+    dpo_loss,
     exo_pair_loss,
-    f_divergence_loss,
-    f_divergence_scores,
     hinge_loss,
-    nca_pair_loss,
+    ipo_loss,
     robust_loss,
     sigmoid_norm_loss,
-    sppo_hard_loss,
 )
+from dpokit.losses.per_response import apo_down_loss, apo_zero_loss, bco_pair_loss, nca_pair_loss, sppo_hard_loss
+from dpokit.losses.reference_free import cpo_loss, orpo_loss, sft_loss, simpo_loss
+from dpokit.losses.registry import call_loss, get_loss, is_reference_free, loss_names, register_loss
+from dpokit.losses.reward_aware import rpo_bwd_kl_loss, rpo_fwd_kl_loss, rpo_sq_loss
 from dpokit.losses.types import CombinedLossOutput, PreferenceLossOutput
 
 __all__ = [
     "CombinedLossOutput",
     "F_DIVERGENCES",
-    "IGNORE_INDEX",
     "PreferenceLossOutput",
     "aot_loss",
     "aot_unpaired_loss",
@@ -41,7 +35,6 @@ __all__ = [
     "apo_zero_loss",
     "bco_pair_loss",
     "call_loss",
-    "chunked_token_logps",
     "combined_loss",
     "cpo_loss",
     "discopop_loss",
@@ -53,7 +46,6 @@ __all__ = [
     "hinge_loss",
     "ipo_loss",
     "is_reference_free",
-    "length_desensitized_logps",
     "loss_names",
     "nca_pair_loss",
     "orpo_loss",
@@ -62,11 +54,9 @@ __all__ = [
     "rpo_bwd_kl_loss",
     "rpo_fwd_kl_loss",
     "rpo_sq_loss",
-    "sequence_logps",
     "sft_loss",
     "sigmoid_norm_loss",
     "simpo_loss",
     "sppo_hard_loss",
-    "token_logps",
     "wpo_weights",
 ]

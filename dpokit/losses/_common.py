@@ -5,6 +5,9 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
+
+from dpokit.losses.types import PreferenceLossOutput
 
 
 def log_ratios(policy: torch.Tensor, reference: torch.Tensor | None) -> torch.Tensor:
@@ -32,3 +35,19 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
     """log(1 - exp(x)) for x < 0, accurate at both ends (Maechler, 2012): log(-expm1(x)) near 0,
     log1p(-exp(x)) far from it."""
     return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def ratios(name: str, policy_chosen, policy_rejected, reference_chosen, reference_rejected):
+    """(r_w, r_l): the chosen and rejected log-ratios log pi - log pi_ref; the reference is required."""
+    require_reference(name, reference_chosen, reference_rejected)
+    return policy_chosen - reference_chosen, policy_rejected - reference_rejected
+
+
+def preference_output(losses: torch.Tensor, beta: float, r_w: torch.Tensor, r_l: torch.Tensor) -> PreferenceLossOutput:
+    """The per-pair losses with the implicit rewards beta * r_w and beta * r_l, detached."""
+    return PreferenceLossOutput(losses, beta * r_w.detach(), beta * r_l.detach())
+
+
+def smoothed_sigmoid(z: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """-(1 - eps) log sigma(z) - eps log sigma(-z): the logistic loss with flip probability eps."""
+    return -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)

@@ -74,8 +74,8 @@ def combined_loss(
     preference_loss: str | Callable | Sequence[str | Callable] = "dpo",
     preference_loss_weight: float | Sequence[float] = 1.0,
     sft_loss_weight: float = 0.0,
-    preference_average_log_probs: bool = False,
-    sft_average_log_probs: bool | None = None,
+    preference_average_logps: bool = False,
+    sft_average_logps: bool | None = None,
     wpo_weighting: bool = False,
     chosen_lengths: torch.Tensor | None = None,
     rejected_lengths: torch.Tensor | None = None,
@@ -89,10 +89,10 @@ def combined_loss(
 
     * NeMo-Aligner's DPO objective (`preference_loss` a name such as "dpo", "ipo", "rpo_sq",
       "rpo_fwd_kl", "rpo_bwd_kl"; `preference_loss_weight`, `sft_loss_weight`): L_sft = -log pi(y_w|x).
-    * `preference_average_log_probs`: the losses see mean-per-token log-probs log pi(y|x) / n
+    * `preference_average_logps`: the losses see mean-per-token log-probs log pi(y|x) / n
       (NeMo's switch); the terms then get token counts of 1, so a term that normalises by length
       itself (ipo, sigmoid_norm, simpo, orpo, ...) does not divide twice.
-      `sft_average_log_probs` (default: same as preference_average_log_probs): L_sft = -log pi(y_w|x) / n_w.
+      `sft_average_logps` (default: same as preference_average_logps): L_sft = -log pi(y_w|x) / n_w.
     * MPO (Wang et al., 2024, "Enhancing the Reasoning Ability of Multimodal LLMs via Mixed
       Preference Optimization", arXiv:2411.10442): `preference_loss` a list (e.g. ["dpo", "bco_pair",
       "sft"]) with a matching `preference_loss_weight` list; TRL's `loss_type` / `loss_weights`.
@@ -105,7 +105,7 @@ def combined_loss(
     terms = _terms(preference_loss, preference_loss_weight, loss_kwargs)
     inputs = [policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps]
     lengths = (chosen_lengths, rejected_lengths)
-    if preference_average_log_probs:
+    if preference_average_logps:
         inputs = [
             None if x is None else per_token(x, length, "combined_loss") for x, length in zip(inputs, lengths * 2)
         ]
@@ -130,7 +130,7 @@ def combined_loss(
         rewards = rewards or (out.chosen_rewards, out.rejected_rewards)
     preference = torch.as_tensor(preference, dtype=policy_chosen_logps.dtype).expand_as(policy_chosen_logps)
 
-    sft_average = preference_average_log_probs if sft_average_log_probs is None else sft_average_log_probs
+    sft_average = preference_average_logps if sft_average_logps is None else sft_average_logps
     sft = -(per_token(policy_chosen_logps, chosen_lengths, "combined_loss") if sft_average else policy_chosen_logps)
     return CombinedLossOutput(preference + sft_loss_weight * sft, *rewards, preference, sft)
 
@@ -139,8 +139,8 @@ _OWN_KEYWORDS = {
     "preference_loss",
     "preference_loss_weight",
     "sft_loss_weight",
-    "preference_average_log_probs",
-    "sft_average_log_probs",
+    "preference_average_logps",
+    "sft_average_logps",
     "wpo_weighting",
     "chosen_lengths",
     "rejected_lengths",

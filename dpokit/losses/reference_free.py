@@ -105,3 +105,27 @@ def orpo_loss(
     log_odds = (a_w - a_l) - (log1mexp(a_w) - log1mexp(a_l))
     losses = -a_w - beta * F.logsigmoid(log_odds)
     return PreferenceLossOutput(losses, beta * a_w.detach(), beta * a_l.detach())
+
+
+@register_loss("sft", reference_free=True)
+def sft_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor | None = None,
+    reference_chosen_logps: torch.Tensor | None = None,
+    reference_rejected_logps: torch.Tensor | None = None,
+    *,
+    average_logps: bool = False,
+    chosen_lengths: torch.Tensor | None = None,
+    rejected_lengths: torch.Tensor | None = None,
+) -> PreferenceLossOutput:
+    """Supervised (negative log-likelihood) loss on the chosen response, the auxiliary term of
+    NeMo-Aligner's DPO (`sft_loss_weight`) and the "generation" term of MPO:
+
+        L = -log pi(y_w|x)            (average_logps=False: summed over tokens)
+        L = -log pi(y_w|x) / n_w      (average_logps=True: mean over the n_w response tokens)
+
+    Rejected log-probs and the reference are ignored; the rewards are zeros (no preference).
+    """
+    logps = per_token(policy_chosen_logps, chosen_lengths, "sft_loss") if average_logps else policy_chosen_logps
+    zeros = torch.zeros_like(policy_chosen_logps).detach()
+    return PreferenceLossOutput(-logps, zeros, zeros.clone())

@@ -6,8 +6,8 @@ distributed checkpoints are the layer below, `dpokit.distributed`."""
 from dpokit.distributed.group import resolve_device
 from dpokit.distributed.sampler import eval_batches, training_sampler
 from dpokit.training.checkpoint import save_lora_checkpoint
-from dpokit.training.evaluate import evaluate_preference, move_batch
-from dpokit.training.forward import policy_logps, preference_loss, response_lengths
+from dpokit.training.evaluate import evaluate_preference
+from dpokit.training.forward import policy_logps, preference_loss
 from dpokit.training.loop import Checkpointer, RunReport, evaluation_due, process_group, total_training_steps
 from dpokit.training.metrics import JsonlLogger, PairMetrics, preference_accuracy
 from dpokit.training.optim_step import clip_and_step
@@ -32,14 +32,12 @@ __all__ = [
     "evaluate_distributed",
     "evaluate_preference",
     "evaluation_due",
-    "move_batch",
     "policy_logps",
     "preference_accuracy",
     "preference_loss",
     "process_group",
     "resolve_device",
     "resolve_dtype",
-    "response_lengths",
     "save_lora_checkpoint",
     "seed_everything",
     "total_training_steps",

@@ -5,21 +5,18 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from dpokit.data.batch import PreferenceBatch
 from dpokit.losses.registry import is_reference_free
 from dpokit.losses.types import PreferenceLossOutput
 from dpokit.training.forward import policy_logps, preference_loss
 from dpokit.training.metrics import PairMetrics
 
 
-def move_batch(batch: dict, device: torch.device | str) -> dict:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
 @torch.no_grad()
 def preference_eval_metrics(
     model: nn.Module,
     reference,
-    batches: Iterable[dict],
+    batches: Iterable[PreferenceBatch],
     loss_fn: Callable,
     *,
     device,
@@ -37,11 +34,11 @@ def preference_eval_metrics(
     metrics = PairMetrics()
     try:
         for batch in batches:
-            batch = move_batch(batch, device)
+            batch = batch.to(device)
             policy = policy_logps(model, batch, average_logps=average_logps, ld_alpha=ld_alpha)
             ref = None if reference is None or is_reference_free(loss_fn) else reference.logps(batch)
             out = preference_loss(loss_fn, policy, ref, batch, average_logps=average_logps)
-            valid = batch.get("valid")
+            valid = batch.valid
             if valid is not None:
                 out = PreferenceLossOutput(*(t[valid] for t in out))
                 policy = type(policy)(policy.chosen[valid], policy.rejected[valid])
@@ -54,7 +51,7 @@ def preference_eval_metrics(
 def evaluate_preference(
     model: nn.Module,
     reference,
-    batches: Iterable[dict],
+    batches: Iterable[PreferenceBatch],
     loss_fn: Callable,
     *,
     device,

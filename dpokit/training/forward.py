@@ -13,8 +13,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from dpokit.losses.chunked import DEFAULT_CHUNK_SIZE
-from dpokit.losses.logprobs import IGNORE_INDEX, length_desensitized_logps, token_logps
+from dpokit.data.batch import PackedBatch, PreferenceBatch
+from dpokit.logprobs import DEFAULT_CHUNK_SIZE, IGNORE_INDEX, length_desensitized_logps, token_logps
 from dpokit.losses.registry import call_loss
 from dpokit.training.packed_forward import packed_policy_logps
 from dpokit.training.scoring import PolicyLogps, scored_token_logps
@@ -34,7 +34,7 @@ def _per_token_logps(
 
 def policy_logps(
     model: nn.Module,
-    batch: dict,
+    batch: PreferenceBatch,
     *,
     average_logps: bool = False,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
@@ -49,20 +49,20 @@ def policy_logps(
         (the reference path; also used automatically for models without `hidden_states`).
     ld_alpha: LD-DPO length desensitisation (`length_desensitized_logps`); None = plain sum.
 
-    A packed or prefix-shared batch (one with `sequence_ids`, from `dpokit.data.collate_packed`)
+    A `PackedBatch` (packed or prefix-shared, from `dpokit.data.collate_packed`)
     goes through `dpokit.training.packed_forward.packed_policy_logps` instead.
     """
-    if "sequence_ids" in batch:
+    if isinstance(batch, PackedBatch):
         if ld_alpha is not None:
             raise ValueError("ld_alpha is not supported on packed batches")
         return packed_policy_logps(model, batch, average_logps=average_logps)
-    labels = batch["labels"]
+    labels = batch.labels
     counts = (labels != IGNORE_INDEX).sum(-1)
     if (counts == 0).any():
         rows = (counts == 0).nonzero().flatten().tolist()
         raise ValueError(f"sequence(s) {rows[:5]} have no response tokens to score")
-    per_token = _per_token_logps(model, batch["input_ids"], labels, chunk_size, materialize_logits)
-    num_pairs = batch["num_pairs"]
+    per_token = _per_token_logps(model, batch.input_ids, labels, chunk_size, materialize_logits)
+    num_pairs = batch.num_pairs
     if ld_alpha is None:
         logps = per_token.sum(-1)
     else:
@@ -72,19 +72,13 @@ def policy_logps(
     return PolicyLogps(logps[:num_pairs], logps[num_pairs:])
 
 
-def response_lengths(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Response token counts [B] of the chosen and the rejected sequences (padded or packed batch)."""
-    num_pairs = batch["num_pairs"]
-    if "sequence_ids" in batch:  # packed: labelled positions name their sequence
-        sequence_ids = batch["sequence_ids"].reshape(-1)
-        counts = torch.bincount(sequence_ids[sequence_ids >= 0], minlength=2 * num_pairs)
-    else:
-        counts = (batch["labels"] != IGNORE_INDEX).sum(-1)
-    return counts[:num_pairs], counts[num_pairs:]
-
-
 def preference_loss(
-    loss_fn: Callable, policy: PolicyLogps, reference: PolicyLogps | None, batch: dict, *, average_logps: bool = False
+    loss_fn: Callable,
+    policy: PolicyLogps,
+    reference: PolicyLogps | None,
+    batch: PreferenceBatch,
+    *,
+    average_logps: bool = False,
 ):
     """Call `loss_fn` on the batch's log-probs with whatever else it takes (`dpokit.losses.call_loss`):
     response token counts, and per-pair ground-truth rewards when the batch carries
@@ -92,7 +86,7 @@ def preference_loss(
     losses. average_logps: the log-probs are already per-token means, so the losses get counts of 1
     (a length-normalising loss must not divide twice).
     """
-    chosen_lengths, rejected_lengths = response_lengths(batch)
+    chosen_lengths, rejected_lengths = batch.response_lengths()
     if average_logps:
         chosen_lengths, rejected_lengths = torch.ones_like(chosen_lengths), torch.ones_like(rejected_lengths)
     return call_loss(
@@ -103,6 +97,6 @@ def preference_loss(
         None if reference is None else reference.rejected,
         chosen_lengths=chosen_lengths,
         rejected_lengths=rejected_lengths,
-        chosen_gt_rewards=batch.get("chosen_reward"),
-        rejected_gt_rewards=batch.get("rejected_reward"),
+        chosen_gt_rewards=batch.chosen_reward,
+        rejected_gt_rewards=batch.rejected_reward,
     )

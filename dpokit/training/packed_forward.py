@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dpokit.data.batch import PackedBatch
 from dpokit.models.attention import build_attention_mask
 from dpokit.training.scoring import PolicyLogps, scored_token_logps
 
@@ -35,7 +36,7 @@ def segment_logps(
 
 
 def packed_policy_logps(
-    model: nn.Module, batch: dict, *, average_logps: bool = False, attention_backend: str = "auto"
+    model: nn.Module, batch: PackedBatch, *, average_logps: bool = False, attention_backend: str = "auto"
 ) -> PolicyLogps:
     """Chosen / rejected log-probs [num_pairs] of a packed (optionally prefix-shared) batch.
 
@@ -43,13 +44,13 @@ def packed_policy_logps(
     attention_backend: "auto" (FlexAttention on CUDA, per-document SDPA elsewhere), "segments",
     "sdpa" (one dense boolean mask), "flex".
     """
-    mask = build_attention_mask(batch["document_ids"], batch["branch_ids"], attention_backend)
-    hidden = model.hidden_states(batch["input_ids"], batch["position_ids"], mask)
-    sequence_ids = batch["sequence_ids"].reshape(-1)
+    mask = build_attention_mask(batch.document_ids, batch.branch_ids, attention_backend)
+    hidden = model.hidden_states(batch.input_ids, batch.position_ids, mask)
+    sequence_ids = batch.sequence_ids.reshape(-1)
     labelled = sequence_ids >= 0
     hidden = hidden.reshape(-1, hidden.shape[-1])[labelled]
-    labels = batch["labels"].reshape(-1)[labelled]
+    labels = batch.labels.reshape(-1)[labelled]
     per_token = scored_token_logps(model, hidden, labels)
-    num_pairs = batch["num_pairs"]
+    num_pairs = batch.num_pairs
     logps, _ = segment_logps(per_token, sequence_ids[labelled], 2 * num_pairs, average_logps=average_logps)
     return PolicyLogps(logps[:num_pairs], logps[num_pairs:])

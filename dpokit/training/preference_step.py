@@ -25,7 +25,7 @@ from torch.distributed.fsdp import FSDPModule
 
 from dpokit.distributed.fsdp import reshard
 from dpokit.distributed.group import all_reduce_sum, get_world_size
-from dpokit.training.evaluate import move_batch, preference_eval_metrics
+from dpokit.training.evaluate import preference_eval_metrics
 from dpokit.training.forward import policy_logps, preference_loss
 from dpokit.training.metrics import PairMetrics, all_reduce_pair_metrics
 
@@ -92,12 +92,12 @@ def accumulate_gradients(
     # as their own "swap" phase, out of the "reference" one they happen in.
     copy_seconds = getattr(reference, "seconds", None)
     swap_before = copy_seconds.get("swap", 0.0) if copy_seconds is not None else 0.0
-    local_pairs = sum(b["num_pairs"] for b in micro_batches)
+    local_pairs = sum(b.num_pairs for b in micro_batches)
     global_pairs = all_reduce_sum([local_pairs])[0]
     scale = get_world_size() / global_pairs
     metrics, tokens = PairMetrics(), 0
     for m, batch in enumerate(micro_batches):
-        batch = move_batch(batch, device)
+        batch = batch.to(device)
         with timer("reference"):
             ref = reference.logps(batch)  # before the policy forward: nothing of it is saved for backward
         _set_gradient_sync(model, m == len(micro_batches) - 1)
@@ -106,7 +106,7 @@ def accumulate_gradients(
             out = preference_loss(loss_fn, policy, ref, batch, average_logps=average_logps)
             (out.losses.sum() * scale).backward()
         metrics.add(out, policy.chosen, policy.rejected)
-        tokens += batch["num_tokens"]
+        tokens += batch.num_tokens
     _set_gradient_sync(model, True)
     if copy_seconds is not None:
         swap = copy_seconds.get("swap", 0.0) - swap_before

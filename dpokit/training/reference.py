@@ -22,6 +22,7 @@ from collections import defaultdict
 import torch
 from torch import nn
 
+from dpokit.data.batch import PreferenceBatch
 from dpokit.models.lora import disable_adapter
 from dpokit.training.forward import policy_logps
 from dpokit.training.scoring import PolicyLogps
@@ -34,7 +35,7 @@ class AdapterOffReference:
         self.model, self.average_logps, self.ld_alpha = model, average_logps, ld_alpha
 
     @torch.no_grad()
-    def logps(self, batch: dict) -> PolicyLogps:
+    def logps(self, batch: PreferenceBatch) -> PolicyLogps:
         with disable_adapter(self.model):
             return policy_logps(self.model, batch, average_logps=self.average_logps, ld_alpha=self.ld_alpha)
 
@@ -123,7 +124,7 @@ class StateDictSwapReference:
             self._copy(self.stash, shards)
 
     @torch.no_grad()
-    def logps(self, batch: dict) -> PolicyLogps:
+    def logps(self, batch: PreferenceBatch) -> PolicyLogps:
         with self.swapped(), _eval_mode(self.model):
             return policy_logps(self.model, batch, average_logps=self.average_logps, ld_alpha=self.ld_alpha)
 
@@ -138,7 +139,7 @@ class FrozenCopyReference:
         model.requires_grad_(False)
 
     @torch.no_grad()
-    def logps(self, batch: dict) -> PolicyLogps:
+    def logps(self, batch: PreferenceBatch) -> PolicyLogps:
         try:
             return policy_logps(self.model, batch, average_logps=self.average_logps, ld_alpha=self.ld_alpha)
         finally:
@@ -146,7 +147,7 @@ class FrozenCopyReference:
 
 
 class PrecomputedReference:
-    """Reference log-probs looked up by each pair's dataset index (`batch["pair_index"]`).
+    """Reference log-probs looked up by each pair's dataset index (`batch.pair_index`).
 
     `chosen` / `rejected` are [num_pairs] tables for one dataset split, computed once before
     training by `dpokit.training.reference_cache.precompute_reference_logps`."""
@@ -156,16 +157,16 @@ class PrecomputedReference:
             raise ValueError(f"expected two [num_pairs] tables, got {tuple(chosen.shape)} and {tuple(rejected.shape)}")
         self.chosen, self.rejected = chosen, rejected
 
-    def logps(self, batch: dict) -> PolicyLogps:
-        if "pair_index" not in batch:
-            raise KeyError("a precomputed reference needs batch['pair_index'] (see dpokit.distributed.sampler)")
-        index = batch["pair_index"].to(self.chosen.device)
-        device = batch["input_ids"].device
+    def logps(self, batch: PreferenceBatch) -> PolicyLogps:
+        if batch.pair_index is None:
+            raise ValueError("a precomputed reference needs batches with pair_index (see dpokit.distributed.sampler)")
+        index = batch.pair_index.to(self.chosen.device)
+        device = batch.input_ids.device
         return PolicyLogps(self.chosen[index].to(device), self.rejected[index].to(device))
 
 
 class NoReference:
     """For reference-free losses: no reference forward at all (`logps` returns None)."""
 
-    def logps(self, batch: dict) -> None:
+    def logps(self, batch: PreferenceBatch) -> None:
         return None

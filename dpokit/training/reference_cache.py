@@ -28,7 +28,6 @@ from torch import nn
 from dpokit.distributed.fsdp import reshard
 from dpokit.distributed.group import all_gather_tensor, get_rank, get_world_size
 from dpokit.distributed.sampler import eval_batches
-from dpokit.training.evaluate import move_batch
 from dpokit.training.forward import policy_logps
 from dpokit.training.reference import PrecomputedReference
 
@@ -102,12 +101,12 @@ def compute_reference_logps(
     local = []  # rows of (index, valid, chosen, rejected)
     try:
         for batch in eval_batches(dataset, collate, batch_size=batch_size, rank=rank, world_size=world_size):
-            out = policy_logps(model, move_batch(batch, device), average_logps=average_logps, ld_alpha=ld_alpha)
+            out = policy_logps(model, batch.to(device), average_logps=average_logps, ld_alpha=ld_alpha)
             local.append(
                 torch.stack(
                     [
-                        batch["pair_index"].double(),
-                        batch["valid"].double(),
+                        batch.pair_index.double(),
+                        batch.valid.double(),
                         out.chosen.double().cpu(),
                         out.rejected.double().cpu(),
                     ],

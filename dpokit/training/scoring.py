@@ -12,8 +12,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from dpokit.losses.chunked import DEFAULT_CHUNK_SIZE, chunked_token_logps
-from dpokit.losses.logprobs import token_logps
+from dpokit.logprobs import DEFAULT_CHUNK_SIZE, chunked_token_logps, token_logps
 
 
 class PolicyLogps(NamedTuple):

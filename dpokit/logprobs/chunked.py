@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dpokit.losses.logprobs import IGNORE_INDEX
+from dpokit.logprobs.from_logits import IGNORE_INDEX
 
 DEFAULT_CHUNK_SIZE = 1024
 
