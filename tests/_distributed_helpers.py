@@ -147,7 +147,7 @@ def train_trajectory(
     final full weights."""
     from dpokit.distributed.fsdp import full_tensors
     from dpokit.distributed.sampler import GlobalBatchSampler
-    from dpokit.training.preference_step import accumulate_gradients
+    from dpokit.training.step import accumulate_gradients
 
     pairs = synthetic_pairs(num_pairs)
     # The frozen-copy run also recomputes activations in backward (must not change any number).
@@ -218,8 +218,8 @@ def train_lora_trajectory(
     from dpokit.distributed.fsdp_lora import merged_full_tensors
     from dpokit.distributed.sampler import GlobalBatchSampler
     from dpokit.models import merged_state_dict
-    from dpokit.training.preference_step import accumulate_gradients
     from dpokit.training.reference import AdapterOffReference
+    from dpokit.training.step import accumulate_gradients
 
     pairs = synthetic_pairs(num_pairs)
     model = make_lora_model(checkpoint, sharded=sharded)

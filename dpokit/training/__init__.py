@@ -5,17 +5,16 @@ distributed checkpoints are the layer below, `dpokit.distributed`."""
 
 from dpokit.distributed.group import resolve_device
 from dpokit.distributed.sampler import eval_batches, training_sampler
-from dpokit.training.checkpoint import save_lora_checkpoint
 from dpokit.training.evaluate import evaluate_preference
+from dpokit.training.export import save_lora_checkpoint
 from dpokit.training.forward import policy_logps, preference_loss
-from dpokit.training.loop import Checkpointer, RunReport, evaluation_due, process_group, total_training_steps
 from dpokit.training.metrics import JsonlLogger, PairMetrics, preference_accuracy
-from dpokit.training.optim_step import clip_and_step
-from dpokit.training.preference_step import StepTimer, accumulate_gradients, evaluate_distributed
 from dpokit.training.reference import AdapterOffReference, NoReference
+from dpokit.training.run import Checkpointer, RunReport, evaluation_due, process_group, total_training_steps
 from dpokit.training.runtime import resolve_dtype, seed_everything
 from dpokit.training.schedules import warmup_cosine_schedule, warmup_warning
 from dpokit.training.scoring import PolicyLogps
+from dpokit.training.step import StepTimer, accumulate_gradients, clip_and_step, evaluate_distributed
 
 __all__ = [
     "AdapterOffReference",

@@ -17,9 +17,9 @@ from _distributed_helpers import (
     train_trajectory,
     write_checkpoint,
 )
-from dpokit.training.preference_step import accumulate_gradients
 from dpokit.training.reference import PrecomputedReference, StateDictSwapReference
 from dpokit.training.reference_cache import compute_reference_logps
+from dpokit.training.step import accumulate_gradients
 
 STRATEGIES = ("swap", "frozen", "precomputed")
 STEPS = 3
@@ -76,6 +76,7 @@ def _two_rank_worker(rank, checkpoint, out_dir):
         )
 
 
+@pytest.mark.multiprocess
 def test_two_rank_fsdp_matches_one_process_for_every_reference_strategy(tmp_path):
     checkpoint = write_checkpoint(tmp_path / "checkpoint")
     spawn(_two_rank_worker, 2, checkpoint, tmp_path)

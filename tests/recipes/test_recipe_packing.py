@@ -25,12 +25,14 @@ def check_run(result, output_dir):
     assert math.isfinite(second["loss"]) and second["grad_norm"] > 0
 
 
+@pytest.mark.subprocess
 def test_online_packing_with_prefix_sharing(tmp_path):
     packing = "packing={_component_: dpokit.data.pack_preference_dataset, pack_size: 256, prefix_sharing: true}"
     result = subprocess.run([*RUN, f"output_dir={tmp_path}", packing], capture_output=True, text=True)
     check_run(result, tmp_path)
 
 
+@pytest.mark.subprocess
 def test_offline_pack_file_is_read_by_the_recipe(tmp_path):
     packed = tmp_path / "packed.jsonl"
     made = subprocess.run(

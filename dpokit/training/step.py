@@ -1,4 +1,5 @@
-"""The gradient-accumulation step and the validation pass of the distributed recipes.
+"""The training step of every recipe (one device or FSDP2): gradient accumulation, then clip,
+refuse non-finite values and update; and the validation pass.
 
 Normalisation over the global batch. With N pairs in an optimizer step over all micro-batches of
 all W ranks, the gradient should be that of the per-pair mean
@@ -15,6 +16,7 @@ packed forward on their own.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import defaultdict
 from typing import Callable, Iterable
@@ -25,6 +27,7 @@ from torch.distributed.fsdp import FSDPModule
 
 from dpokit.distributed.fsdp import reshard
 from dpokit.distributed.group import all_reduce_sum, get_world_size
+from dpokit.errors import DpokitError
 from dpokit.training.evaluate import preference_eval_metrics
 from dpokit.training.forward import policy_logps, preference_loss
 from dpokit.training.metrics import PairMetrics, all_reduce_pair_metrics
@@ -113,6 +116,39 @@ def accumulate_gradients(
         timer.seconds["reference"] -= swap
         timer.seconds["swap"] += swap
     return all_reduce_pair_metrics(metrics), tokens
+
+
+def clip_and_step(
+    params: Iterable[torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    *,
+    max_grad_norm: float,
+    loss: float,
+    step: int,
+    last_checkpoint: Callable[[], object] | None = None,
+) -> tuple[float, float]:
+    """Clip the gradient norm to `max_grad_norm`, then step the optimizer and the LR schedule.
+
+    A non-finite `loss` or gradient norm stops the run before the update, with an error naming the
+    step (and, given `last_checkpoint`, the last good checkpoint). Returns (grad norm, LR used).
+    """
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
+        grad_norm = grad_norm.full_tensor()
+    if not (math.isfinite(loss) and torch.isfinite(grad_norm)):
+        message = (
+            f"step {step}: non-finite loss ({loss}) or gradient norm ({grad_norm.item()}); "
+            f"stopped before the optimizer step"
+        )
+        if last_checkpoint is not None:
+            message += f". Last good checkpoint: {last_checkpoint() or 'none'}"
+        raise DpokitError(message)
+    lr = float(scheduler.get_last_lr()[0])  # torchao optimizers keep lr as a tensor
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm.item(), lr
 
 
 def evaluate_distributed(

@@ -8,7 +8,7 @@ import torch
 
 from dpokit.models import llama
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from master_weights import MasterWeights  # noqa: E402
 
 

@@ -20,7 +20,7 @@ from dpokit.data import (
 )
 from dpokit.errors import DpokitError
 
-HH_PATH = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "hh_rlhf_harmless_base_test.jsonl.gz"
+HH_PATH = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "hh_rlhf_harmless_base_test.jsonl.gz"
 
 PROMPT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]
 EXPECTED = {"prompt": PROMPT, "chosen": "4", "rejected": "5"}

@@ -15,7 +15,7 @@ from dpokit.config import check_keys, instantiate, load_config  # noqa: E402
 from dpokit.models import LoRALinear, load_hf_checkpoint  # noqa: E402
 from hf_fixtures import LLAMA3_2_JINJA, QWEN2_5_JINJA, SMOLLM2_JINJA, write_tokenizer  # noqa: E402
 
-RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "dpo_lora_single_device.py"
+RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "dpo_lora_single_device.py"
 CONFIGS = RECIPE.parent / "configs" / "dpo_lora_single_device"
 SMALL = dict(
     vocab_size=320,

@@ -3,12 +3,15 @@
 import json
 import subprocess
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from dpokit.models import lora_tiny, tiny
 
 
+@pytest.mark.multiprocess
+@pytest.mark.subprocess
 def test_two_process_lora_run_writes_merged_model_and_separate_adapter(tmp_path):
     result = subprocess.run(
         [

@@ -33,7 +33,7 @@ tokenizers = pytest.importorskip("tokenizers")
 from dpokit.data.hf_tokenizer import hf_tokenizer  # noqa: E402
 from dpokit.models.hf_checkpoint import load_hf_checkpoint  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "smollm2_hf_folder.py"
 HH_TEST = ROOT.parent / "shared" / "data" / "hh_rlhf_harmless_base_test.jsonl.gz"
 BUNDLED_TRAIN = ROOT / "dpokit" / "data" / "assets" / "case_following" / "train.jsonl"
@@ -106,6 +106,7 @@ def hf_chat_ids(tokenizer, messages, **kwargs) -> list[int]:
     return list(out["input_ids"] if hasattr(out, "keys") else out)
 
 
+@pytest.mark.subprocess
 def test_logits_match_transformers(folder):
     ours = load_hf_checkpoint(folder).eval()
     theirs = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
@@ -116,6 +117,7 @@ def test_logits_match_transformers(folder):
     assert diff <= 1e-5, f"max abs logit difference {diff}"
 
 
+@pytest.mark.subprocess
 def test_tokenizer_matches_hf_tokenizers(folder):
     ours = hf_tokenizer(folder)
     theirs = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
@@ -130,6 +132,7 @@ def test_tokenizer_matches_hf_tokenizers(folder):
     assert not mismatches, f"{len(mismatches)} of {len(texts)} texts differ, e.g. " + "; ".join(mismatches[:3])
 
 
+@pytest.mark.subprocess
 def test_chat_template_matches_transformers(folder):
     ours = hf_tokenizer(folder)
     theirs = transformers.AutoTokenizer.from_pretrained(folder)
@@ -150,6 +153,7 @@ def write_pairs(path: Path, records: list[dict]) -> Path:
     return path
 
 
+@pytest.mark.subprocess
 def test_lora_dpo_run_writes_a_checkpoint_transformers_and_peft_load(folder, tmp_path):
     records = hh_records()
     if records is not None:  # short pairs keep the run quick

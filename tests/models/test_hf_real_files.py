@@ -26,7 +26,7 @@ from dpokit.data.hf_tokenizer import (  # noqa: E402
 from dpokit.data.tokenizer import ChatTemplate, Tokenizer  # noqa: E402
 from dpokit.models import CheckpointError, model_from_hf_config  # noqa: E402
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+SHARED = Path(__file__).resolve().parents[3] / "shared"
 HF_REAL = SHARED / "hf-real"
 HH = SHARED / "data" / "hh_rlhf_harmless_base_test.jsonl.gz"
 pytestmark = pytest.mark.skipif(not HF_REAL.is_dir(), reason="../shared/hf-real is not here")

@@ -38,9 +38,9 @@ from dpokit.data.synthetic import case_following_pairs
 from dpokit.distributed.sampler import GlobalBatchSampler, PackedGlobalBatchSampler, collate_with_index
 from dpokit.errors import DpokitError
 from dpokit.losses import simpo_loss
-from dpokit.training.preference_step import accumulate_gradients
 from dpokit.training.reference import NoReference, PrecomputedReference
 from dpokit.training.reference_cache import compute_reference_logps
+from dpokit.training.step import accumulate_gradients
 
 NUM_PAIRS, PACK_SIZE, STEPS = 40, 56, 3
 # (reference strategy, prefix sharing): every strategy runs packed, both layouts are covered.
@@ -111,6 +111,7 @@ def _two_rank_worker(rank, checkpoint, out_dir):
     torch.save(runs, out_dir / f"rank{rank}.pt")
 
 
+@pytest.mark.multiprocess
 def test_two_rank_packed_training_matches_one_process(tmp_path):
     checkpoint = write_checkpoint(tmp_path / "checkpoint")
     spawn(_two_rank_worker, 2, checkpoint, tmp_path)
@@ -238,7 +239,7 @@ def test_lora_recipe_trains_on_a_dpokit_pack_file(tmp_path):
     from dpokit.errors import DpokitError
     from dpokit.recipes.dpo_lora_distributed import main
 
-    cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / "recipes/configs/dpo_lora_distributed/tiny.yaml")
+    cfg = OmegaConf.load(Path(__file__).resolve().parents[2] / "recipes/configs/dpo_lora_distributed/tiny.yaml")
     for name, n, seed in (("train", 48, 0), ("validation", 8, 1)):
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(p) + "\n" for p in case_following_pairs(n, seed)))
     pairs = PreferenceDataset(tmp_path / "train.jsonl", byte_tokenizer(), max_seq_len=64)

@@ -30,6 +30,7 @@ def run_recipe(*overrides, cwd=None):
     return result
 
 
+@pytest.mark.subprocess
 def test_demo_learns_the_bundled_task_and_writes_metrics_and_checkpoint(tmp_path):
     """The README's command 1, in full: validation accuracy starts at chance and ends >= 0.9."""
     out = tmp_path / "run"
@@ -69,6 +70,7 @@ def test_demo_learns_the_bundled_task_and_writes_metrics_and_checkpoint(tmp_path
     assert any(torch.count_nonzero(v) for k, v in adapter.items() if "lora_B" in k)  # it trained
 
 
+@pytest.mark.subprocess
 def test_gradient_accumulation_matches_one_big_batch(tmp_path):
     """16 pairs as one micro-batch == 4 micro-batches of 4: the loss is a mean over the step's pairs."""
     common = ["max_steps=3", "eval_every=100", "validation_dataset.split=validation"]
@@ -81,6 +83,7 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
             assert ra[key] == pytest.approx(rb[key], rel=1e-5, abs=1e-6), (ra["step"], key)
 
 
+@pytest.mark.subprocess
 def test_cp_then_run_the_copies(tmp_path):
     assert dpokit("cp", "dpo_lora_single_device", str(tmp_path / "my_dpo.py")).returncode == 0
     assert dpokit("cp", "dpo_lora_single_device/tiny", str(tmp_path)).returncode == 0
@@ -99,6 +102,7 @@ def test_cp_then_run_the_copies(tmp_path):
     assert (tmp_path / "out" / "final" / "adapter" / "adapter_model.safetensors").is_file()
 
 
+@pytest.mark.subprocess
 def test_ls_and_cat():
     listing = dpokit("ls")
     assert listing.returncode == 0 and "dpo_lora_single_device/tiny" in listing.stdout
@@ -106,6 +110,7 @@ def test_ls_and_cat():
     assert cat.returncode == 0 and "_component_: dpokit.models.lora_tiny" in cat.stdout
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -128,12 +133,14 @@ def test_mistakes_are_one_line_errors(args, message, tmp_path):
     assert not list(tmp_path.rglob("metrics.jsonl"))  # refused before any training
 
 
+@pytest.mark.subprocess
 def test_help_everywhere():
     for args in ([], ["run"], ["ls"], ["cp"], ["cat"]):
         result = dpokit(*args, "--help")
         assert result.returncode == 0 and "usage: dpokit" in result.stdout
 
 
+@pytest.mark.subprocess
 def test_recipe_help_runs_without_a_config():
     from dpokit.cli import resolve_recipe
 

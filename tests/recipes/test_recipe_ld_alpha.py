@@ -112,6 +112,7 @@ def test_ld_alpha_step_loss_equals_length_desensitized_computation(tmp_path):
     assert plain_validation["preference_loss"] == pytest.approx(expected_plain, rel=1e-4)
 
 
+@pytest.mark.subprocess
 def test_packing_with_ld_alpha_is_a_one_line_config_error(tmp_path):
     small_train_set = [
         "train_dataset._component_=dpokit.data.PreferenceDataset",

@@ -1,4 +1,4 @@
-"""The loop bookkeeping of the distributed recipes (`dpokit.training.loop`): the step, evaluation
+"""The loop bookkeeping of the distributed recipes (`dpokit.training.run`): the step, evaluation
 and checkpoint cadences against brute-force enumerations, keep-last-N against the folder names,
 and a save -> resume round trip (one process, no process group: DCP's single-process mode)
 against the uninterrupted run."""
@@ -14,11 +14,10 @@ from _distributed_helpers import build_model, collate, loss_fn, synthetic_pairs
 from dpokit.distributed.checkpoint import COMPLETE, stale_checkpoints
 from dpokit.distributed.sampler import GlobalBatchSampler
 from dpokit.errors import DpokitError
-from dpokit.training.loop import Checkpointer, evaluation_due, total_training_steps
-from dpokit.training.optim_step import clip_and_step
-from dpokit.training.preference_step import accumulate_gradients
 from dpokit.training.reference import AdapterOffReference
+from dpokit.training.run import Checkpointer, evaluation_due, total_training_steps
 from dpokit.training.schedules import warmup_cosine_schedule
+from dpokit.training.step import accumulate_gradients, clip_and_step
 
 
 @pytest.mark.parametrize("steps_per_epoch,epochs,max_steps", [(10, 3, None), (10, 3, 7), (10, 1, 50), (4, 2, 8)])

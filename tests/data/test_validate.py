@@ -266,6 +266,7 @@ def test_argument_errors_exit_2_and_help_exits_0(tmp_path, capsys):
     assert exited.value.code == 0 and "usage: dpokit validate" in capsys.readouterr().out
 
 
+@pytest.mark.subprocess
 def test_subprocess_exit_status_and_json(defective):
     path, _ = defective
     result = subprocess.run(["dpokit", "validate", path, "--json"], capture_output=True, text=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from dpokit.training.loop import RunReport
+from dpokit.training.run import RunReport
 
 # What `PairMetrics.means()` gives for a step of a loss with an SFT term ("loss" = the total).
 METRICS = {

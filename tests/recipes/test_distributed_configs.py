@@ -11,7 +11,7 @@ import torch
 
 from dpokit.config import check_keys, instantiate, load_config
 
-CONFIGS = Path(__file__).resolve().parents[1] / "recipes" / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "recipes" / "configs"
 # Parameter counts of the published checkpoints (embeddings included).
 EXPECTED = {
     "llama3_8b": 8.03e9,

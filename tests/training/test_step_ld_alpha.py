@@ -25,7 +25,7 @@ from dpokit.data import collate_preference_pairs
 from dpokit.data.synthetic import case_following_pairs
 from dpokit.distributed.sampler import GlobalBatchSampler
 
-CONFIGS = Path(__file__).resolve().parents[1] / "recipes" / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "recipes" / "configs"
 SMALL = {
     "vocab_size": 272,
     "dim": 32,
@@ -123,6 +123,7 @@ def _direct_step1_logps(config: Path, ld_alpha: float | None) -> tuple[float, fl
     return sum(chosen) / len(chosen), sum(rejected) / len(rejected)
 
 
+@pytest.mark.multiprocess
 def test_ld_alpha_reaches_policy_and_reference_in_both_distributed_recipes(tmp_path):
     full, lora = _config(tmp_path, "dpo_full_distributed"), _config(tmp_path, "dpo_lora_distributed")
     runs, outputs = [], {}

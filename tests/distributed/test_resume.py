@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
 import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
@@ -62,6 +63,7 @@ def _train_losses(output_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows if r["split"] == "train"}
 
 
+@pytest.mark.multiprocess
 def test_resume_after_step_k_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
     config = _config(tmp_path)
     full, resumed, diverged, from_hf = (tmp_path / name for name in ("full", "resumed", "diverged", "from_hf"))

@@ -46,6 +46,7 @@ def checkpoint_policy_and_reference(final):
     return policy, reference
 
 
+@pytest.mark.subprocess
 def test_qlora_recipe_learns_and_its_checkpoint_reproduces_the_run(tmp_path):
     result = subprocess.run(
         [

@@ -1,4 +1,4 @@
-"""The bookkeeping around the training loop of the distributed recipes.
+"""The bookkeeping around every recipe's training loop.
 
 The recipes keep the wiring in sight (model, sharding, reference, optimizer, the step itself);
 what is here only decides *when* things happen and *who* writes them down:

@@ -108,7 +108,10 @@ def item(p, c, r):
 def test_unshared_packed_layout():
     a, b = item([1, 2], [3, 4], [5]), item([6], [7], [8, 9])
     batch = collate_packed([[a, b]], pad_id=0, pack_size=16)
-    row = {k: getattr(batch, k)[0].tolist() for k in ("input_ids", "position_ids", "document_ids", "labels", "sequence_ids")}
+    row = {
+        k: getattr(batch, k)[0].tolist()
+        for k in ("input_ids", "position_ids", "document_ids", "labels", "sequence_ids")
+    }
     X = IGNORE_INDEX
     assert row["input_ids"] == [1, 2, 3, 4, 1, 2, 5, 6, 7, 6, 8, 9] + [0] * 4
     assert row["position_ids"] == [0, 1, 2, 3, 0, 1, 2, 0, 1, 0, 1, 2] + [0] * 4
