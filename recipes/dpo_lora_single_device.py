@@ -21,7 +21,7 @@ from dpokit.config import instantiate, recipe_main
 from dpokit.data import collate_preference_pairs, training_set
 from dpokit.errors import DpokitError
 from dpokit.losses import is_reference_free
-from dpokit.models import adapter_params, cast_base, parameter_summary
+from dpokit.models import adapter_params, cast_base, parameter_summary, prepare_blocks
 from dpokit.training import (
     AdapterOffReference,
     Checkpointer,
@@ -47,6 +47,8 @@ CONFIG_KEYS = (
     "seed",
     "device",
     "dtype",
+    "activation_checkpointing",
+    "compile",
     "checkpoint_dir",
     "tokenizer",
     "model",
@@ -106,6 +108,7 @@ def main(cfg) -> None:
     # Model: only the adapters train; the reference is the same module with adapters off. The
     # frozen base is cast to `dtype`, the adapters stay fp32 so small updates are not rounded away.
     model = cast_base(instantiate(cfg.model), dtype).to(device)
+    prepare_blocks(model, activation_checkpointing=cfg.activation_checkpointing, compile_blocks=cfg.compile)
     trainable = list(adapter_params(model).values())
     loss_fn = instantiate(cfg.loss)
     logps_settings = {"average_logps": cfg.average_logps, "ld_alpha": cfg.ld_alpha}

@@ -26,29 +26,9 @@ from torch.distributed.fsdp import (
     register_fsdp_forward_method,
 )
 from torch.distributed.tensor import DTensor
-from torch.utils.checkpoint import checkpoint
 
 from dpokit.errors import DpokitError
-
-
-def transformer_blocks(model: nn.Module) -> list[nn.Module]:
-    """The repeated blocks FSDP2 shards one by one (the decoder's `layers`)."""
-    layers = getattr(model, "layers", None)
-    if layers is None:
-        raise TypeError(f"{type(model).__name__} has no `layers` to shard block by block")
-    return list(layers)
-
-
-def enable_activation_checkpointing(module: nn.Module) -> None:
-    """Recompute `module`'s activations in backward instead of storing them.
-
-    Wraps `forward` rather than the module, so state-dict keys stay unchanged."""
-    forward = module.forward
-
-    def checkpointed_forward(*args, **kwargs):
-        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
-
-    module.forward = checkpointed_forward
+from dpokit.models.blocks import prepare_blocks, transformer_blocks
 
 
 def shard_model(
@@ -78,11 +58,8 @@ def shard_model(
     kwargs = dict(mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype))
     if cpu_offload:
         kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
+    prepare_blocks(model, activation_checkpointing=activation_checkpointing, compile_blocks=compile_blocks)
     for block in transformer_blocks(model):
-        if activation_checkpointing:
-            enable_activation_checkpointing(block)
-        if compile_blocks:
-            block.compile()
         fully_shard(block, reshard_after_forward=True, **kwargs)
     fully_shard(model, **kwargs)
     if hasattr(model, "hidden_states"):

@@ -5,6 +5,7 @@ Llama 3 / 3.1 / 3.2 (`llama3.py`), Qwen2.5 (`qwen2_5.py`), SmolLM2 (`smollm2.py`
 Hugging Face directory: `model_from_hf_config`, `load_hf_checkpoint` (see `hf_checkpoint.py`).
 """
 
+from dpokit.models.blocks import prepare_blocks
 from dpokit.models.builders import llama, lora_llama
 from dpokit.models.hf_checkpoint import (
     iter_hf_weights,
@@ -96,6 +97,7 @@ __all__ = [
     "merged_state_dict",
     "model_from_hf_config",
     "parameter_summary",
+    "prepare_blocks",
     "save_hf_checkpoint",
     "save_peft_adapter",
     "set_trainable_params",
