@@ -35,13 +35,13 @@ from omegaconf import OmegaConf
 
 from dpokit.config import instantiate, recipe_main
 from dpokit.data import collate_preference_pairs, training_set
-from dpokit.distributed.checkpoint import save_hf_model
-from dpokit.distributed.fsdp import (
+from dpokit.distributed import (
     check_no_meta,
     full_tensors,
     load_into_shards,
     materialize,
     reshard,
+    save_hf_model,
     shard_model,
     state_dict_tensors,
 )
@@ -49,23 +49,26 @@ from dpokit.errors import DpokitError
 from dpokit.losses import is_reference_free
 from dpokit.training import (
     Checkpointer,
+    FrozenCopyReference,
     NoReference,
     RunReport,
+    StateDictSwapReference,
     StepTimer,
+    TensorFingerprint,
     accumulate_gradients,
     clip_and_step,
     eval_batches,
     evaluate_distributed,
     evaluation_due,
+    precompute_reference_logps,
     process_group,
+    reference_logps_key,
     resolve_dtype,
     seed_everything,
     total_training_steps,
     training_sampler,
     warmup_warning,
 )
-from dpokit.training.reference import FrozenCopyReference, StateDictSwapReference
-from dpokit.training.reference_cache import TensorFingerprint, precompute_reference_logps, reference_logps_key
 
 CONFIG_KEYS = (
     "output_dir",

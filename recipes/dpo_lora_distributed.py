@@ -23,17 +23,19 @@ from omegaconf import OmegaConf
 
 from dpokit.config import instantiate, recipe_main
 from dpokit.data import collate_preference_pairs, training_set
-from dpokit.distributed.checkpoint import save_hf_model
-from dpokit.distributed.fsdp import (
+from dpokit.distributed import (
+    adapter_full_tensors,
+    barrier,
     check_no_meta,
+    fresh_adapter_tensors,
     load_into_shards,
     materialize,
+    merged_full_tensors,
     reshard,
+    save_hf_model,
     shard_model,
     state_dict_tensors,
 )
-from dpokit.distributed.fsdp_lora import adapter_full_tensors, fresh_adapter_tensors, merged_full_tensors
-from dpokit.distributed.group import barrier
 from dpokit.models import MergeRounding, save_peft_adapter
 from dpokit.training import (
     AdapterOffReference,

@@ -116,7 +116,8 @@ def local_slice(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return local
 
 
-def _local(tensor: torch.Tensor) -> torch.Tensor:
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard, or the tensor itself."""
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
@@ -143,7 +144,7 @@ def load_into_shards(
                 f"{source}: tensor {key!r} has shape {tuple(full.shape)}, the model expects {tuple(target.shape)}"
             )
         piece = local_slice(full, target)
-        _local(target).copy_(piece)
+        local_tensor(target).copy_(piece)
         seen.add(key)
     missing = sorted(set(targets) - seen)
     if missing:
@@ -172,6 +173,6 @@ def full_tensors(model: nn.Module, *, dtype: torch.dtype | None = None) -> Itera
 
 
 def check_no_meta(model: nn.Module) -> None:
-    meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if _local(t).is_meta]
+    meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if local_tensor(t).is_meta]
     if meta:
         raise RuntimeError(f"tensors still on the meta device after loading: {meta[:5]}")

@@ -9,7 +9,14 @@ from dpokit.training.evaluate import evaluate_preference
 from dpokit.training.export import save_lora_checkpoint
 from dpokit.training.forward import policy_logps, preference_loss
 from dpokit.training.metrics import JsonlLogger, PairMetrics, preference_accuracy
-from dpokit.training.reference import AdapterOffReference, NoReference
+from dpokit.training.reference import (
+    AdapterOffReference,
+    FrozenCopyReference,
+    NoReference,
+    PrecomputedReference,
+    StateDictSwapReference,
+)
+from dpokit.training.reference_cache import TensorFingerprint, precompute_reference_logps, reference_logps_key
 from dpokit.training.run import Checkpointer, RunReport, evaluation_due, process_group, total_training_steps
 from dpokit.training.runtime import resolve_dtype, seed_everything
 from dpokit.training.schedules import warmup_cosine_schedule, warmup_warning
@@ -19,12 +26,16 @@ from dpokit.training.step import StepTimer, accumulate_gradients, clip_and_step,
 __all__ = [
     "AdapterOffReference",
     "Checkpointer",
+    "FrozenCopyReference",
     "JsonlLogger",
     "NoReference",
     "PairMetrics",
     "PolicyLogps",
+    "PrecomputedReference",
     "RunReport",
+    "StateDictSwapReference",
     "StepTimer",
+    "TensorFingerprint",
     "accumulate_gradients",
     "clip_and_step",
     "eval_batches",
@@ -32,9 +43,11 @@ __all__ = [
     "evaluate_preference",
     "evaluation_due",
     "policy_logps",
+    "precompute_reference_logps",
     "preference_accuracy",
     "preference_loss",
     "process_group",
+    "reference_logps_key",
     "resolve_device",
     "resolve_dtype",
     "save_lora_checkpoint",

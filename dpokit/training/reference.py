@@ -15,7 +15,6 @@ policy's log-prob settings (`average_logps`, `ld_alpha`: see `forward.policy_log
 from __future__ import annotations
 
 import contextlib
-import sys
 import time
 from collections import defaultdict
 
@@ -23,6 +22,7 @@ import torch
 from torch import nn
 
 from dpokit.data.batch import PreferenceBatch
+from dpokit.distributed.fsdp import local_tensor, reshard
 from dpokit.models.lora import disable_adapter
 from dpokit.training.forward import policy_logps
 from dpokit.training.scoring import PolicyLogps
@@ -40,26 +40,9 @@ class AdapterOffReference:
             return policy_logps(self.model, batch, average_logps=self.average_logps, ld_alpha=self.ld_alpha)
 
 
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    """A DTensor's local shard, or the tensor itself."""
-    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _reshard(model: nn.Module) -> None:
-    """Free FSDP2's unsharded parameters (no-op for a plain model)."""
-    # Importing FSDP costs seconds; if nothing imported it, no module can be sharded.
-    if "torch.distributed.fsdp" not in sys.modules:
-        return
-    from torch.distributed.fsdp import FSDPModule
-
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            module.reshard()
 
 
 @contextlib.contextmanager
@@ -89,10 +72,10 @@ class StateDictSwapReference:
     def __init__(self, model: nn.Module, *, average_logps: bool = False, ld_alpha: float | None = None):
         self.model, self.average_logps, self.ld_alpha = model, average_logps, ld_alpha
         self.params = [p for p in model.parameters()]
-        device = _local(self.params[0]).device
+        device = local_tensor(self.params[0]).device
         pin = device.type == "cuda"
         # The policy starts as the reference: snapshot the current shards.
-        self.reference = [_local(p).detach().to("cpu", copy=True) for p in self.params]
+        self.reference = [local_tensor(p).detach().to("cpu", copy=True) for p in self.params]
         self.stash = [torch.empty_like(t) for t in self.reference]
         if pin:
             self.reference = [t.pin_memory() for t in self.reference]
@@ -111,8 +94,8 @@ class StateDictSwapReference:
     @contextlib.contextmanager
     def swapped(self):
         """Inside the block the model holds the reference weights."""
-        shards = [_local(p) for p in self.params]
-        _reshard(self.model)  # an earlier no-grad forward may have left policy weights unsharded
+        shards = [local_tensor(p) for p in self.params]
+        reshard(self.model)  # an earlier no-grad forward may have left policy weights unsharded
         self._copy(shards, self.stash)
         self._copy(self.reference, shards)
         try:
@@ -120,7 +103,7 @@ class StateDictSwapReference:
         finally:
             # FSDP2 keeps the root's parameters unsharded after a forward (it expects a backward
             # next): free them, or the next forward would reuse the reference's embedding/head.
-            _reshard(self.model)
+            reshard(self.model)
             self._copy(self.stash, shards)
 
     @torch.no_grad()
@@ -143,7 +126,7 @@ class FrozenCopyReference:
         try:
             return policy_logps(self.model, batch, average_logps=self.average_logps, ld_alpha=self.ld_alpha)
         finally:
-            _reshard(self.model)  # no backward follows: don't keep the root's weights gathered
+            reshard(self.model)  # no backward follows: don't keep the root's weights gathered
 
 
 class PrecomputedReference:
