@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections import defaultdict
 from pathlib import Path
 
@@ -63,6 +64,30 @@ class JsonlLogger:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "a" if append else "w", encoding="utf-8")
+
+    @staticmethod
+    def truncate_after(path: str | Path, step: int) -> int:
+        """Drop the records an interrupted run logged after `step` (the step it resumes from), so
+        the resumed run does not log those steps twice; a line cut off by the kill goes too.
+        Rewritten atomically; returns how many lines were dropped."""
+        path = Path(path)
+        if not path.exists():
+            return 0
+        kept, dropped = [], 0
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                record = None
+            if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+                kept.append(line + "\n")
+            else:
+                dropped += 1
+        if dropped:
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text("".join(kept), encoding="utf-8")
+            os.replace(tmp, path)
+        return dropped
 
     def log(self, record: dict) -> None:
         self._file.write(json.dumps(record) + "\n")

@@ -140,6 +140,11 @@ class RunReport:
         from `start_step` to `total_steps`."""
         if resumed_from is not None:
             self.say(f"resumed from {resumed_from} at step {start_step}")
+            dropped = JsonlLogger.truncate_after(self.metrics_path, start_step) if self.is_main else 0
+            if dropped:
+                self.say(
+                    f"{self.metrics_path}: dropped {dropped} line(s) the interrupted run logged after step {start_step}"
+                )
         if self.is_main:
             self.log = JsonlLogger(self.metrics_path, append=resumed_from is not None)
         self._steps = (total_steps, start_step)

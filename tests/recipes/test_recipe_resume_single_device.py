@@ -1,10 +1,16 @@
 """The single-device LoRA recipe checkpoints and resumes through the shared step: a run resumed
-from its step-3 checkpoint ends bitwise equal to the uninterrupted run (padded and packed)."""
+from its step-3 checkpoint ends bitwise equal to the uninterrupted run (padded and packed), and so
+does a `dpokit run` killed with SIGKILL mid-run and started again with resume=true."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -43,3 +49,32 @@ def test_resumed_run_equals_the_uninterrupted_one_bitwise(layout, tmp_path):
     b = load_file(resumed / "final" / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert any(torch.count_nonzero(v) for k, v in a.items() if "lora_B" in k)  # it trained
+
+
+@pytest.mark.subprocess
+def test_sigkilled_run_resumed_equals_the_uninterrupted_one_bitwise(tmp_path):
+    steps = ["max_steps=8", "checkpoint.every=2", "checkpoint.keep_last=0", "eval_every=100",
+             "lr_scheduler.warmup_steps=1", "batch_size=4", "device=cpu"]  # fmt: skip
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    main(load_config(CONFIG, [*steps, f"output_dir={full}"]))
+
+    command = [sys.executable, "-m", "dpokit.cli", "run", "dpo_lora_single_device", "--config", "tiny", *steps]
+    child = subprocess.Popen([*command, f"output_dir={killed}"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while not (killed / "checkpoints" / "step_00000004").is_dir() and child.poll() is None:
+        assert time.monotonic() < deadline, "no step-4 checkpoint after 300 s"
+        time.sleep(0.05)
+    assert child.poll() is None, child.stderr.read().decode()
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    assert not (killed / "final").exists()
+
+    result = subprocess.run([*command, f"output_dir={killed}", "resume=true"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "step_0000000" in result.stdout + result.stderr  # it says which checkpoint it resumed from
+    # One row per step: rows the killed run logged after its last checkpoint are dropped, not doubled.
+    assert [r["step"] for r in train_rows(killed)] == list(range(1, 9))
+    assert [r["loss"] for r in train_rows(killed)] == [r["loss"] for r in train_rows(full)]
+    a = load_file(full / "final" / "adapter" / "adapter_model.safetensors")
+    b = load_file(killed / "final" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -97,6 +97,29 @@ def test_a_resumed_run_continues_the_log_and_a_fresh_one_restarts_it(tmp_path, c
     assert len(_records(tmp_path / "metrics.jsonl")) == 1
 
 
+def test_a_resume_drops_what_the_killed_run_logged_after_its_checkpoint(tmp_path, capsys):
+    killed = RunReport(tmp_path, is_main=True)
+    killed.start(total_steps=6, start_step=0)
+    killed.validation(0, VALIDATION)
+    for step in (1, 2, 3):  # checkpoint at 2, killed during step 4's write
+        killed.train_step(step, METRICS, lr=0.1, grad_norm=1.0, tokens=10, seconds=1.0, phases={})
+    killed.close()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "split": "tr')
+
+    resumed = RunReport(tmp_path, is_main=True)
+    resumed.start(total_steps=6, start_step=2, resumed_from=tmp_path / "checkpoints" / "step_00000002")
+    resumed.train_step(3, METRICS, lr=0.1, grad_norm=1.0, tokens=10, seconds=1.0, phases={})
+    resumed.close()
+    assert [(r["step"], r["split"]) for r in _records(tmp_path / "metrics.jsonl")] == [
+        (0, "validation"),
+        (1, "train"),
+        (2, "train"),
+        (3, "train"),
+    ]
+    assert "dropped 2 line(s) the interrupted run logged after step 2" in capsys.readouterr().out
+
+
 def test_other_ranks_write_and_print_nothing(tmp_path, capsys):
     report = RunReport(tmp_path, is_main=False)
     report.say("hello")
