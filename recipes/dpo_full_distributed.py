@@ -47,6 +47,7 @@ from dpokit.distributed import (
 )
 from dpokit.errors import DpokitError
 from dpokit.losses import is_reference_free
+from dpokit.models import resolve_dtype
 from dpokit.training import (
     Checkpointer,
     FrozenCopyReference,
@@ -58,12 +59,11 @@ from dpokit.training import (
     accumulate_gradients,
     clip_and_step,
     eval_batches,
-    evaluate_distributed,
+    evaluate_preference,
     evaluation_due,
     precompute_reference_logps,
     process_group,
     reference_logps_key,
-    resolve_dtype,
     seed_everything,
     total_training_steps,
     training_sampler,
@@ -120,12 +120,12 @@ def build_sharded_model(cfg, env, *, trainable: bool, fingerprint: TensorFingerp
     """Meta-device build -> FSDP2 sharding -> rank-local loading of the initial weights."""
     with torch.device("meta"):
         model = instantiate(cfg.model)
-    model.to(resolve_dtype(cfg.dtype))  # master weights (fp32); still meta, so free
-    param_dtype = resolve_dtype(cfg.fsdp.param_dtype) if cfg.fsdp.param_dtype else None
+    model.to(resolve_dtype(cfg.dtype, "dtype"))  # master weights (fp32); still meta, so free
+    param_dtype = resolve_dtype(cfg.fsdp.param_dtype, "fsdp.param_dtype") if cfg.fsdp.param_dtype else None
     shard_model(
         model,
         param_dtype=param_dtype,
-        reduce_dtype=resolve_dtype(cfg.fsdp.reduce_dtype),
+        reduce_dtype=resolve_dtype(cfg.fsdp.reduce_dtype, "fsdp.reduce_dtype"),
         cpu_offload=cfg.fsdp.cpu_offload,
         activation_checkpointing=trainable and cfg.fsdp.activation_checkpointing,
         compile_blocks=cfg.fsdp.compile,
@@ -252,7 +252,7 @@ def train(cfg, env) -> None:
         )
         report.validation(
             step,
-            evaluate_distributed(model, validation_reference, batches, loss_fn, device=env.device, **logps_settings),
+            evaluate_preference(model, validation_reference, batches, loss_fn, device=env.device, **logps_settings),
         )
 
     if start_step == 0:

@@ -36,7 +36,7 @@ from dpokit.distributed import (
     shard_model,
     state_dict_tensors,
 )
-from dpokit.models import MergeRounding, save_peft_adapter
+from dpokit.models import MergeRounding, resolve_dtype, save_peft_adapter
 from dpokit.training import (
     AdapterOffReference,
     Checkpointer,
@@ -45,10 +45,9 @@ from dpokit.training import (
     accumulate_gradients,
     clip_and_step,
     eval_batches,
-    evaluate_distributed,
+    evaluate_preference,
     evaluation_due,
     process_group,
-    resolve_dtype,
     seed_everything,
     total_training_steps,
     training_sampler,
@@ -103,12 +102,12 @@ def build_sharded_model(cfg, env):
     """Meta-device build -> FSDP2 sharding -> rank-local loading (base + adapters)."""
     with torch.device("meta"):
         model = instantiate(cfg.model)  # the LoRA builder marks only the adapters trainable
-    model.to(resolve_dtype(cfg.dtype))
-    param_dtype = resolve_dtype(cfg.fsdp.param_dtype) if cfg.fsdp.param_dtype else None
+    model.to(resolve_dtype(cfg.dtype, "dtype"))
+    param_dtype = resolve_dtype(cfg.fsdp.param_dtype, "fsdp.param_dtype") if cfg.fsdp.param_dtype else None
     shard_model(
         model,
         param_dtype=param_dtype,
-        reduce_dtype=resolve_dtype(cfg.fsdp.reduce_dtype),
+        reduce_dtype=resolve_dtype(cfg.fsdp.reduce_dtype, "fsdp.reduce_dtype"),
         cpu_offload=cfg.fsdp.cpu_offload,
         activation_checkpointing=cfg.fsdp.activation_checkpointing,
         compile_blocks=cfg.fsdp.compile,
@@ -193,7 +192,7 @@ def train(cfg, env) -> None:
             validation_set, collate, batch_size=cfg.eval_batch_size, rank=env.rank, world_size=env.world_size
         )
         report.validation(
-            step, evaluate_distributed(model, reference, batches, loss_fn, device=env.device, **logps_settings)
+            step, evaluate_preference(model, reference, batches, loss_fn, device=env.device, **logps_settings)
         )
 
     if start_step == 0:

@@ -21,7 +21,7 @@ from dpokit.config import instantiate, recipe_main
 from dpokit.data import collate_preference_pairs, training_set
 from dpokit.errors import DpokitError
 from dpokit.losses import is_reference_free
-from dpokit.models import adapter_params, cast_base, parameter_summary, prepare_blocks
+from dpokit.models import adapter_params, cast_base, parameter_summary, prepare_blocks, resolve_dtype
 from dpokit.training import (
     AdapterOffReference,
     Checkpointer,
@@ -31,10 +31,9 @@ from dpokit.training import (
     accumulate_gradients,
     clip_and_step,
     eval_batches,
-    evaluate_distributed,
+    evaluate_preference,
     evaluation_due,
     resolve_device,
-    resolve_dtype,
     save_lora_checkpoint,
     seed_everything,
     total_training_steps,
@@ -135,7 +134,7 @@ def main(cfg) -> None:
     def validate(step: int) -> None:
         batches = eval_batches(validation_set, collate, batch_size=cfg.eval_batch_size, rank=0, world_size=1)
         report.validation(
-            step, evaluate_distributed(model, reference, batches, loss_fn, device=device, **logps_settings)
+            step, evaluate_preference(model, reference, batches, loss_fn, device=device, **logps_settings)
         )
 
     collate = partial(collate_preference_pairs, pad_id=tokenizer.pad_id)  # validation: padded

@@ -7,6 +7,7 @@ Hugging Face directory: `model_from_hf_config`, `load_hf_checkpoint` (see `hf_ch
 
 from dpokit.models.blocks import prepare_blocks
 from dpokit.models.builders import llama, lora_llama
+from dpokit.models.dtypes import resolve_dtype
 from dpokit.models.hf_checkpoint import (
     iter_hf_weights,
     load_hf_checkpoint,
@@ -98,6 +99,7 @@ __all__ = [
     "model_from_hf_config",
     "parameter_summary",
     "prepare_blocks",
+    "resolve_dtype",
     "save_hf_checkpoint",
     "save_peft_adapter",
     "set_trainable_params",

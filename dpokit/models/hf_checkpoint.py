@@ -38,6 +38,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from dpokit.models.dtypes import resolve_dtype
 from dpokit.models.hf_config import (
     CheckpointError,
     family_for_model,
@@ -218,7 +219,7 @@ def load_hf_checkpoint(
     if checkpoint_dir is None:
         raise CheckpointError("checkpoint_dir is not set: pass checkpoint_dir=/path/to/a/hugging-face/model")
     checkpoint_dir = Path(checkpoint_dir)
-    dtype = _resolve_dtype(dtype)
+    dtype = None if dtype is None else resolve_dtype(dtype, "dtype")
     with torch.device("meta"):
         model = model_from_hf_config(checkpoint_dir, lora=lora, quantize_base=quantize_base)
     loaded_dtype = None
@@ -242,22 +243,6 @@ def _materialise_adapters(model: nn.Module, device, dtype) -> None:
             module.lora_a.to(dtype)
             module.lora_b.to(dtype)
             module.reset_adapter()
-
-
-def _resolve_dtype(dtype) -> torch.dtype | None:
-    names = {
-        "fp32": torch.float32,
-        "float32": torch.float32,
-        "bf16": torch.bfloat16,
-        "bfloat16": torch.bfloat16,
-        "fp16": torch.float16,
-        "float16": torch.float16,
-    }
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in names:
-        raise CheckpointError(f"dtype {dtype!r} is not one of {sorted(names)}")
-    return names[dtype]
 
 
 # --------------------------------------------------------------------------------------- saving

@@ -18,10 +18,10 @@ from dpokit.training.reference import (
 )
 from dpokit.training.reference_cache import TensorFingerprint, precompute_reference_logps, reference_logps_key
 from dpokit.training.run import Checkpointer, RunReport, evaluation_due, process_group, total_training_steps
-from dpokit.training.runtime import resolve_dtype, seed_everything
+from dpokit.training.runtime import seed_everything
 from dpokit.training.schedules import warmup_cosine_schedule, warmup_warning
 from dpokit.training.scoring import PolicyLogps
-from dpokit.training.step import StepTimer, accumulate_gradients, clip_and_step, evaluate_distributed
+from dpokit.training.step import StepTimer, accumulate_gradients, clip_and_step
 
 __all__ = [
     "AdapterOffReference",
@@ -39,7 +39,6 @@ __all__ = [
     "accumulate_gradients",
     "clip_and_step",
     "eval_batches",
-    "evaluate_distributed",
     "evaluate_preference",
     "evaluation_due",
     "policy_logps",
@@ -49,7 +48,6 @@ __all__ = [
     "process_group",
     "reference_logps_key",
     "resolve_device",
-    "resolve_dtype",
     "save_lora_checkpoint",
     "seed_everything",
     "total_training_steps",

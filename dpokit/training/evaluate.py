@@ -1,3 +1,5 @@
+"""Validation: preference metrics of a model over held-out batches, on one process or summed over ranks."""
+
 from __future__ import annotations
 
 from typing import Callable, Iterable
@@ -6,10 +8,11 @@ import torch
 from torch import nn
 
 from dpokit.data.batch import PreferenceBatch
+from dpokit.distributed.fsdp import reshard
 from dpokit.losses.registry import is_reference_free
 from dpokit.losses.types import PreferenceLossOutput
 from dpokit.training.forward import policy_logps, preference_loss
-from dpokit.training.metrics import PairMetrics
+from dpokit.training.metrics import PairMetrics, all_reduce_pair_metrics
 
 
 @torch.no_grad()
@@ -58,7 +61,13 @@ def evaluate_preference(
     average_logps: bool = False,
     ld_alpha: float | None = None,
 ) -> dict[str, float]:
-    """Mean preference metrics over every pair of `batches` (see `preference_eval_metrics`)."""
-    return preference_eval_metrics(
-        model, reference, batches, loss_fn, device=device, average_logps=average_logps, ld_alpha=ld_alpha
-    ).means()
+    """Mean preference metrics over every pair of every rank's `batches` (one process: its own).
+    Under FSDP2 each rank passes its shard from `dpokit.distributed.eval_batches`; padding pairs
+    (`valid == False`) are not counted, and the means are over pairs, not over per-rank means."""
+    try:
+        metrics = preference_eval_metrics(
+            model, reference, batches, loss_fn, device=device, average_logps=average_logps, ld_alpha=ld_alpha
+        )
+    finally:
+        reshard(model)  # FSDP2 leaves the root gathered after a forward with no backward
+    return all_reduce_pair_metrics(metrics).means()

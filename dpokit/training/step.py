@@ -1,5 +1,5 @@
 """The training step of every recipe (one device or FSDP2): gradient accumulation, then clip,
-refuse non-finite values and update; and the validation pass.
+refuse non-finite values and update.
 
 Normalisation over the global batch. With N pairs in an optimizer step over all micro-batches of
 all W ranks, the gradient should be that of the per-pair mean
@@ -25,10 +25,8 @@ import torch
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
-from dpokit.distributed.fsdp import reshard
 from dpokit.distributed.group import all_reduce_sum, get_world_size
 from dpokit.errors import DpokitError
-from dpokit.training.evaluate import preference_eval_metrics
 from dpokit.training.forward import policy_logps, preference_loss
 from dpokit.training.metrics import PairMetrics, all_reduce_pair_metrics
 
@@ -149,24 +147,3 @@ def clip_and_step(
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return grad_norm.item(), lr
-
-
-def evaluate_distributed(
-    model: nn.Module,
-    reference,
-    batches: Iterable[dict],
-    loss_fn: Callable,
-    *,
-    device: torch.device,
-    average_logps: bool = False,
-    ld_alpha: float | None = None,
-) -> dict[str, float]:
-    """Mean preference metrics over every pair of every rank's `batches` (from
-    `dpokit.distributed.sampler.eval_batches`; padding pairs, `valid == False`, are not counted)."""
-    try:
-        metrics = preference_eval_metrics(
-            model, reference, batches, loss_fn, device=device, average_logps=average_logps, ld_alpha=ld_alpha
-        )
-    finally:
-        reshard(model)  # FSDP2 leaves the root gathered after a forward with no backward
-    return all_reduce_pair_metrics(metrics).means()
