@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import shlex
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -107,21 +107,22 @@ def cmd_cp(args) -> int:
 
 
 def cmd_run(args) -> int:
+    """The recipe runs in worker processes this command owns (`dpokit.launch`): one without
+    launcher options, `--nproc_per_node` per node with them."""
+    from dpokit.launch import LaunchError, launch, topology
+
     recipe = resolve_recipe(args.recipe)
     config = resolve_config(recipe, args.config)
     recipe_args = [str(recipe), "--config", str(config), *args.overrides]
-    distributed = [args.nproc_per_node, args.nnodes, args.rdzv_endpoint]
-    if any(value is not None for value in distributed):
-        launcher = [sys.executable, "-m", "torch.distributed.run"]
-        launcher.append(f"--nproc_per_node={args.nproc_per_node or 'gpu'}")
-        if args.nnodes is not None:
-            launcher.append(f"--nnodes={args.nnodes}")
-        if args.rdzv_endpoint is not None:
-            launcher += ["--rdzv_backend=c10d", f"--rdzv_endpoint={args.rdzv_endpoint}"]
-        command = launcher + recipe_args
-    else:
-        command = [sys.executable, *recipe_args]
-    return subprocess.call(command)
+    distributed = [args.nproc_per_node, args.nnodes, args.node_rank, args.rdzv_endpoint]
+    try:
+        if any(value is not None for value in distributed):
+            topo = topology(args.nproc_per_node, args.nnodes, args.node_rank, args.rdzv_endpoint)
+        else:
+            topo = topology(1, None, None, None)
+    except LaunchError as e:
+        raise CliError(str(e)) from None
+    return launch(recipe_args, topo, resume_command=shlex.join(["dpokit", *args.argv]))
 
 
 def cmd_pack(args) -> int:
@@ -231,9 +232,12 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a recipe with a config", description="Run a recipe with a config.")
     run.add_argument("recipe", help="recipe name (see `dpokit ls`) or a local .py file")
     run.add_argument("--config", required=True, help="config name (e.g. tiny) or a local .yaml file")
-    run.add_argument("--nproc_per_node", help="launch through torchrun with this many processes per node")
-    run.add_argument("--nnodes", help="torchrun: number of nodes (or MIN:MAX)")
-    run.add_argument("--rdzv_endpoint", help="torchrun: rendezvous host:port for multi-node runs")
+    run.add_argument(
+        "--nproc_per_node", help="worker processes on this node (default with other launch options: one per GPU)"
+    )
+    run.add_argument("--nnodes", help="number of nodes (every node runs this command with its own --node_rank)")
+    run.add_argument("--node_rank", help="this node's index, 0 .. nnodes-1 (default 0)")
+    run.add_argument("--rdzv_endpoint", help="HOST:PORT of node 0, the same on every node (multi-node runs)")
     run.add_argument("overrides", nargs="*", help="config overrides: key=value, +key=value (add), ~key (remove)")
     run.set_defaults(func=cmd_run)
 
@@ -346,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # Overrides may come before or after the options, so they are collected from the leftovers.
     args, extra = parser.parse_known_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if extra:
         flags = [e for e in extra if e.startswith("-") and not e.startswith("--") or e.startswith("--")]
         if args.command != "run" or flags:

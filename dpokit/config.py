@@ -21,7 +21,9 @@ import functools
 import importlib
 import inspect
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -29,7 +31,7 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from dpokit.errors import DpokitError
+from dpokit.errors import DpokitError, RunInterrupted
 
 
 class ConfigError(DpokitError):
@@ -229,9 +231,45 @@ def parse_recipe_args(argv: list[str] | None = None, description: str | None = N
     return Path(args.config), args.overrides
 
 
+class Terminated(BaseException):
+    """SIGTERM outside the training loop (loading, the final save): stop as Ctrl-C does."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
 def recipe_main(main: Callable[[DictConfig], Any], known_keys: Iterable[str], argv: list[str] | None = None) -> None:
-    """Entry point of a recipe file: config errors become one line on stderr and exit code 2."""
+    """Entry point of a recipe file, and the one exit of its process. A failure the user can act on
+    ends as one line and an exit code, no traceback: bad config or data 2 (`DpokitError`), a
+    file that cannot be read or written 2 (the path and the reason), interrupted 130 (with the
+    checkpoint and the command that resumes), another process of the run gone 1. Under
+    `dpokit run --nproc_per_node N` the line goes to the launcher, which prints one for all ranks."""
     path, overrides = parse_recipe_args(argv, description=(main.__doc__ or "").strip().splitlines()[0] or None)
+    multi_process = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
+    try:
+        _run(main, known_keys, path, overrides, multi_process)
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous_sigterm)
+    if _launched_worker():  # a finished worker: skip the C++ teardown
+        from dpokit.distributed.group import exit_worker
+
+        exit_worker(0)
+
+
+def _launched_worker() -> bool:
+    """Started by `dpokit run` or torchrun (not called in-process, e.g. by a test)."""
+    from dpokit.launch import ERROR_DIR_ENV
+
+    return ERROR_DIR_ENV in os.environ or "TORCHELASTIC_RUN_ID" in os.environ
+
+
+def _run(main, known_keys, path: Path, overrides: list[str], multi_process: bool) -> None:
+    from dpokit.launch import LOST_PEER, lost_peer, report_failure, resume_hint
+
     try:
         cfg = load_config(path, overrides)  # its errors name the file already
         try:
@@ -239,10 +277,39 @@ def recipe_main(main: Callable[[DictConfig], Any], known_keys: Iterable[str], ar
             main(cfg)
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None
+    except RunInterrupted as e:
+        resume = f"; resume with: {resume_hint()}" if e.checkpoint else ""
+        _exit(report_failure, f"{e}{resume}", 130)
     except DpokitError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun worker that finished: skip the C++ teardown
+        _exit(report_failure, str(e), 2)
+    except (KeyboardInterrupt, Terminated) as e:
+        name = "SIGTERM" if isinstance(e, Terminated) else "SIGINT"
+        _exit(report_failure, f"interrupted ({name}) outside a training step; nothing was saved by this stop", 130)
+    except OSError as e:
+        _exit(report_failure, describe_os_error(e), 2 if e.filename else 1)
+    except Exception as e:
+        if multi_process and lost_peer(e):
+            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            message = f"lost contact with another process of this run (it stopped, or its node went down): {first_line}"
+            _exit(report_failure, message, 1, kind=LOST_PEER)
+        raise
+
+
+def describe_os_error(error: OSError) -> str:
+    """`path: reason` for a failed read or write (disk full, read-only, permission, not a folder)."""
+    paths = " -> ".join(str(p) for p in (error.filename, error.filename2) if p)
+    reason = error.strerror or str(error)
+    return f"{paths}: {reason}" if paths else reason
+
+
+def _exit(report, message: str, code: int, *, kind: str | None = None) -> None:
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):  # end the progress line before the error's
+        bar.close()
+    report(message, code, kind=kind)
+    if _launched_worker() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from dpokit.distributed.group import exit_worker
 
-        exit_worker(0)
+        exit_worker(code)  # no C++ teardown of a group whose peers may be gone
+    sys.exit(code)

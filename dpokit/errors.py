@@ -16,3 +16,13 @@ class DpokitError(ValueError):
         if self.fix_param is None or setting is None:
             return self.detail
         return f"{self.detail} ({setting} {self.fix_effect})"
+
+
+class RunInterrupted(DpokitError):
+    """The run stopped at a step boundary because it was asked to (Ctrl-C, SIGTERM); `checkpoint`
+    is the latest complete one (saved on the way out where possible). Exit code 130."""
+
+    def __init__(self, step: int, checkpoint, signal_name: str):
+        self.step, self.checkpoint, self.signal_name = step, checkpoint, signal_name
+        where = f"checkpoint {checkpoint}" if checkpoint else "no checkpoint"
+        super().__init__(f"stopped at step {step} ({signal_name}); {where}")

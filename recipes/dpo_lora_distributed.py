@@ -36,13 +36,16 @@ from dpokit.distributed import (
     shard_model,
     state_dict_tensors,
 )
+from dpokit.errors import RunInterrupted
 from dpokit.models import MergeRounding, resolve_dtype, save_peft_adapter
 from dpokit.training import (
     AdapterOffReference,
     Checkpointer,
     RunReport,
     StepTimer,
+    StopRequests,
     accumulate_gradients,
+    claim_output_dir,
     clip_and_step,
     eval_batches,
     evaluate_preference,
@@ -128,9 +131,9 @@ def train(cfg, env) -> None:
     seed_everything(cfg.seed + env.rank)
     save_dtype = resolve_dtype(cfg.save_dtype, "save_dtype")  # checked before training, not after
     output_dir = Path(cfg.output_dir)
+    claim_output_dir(output_dir, is_main=env.is_main)  # created, writable, and no other run's
     report = RunReport(output_dir, is_main=env.is_main)  # rank 0 speaks, logs and draws the bar
     if env.is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, output_dir / "config.yaml")
 
     # Data: every rank tokenizes the (small) dataset; the sampler deals pairs (or, packed, packs of
@@ -199,42 +202,46 @@ def train(cfg, env) -> None:
         validate(0)
     timer = StepTimer(env.device)
     model.train()
-    for step in range(start_step + 1, total_steps + 1):
-        timer.begin_step()
-        metrics, tokens = accumulate_gradients(
-            model,
-            reference,
-            sampler.next_step(),
-            loss_fn,
-            device=env.device,
-            timer=timer,
-            **logps_settings,
-        )
-        with timer("optimizer"):
-            train_metrics = metrics.means()
-            grad_norm, lr = clip_and_step(
-                trainable,
-                optimizer,
-                scheduler,
-                max_grad_norm=cfg.max_grad_norm,
-                loss=train_metrics["preference_loss"],
-                step=step,
-                last_checkpoint=checkpoints.latest,
+    with StopRequests() as stop:
+        for step in range(start_step + 1, total_steps + 1):
+            timer.begin_step()
+            metrics, tokens = accumulate_gradients(
+                model,
+                reference,
+                sampler.next_step(),
+                loss_fn,
+                device=env.device,
+                timer=timer,
+                **logps_settings,
             )
-            reshard(model)  # nothing gathered before the update may serve the next forward
-        report.train_step(
-            step,
-            train_metrics,
-            lr=lr,
-            grad_norm=grad_norm,
-            tokens=tokens,
-            seconds=timer.step_seconds(),
-            phases=timer.seconds,
-        )
-        if evaluation_due(step, every=cfg.eval_every, total_steps=total_steps):
-            validate(step)
-        if checkpoints.due(step):
-            report.say(f"step {step}: checkpoint {checkpoints.save(step, model, optimizer, scheduler, sampler)}")
+            with timer("optimizer"):
+                train_metrics = metrics.means()
+                grad_norm, lr = clip_and_step(
+                    trainable,
+                    optimizer,
+                    scheduler,
+                    max_grad_norm=cfg.max_grad_norm,
+                    loss=train_metrics["preference_loss"],
+                    step=step,
+                    last_checkpoint=checkpoints.latest,
+                )
+                reshard(model)  # nothing gathered before the update may serve the next forward
+            report.train_step(
+                step,
+                train_metrics,
+                lr=lr,
+                grad_norm=grad_norm,
+                tokens=tokens,
+                seconds=timer.step_seconds(),
+                phases=timer.seconds,
+            )
+            if evaluation_due(step, every=cfg.eval_every, total_steps=total_steps):
+                validate(step)
+            stopping = stop.agreed()  # Ctrl-C / SIGTERM on any rank: every rank stops after this step
+            if checkpoints.due(step) or stopping:
+                report.say(f"step {step}: checkpoint {checkpoints.save(step, model, optimizer, scheduler, sampler)}")
+            if stopping:
+                raise RunInterrupted(step, checkpoints.latest(), stop.signal_name)
     report.close()
 
     # Final: the merged model (HF safetensors, gathered one module at a time) in final/, the adapter

@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 
 from dpokit.config import instantiate, recipe_main
 from dpokit.data import collate_preference_pairs, training_set
-from dpokit.errors import DpokitError
+from dpokit.errors import DpokitError, RunInterrupted
 from dpokit.losses import is_reference_free
 from dpokit.models import adapter_params, cast_base, parameter_summary, prepare_blocks, resolve_dtype
 from dpokit.training import (
@@ -28,7 +28,9 @@ from dpokit.training import (
     NoReference,
     RunReport,
     StepTimer,
+    StopRequests,
     accumulate_gradients,
+    claim_output_dir,
     clip_and_step,
     eval_batches,
     evaluate_preference,
@@ -80,7 +82,7 @@ def main(cfg) -> None:
     device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype, "dtype")
     save_dtype = resolve_dtype(cfg.save_dtype, "save_dtype")  # checked before training, not after
     output_dir = Path(cfg.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    claim_output_dir(output_dir, is_main=True)  # created, writable, and no other run's
     OmegaConf.save(cfg, output_dir / "config.yaml")
     report = RunReport(output_dir, is_main=True)
 
@@ -142,26 +144,30 @@ def main(cfg) -> None:
         validate(0)
     timer = StepTimer(device)
     model.train()
-    for step in range(start_step + 1, total_steps + 1):
-        timer.begin_step()
-        # The gradient is that of the mean over every pair of the step, however it is split.
-        metrics, tokens = accumulate_gradients(
-            model, reference, sampler.next_step(), loss_fn, device=device, timer=timer, **logps_settings
-        )
-        with timer("optimizer"):
-            train_metrics = metrics.means()
-            grad_norm, lr = clip_and_step(
-                trainable, optimizer, scheduler, max_grad_norm=cfg.max_grad_norm,
-                loss=train_metrics["preference_loss"], step=step, last_checkpoint=checkpoints.latest,
+    with StopRequests() as stop:
+        for step in range(start_step + 1, total_steps + 1):
+            timer.begin_step()
+            # The gradient is that of the mean over every pair of the step, however it is split.
+            metrics, tokens = accumulate_gradients(
+                model, reference, sampler.next_step(), loss_fn, device=device, timer=timer, **logps_settings
+            )
+            with timer("optimizer"):
+                train_metrics = metrics.means()
+                grad_norm, lr = clip_and_step(
+                    trainable, optimizer, scheduler, max_grad_norm=cfg.max_grad_norm,
+                    loss=train_metrics["preference_loss"], step=step, last_checkpoint=checkpoints.latest,
+                )  # fmt: skip
+            report.train_step(
+                step, train_metrics, lr=lr, grad_norm=grad_norm, tokens=tokens, seconds=timer.step_seconds(),
+                phases=timer.seconds,
             )  # fmt: skip
-        report.train_step(
-            step, train_metrics, lr=lr, grad_norm=grad_norm, tokens=tokens, seconds=timer.step_seconds(),
-            phases=timer.seconds,
-        )  # fmt: skip
-        if evaluation_due(step, every=cfg.eval_every, total_steps=total_steps):
-            validate(step)
-        if checkpoints.due(step):
-            report.say(f"step {step}: checkpoint {checkpoints.save(step, model, optimizer, scheduler, sampler)}")
+            if evaluation_due(step, every=cfg.eval_every, total_steps=total_steps):
+                validate(step)
+            stopping = stop.agreed()  # Ctrl-C / SIGTERM on any rank: every rank stops after this step
+            if checkpoints.due(step) or stopping:
+                report.say(f"step {step}: checkpoint {checkpoints.save(step, model, optimizer, scheduler, sampler)}")
+            if stopping:
+                raise RunInterrupted(step, checkpoints.latest(), stop.signal_name)
     report.close()
 
     # With an HF checkpoint_dir, final/ is a complete HF folder (its config and tokenizer files

@@ -17,7 +17,15 @@ from dpokit.training.reference import (
     StateDictSwapReference,
 )
 from dpokit.training.reference_cache import TensorFingerprint, precompute_reference_logps, reference_logps_key
-from dpokit.training.run import Checkpointer, RunReport, evaluation_due, process_group, total_training_steps
+from dpokit.training.run import (
+    Checkpointer,
+    RunReport,
+    StopRequests,
+    claim_output_dir,
+    evaluation_due,
+    process_group,
+    total_training_steps,
+)
 from dpokit.training.runtime import seed_everything
 from dpokit.training.schedules import warmup_cosine_schedule, warmup_warning
 from dpokit.training.scoring import PolicyLogps
@@ -35,8 +43,10 @@ __all__ = [
     "RunReport",
     "StateDictSwapReference",
     "StepTimer",
+    "StopRequests",
     "TensorFingerprint",
     "accumulate_gradients",
+    "claim_output_dir",
     "clip_and_step",
     "eval_batches",
     "evaluate_preference",

@@ -7,6 +7,8 @@ what is here only decides *when* things happen and *who* writes them down:
 - `total_training_steps`, `evaluation_due`: the length of the run and the validation cadence;
 - `Checkpointer`: resume from the latest (or a named) sharded checkpoint, save every N steps,
   keep the last N;
+- `claim_output_dir`: create, check and lock the run's folder (one live run per folder);
+- `StopRequests`: Ctrl-C / SIGTERM stop the run at a step boundary, on every rank alike;
 - `RunReport`: what rank 0 tells the user (messages, the progress bar, `metrics.jsonl`, the
   closing summary); on the other ranks every method does nothing.
 
@@ -16,7 +18,11 @@ Everything takes plain values: the library never sees the recipe's config.
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Iterator
 
@@ -25,7 +31,15 @@ from torch import nn
 from tqdm import tqdm
 
 from dpokit.distributed.checkpoint import latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint
-from dpokit.distributed.group import DistributedEnv, destroy_distributed, init_distributed
+from dpokit.distributed.group import (
+    DistributedEnv,
+    all_reduce_sum,
+    broadcast_object,
+    destroy_distributed,
+    get_rank,
+    get_world_size,
+    init_distributed,
+)
 from dpokit.errors import DpokitError
 from dpokit.training.metrics import JsonlLogger
 
@@ -47,6 +61,95 @@ def process_group(device: str) -> Iterator[DistributedEnv]:
         raise
     if owns_process_group:
         destroy_distributed()
+
+
+class StopRequests:
+    """Ctrl-C / SIGTERM during training ask the run to stop at the next step boundary instead of
+    killing it mid-step; a second signal stops at once (KeyboardInterrupt). `agreed()` is called by
+    every rank once per step and is true on all of them when any rank was asked, so every rank
+    stops after the same step (and can write the same checkpoint). Use as a context manager: the
+    previous handlers come back at the end (signal handlers only exist in the main thread)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signal_name: str | None = None
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal_name is not None:
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(signum).name
+        if get_rank() == 0:
+            tqdm.write(f"{self.signal_name}: stopping after this step (again to stop now)", file=sys.stderr)
+
+    def __enter__(self) -> "StopRequests":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def agreed(self) -> bool:
+        """Whether any rank was asked to stop (collective: every rank calls it once per step)."""
+        asked = 1.0 if self.signal_name else 0.0
+        if get_world_size() > 1:
+            asked = all_reduce_sum([asked])[0]
+        if asked and self.signal_name is None:
+            self.signal_name = "another rank's signal"
+        return asked > 0
+
+
+LOCK_NAME = ".dpokit.lock"
+_held_locks: dict[Path, int] = {}  # output folder -> the descriptor holding its lock (process lifetime)
+
+
+def claim_output_dir(output_dir: str | Path, *, is_main: bool) -> Path:
+    """Make `output_dir` this run's: rank 0 creates it, checks that files can be written there and
+    locks it for the life of the process (a second live run on the same folder would log steps
+    twice and race the checkpoints). Collective: every rank calls it and raises the same error.
+    The lock is an advisory `flock`, released by the OS however the process ends (kill -9 too)."""
+    output_dir = Path(output_dir)
+    error = None
+    if is_main:
+        try:
+            _claim(output_dir)
+        except DpokitError as e:
+            error = str(e)
+    error = broadcast_object(error)
+    if error:
+        raise DpokitError(error)
+    return output_dir
+
+
+def _claim(output_dir: Path) -> None:
+    if output_dir.exists() and not output_dir.is_dir():
+        raise DpokitError(f"output_dir {output_dir}: exists and is not a folder")
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe = output_dir / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise DpokitError(f"output_dir {output_dir}: cannot write there ({e.strerror})") from None
+    key = output_dir.resolve()
+    if key in _held_locks:
+        return  # this process holds it already (a caller running several recipes in one process)
+    fd = os.open(output_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise DpokitError(
+            f"output_dir {output_dir} is in use by another run (pid {holder}); wait for it to end, stop it, "
+            f"or choose another output_dir"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    _held_locks[key] = fd
 
 
 def total_training_steps(*, steps_per_epoch: int, epochs: int, max_steps: int | None) -> int:
