@@ -21,6 +21,7 @@ import functools
 import importlib
 import inspect
 import os
+import re
 import signal
 import sys
 import threading
@@ -289,10 +290,18 @@ def _run(main, known_keys, path: Path, overrides: list[str], multi_process: bool
         _exit(report_failure, describe_os_error(e), 2 if e.filename else 1)
     except Exception as e:
         if multi_process and lost_peer(e):
-            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            message = f"lost contact with another process of this run (it stopped, or its node went down): {first_line}"
+            message = (
+                f"lost contact with another process of this run (it stopped, or its node went down): {_peer_error(e)}"
+            )
             _exit(report_failure, message, 1, kind=LOST_PEER)
         raise
+
+
+def _peer_error(error: BaseException) -> str:
+    """The useful part of a backend's message ("Connection closed by peer [10.0.0.2]:4242")."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    text = re.sub(r"^\[[^\]]*\.(?:cc|cpp|h):\d+\]\s*", "", text)  # the C++ source location
+    return text.split(". This is typically")[0].rstrip(".")
 
 
 def describe_os_error(error: OSError) -> str:

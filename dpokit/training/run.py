@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import secrets
 import signal
 import sys
 import threading
@@ -34,6 +35,7 @@ from dpokit.distributed.checkpoint import latest_checkpoint, load_checkpoint, re
 from dpokit.distributed.group import (
     DistributedEnv,
     all_reduce_sum,
+    barrier,
     broadcast_object,
     destroy_distributed,
     get_rank,
@@ -121,7 +123,29 @@ def claim_output_dir(output_dir: str | Path, *, is_main: bool) -> Path:
     error = broadcast_object(error)
     if error:
         raise DpokitError(error)
+    if get_world_size() > 1:
+        _check_shared(output_dir, is_main=is_main)
     return output_dir
+
+
+def _check_shared(output_dir: Path, *, is_main: bool) -> None:
+    """Every rank must see rank 0's files: checkpoints are written by all ranks into one folder,
+    so nodes need it on shared storage."""
+    token = broadcast_object(secrets.token_hex(8) if is_main else None)
+    marker = output_dir / ".dpokit-run"
+    if is_main:
+        marker.write_text(token)
+    barrier()
+    try:
+        seen = marker.read_text() == token
+    except OSError:
+        seen = False
+    blind = all_reduce_sum([0.0 if seen else 1.0])[0]
+    if blind:
+        raise DpokitError(
+            f"output_dir {output_dir}: {int(blind)} rank(s) cannot see rank 0's files there; a multi-node run "
+            f"needs output_dir (and checkpoint.dir) on storage every node shares"
+        )
 
 
 def _claim(output_dir: Path) -> None:
