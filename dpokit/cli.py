@@ -267,8 +267,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pack.add_argument("input", help="preference data: .jsonl, .jsonl.gz, .json or .parquet")
     pack.add_argument("output", help="packed dataset file to write (.jsonl)")
-    pack.add_argument("--max-seq-len", type=int, required=True, help="truncate prompt+response to this length")
-    pack.add_argument("--pack-size", type=int, required=True, help="tokens per pack (>= 2 x max-seq-len)")
+    pack.add_argument(
+        "--max-seq-len", type=_positive_int, required=True, help="truncate prompt+response to this length"
+    )
+    pack.add_argument("--pack-size", type=_positive_int, required=True, help="tokens per pack (>= 2 x max-seq-len)")
     pack.add_argument(
         "--algorithm",
         choices=["ffd", "ffs"],
@@ -356,11 +358,21 @@ def main(argv: list[str] | None = None) -> int:
         if args.command != "run" or flags:
             parser.error(f"unrecognized arguments: {' '.join(flags or extra)}")
         args.overrides = [*args.overrides, *extra]
+    from dpokit.errors import DpokitError
+
     try:
         return args.func(args)
-    except CliError as e:
+    except (CliError, DpokitError) as e:
         print(f"dpokit: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        from dpokit.config import describe_os_error
+
+        print(f"dpokit: error: {describe_os_error(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dpokit: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

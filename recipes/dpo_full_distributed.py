@@ -36,6 +36,7 @@ from omegaconf import OmegaConf
 from dpokit.config import instantiate, recipe_main
 from dpokit.data import collate_preference_pairs, training_set
 from dpokit.distributed import (
+    barrier,
     check_no_meta,
     full_tensors,
     load_into_shards,
@@ -46,6 +47,7 @@ from dpokit.distributed import (
     state_dict_tensors,
 )
 from dpokit.errors import DpokitError, RunInterrupted
+from dpokit.fileio import atomic_dir
 from dpokit.losses import is_reference_free
 from dpokit.models import resolve_dtype
 from dpokit.training import (
@@ -304,13 +306,12 @@ def train(cfg, env) -> None:
     report.close()
 
     # Final: an HF folder (weights gathered one tensor at a time, config.json, tokenizer files).
-    final_dir = save_hf_model(
-        model,
-        full_tensors(model, dtype=save_dtype),
-        output_dir / "final",
-        dtype=save_dtype,
-        source_dir=cfg.checkpoint_dir,
-    )
+    final_dir = output_dir / "final"
+    with atomic_dir(final_dir, "the final model", write=env.is_main) as staging:  # whole or not at all
+        save_hf_model(
+            model, full_tensors(model, dtype=save_dtype), staging, dtype=save_dtype, source_dir=cfg.checkpoint_dir
+        )
+    barrier()
     report.finish(final_dir)
 
 

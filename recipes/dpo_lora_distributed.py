@@ -37,6 +37,7 @@ from dpokit.distributed import (
     state_dict_tensors,
 )
 from dpokit.errors import RunInterrupted
+from dpokit.fileio import atomic_dir
 from dpokit.models import MergeRounding, resolve_dtype, save_peft_adapter
 from dpokit.training import (
     AdapterOffReference,
@@ -249,14 +250,16 @@ def train(cfg, env) -> None:
     # final/adapter/, never final/ itself: transformers would apply an adapter found next to
     # config.json on top of the already-merged weights.
     rounding = MergeRounding()
-    merged = merged_full_tensors(model, dtype=save_dtype, rounding=rounding)
-    final_dir = save_hf_model(model, merged, output_dir / "final", dtype=save_dtype, source_dir=cfg.checkpoint_dir)
-    adapters = adapter_full_tensors(model)  # collective
-    report.say(rounding.summary(save_dtype))
-    if env.is_main:
-        base = None if cfg.checkpoint_dir is None else str(cfg.checkpoint_dir)
-        save_peft_adapter(model, final_dir / "adapter", base_model_name_or_path=base, adapters=adapters)
+    final_dir = output_dir / "final"
+    with atomic_dir(final_dir, "the final model", write=env.is_main) as staging:  # whole or not at all
+        merged = merged_full_tensors(model, dtype=save_dtype, rounding=rounding)
+        save_hf_model(model, merged, staging, dtype=save_dtype, source_dir=cfg.checkpoint_dir)
+        adapters = adapter_full_tensors(model)  # collective
+        if env.is_main:
+            base = None if cfg.checkpoint_dir is None else str(cfg.checkpoint_dir)
+            save_peft_adapter(model, staging / "adapter", base_model_name_or_path=base, adapters=adapters)
     barrier()
+    report.say(rounding.summary(save_dtype))
     report.finish(final_dir)
 
 

@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 from dpokit.config import instantiate, recipe_main
 from dpokit.data import collate_preference_pairs, training_set
 from dpokit.errors import DpokitError, RunInterrupted
+from dpokit.fileio import atomic_dir
 from dpokit.losses import is_reference_free
 from dpokit.models import adapter_params, cast_base, parameter_summary, prepare_blocks, resolve_dtype
 from dpokit.training import (
@@ -173,12 +174,13 @@ def main(cfg) -> None:
     # With an HF checkpoint_dir, final/ is a complete HF folder (its config and tokenizer files
     # too). The merge is fp32; a narrower save_dtype is measured on a few validation sequences.
     probe_sequences = list(collate([validation_set[i] for i in range(min(4, len(validation_set)))]).input_ids)
-    export = save_lora_checkpoint(
-        model, output_dir / "final", source_dir=cfg.checkpoint_dir, dtype=save_dtype,
-        probe_sequences=probe_sequences,
-    )  # fmt: skip
+    final_dir = output_dir / "final"
+    with atomic_dir(final_dir, "the final model") as staging:  # final/ appears whole or not at all
+        export = save_lora_checkpoint(
+            model, staging, source_dir=cfg.checkpoint_dir, dtype=save_dtype, probe_sequences=probe_sequences
+        )
     report.say(export.summary())
-    report.finish(export.directory)
+    report.finish(final_dir)
 
 
 if __name__ == "__main__":

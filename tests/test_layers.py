@@ -1,5 +1,5 @@
 """The library is config-free: its packages never import the config layer or omegaconf, and the
-layers import only downwards (errors <- logprobs, losses <- data <- models <- distributed <- training)."""
+layers import only downwards (errors, fileio <- logprobs, losses <- data <- models <- distributed <- training)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ PACKAGE = Path(__file__).resolve().parents[1] / "dpokit"
 ALLOWED = {
     "logprobs": {"errors", "logprobs"},
     "losses": {"errors", "losses"},
-    "data": {"errors", "data", "logprobs"},
-    "models": {"errors", "models", "logprobs", "data"},
-    "distributed": {"errors", "distributed", "models", "logprobs", "losses", "data"},
-    "training": {"errors", "training", "distributed", "models", "logprobs", "losses", "data"},
+    "data": {"errors", "fileio", "data", "logprobs"},
+    "models": {"errors", "fileio", "models", "logprobs", "data"},
+    "distributed": {"errors", "fileio", "distributed", "models", "logprobs", "losses", "data"},
+    "training": {"errors", "fileio", "training", "distributed", "models", "logprobs", "losses", "data"},
 }
 
 

@@ -39,6 +39,7 @@ from dpokit.data.batch import PackedBatch, pair_rewards
 from dpokit.data.packing import PackingStats, pack_lengths, packing_stats
 from dpokit.data.preference import PreferenceDataError
 from dpokit.errors import DpokitError
+from dpokit.fileio import atomic_file
 from dpokit.logprobs import IGNORE_INDEX
 
 CHOSEN, REJECTED = 1, 2
@@ -170,8 +171,7 @@ class PackedPreferenceDataset(Dataset):
     def save(self, path: str | Path, **metadata) -> tuple[Path, Path]:
         """Write the packs (JSONL, one pack per line: {"pairs": [...]}) and `<path>.stats.json`."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w", encoding="utf-8") as f:
+        with atomic_file(path, "the packed dataset") as f:  # no truncated file on a full disk or a kill
             for pack in self.packs:
                 f.write(json.dumps({"pairs": [self.pairs[i] for i in pack]}) + "\n")
         stats_path = stats_path_for(path)
@@ -183,7 +183,8 @@ class PackedPreferenceDataset(Dataset):
             **self.stats.as_dict(),
             **metadata,
         }
-        stats_path.write_text(json.dumps(stats, indent=2) + "\n")
+        with atomic_file(stats_path, "the pack statistics") as f:
+            f.write(json.dumps(stats, indent=2) + "\n")
         return path, stats_path
 
 

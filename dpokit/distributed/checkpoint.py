@@ -31,6 +31,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from dpokit.distributed.fsdp import reshard
 from dpokit.distributed.group import barrier, broadcast_object, get_rank, get_world_size
 from dpokit.errors import DpokitError
+from dpokit.fileio import WriteError, io_reason
 from dpokit.models.hf_checkpoint import write_hf_config, write_hf_weights
 from dpokit.models.hf_config import family_for_model
 
@@ -93,29 +94,49 @@ def save_checkpoint(
     root = Path(root)
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp-{final.name}"
+    # Every rank learns whether rank 0 could start (no rank may wait alone in a collective).
+    error = None
     if get_rank() == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob(".tmp-step_*"):  # left by a killed save
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp.mkdir()
-    barrier()
-    model_state, optimizer_state = get_state_dict(model, optimizer, options=_options(trainable_only))
-    with _single_process_quietly():
-        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(tmp))
-    torch.save(
-        {"step": step, "world_size": get_world_size(), "rng": rng_state(), **trainer_state},
-        tmp / f"rank{get_rank()}.pt",
-    )
-    barrier()
-    if get_rank() == 0:
-        (tmp / COMPLETE).write_text(json.dumps({"step": step, "world_size": get_world_size()}) + "\n")
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-        for old in stale_checkpoints(root, keep_last):
-            shutil.rmtree(old, ignore_errors=True)
-    barrier()
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(root)
+            tmp.mkdir()
+        except OSError as e:
+            error = io_reason(e)
+    error = broadcast_object(error)
+    if error:
+        raise WriteError(f"cannot write the step-{step} checkpoint to {tmp}: {error}")
+    try:
+        model_state, optimizer_state = get_state_dict(model, optimizer, options=_options(trainable_only))
+        with _single_process_quietly():
+            dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(tmp))
+        torch.save(
+            {"step": step, "world_size": get_world_size(), "rng": rng_state(), **trainer_state},
+            tmp / f"rank{get_rank()}.pt",
+        )
+        barrier()
+        if get_rank() == 0:
+            (tmp / COMPLETE).write_text(json.dumps({"step": step, "world_size": get_world_size()}) + "\n")
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+            for old in stale_checkpoints(root, keep_last):
+                shutil.rmtree(old, ignore_errors=True)
+        barrier()
+    except BaseException as e:
+        if get_rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # a failed save leaves nothing behind
+        reason = io_reason(e)
+        if reason is None:
+            raise
+        raise WriteError(f"cannot write the step-{step} checkpoint to {tmp}: {reason}") from None
     return final
+
+
+def remove_stale_temporaries(root: Path) -> None:
+    """Remove what killed saves left (`.tmp-step_*`): they never accumulate."""
+    for stale in root.glob(".tmp-step_*"):
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def resolve_resume(resume, root: str | Path) -> Path | None:

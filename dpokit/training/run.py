@@ -31,7 +31,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from dpokit.distributed.checkpoint import latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint
+from dpokit.distributed.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    remove_stale_temporaries,
+    resolve_resume,
+    save_checkpoint,
+)
 from dpokit.distributed.group import (
     DistributedEnv,
     all_reduce_sum,
@@ -230,6 +236,8 @@ class Checkpointer:
         """Load the checkpoint `resume` names (false/None: none; true: the latest under `root`, if
         any; a path: that one) into model, optimizer, scheduler, sampler and the RNGs. Returns the
         step to continue after (0 for a fresh start); `resumed_from` is the folder loaded."""
+        if get_rank() == 0 and self.root.is_dir():
+            remove_stale_temporaries(self.root)
         self.resumed_from = resolve_resume(resume, self.root)
         if self.resumed_from is None:
             return 0
