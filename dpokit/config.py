@@ -136,14 +136,58 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> DictConfig:
 
 
 def check_keys(cfg: DictConfig, known: Iterable[str]) -> None:
-    """Every top-level key must be one the recipe reads."""
-    known = set(known)
+    """Every key must be one the recipe reads: `known` holds top-level names and, for plain
+    nested settings the recipe reads key by key, dotted names ("checkpoint.every"), so a typo one
+    level down is caught as well as a top-level one."""
+    known = list(known)
+    top = {k.split(".")[0] for k in known}
     for key in cfg.keys():
-        if key not in known:
-            raise ConfigError(f"unknown key {key!r}{_did_you_mean(str(key), known)}")
-    missing = sorted(known - set(cfg.keys()))
+        if key not in top:
+            raise ConfigError(f"unknown key {key!r}{_did_you_mean(str(key), top)}")
+    missing = sorted(top - set(cfg.keys()))
     if missing:
         raise ConfigError(f"missing key(s) {missing}")
+    nested: dict[str, set[str]] = {}
+    for name in known:
+        if "." in name:
+            parent, _, child = name.partition(".")
+            nested.setdefault(parent, set()).add(child)
+    for parent, children in nested.items():
+        node = cfg[parent]
+        if not isinstance(node, DictConfig):
+            raise ConfigError(f"{parent}: expected a mapping with keys {sorted(children)}, got {node!r}")
+        for key in node.keys():
+            if key not in children:
+                dotted = [f"{parent}.{c}" for c in children]
+                raise ConfigError(f"unknown key '{parent}.{key}'{_did_you_mean(f'{parent}.{key}', dotted)}")
+        absent = sorted(f"{parent}.{c}" for c in children - set(node.keys()))
+        if absent:
+            raise ConfigError(f"missing key(s) {absent}")
+
+
+# Settings every recipe shares, and the values that make sense for them.
+WHOLE_NUMBERS_FROM_1 = ("batch_size", "gradient_accumulation_steps", "epochs", "eval_every", "eval_batch_size")
+
+
+def check_values(cfg: DictConfig) -> None:
+    """Ranges of the shared numeric settings, checked before anything is loaded (a 0 would
+    otherwise surface as a ZeroDivisionError minutes later, or not at all)."""
+
+    def whole(key: str, value, minimum: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ConfigError(f"{key}: {value!r} is not a whole number >= {minimum}")
+
+    for key in WHOLE_NUMBERS_FROM_1:
+        if key in cfg:
+            whole(key, cfg[key], 1)
+    if cfg.get("max_steps") is not None:
+        whole("max_steps", cfg.max_steps, 1)
+    if "max_grad_norm" in cfg:
+        norm = cfg.max_grad_norm
+        if isinstance(norm, bool) or not isinstance(norm, (int, float)) or not norm > 0:
+            raise ConfigError(f"max_grad_norm: {norm!r} is not a number > 0")
+    if "seed" in cfg:
+        whole("seed", cfg.seed, 0)
 
 
 def _import(dotted: str, where: str) -> Any:
@@ -275,6 +319,7 @@ def _run(main, known_keys, path: Path, overrides: list[str], multi_process: bool
         cfg = load_config(path, overrides)  # its errors name the file already
         try:
             check_keys(cfg, known_keys)
+            check_values(cfg)
             main(cfg)
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None

@@ -60,6 +60,7 @@ from dpokit.training import (
     StopRequests,
     TensorFingerprint,
     accumulate_gradients,
+    check_gt_rewards,
     claim_output_dir,
     clip_and_step,
     eval_batches,
@@ -87,8 +88,13 @@ CONFIG_KEYS = (
     "loss",
     "average_logps",
     "ld_alpha",
-    "reference",
-    "fsdp",
+    "reference.strategy",
+    "reference.cache_dir",
+    "fsdp.param_dtype",
+    "fsdp.reduce_dtype",
+    "fsdp.cpu_offload",
+    "fsdp.activation_checkpointing",
+    "fsdp.compile",
     "optimizer",
     "lr_scheduler",
     "batch_size",
@@ -98,7 +104,9 @@ CONFIG_KEYS = (
     "max_grad_norm",
     "eval_every",
     "eval_batch_size",
-    "checkpoint",
+    "checkpoint.dir",
+    "checkpoint.every",
+    "checkpoint.keep_last",
     "resume",
     "save_dtype",
     "packing",
@@ -194,6 +202,7 @@ def train(cfg, env) -> None:
         f"model: {sum(p.numel() for p in model.parameters()):,} parameters, sharded over {env.world_size} rank(s)"
     )
     loss_fn = instantiate(cfg.loss)
+    check_gt_rewards(loss_fn, train_pairs)  # RPO needs rewards in the data
     # Log-prob settings shared by the policy and every reference forward (ld_alpha: LD-DPO, None = off).
     logps_settings = {"average_logps": cfg.average_logps, "ld_alpha": cfg.ld_alpha}
 

@@ -46,6 +46,7 @@ from dpokit.training import (
     StepTimer,
     StopRequests,
     accumulate_gradients,
+    check_gt_rewards,
     claim_output_dir,
     clip_and_step,
     eval_batches,
@@ -71,7 +72,11 @@ CONFIG_KEYS = (
     "loss",
     "average_logps",
     "ld_alpha",
-    "fsdp",
+    "fsdp.param_dtype",
+    "fsdp.reduce_dtype",
+    "fsdp.cpu_offload",
+    "fsdp.activation_checkpointing",
+    "fsdp.compile",
     "optimizer",
     "lr_scheduler",
     "batch_size",
@@ -81,7 +86,9 @@ CONFIG_KEYS = (
     "max_grad_norm",
     "eval_every",
     "eval_batch_size",
-    "checkpoint",
+    "checkpoint.dir",
+    "checkpoint.every",
+    "checkpoint.keep_last",
     "resume",
     "save_dtype",
     "packing",
@@ -170,6 +177,7 @@ def train(cfg, env) -> None:
         f"{sum(p.numel() for p in trainable):,} trainable (LoRA), sharded over {env.world_size} rank(s)"
     )
     loss_fn = instantiate(cfg.loss)
+    check_gt_rewards(loss_fn, train_set.pairs if packed else train_set)  # RPO needs rewards in the data
     # Log-prob settings shared by the policy and the reference forward (ld_alpha: LD-DPO, None = off).
     logps_settings = {"average_logps": cfg.average_logps, "ld_alpha": cfg.ld_alpha}
     reference = AdapterOffReference(model, **logps_settings)

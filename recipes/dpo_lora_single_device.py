@@ -22,7 +22,14 @@ from dpokit.data import collate_preference_pairs, training_set
 from dpokit.errors import DpokitError, RunInterrupted
 from dpokit.fileio import atomic_dir
 from dpokit.losses import is_reference_free
-from dpokit.models import adapter_params, cast_base, parameter_summary, prepare_blocks, resolve_dtype
+from dpokit.models import (
+    adapter_params,
+    cast_base,
+    parameter_summary,
+    prepare_blocks,
+    read_hf_config,
+    resolve_dtype,
+)
 from dpokit.training import (
     AdapterOffReference,
     Checkpointer,
@@ -31,6 +38,7 @@ from dpokit.training import (
     StepTimer,
     StopRequests,
     accumulate_gradients,
+    check_gt_rewards,
     claim_output_dir,
     clip_and_step,
     eval_batches,
@@ -70,7 +78,9 @@ CONFIG_KEYS = (
     "eval_batch_size",
     "packing",
     "save_dtype",
-    "checkpoint",
+    "checkpoint.dir",
+    "checkpoint.every",
+    "checkpoint.keep_last",
     "resume",
 )
 
@@ -82,6 +92,8 @@ def main(cfg) -> None:
         raise DpokitError("dpo_lora_single_device runs on one process; for several use dpo_lora_distributed")
     device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype, "dtype")
     save_dtype = resolve_dtype(cfg.save_dtype, "save_dtype")  # checked before training, not after
+    if cfg.checkpoint_dir is not None:
+        read_hf_config(cfg.checkpoint_dir)  # the export copies its config: a bad path fails now
     output_dir = Path(cfg.output_dir)
     claim_output_dir(output_dir, is_main=True)  # created, writable, and no other run's
     OmegaConf.save(cfg, output_dir / "config.yaml")
@@ -113,6 +125,7 @@ def main(cfg) -> None:
     prepare_blocks(model, activation_checkpointing=cfg.activation_checkpointing, compile_blocks=cfg.compile)
     trainable = list(adapter_params(model).values())
     loss_fn = instantiate(cfg.loss)
+    check_gt_rewards(loss_fn, train_set.pairs if packed else train_set)  # RPO needs rewards in the data
     logps_settings = {"average_logps": cfg.average_logps, "ld_alpha": cfg.ld_alpha}
     # Reference-free losses (SimPO, CPO, ORPO, ...) never run the reference forward.
     reference = NoReference() if is_reference_free(loss_fn) else AdapterOffReference(model, **logps_settings)

@@ -6,8 +6,7 @@ source has them, "chosen_reward" / "rejected_reward" (floats). The formats:
   "standard"      prompt / chosen / rejected; the prompt is a string (one user turn) or a message
                   list, a response a string or a one-assistant-message list (TRL, NeMo RL's
                   BinaryPreferenceDataset, conversational data with an explicit prompt).
-  "nemo_aligner"  prompt / chosen_response / rejected_response, optional chosen_reward /
-                  rejected_reward (the RPO losses need them).
+  "nemo_aligner"  prompt / chosen_response / rejected_response.
   "nemo_rl"       context (message list) + completions: exactly two {rank, completion}; the
                   lower rank is preferred and a tie is an error. A completion is a string or a
                   one-assistant-message list.
@@ -16,12 +15,16 @@ source has them, "chosen_reward" / "rejected_reward" (floats). The formats:
   "conversational" chosen / rejected are whole message lists (OpenAI roles) with an implicit
                   prompt: the shared messages are the prompt, the last assistant message the response.
 
+Every format but nemo_rl may carry "chosen_reward" / "rejected_reward" (finite, within float32;
+both or neither; the RPO losses need them); a key one typo away from those is an error.
+
 Key names are configurable: `keys={"prompt": "question", "chosen": "good", ...}` maps a canonical
 field name to the one used in the file. Every error is one line naming file, line and field.
 """
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
 from typing import Any, Callable, Mapping
@@ -142,26 +145,48 @@ def _response(value: Any, where: str) -> str:
     return value
 
 
+FLOAT32_MAX = 3.4028234663852886e38  # rewards become float32 tensors
+
+
 def _reward(record: dict, key: str, where: str) -> float | None:
     if key not in record or record[key] is None:
         return None
     value = record[key]
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise PreferenceDataError(f"{where}: field {key!r}: expected a finite number, got {value!r}", "mistyped field")
+    if abs(value) > FLOAT32_MAX:
+        raise PreferenceDataError(
+            f"{where}: field {key!r}: {value!r} does not fit in float32 (largest {FLOAT32_MAX:.4g})", "reward overflow"
+        )
     return float(value)
 
 
-def _finish(
-    prompt: list[dict], chosen: str, rejected: str, where: str, rejected_key: str, chosen_key: str, **extra
-) -> dict:
+def _rewards(record: dict, where: str, keys: Mapping[str, str]) -> dict:
+    """The pair's ground-truth rewards, when the record has them (any pairwise format). A key
+    one typo away from a reward key is an error, not an ignored field: a reward-aware loss would
+    otherwise train on its defaults."""
+    reward_keys = (keys["chosen_reward"], keys["rejected_reward"])
+    known = set(keys.values())
+    for key in record:
+        if isinstance(key, str) and key not in known:
+            close = difflib.get_close_matches(key, reward_keys, n=1, cutoff=0.8)
+            if close:
+                raise PreferenceDataError(
+                    f"{where}: field {key!r} is not one dpokit reads; did you mean {close[0]!r}? "
+                    f"(rename it, or name it in the dataset's keys)",
+                    "misspelled reward",
+                )
+    chosen, rejected = (_reward(record, key, where) for key in reward_keys)
+    if (chosen is None) != (rejected is None):
+        missing = reward_keys[1] if rejected is None else reward_keys[0]
+        raise PreferenceDataError(f"{where}: missing field {missing!r} (rewards come in pairs)", "missing field")
+    return {} if chosen is None else {"chosen_reward": chosen, "rejected_reward": rejected}
+
+
+def _finish(prompt: list[dict], chosen: str, rejected: str, where: str, rejected_key: str, chosen_key: str) -> dict:
     if chosen == rejected:
         raise PreferenceDataError(f"{where}: field {rejected_key!r}: identical to {chosen_key!r}", "chosen == rejected")
-    return {
-        "prompt": prompt,
-        "chosen": chosen,
-        "rejected": rejected,
-        **{k: v for k, v in extra.items() if v is not None},
-    }
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
 
 
 def _split_shared(chosen: list[dict], rejected: list[dict], where: str, keys: Mapping[str, str]) -> tuple:
@@ -212,21 +237,7 @@ def parse_nemo_aligner(record: dict, where: str, keys: Mapping[str, str]) -> dic
     chosen_key, rejected_key = keys["chosen_response"], keys["rejected_response"]
     chosen = _response(_field(record, chosen_key, where), f"{where}: field {chosen_key!r}")
     rejected = _response(_field(record, rejected_key, where), f"{where}: field {rejected_key!r}")
-    chosen_reward = _reward(record, keys["chosen_reward"], where)
-    rejected_reward = _reward(record, keys["rejected_reward"], where)
-    if (chosen_reward is None) != (rejected_reward is None):
-        missing = keys["rejected_reward"] if rejected_reward is None else keys["chosen_reward"]
-        raise PreferenceDataError(f"{where}: missing field {missing!r} (rewards come in pairs)", "missing field")
-    return _finish(
-        prompt,
-        chosen,
-        rejected,
-        where,
-        rejected_key,
-        chosen_key,
-        chosen_reward=chosen_reward,
-        rejected_reward=rejected_reward,
-    )
+    return _finish(prompt, chosen, rejected, where, rejected_key, chosen_key)
 
 
 def parse_nemo_rl(record: dict, where: str, keys: Mapping[str, str]) -> dict:
@@ -295,4 +306,5 @@ def parse_record(record: Any, where: str, format: str, keys: Mapping[str, str] =
         raise DpokitError(f"unknown preference data format {format!r}; choose from {list(FORMATS)} or 'auto'")
     if not isinstance(record, dict):
         raise PreferenceDataError(f"{where}: expected a JSON object, got {type(record).__name__}", "mistyped field")
-    return PARSERS[format](record, where, keys)
+    parsed = PARSERS[format](record, where, keys)
+    return {**parsed, **_rewards(record, where, keys)} if format != "nemo_rl" else parsed

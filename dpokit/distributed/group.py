@@ -23,7 +23,12 @@ def resolve_device(name: str = "auto") -> torch.device:
     """ "auto" -> cuda if available, else cpu; otherwise any torch device string."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise DpokitError(f"device: {name!r} is not a device dpokit trains on; choose auto, cpu, cuda, cuda:N or mps")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DpokitError(f"device {name!r} requested but CUDA is not available")
     return device

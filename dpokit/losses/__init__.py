@@ -21,7 +21,7 @@ from dpokit.losses.margin import (
 )
 from dpokit.losses.per_response import apo_down_loss, apo_zero_loss, bco_pair_loss, nca_pair_loss, sppo_hard_loss
 from dpokit.losses.reference_free import cpo_loss, orpo_loss, sft_loss, simpo_loss
-from dpokit.losses.registry import call_loss, get_loss, is_reference_free, loss_names, register_loss
+from dpokit.losses.registry import call_loss, get_loss, is_reference_free, loss_names, register_loss, uses_gt_rewards
 from dpokit.losses.reward_aware import rpo_bwd_kl_loss, rpo_fwd_kl_loss, rpo_sq_loss
 from dpokit.losses.types import CombinedLossOutput, PreferenceLossOutput
 
@@ -46,6 +46,7 @@ __all__ = [
     "hinge_loss",
     "ipo_loss",
     "is_reference_free",
+    "uses_gt_rewards",
     "loss_names",
     "nca_pair_loss",
     "orpo_loss",

@@ -8,7 +8,14 @@ from typing import Callable, Sequence
 import torch
 
 from dpokit.losses._common import per_token
-from dpokit.losses.registry import _accepted_keywords, call_loss, get_loss, is_reference_free, register_loss
+from dpokit.losses.registry import (
+    _accepted_keywords,
+    call_loss,
+    get_loss,
+    is_reference_free,
+    register_loss,
+    uses_gt_rewards,
+)
 from dpokit.losses.types import CombinedLossOutput
 
 
@@ -39,10 +46,17 @@ def _terms(preference_loss, preference_loss_weight, loss_kwargs) -> list[tuple[C
     return list(zip(fns, [float(w) for w in weights]))
 
 
-def _reference_free(keywords: dict) -> bool:
+def _bound_terms(keywords: dict) -> list:
     loss_kwargs = {k: v for k, v in keywords.items() if k not in _OWN_KEYWORDS}
-    terms = _terms(keywords.get("preference_loss", "dpo"), keywords.get("preference_loss_weight", 1.0), loss_kwargs)
-    return all(is_reference_free(fn) for fn, _ in terms)
+    return _terms(keywords.get("preference_loss", "dpo"), keywords.get("preference_loss_weight", 1.0), loss_kwargs)
+
+
+def _reference_free(keywords: dict) -> bool:
+    return all(is_reference_free(fn) for fn, _ in _bound_terms(keywords))
+
+
+def _uses_gt_rewards(keywords: dict) -> bool:
+    return any(uses_gt_rewards(fn) for fn, _ in _bound_terms(keywords))
 
 
 def wpo_weights(
@@ -134,6 +148,8 @@ def combined_loss(
     sft = -(per_token(policy_chosen_logps, chosen_lengths, "combined_loss") if sft_average else policy_chosen_logps)
     return CombinedLossOutput(preference + sft_loss_weight * sft, *rewards, preference, sft)
 
+
+combined_loss.uses_gt_rewards = _uses_gt_rewards
 
 _OWN_KEYWORDS = {
     "preference_loss",

@@ -89,6 +89,16 @@ def is_reference_free(loss_fn: Callable) -> bool:
     return bool(flag(keywords) if callable(flag) else flag)
 
 
+def uses_gt_rewards(loss_fn: Callable) -> bool:
+    """True when `loss_fn` reads ground-truth rewards (RPO; a combined loss with an RPO term), so
+    a recipe can refuse data without them instead of training on the loss's defaults."""
+    fn, keywords = _unwrap(loss_fn)
+    flag = getattr(fn, "uses_gt_rewards", None)
+    if flag is not None:
+        return bool(flag(keywords) if callable(flag) else flag)
+    return "chosen_gt_rewards" in _accepted_keywords(fn)
+
+
 def _accepted_keywords(fn: Callable) -> set[str]:
     base, _ = _unwrap(fn)
     try:

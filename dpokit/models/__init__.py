@@ -15,7 +15,7 @@ from dpokit.models.hf_checkpoint import (
     save_hf_checkpoint,
     save_peft_adapter,
 )
-from dpokit.models.hf_config import CheckpointError, hf_config_from_model, model_from_hf_config
+from dpokit.models.hf_config import CheckpointError, hf_config_from_model, model_from_hf_config, read_hf_config
 from dpokit.models.llama3 import (
     llama3_1_8b,
     llama3_1_70b,
@@ -99,6 +99,7 @@ __all__ = [
     "model_from_hf_config",
     "parameter_summary",
     "prepare_blocks",
+    "read_hf_config",
     "resolve_dtype",
     "save_hf_checkpoint",
     "save_peft_adapter",

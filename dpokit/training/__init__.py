@@ -7,7 +7,7 @@ from dpokit.distributed.group import resolve_device
 from dpokit.distributed.sampler import eval_batches, training_sampler
 from dpokit.training.evaluate import evaluate_preference
 from dpokit.training.export import save_lora_checkpoint
-from dpokit.training.forward import policy_logps, preference_loss
+from dpokit.training.forward import check_gt_rewards, policy_logps, preference_loss
 from dpokit.training.metrics import JsonlLogger, PairMetrics, preference_accuracy
 from dpokit.training.reference import (
     AdapterOffReference,
@@ -46,6 +46,7 @@ __all__ = [
     "StopRequests",
     "TensorFingerprint",
     "accumulate_gradients",
+    "check_gt_rewards",
     "claim_output_dir",
     "clip_and_step",
     "eval_batches",

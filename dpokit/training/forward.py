@@ -8,14 +8,15 @@ them through the output head a chunk of tokens at a time, in the forward and in 
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
 from dpokit.data.batch import PackedBatch, PreferenceBatch
+from dpokit.errors import DpokitError
 from dpokit.logprobs import DEFAULT_CHUNK_SIZE, IGNORE_INDEX, length_desensitized_logps, token_logps
-from dpokit.losses.registry import call_loss
+from dpokit.losses.registry import call_loss, uses_gt_rewards
 from dpokit.training.packed_forward import packed_policy_logps
 from dpokit.training.scoring import PolicyLogps, scored_token_logps
 
@@ -99,4 +100,20 @@ def preference_loss(
         rejected_lengths=rejected_lengths,
         chosen_gt_rewards=batch.chosen_reward,
         rejected_gt_rewards=batch.rejected_reward,
+    )
+
+
+def check_gt_rewards(loss_fn: Callable, pairs: Sequence[dict], *, dataset: str = "train_dataset") -> None:
+    """Refuse to train a reward-aware loss (RPO, ...) on pairs without ground-truth rewards: it
+    would silently optimise towards the loss's default rewards (1 and 0) instead."""
+    if not uses_gt_rewards(loss_fn):
+        return
+    with_rewards = sum("chosen_reward" in pair for pair in pairs)
+    if with_rewards == len(pairs):
+        return
+    which = "no pair of" if with_rewards == 0 else f"only {with_rewards} of {len(pairs)} pairs of"
+    verb = "carries" if with_rewards == 0 else "carry"
+    raise DpokitError(
+        f"loss: reads ground-truth rewards (chosen_reward / rejected_reward), but {which} {dataset} "
+        f"{verb} them; it would train on its default rewards. Add them to the data or choose a loss without rewards"
     )
