@@ -26,10 +26,11 @@ from typing import Iterable
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from dpokit.distributed.fsdp import reshard
-from dpokit.distributed.group import barrier, broadcast_object, get_rank, get_world_size
+from dpokit.distributed.group import barrier, broadcast_object, get_rank, get_world_size, raise_together
 from dpokit.errors import DpokitError
 from dpokit.fileio import WriteError, io_reason
 from dpokit.models.hf_checkpoint import write_hf_config, write_hf_weights
@@ -116,7 +117,8 @@ def save_checkpoint(
         )
         barrier()
         if get_rank() == 0:
-            (tmp / COMPLETE).write_text(json.dumps({"step": step, "world_size": get_world_size()}) + "\n")
+            marker = {"step": step, "world_size": get_world_size(), "trainable_only": trainable_only}
+            (tmp / COMPLETE).write_text(json.dumps(marker) + "\n")
             if final.exists():
                 shutil.rmtree(final)
             tmp.rename(final)
@@ -172,19 +174,33 @@ def load_checkpoint(
     path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, *, trainable_only: bool = False
 ) -> dict:
     """Collective: load model + optimizer shards and this rank's RNG states; returns this rank's
-    trainer state (step, scheduler, data position, ...)."""
+    trainer state (step, scheduler, data position, ...). A checkpoint of the other kind (full
+    model vs adapters only), a missing or truncated shard or per-rank file is one `DpokitError`
+    on every rank, naming the file."""
     path = Path(path)
+    _check_kind(path, trainable_only)
     options = _options(trainable_only)
     model_state, optimizer_state = get_state_dict(model, optimizer, options=options)
     state = {"model": model_state, "optimizer": optimizer_state}
-    with _single_process_quietly():
-        dcp.load(state, checkpoint_id=str(path))
+    error = None
+    try:
+        with _single_process_quietly():
+            dcp.load(state, checkpoint_id=str(path))
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP's is a BaseException
+        error = f"resume: cannot load {path} ({_load_failure(e)}); resume from another checkpoint or start fresh"
+    raise_together(error)
     set_state_dict(
         model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"], options=options
     )
     reshard(model)  # drop parameters a no-grad forward left gathered: they predate the loaded weights
     own = path / f"rank{get_rank()}.pt"
-    saved = torch.load(own if own.is_file() else path / "rank0.pt", map_location="cpu", weights_only=True)
+    source = own if own.is_file() else path / "rank0.pt"
+    saved, error = None, None
+    try:
+        saved = torch.load(source, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        error = f"resume: cannot read {source} ({_load_failure(e)}); resume from another checkpoint or start fresh"
+    raise_together(error)
     if saved["world_size"] == get_world_size():
         set_rng_state(saved["rng"])
     elif get_rank() == 0:
@@ -193,6 +209,34 @@ def load_checkpoint(
             "weights, optimizer and data position resume exactly, per-rank RNG streams do not"
         )
     return saved
+
+
+def _check_kind(path: Path, trainable_only: bool) -> None:
+    try:
+        marker = json.loads((path / COMPLETE).read_text())
+    except (OSError, ValueError):
+        marker = {}
+    saved = marker.get("trainable_only")
+    if saved is not None and saved != trainable_only:
+        kinds = {True: "the trainable (adapter) weights only", False: "the whole model"}
+        raise DpokitError(
+            f"resume: {path} holds {kinds[saved]}, this recipe resumes {kinds[trainable_only]}; "
+            f"resume it with the recipe that wrote it (its config.yaml is in the run's output_dir)"
+        )
+
+
+def _load_failure(error: BaseException) -> str:
+    """What went wrong loading a checkpoint, in a few words."""
+    failures = getattr(error, "failures", None)  # DCP's CheckpointException: rank -> (exception, traceback)
+    if isinstance(failures, dict) and failures:
+        inner = next(iter(failures.values()))
+        error = inner[0] if isinstance(inner, tuple) else inner
+    if isinstance(error, FileNotFoundError):
+        return f"{error.filename or error}: missing"
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if "Missing key in checkpoint state_dict" in text:
+        return f"it does not hold this model's weights: {text}"
+    return text.split(". This is an internal")[0][:300]  # torch.load's long advice on a truncated file
 
 
 def save_hf_model(

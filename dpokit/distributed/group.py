@@ -145,3 +145,15 @@ def broadcast_object(value):
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def raise_together(error: str | None) -> None:
+    """Collective: when any rank has an `error` (a message), every rank raises the first one as a
+    `DpokitError`, so no rank is left waiting in the next collective for a peer that gave up."""
+    errors = [error]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+    first = next((e for e in errors if e), None)
+    if first:
+        raise DpokitError(first)

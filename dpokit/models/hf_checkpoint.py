@@ -28,6 +28,7 @@ Our parameter names are the HF names without the `model.` prefix; the per-family
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -128,6 +129,23 @@ def hf_weight_files(checkpoint_dir: str | Path) -> list[Path]:
     raise CheckpointError(f"{directory}: no {SINGLE_FILE} or {INDEX_FILE}{hint}")
 
 
+@contextlib.contextmanager
+def _open_weights(path: Path):
+    """`safe_open(path)`; a truncated, corrupt or unreadable file is one `CheckpointError`."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            yield f
+    except CheckpointError:
+        raise
+    except Exception as e:  # SafetensorError, OSError: the file, not the program, is at fault
+        if not (isinstance(e, OSError) or type(e).__name__ == "SafetensorError"):
+            raise
+        reason = getattr(e, "strerror", None) or str(e)
+        raise CheckpointError(
+            f"{path}: not a readable safetensors file ({reason}); it may be truncated or corrupt"
+        ) from None
+
+
 def _expected_keys(kwargs: dict) -> dict[str, torch.Size]:
     with torch.device("meta"):
         from dpokit.models.builders import llama
@@ -142,7 +160,7 @@ def _plan(checkpoint_dir: Path) -> tuple[dict, list[tuple[Path, list[tuple[str, 
     plan, seen, unexpected = [], {}, []
     for path in hf_weight_files(checkpoint_dir):
         pairs = []
-        with safe_open(path, framework="pt") as f:
+        with _open_weights(path) as f:
             for name in f.keys():
                 ours = family.our_key(name)
                 if ours is None or ours not in expected:
@@ -175,7 +193,7 @@ def iter_hf_weights(
     checkpoint_dir = Path(checkpoint_dir)
     shapes, plan = _plan(checkpoint_dir)
     for path, pairs in plan:
-        with safe_open(path, framework="pt") as f:
+        with _open_weights(path) as f:
             for name, ours in pairs:
                 tensor = f.get_tensor(name)
                 if tensor.shape != shapes[ours]:
@@ -183,9 +201,6 @@ def iter_hf_weights(
                         f"{path}: {name} has shape {tuple(tensor.shape)}, config.json implies {tuple(shapes[ours])}"
                     )
                 yield ours, tensor if dtype is None else tensor.to(dtype)
-
-
-iter_hf_tensors = iter_hf_weights  # the name the FSDP2 recipe imports
 
 
 def assign_weight(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
@@ -263,7 +278,7 @@ class StoredWeights:
         if key not in self.where:
             return None
         path, name = self.where[key]
-        with safe_open(path, framework="pt") as f:
+        with _open_weights(path) as f:
             return f.get_tensor(name)
 
 
