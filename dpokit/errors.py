@@ -24,5 +24,5 @@ class RunInterrupted(DpokitError):
 
     def __init__(self, step: int, checkpoint, signal_name: str):
         self.step, self.checkpoint, self.signal_name = step, checkpoint, signal_name
-        where = f"checkpoint {checkpoint}" if checkpoint else "no checkpoint"
+        where = f"latest checkpoint {checkpoint}" if checkpoint else "no checkpoint"
         super().__init__(f"stopped at step {step} ({signal_name}); {where}")

@@ -108,15 +108,12 @@ def atomic_file(path: str | Path, what: str, *, mode: str = "w") -> Iterator:
     path = Path(path)
     staging = staging_path(path)
     try:
-        with writing(what, path):
+        with writing(what, path):  # outermost: closing a file whose buffer cannot be written fails too
             path.parent.mkdir(parents=True, exist_ok=True)
-            f = open(staging, mode, encoding=None if "b" in mode else "utf-8")
-        with f:
-            with writing(what, path):
+            with open(staging, mode, encoding=None if "b" in mode else "utf-8") as f:
                 yield f
                 f.flush()
                 os.fsync(f.fileno())
-        with writing(what, path):
             os.replace(staging, path)
     except BaseException:
         staging.unlink(missing_ok=True)

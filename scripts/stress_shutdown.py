@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 
 def main() -> int:
@@ -23,7 +24,13 @@ def main() -> int:
             command = [sys.executable, "-m", "dpokit.cli", "run", args.recipe, "--config", "tiny",
                        "--nproc_per_node", "2", "max_steps=2", "eval_every=100", f"output_dir={out}"]  # fmt: skip
             result = subprocess.run(command, capture_output=True, text=True)
-            unclean = result.returncode != 0 or "terminate called" in result.stderr or "Traceback" in result.stderr
+            final = Path(out) / "final" / "model.safetensors"
+            unclean = (
+                result.returncode != 0
+                or not final.is_file()
+                or "terminate called" in result.stderr
+                or "Traceback" in result.stderr
+            )
             bad += unclean
             if unclean:
                 print(f"run {i}: exit {result.returncode}\n{result.stderr[-2000:]}")

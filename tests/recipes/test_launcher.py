@@ -127,13 +127,41 @@ def test_sigint_stops_both_ranks_at_one_step_with_a_checkpoint_and_says_how_to_r
     step = int(line.split("stopped at step ")[1].split(" ")[0])
     checkpoint = out / "checkpoints" / f"step_{step:08d}"
     assert line == (
-        f"error: stopped at step {step} (SIGINT); checkpoint {checkpoint}; resume with: dpokit run "
+        f"error: stopped at step {step} (SIGINT); latest checkpoint {checkpoint}; resume with: dpokit run "
         f"dpo_full_distributed --config tiny --nproc_per_node 2 checkpoint.every=1000 output_dir={out} "
         f"resume=true [every rank]"
     )
     assert checkpoint.is_dir() and "Traceback" not in stderr
     assert [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())][-1] == step
     assert not _workers_of(out)
+
+
+@pytest.mark.subprocess
+@pytest.mark.parametrize("on_interrupt", [True, False])
+def test_sigterm_stops_one_device_at_a_step_boundary_and_saves_only_when_asked(tmp_path, on_interrupt):
+    out = tmp_path / "run"
+    command = [*DPOKIT, "dpo_lora_single_device", "--config", "tiny", "device=cpu", "checkpoint.every=1000"]
+    command += [f"checkpoint.on_interrupt={str(on_interrupt).lower()}", f"output_dir={out}"]
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_train_row(out, child)
+    child.send_signal(signal.SIGTERM)
+    _, stderr = child.communicate(timeout=120)
+    assert child.returncode == 130, stderr
+    [line] = [line for line in stderr.splitlines() if line.startswith("error:")]
+    step = int(line.split("stopped at step ")[1].split(" ")[0])
+    checkpoint = out / "checkpoints" / f"step_{step:08d}"
+    if on_interrupt:
+        hint = " ".join(command[3:])  # from "run" on
+        assert (
+            line
+            == f"error: stopped at step {step} (SIGTERM); latest checkpoint {checkpoint}; resume with: dpokit {hint} resume=true"
+        )
+        assert (checkpoint / ".complete").is_file()
+    else:
+        assert line == f"error: stopped at step {step} (SIGTERM); no checkpoint"
+        assert not (out / "checkpoints").exists() or not any((out / "checkpoints").iterdir())
+    assert [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())][-1] == step
+    assert "Traceback" not in stderr and not (out / "final").exists()
 
 
 @pytest.mark.subprocess
