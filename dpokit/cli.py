@@ -126,12 +126,22 @@ def cmd_run(args) -> int:
 
 
 def cmd_pack(args) -> int:
-    """Offline packing: tokenize a preference file, pack pairs, write the packs + their stats."""
+    """Offline packing: tokenize a preference file (or a Hub dataset's split), pack pairs, write the
+    packs + their stats."""
     import importlib
 
     from dpokit.data import PreferenceDataset, pack_preference_dataset
     from dpokit.errors import DpokitError
 
+    # Both positionals are optional in the parser so that `--hub REPO OUTPUT` parses; sorted out here.
+    given = [value for value in (args.input, args.output) if value is not None]
+    if args.hub is None and len(given) != 2:
+        raise CliError("pack: give INPUT and OUTPUT (or --hub REPO and OUTPUT)")
+    if args.hub is not None and len(given) != 1:
+        raise CliError("pack: with --hub REPO give only OUTPUT (the Hub dataset is the input)")
+    if args.hub is None and (args.split or args.subset or args.revision):
+        raise CliError("pack: --split, --subset and --revision go with --hub REPO")
+    source, output = (given[0], given[1]) if args.hub is None else (None, given[0])
     if args.pack_size < 2 * args.max_seq_len:
         raise CliError(f"--pack-size {args.pack_size} must be at least 2 x --max-seq-len ({2 * args.max_seq_len})")
     module_name, _, attr = args.tokenizer.rpartition(".")
@@ -141,7 +151,15 @@ def cmd_pack(args) -> int:
         raise CliError(f"cannot build tokenizer {args.tokenizer!r}: {e}") from None
     try:
         dataset = PreferenceDataset(
-            args.input, tokenizer, max_seq_len=args.max_seq_len, format=args.format, skip_invalid=args.skip_invalid
+            source,
+            tokenizer,
+            max_seq_len=args.max_seq_len,
+            format=args.format,
+            skip_invalid=args.skip_invalid,
+            hub=args.hub,
+            split=args.split,
+            subset=args.subset,
+            revision=args.revision,
         )
         packed = pack_preference_dataset(
             dataset,
@@ -152,14 +170,15 @@ def cmd_pack(args) -> int:
         )
     except DpokitError as e:
         raise CliError(e.message_with_fix("--skip-invalid" if e.fix_param == "skip_invalid" else None)) from None
+    label = source if args.hub is None else str(dataset.path)  # str(files of a Hub split) names it
     path, stats_path = packed.save(
-        args.output,
-        source=str(args.input),
+        output,
+        source=label,
         tokenizer=args.tokenizer,
         max_seq_len=args.max_seq_len,
         dataset=dataset.stats.summary(),
     )
-    print(f"{args.input}: {dataset.stats.summary()}")
+    print(f"{label}: {dataset.stats.summary()}")
     print(f"{packed.stats.summary()}\npacks: {path}\nstats: {stats_path}")
     return 0
 
@@ -182,15 +201,27 @@ def cmd_validate(args) -> int:
     from dpokit.data.validate import load_tokenizer, validate_preference_file
     from dpokit.errors import DpokitError
 
-    if not Path(args.data).is_file():
+    if (args.data is None) == (args.hub is None):
+        raise CliError("validate: give DATA (a preference file) or --hub REPO (a Hugging Face dataset), one of them")
+    if args.hub is None and (args.split or args.subset or args.revision):
+        raise CliError("validate: --split, --subset and --revision go with --hub REPO")
+    if args.hub is None and not Path(args.data).is_file():
         raise CliError(f"{args.data}: preference data file not found")
     keys = parse_key_names(args.key_names)
+    data, format = args.data, args.format
     try:
+        if args.hub is not None:
+            from dpokit.data.hub import resolve_hub_dataset
+
+            resolved = resolve_hub_dataset(
+                args.hub, split=args.split, subset=args.subset, revision=args.revision, format=format, keys=keys
+            )
+            data, format, keys = resolved.files, resolved.format, resolved.keys  # str(files) names the split
         tokenizer = load_tokenizer(args.tokenizer, args.template)
         report = validate_preference_file(
-            args.data,
+            data,
             tokenizer,
-            format=args.format,
+            format=format,
             keys=keys,
             max_length=args.max_length,
             max_prompt_length=args.max_prompt_length,
@@ -215,14 +246,52 @@ def _positive_int(text: str) -> int:
 
 def cmd_download(args) -> int:
     from dpokit.errors import DpokitError
-    from dpokit.models.hub import download_checkpoint
 
+    if args.subset is not None and not args.dataset:
+        raise CliError("download: --subset goes with --dataset (a folder of a dataset repo)")
     try:
-        path = download_checkpoint(args.repo_id, args.output_dir)
+        if args.dataset:
+            from dpokit.data.hub import download_hub_dataset
+
+            path, splits = download_hub_dataset(
+                args.repo_id, subset=args.subset, revision=args.revision, output_dir=args.output_dir
+            )
+        else:
+            from dpokit.models.hub import download_checkpoint
+
+            path = download_checkpoint(args.repo_id, args.output_dir, revision=args.revision)
     except DpokitError as e:
         raise CliError(str(e)) from None
-    print(f"downloaded {args.repo_id} to {path}")
+    print(f"downloaded {'dataset ' if args.dataset else ''}{args.repo_id} to {path}")
+    if args.dataset:
+        print("splits: " + ", ".join(f"{name} ({n} file{'s' if n != 1 else ''})" for name, n in splits.items()))
     return 0
+
+
+def _comma_list(values: list[str] | None) -> list[str] | None:
+    """["a,b", "c"] -> ["a", "b", "c"]; None when the option was not given."""
+    if not values:
+        return None
+    return [part.strip() for value in values for part in value.split(",")]
+
+
+def cmd_plot(args) -> int:
+    from dpokit.plot import plot_runs
+
+    result = plot_runs(args.run_dirs, args.output, labels=_comma_list(args.labels), metrics=_comma_list(args.metrics))
+    panels = f"{len(result.titles)} panel{'s' if len(result.titles) != 1 else ''}"
+    print(f"wrote {args.output}: {panels} ({', '.join(result.titles)}) for {len(args.run_dirs)} run(s)")
+    return 0
+
+
+def _add_hub_arguments(parser: argparse.ArgumentParser, instead: str) -> None:
+    """--hub / --split / --subset / --revision: read a Hugging Face dataset's split."""
+    parser.add_argument(
+        "--hub", metavar="REPO", help=f"a Hugging Face dataset repo id, {instead} (e.g. Anthropic/hh-rlhf)"
+    )
+    parser.add_argument("--split", help="with --hub: the split (default: the preset's train split, else train)")
+    parser.add_argument("--subset", help="with --hub: a folder of the repo (default: the preset's, else all)")
+    parser.add_argument("--revision", help="with --hub: branch, tag or commit (default main)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -265,8 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
         "pair stay in one pack); writes OUTPUT (JSONL, a pack per line) and "
         "OUTPUT.stats.json. Recipes read it with dpokit.data.load_packed_dataset.",
     )
-    pack.add_argument("input", help="preference data: .jsonl, .jsonl.gz, .json or .parquet")
-    pack.add_argument("output", help="packed dataset file to write (.jsonl)")
+    pack.add_argument("input", nargs="?", help="preference data: .jsonl, .jsonl.gz, .json or .parquet")
+    pack.add_argument("output", nargs="?", help="packed dataset file to write (.jsonl)")
+    _add_hub_arguments(pack, "instead of INPUT")
     pack.add_argument(
         "--max-seq-len", type=_positive_int, required=True, help="truncate prompt+response to this length"
     )
@@ -297,7 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
         "batches. Exit status: 0 every record valid, 1 some record invalid (or none at all), "
         "2 usage error.",
     )
-    validate.add_argument("data", help="preference data: .jsonl, .jsonl.gz, .json or .parquet")
+    validate.add_argument("data", nargs="?", help="preference data: .jsonl, .jsonl.gz, .json or .parquet")
+    _add_hub_arguments(validate, "instead of DATA")
     validate.add_argument(
         "--format",
         default="auto",
@@ -339,12 +410,43 @@ def build_parser() -> argparse.ArgumentParser:
 
     download = sub.add_parser(
         "download",
-        help="download a model from the Hugging Face Hub",
-        description="Download weights (safetensors), configs and tokenizer files of REPO_ID (token: $HF_TOKEN).",
+        help="download a model (or with --dataset a dataset) from the Hugging Face Hub",
+        description="Download weights (safetensors), configs and tokenizer files of REPO_ID; with --dataset, "
+        "the data files (.jsonl[.gz], .json[.gz], .parquet) of a dataset repo into the Hugging Face cache, "
+        "where --hub / hub= find them, also offline (token: $HF_TOKEN).",
     )
-    download.add_argument("repo_id", help="e.g. meta-llama/Llama-3.2-1B-Instruct")
-    download.add_argument("--output-dir", help="where to put it (default ./checkpoints/<model name>)")
+    download.add_argument("repo_id", help="e.g. meta-llama/Llama-3.2-1B-Instruct, or with --dataset Anthropic/hh-rlhf")
+    download.add_argument(
+        "--output-dir",
+        help="where to put it (default: ./checkpoints/<model name>; for --dataset the Hugging Face cache)",
+    )
+    download.add_argument("--dataset", action="store_true", help="REPO_ID is a dataset repo")
+    download.add_argument("--revision", help="branch, tag or commit (default main)")
+    download.add_argument("--subset", help="with --dataset: only this folder of the repo (e.g. helpful-base)")
     download.set_defaults(func=cmd_download)
+
+    plot = sub.add_parser(
+        "plot",
+        help="plot the training curves of runs",
+        description="Draw the metrics.jsonl of one or more runs as a grid of panels (loss, accuracy, reward "
+        "margin, chosen & rejected rewards, lr, grad norm, tokens/s, and sft loss, peak memory, mfu when "
+        "logged): training as lines, validation as markers, one colour per run.",
+    )
+    plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="a run's output_dir (or its metrics.jsonl)")
+    plot.add_argument(
+        "-o", "--output", default="curves.png", help="image to write: .png, .svg or .pdf (default curves.png)"
+    )
+    plot.add_argument(
+        "--labels", action="append", metavar="LABEL[,...]", help="legend names, one per run (default: directory names)"
+    )
+    plot.add_argument(
+        "--metrics",
+        action="append",
+        metavar="NAME[,...]",
+        help="panels to draw, in order: loss, accuracy, reward_margin, rewards, lr, grad_norm, tokens_per_s, "
+        "sft_loss, peak_memory, mfu (default: every one some run has)",
+    )
+    plot.set_defaults(func=cmd_plot)
     return parser
 
 

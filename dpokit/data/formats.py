@@ -14,6 +14,9 @@ source has them, "chosen_reward" / "rejected_reward" (floats). The formats:
                   the turns they share are the prompt, the last assistant turn the response.
   "conversational" chosen / rejected are whole message lists (OpenAI roles) with an implicit
                   prompt: the shared messages are the prompt, the last assistant message the response.
+  "helpsteer3"    context (a string or message list) + response1 / response2 + overall_preference,
+                  a number: negative means response1 is preferred, positive response2; 0 is a tie,
+                  an error (NVIDIA HelpSteer3's preference subset rates -3 .. 3).
 
 Every format but nemo_rl may carry "chosen_reward" / "rejected_reward" (finite, within float32;
 both or neither; the RPO losses need them); a key one typo away from those is an error.
@@ -32,7 +35,7 @@ from typing import Any, Callable, Mapping
 from dpokit.data.tokenizer import ROLES, TOOL_CALL_FIELDS
 from dpokit.errors import DpokitError
 
-FORMATS = ("standard", "nemo_aligner", "nemo_rl", "hh_rlhf", "conversational")
+FORMATS = ("standard", "nemo_aligner", "nemo_rl", "hh_rlhf", "conversational", "helpsteer3")
 
 # Canonical field name -> default key in the file.
 DEFAULT_KEYS = {
@@ -47,6 +50,9 @@ DEFAULT_KEYS = {
     "completions": "completions",
     "rank": "rank",
     "completion": "completion",
+    "response1": "response1",
+    "response2": "response2",
+    "overall_preference": "overall_preference",
 }
 
 
@@ -74,6 +80,8 @@ def detect_format(record: Any, keys: Mapping[str, str] = DEFAULT_KEYS) -> str | 
         return None
     if keys["completions"] in record and keys["context"] in record:
         return "nemo_rl"
+    if keys["overall_preference"] in record and keys["response1"] in record:
+        return "helpsteer3"
     if keys["chosen_response"] in record:
         return "nemo_aligner"
     if keys["chosen"] in record:
@@ -291,12 +299,35 @@ def parse_conversational(record: dict, where: str, keys: Mapping[str, str]) -> d
     return _finish(prompt, chosen, rejected, where, keys["rejected"], keys["chosen"])
 
 
+def parse_helpsteer3(record: dict, where: str, keys: Mapping[str, str]) -> dict:
+    context_key, preference_key = keys["context"], keys["overall_preference"]
+    first_key, second_key = keys["response1"], keys["response2"]
+    prompt = _prompt(_field(record, context_key, where), f"{where}: field {context_key!r}")
+    first = _response(_field(record, first_key, where), f"{where}: field {first_key!r}")
+    second = _response(_field(record, second_key, where), f"{where}: field {second_key!r}")
+    preference = _field(record, preference_key, where)
+    if isinstance(preference, bool) or not isinstance(preference, (int, float)) or not math.isfinite(preference):
+        raise PreferenceDataError(
+            f"{where}: field {preference_key!r}: expected a number (negative: {first_key!r} is better, "
+            f"positive: {second_key!r}), got {preference!r}",
+            "mistyped field",
+        )
+    if preference == 0:
+        raise PreferenceDataError(
+            f"{where}: field {preference_key!r}: 0, a tie (neither response is preferred)", "tied preference"
+        )
+    if preference < 0:
+        return _finish(prompt, first, second, where, second_key, first_key)
+    return _finish(prompt, second, first, where, first_key, second_key)
+
+
 PARSERS: dict[str, Callable[[dict, str, Mapping[str, str]], dict]] = {
     "standard": parse_standard,
     "nemo_aligner": parse_nemo_aligner,
     "nemo_rl": parse_nemo_rl,
     "hh_rlhf": parse_hh_rlhf,
     "conversational": parse_conversational,
+    "helpsteer3": parse_helpsteer3,
 }
 
 

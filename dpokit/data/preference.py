@@ -11,14 +11,16 @@ and field (or, with `skip_invalid=True`, it is skipped and counted in `stats`).
 
 from __future__ import annotations
 
+import itertools
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Iterator, Mapping, Sequence
 
 from torch.utils.data import Dataset
 
 from dpokit.data.formats import FORMATS, PreferenceDataError, detect_format, parse_record, resolve_keys
-from dpokit.data.reader import read_records
+from dpokit.data.reader import Located, read_records
 from dpokit.data.tokenizer import Tokenizer
 from dpokit.errors import DpokitError
 
@@ -78,8 +80,15 @@ def text_notes(tokenizer: Tokenizer, record: dict) -> list[str]:
     return notes
 
 
+def _read_all(path: str | Path | Sequence[str | Path]) -> Iterator[Located]:
+    """(where, record) of one file, or of several files in order (each record located in its own)."""
+    if isinstance(path, (str, os.PathLike)):
+        return read_records(path)
+    return itertools.chain.from_iterable(read_records(p) for p in path)
+
+
 def load_preference_records(
-    path: str | Path,
+    path: str | Path | Sequence[str | Path],
     *,
     format: str = "auto",
     keys: Mapping[str, str] | None = None,
@@ -87,7 +96,8 @@ def load_preference_records(
     stats: DatasetStats | None = None,
     locations: list[str] | None = None,
 ) -> list[dict]:
-    """Every valid normalised record of a file (see `dpokit.data.formats`).
+    """Every valid normalised record of a file, or of several files read in order as one dataset
+    (see `dpokit.data.formats`).
 
     `format="auto"` takes the format of the first record that looks like one and holds every
     later record to it. Invalid records raise, or with `skip_invalid` are counted in `stats`.
@@ -99,7 +109,7 @@ def load_preference_records(
     stats = DatasetStats() if stats is None else stats
     chosen_format = None if format == "auto" else format
     records = []
-    for where, record in read_records(path):
+    for where, record in _read_all(path):
         try:
             if isinstance(record, PreferenceDataError):
                 raise record
@@ -142,24 +152,50 @@ class PreferenceDataset(Dataset):
     """Tokenized preference pairs: item i = {"prompt_ids", "chosen_ids", "rejected_ids"[, rewards]}.
 
     path: a .jsonl / .jsonl.gz / .json / .parquet file in any format of `dpokit.data.formats`.
+    hub: instead of path, a Hugging Face dataset repo id ("Anthropic/hh-rlhf"): the files of its
+    `split` (default "train"), of the `subset` folder when given, at `revision`, are fetched into the
+    HF cache (`dpokit.data.hub`) and read in order as one dataset. For a repo in
+    `dpokit.data.hub.PRESETS` its format, keys, subset and train split apply unless given here.
     format: "auto" (default) or a format name; keys: renamed fields, e.g. {"prompt": "question"}.
+    `files` lists the files read; `path` is the file, or for hub= the files, whose str() names the split.
     """
 
     def __init__(
         self,
-        path: str | Path,
-        tokenizer: Tokenizer,
+        path: str | Path | None = None,
+        tokenizer: Tokenizer | None = None,
         *,
         max_seq_len: int,
         max_prompt_len: int | None = None,
         skip_invalid: bool = False,
         format: str = "auto",
         keys: Mapping[str, str] | None = None,
+        hub: str | None = None,
+        split: str | None = None,
+        subset: str | None = None,
+        revision: str | None = None,
     ):
+        if tokenizer is None:
+            raise TypeError("PreferenceDataset() missing required argument: 'tokenizer'")
         max_prompt_len = max_seq_len // 2 if max_prompt_len is None else max_prompt_len
         if not 0 < max_prompt_len < max_seq_len:
             raise ValueError(f"max_prompt_len must be in (0, max_seq_len={max_seq_len}), got {max_prompt_len}")
-        self.path = Path(path)
+        if hub is None:
+            _check_local_source(path, split, subset, revision)
+            self.path = Path(path)
+            self.files = [self.path]
+        else:
+            if path is not None:
+                raise DpokitError(
+                    f"PreferenceDataset: give path= (a local file) or hub= (a Hugging Face dataset repo), "
+                    f"not both (got path={str(path)!r}, hub={hub!r})"
+                )
+            from dpokit.data.hub import resolve_hub_dataset  # huggingface_hub only for hub= datasets
+
+            resolved = resolve_hub_dataset(hub, split=split, subset=subset, revision=revision, format=format, keys=keys)
+            format, keys = resolved.format, resolved.keys
+            self.path = resolved.files
+            self.files = list(resolved.files)
         self.stats = DatasetStats()
         self.items = []
         locations = []
@@ -190,6 +226,22 @@ class PreferenceDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         return self.items[index]
+
+
+def _check_local_source(path, split, subset, revision) -> None:
+    """path= without hub=: a file must be named, and the Hub-only settings left unset."""
+    if path is None:
+        raise DpokitError(
+            "PreferenceDataset: give path= (a local preference file) or hub= (a Hugging Face dataset repo id)"
+        )
+    hub_only = [
+        name for name, value in (("split", split), ("subset", subset), ("revision", revision)) if value is not None
+    ]
+    if hub_only:
+        raise DpokitError(
+            f"PreferenceDataset: {', '.join(f'{n}=' for n in hub_only)} only apply with hub= "
+            f"(a Hugging Face dataset repo); path= names one file"
+        )
 
 
 def check_enough_pairs(dataset, pairs_per_step: int, name: str = "dataset") -> None:
