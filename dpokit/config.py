@@ -260,12 +260,40 @@ def instantiate(node: DictConfig, *args: Any, **extra: Any) -> Any:
         return functools.partial(target, *args, **kwargs)
     try:
         return target(*args, **kwargs)
+    except ConfigError:
+        raise
+    except DpokitError as e:
+        # The component's own error names its place (a data file and line, a checkpoint); a fix
+        # it names is spelled as the key to set (e.g. train_dataset.skip_invalid=true).
+        fix = e.fix_param
+        raise DpokitError(e.message_with_fix(f"{where}.{fix}={e.fix_value}") if fix else str(e)) from None
     except ValueError as e:
         # A builder refusing its arguments (e.g. a LoRA rank of 0) is a config mistake; a fix it
         # names is spelled as the key to set.
         fix = getattr(e, "fix_param", None)
         message = e.message_with_fix(f"{where}.{fix}={e.fix_value}") if fix else str(e)
         raise ConfigError(f"{where} ({node['_component_']}): {message}") from e
+
+
+def instantiate_weighted(
+    entries: DictConfig, where: str, *args: Any, **extra: Any
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A named map of `{weight: w, dataset: {_component_: ...}}` entries (e.g. `train_datasets`)
+    -> ({name: instantiated dataset}, {name: weight}); a key other than those two is an error."""
+    if not isinstance(entries, DictConfig):
+        raise ConfigError(f"{where}: expected a mapping of name -> {{weight: ..., dataset: ...}}, got {entries!r}")
+    datasets, weights = {}, {}
+    for name, entry in entries.items():
+        if not isinstance(entry, DictConfig):
+            raise ConfigError(f"{where}.{name}: expected {{weight: ..., dataset: ...}}, got {entry!r}")
+        for key in entry.keys():
+            if key not in ("weight", "dataset"):
+                raise ConfigError(f"unknown key '{where}.{name}.{key}'{_did_you_mean(str(key), ['weight', 'dataset'])}")
+        if entry.get("dataset") is not None:
+            datasets[str(name)] = instantiate(entry.dataset, *args, **extra)
+        if entry.get("weight") is not None:
+            weights[str(name)] = entry.weight
+    return datasets, weights
 
 
 def parse_recipe_args(argv: list[str] | None = None, description: str | None = None) -> tuple[Path, list[str]]:

@@ -33,8 +33,8 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from dpokit.config import instantiate, recipe_main
-from dpokit.data import collate_preference_pairs, training_set
+from dpokit.config import ConfigError, instantiate, instantiate_weighted, recipe_main
+from dpokit.data import collate_preference_pairs, mix_preference_datasets, training_set
 from dpokit.distributed import (
     barrier,
     check_no_meta,
@@ -49,7 +49,7 @@ from dpokit.distributed import (
 from dpokit.errors import DpokitError, RunInterrupted
 from dpokit.fileio import atomic_dir
 from dpokit.losses import is_reference_free
-from dpokit.models import resolve_dtype
+from dpokit.models import read_hf_config, resolve_dtype
 from dpokit.training import (
     Checkpointer,
     FrozenCopyReference,
@@ -59,6 +59,7 @@ from dpokit.training import (
     StepTimer,
     StopRequests,
     TensorFingerprint,
+    Throughput,
     accumulate_gradients,
     check_gt_rewards,
     claim_output_dir,
@@ -84,12 +85,17 @@ CONFIG_KEYS = (
     "model",
     "checkpoint_dir",
     "train_dataset",
+    "train_datasets",
     "validation_dataset",
+    "validation_datasets",
+    "validate_at_start",
+    "validate_at_end",
     "loss",
     "average_logps",
     "ld_alpha",
     "reference.strategy",
     "reference.cache_dir",
+    "reference.checkpoint_dir",
     "fsdp.param_dtype",
     "fsdp.reduce_dtype",
     "fsdp.cpu_offload",
@@ -107,6 +113,11 @@ CONFIG_KEYS = (
     "checkpoint.dir",
     "checkpoint.every",
     "checkpoint.keep_last",
+    "checkpoint.on_interrupt",
+    "checkpoint.keep_top_k",
+    "checkpoint.metric",
+    "checkpoint.higher_is_better",
+    "loggers",
     "resume",
     "save_dtype",
     "packing",
@@ -114,22 +125,26 @@ CONFIG_KEYS = (
 STRATEGIES = ("swap", "frozen", "precomputed", "none")
 
 
-def weight_source(cfg):
-    """A fresh (key, tensor) stream of the initial weights, one tensor at a time. With
-    `checkpoint_dir` it reads a Hugging Face checkpoint; without, it is a random init from the
-    seed (identical on every rank; only sensible for tiny models)."""
-    if cfg.checkpoint_dir is not None:
+def weight_source(cfg, checkpoint_dir=None):
+    """A fresh (key, tensor) stream of the initial weights, one tensor at a time. With a
+    `checkpoint_dir` (the argument, else the config's) it reads a Hugging Face checkpoint; without,
+    it is a random init from the seed (identical on every rank; only sensible for tiny models)."""
+    checkpoint_dir = checkpoint_dir or cfg.checkpoint_dir
+    if checkpoint_dir is not None:
         from dpokit.models.hf_checkpoint import iter_hf_weights
 
-        return iter_hf_weights(cfg.checkpoint_dir)
+        return iter_hf_weights(checkpoint_dir)
     with torch.random.fork_rng():
         torch.manual_seed(cfg.seed)
         model = instantiate(cfg.model)
     return state_dict_tensors(model)
 
 
-def build_sharded_model(cfg, env, *, trainable: bool, fingerprint: TensorFingerprint | None = None):
-    """Meta-device build -> FSDP2 sharding -> rank-local loading of the initial weights."""
+def build_sharded_model(
+    cfg, env, *, trainable: bool, fingerprint: TensorFingerprint | None = None, checkpoint_dir=None
+):
+    """Meta-device build -> FSDP2 sharding -> rank-local loading of the initial weights (of
+    `checkpoint_dir` when given: a reference other than the initial policy)."""
     with torch.device("meta"):
         model = instantiate(cfg.model)
     model.to(resolve_dtype(cfg.dtype, "dtype"))  # master weights (fp32); still meta, so free
@@ -143,10 +158,10 @@ def build_sharded_model(cfg, env, *, trainable: bool, fingerprint: TensorFingerp
         compile_blocks=cfg.fsdp.compile,
     )
     materialize(model, "cpu" if cfg.fsdp.cpu_offload else env.device, buffer_device=env.device)
-    tensors = weight_source(cfg)
+    tensors = weight_source(cfg, checkpoint_dir)
     if fingerprint is not None:
         tensors = fingerprint.wrap(tensors)
-    load_into_shards(model, tensors, source=str(cfg.checkpoint_dir or "random init"))
+    load_into_shards(model, tensors, source=str(checkpoint_dir or cfg.checkpoint_dir or "random init"))
     check_no_meta(model)
     model.requires_grad_(trainable)
     return model
@@ -172,9 +187,20 @@ def train(cfg, env) -> None:
     # Data: every rank tokenizes the (small) dataset; the sampler deals pairs (or, packed, packs of
     # pairs) so that the global batch of each step does not depend on the number of ranks.
     tokenizer = instantiate(cfg.tokenizer)
-    train_set = instantiate(cfg.train_dataset, tokenizer=tokenizer)
+    if cfg.train_datasets:  # a weighted mixture of named sets (docs/data.md), deterministic given the seed
+        if cfg.train_dataset is not None:
+            raise ConfigError("give train_dataset or train_datasets, not both (train_dataset=null for a mixture)")
+        datasets, weights = instantiate_weighted(cfg.train_datasets, "train_datasets", tokenizer=tokenizer)
+        train_set = mix_preference_datasets(datasets, weights, seed=cfg.seed)
+    else:
+        train_set = instantiate(cfg.train_dataset, tokenizer=tokenizer)
     validation_set = instantiate(cfg.validation_dataset, tokenizer=tokenizer)
     report.say(f"train: {train_set.stats.summary()}\nvalidation: {validation_set.stats.summary()}")
+    # The main validation set (None) and the named ones of `validation_datasets` (validation/<name>/...).
+    validation_sets = {None: validation_set}
+    for name, dataset_cfg in (cfg.validation_datasets or {}).items():
+        validation_sets[str(name)] = instantiate(dataset_cfg, tokenizer=tokenizer)
+        report.say(f"validation {name}: {validation_sets[str(name)].stats.summary()}")
     collate = partial(collate_preference_pairs, pad_id=tokenizer.pad_id)  # validation and precompute: padded
     packer = None if cfg.packing is None else partial(instantiate, cfg.packing)  # `packing:` online
     train_set, packed = training_set(train_set, packer=packer, ld_alpha=cfg.ld_alpha)  # or a `dpokit pack` file
@@ -195,9 +221,13 @@ def train(cfg, env) -> None:
         f"{env.world_size} rank(s) on {env.device.type}; global batch {sampler.global_batch} {sampler.unit}{unused}"
     )
 
-    # Model: the policy, sharded; its initial weights are also the reference's.
+    # Model: the policy, sharded; its initial weights are also the reference's unless
+    # reference.checkpoint_dir names other weights (e.g. policy = an SFT model, reference = its base).
+    reference_dir = cfg.reference.checkpoint_dir
+    if reference_dir is not None:
+        read_hf_config(reference_dir)  # a bad path fails now, not after the policy has loaded
     fingerprint = TensorFingerprint() if cfg.reference.strategy == "precomputed" else None
-    model = build_sharded_model(cfg, env, trainable=True, fingerprint=fingerprint)
+    model = build_sharded_model(cfg, env, trainable=True, fingerprint=None if reference_dir else fingerprint)
     report.say(
         f"model: {sum(p.numel() for p in model.parameters()):,} parameters, sharded over {env.world_size} rank(s)"
     )
@@ -210,16 +240,27 @@ def train(cfg, env) -> None:
     strategy = "none" if is_reference_free(loss_fn) else cfg.reference.strategy
     if strategy == "none" and not is_reference_free(loss_fn):
         raise DpokitError("reference.strategy: 'none' needs a reference-free loss (e.g. dpokit.losses.simpo_loss)")
-    validation_reference = None
+    # The precomputed tables are keyed "train", "validation" and "validation/<name>".
+    splits = {"train": train_pairs} | {
+        ("validation" if n is None else f"validation/{n}"): d for n, d in validation_sets.items()
+    }
+    validation_references = None
+    # A separate reference model: kept (frozen), or used once for its weights (swap) or log-probs (precomputed).
+    reference_model = None
+    if reference_dir is not None and strategy in ("swap", "frozen", "precomputed"):
+        reference_model = build_sharded_model(
+            cfg, env, trainable=False, fingerprint=fingerprint, checkpoint_dir=reference_dir
+        )
     if strategy == "swap":
-        reference = StateDictSwapReference(model, **logps_settings)
+        reference = StateDictSwapReference(model, weights_from=reference_model, **logps_settings)
     elif strategy == "frozen":
-        reference = FrozenCopyReference(build_sharded_model(cfg, env, trainable=False), **logps_settings)
+        frozen = reference_model or build_sharded_model(cfg, env, trainable=False)
+        reference = FrozenCopyReference(frozen, **logps_settings)
     elif strategy == "precomputed":
-        # One no-grad pass of the (still untrained) policy over both splits, or the cached result.
+        # One no-grad pass of the (still untrained) reference over every split, or the cached result.
         key = reference_logps_key(
             weights=fingerprint.hexdigest(),
-            datasets={"train": train_pairs, "validation": validation_set},
+            datasets=splits,
             average_logps=cfg.average_logps,
             ld_alpha=cfg.ld_alpha,
             dtype=cfg.dtype,
@@ -227,8 +268,8 @@ def train(cfg, env) -> None:
         )
         started = time.perf_counter()
         tables, cached = precompute_reference_logps(
-            model,
-            {"train": train_pairs, "validation": validation_set},
+            reference_model or model,
+            splits,
             collate,
             cache_dir=cfg.reference.cache_dir,
             key=key,
@@ -240,10 +281,13 @@ def train(cfg, env) -> None:
             f"reference log-probs {'loaded from cache' if cached else 'precomputed'} in "
             f"{time.perf_counter() - started:.1f}s (cache key {key[:12]})"
         )
-        reference, validation_reference = tables["train"], tables["validation"]
+        reference = tables["train"]
+        validation_references = {n: tables["validation" if n is None else f"validation/{n}"] for n in validation_sets}
     else:
         reference = NoReference()
-    validation_reference = validation_reference or reference
+    validation_references = validation_references or dict.fromkeys(validation_sets, reference)
+    if strategy != "frozen":
+        del reference_model  # its weights live on in the swap's CPU copy or the tables
 
     total_steps = total_training_steps(
         steps_per_epoch=sampler.steps_per_epoch, epochs=cfg.epochs, max_steps=cfg.max_steps
@@ -255,24 +299,45 @@ def train(cfg, env) -> None:
         report.warn(f"lr_scheduler.{warning}")
 
     # Resume: model + optimizer shards, scheduler, data position, RNG, step.
-    checkpoints = Checkpointer(cfg.checkpoint.dir, every=cfg.checkpoint.every, keep_last=cfg.checkpoint.keep_last)
+    checkpoints = Checkpointer(
+        cfg.checkpoint.dir,
+        every=cfg.checkpoint.every,
+        keep_last=cfg.checkpoint.keep_last,
+        on_interrupt=cfg.checkpoint.on_interrupt,
+        keep_top_k=cfg.checkpoint.keep_top_k,
+        metric=cfg.checkpoint.metric,
+        higher_is_better=cfg.checkpoint.higher_is_better,
+    )
     start_step = checkpoints.resume(cfg.resume, model, optimizer, scheduler, sampler)
-    report.start(total_steps=total_steps, start_step=start_step, resumed_from=checkpoints.resumed_from)
 
     def validate(step: int) -> None:
-        batches = eval_batches(
-            validation_set, collate, batch_size=cfg.eval_batch_size, rank=env.rank, world_size=env.world_size
-        )
-        report.validation(
-            step,
-            evaluate_preference(model, validation_reference, batches, loss_fn, device=env.device, **logps_settings),
-        )
+        for name, dataset in validation_sets.items():
+            batches = eval_batches(
+                dataset, collate, batch_size=cfg.eval_batch_size, rank=env.rank, world_size=env.world_size
+            )
+            metrics = evaluate_preference(
+                model, validation_references[name], batches, loss_fn, device=env.device, **logps_settings
+            )
+            report.validation(step, metrics, dataset=name)
 
-    if start_step == 0:
-        validate(0)
     timer = StepTimer(env.device)
-    model.train()
-    with StopRequests() as stop:
+    # Tokens/s per device, peak memory, MFU; to metrics.jsonl and the trackers of `loggers:` (rank 0).
+    throughput = Throughput(
+        model,
+        device=env.device,
+        dtype=resolve_dtype(cfg.fsdp.param_dtype or cfg.dtype, "dtype"),
+        world_size=env.world_size,
+        reference_forward=strategy in ("swap", "frozen"),
+    )
+    plain_cfg = OmegaConf.to_container(cfg, resolve=True)
+    running = report.running(
+        total_steps=total_steps, start_step=start_step, resumed_from=checkpoints.resumed_from,
+        loggers=plain_cfg["loggers"], config=plain_cfg, throughput=throughput,
+    )  # fmt: skip
+    with running, StopRequests() as stop:
+        if start_step == 0 and cfg.validate_at_start:
+            validate(0)
+        model.train()
         for step in range(start_step + 1, total_steps + 1):
             timer.begin_step()
             metrics, tokens = accumulate_gradients(
@@ -305,14 +370,14 @@ def train(cfg, env) -> None:
                 seconds=timer.step_seconds(),
                 phases=timer.seconds,
             )
-            if evaluation_due(step, every=cfg.eval_every, total_steps=total_steps):
+            if evaluation_due(step, every=cfg.eval_every, total_steps=total_steps, at_end=cfg.validate_at_end):
                 validate(step)
             stopping = stop.agreed()  # Ctrl-C / SIGTERM on any rank: every rank stops after this step
-            if checkpoints.due(step) or stopping:
-                report.say(f"step {step}: checkpoint {checkpoints.save(step, model, optimizer, scheduler, sampler)}")
+            if checkpoints.due(step, stopping=stopping):
+                saved = checkpoints.save(step, model, optimizer, scheduler, sampler, report.validations)
+                report.say(f"step {step}: checkpoint {saved}")
             if stopping:
                 raise RunInterrupted(step, checkpoints.latest(), stop.signal_name)
-    report.close()
 
     # Final: an HF folder (weights gathered one tensor at a time, config.json, tokenizer files).
     final_dir = output_dir / "final"
@@ -320,6 +385,7 @@ def train(cfg, env) -> None:
         save_hf_model(
             model, full_tensors(model, dtype=save_dtype), staging, dtype=save_dtype, source_dir=cfg.checkpoint_dir
         )
+        report.describe_final(staging, step=total_steps, best=checkpoints.best())  # dpokit_run.json
     barrier()
     report.finish(final_dir)
 

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from dpokit.config import instantiate, recipe_main
-from dpokit.data import collate_preference_pairs, training_set
+from dpokit.config import ConfigError, instantiate, instantiate_weighted, recipe_main
+from dpokit.data import collate_preference_pairs, mix_preference_datasets, training_set
 from dpokit.distributed import (
     adapter_full_tensors,
     barrier,
@@ -45,6 +45,7 @@ from dpokit.training import (
     RunReport,
     StepTimer,
     StopRequests,
+    Throughput,
     accumulate_gradients,
     check_gt_rewards,
     claim_output_dir,
@@ -68,7 +69,11 @@ CONFIG_KEYS = (
     "model",
     "checkpoint_dir",
     "train_dataset",
+    "train_datasets",
     "validation_dataset",
+    "validation_datasets",
+    "validate_at_start",
+    "validate_at_end",
     "loss",
     "average_logps",
     "ld_alpha",
@@ -89,6 +94,11 @@ CONFIG_KEYS = (
     "checkpoint.dir",
     "checkpoint.every",
     "checkpoint.keep_last",
+    "checkpoint.on_interrupt",
+    "checkpoint.keep_top_k",
+    "checkpoint.metric",
+    "checkpoint.higher_is_better",
+    "loggers",
     "resume",
     "save_dtype",
     "packing",
@@ -147,9 +157,20 @@ def train(cfg, env) -> None:
     # Data: every rank tokenizes the (small) dataset; the sampler deals pairs (or, packed, packs of
     # pairs) so that the global batch of each step does not depend on the number of ranks.
     tokenizer = instantiate(cfg.tokenizer)
-    train_set = instantiate(cfg.train_dataset, tokenizer=tokenizer)
+    if cfg.train_datasets:  # a weighted mixture of named sets (docs/data.md), deterministic given the seed
+        if cfg.train_dataset is not None:
+            raise ConfigError("give train_dataset or train_datasets, not both (train_dataset=null for a mixture)")
+        datasets, weights = instantiate_weighted(cfg.train_datasets, "train_datasets", tokenizer=tokenizer)
+        train_set = mix_preference_datasets(datasets, weights, seed=cfg.seed)
+    else:
+        train_set = instantiate(cfg.train_dataset, tokenizer=tokenizer)
     validation_set = instantiate(cfg.validation_dataset, tokenizer=tokenizer)
     report.say(f"train: {train_set.stats.summary()}\nvalidation: {validation_set.stats.summary()}")
+    # The main validation set (None) and the named ones of `validation_datasets` (validation/<name>/...).
+    validation_sets = {None: validation_set}
+    for name, dataset_cfg in (cfg.validation_datasets or {}).items():
+        validation_sets[str(name)] = instantiate(dataset_cfg, tokenizer=tokenizer)
+        report.say(f"validation {name}: {validation_sets[str(name)].stats.summary()}")
     collate = partial(collate_preference_pairs, pad_id=tokenizer.pad_id)  # validation: padded
     packer = None if cfg.packing is None else partial(instantiate, cfg.packing)  # `packing:` online
     train_set, packed = training_set(train_set, packer=packer, ld_alpha=cfg.ld_alpha)  # or a `dpokit pack` file
@@ -194,24 +215,43 @@ def train(cfg, env) -> None:
     # Resume: adapter + optimizer shards (the base is the initial checkpoint's), scheduler, data
     # position, RNG, step.
     checkpoints = Checkpointer(
-        cfg.checkpoint.dir, every=cfg.checkpoint.every, keep_last=cfg.checkpoint.keep_last, trainable_only=True
+        cfg.checkpoint.dir,
+        every=cfg.checkpoint.every,
+        keep_last=cfg.checkpoint.keep_last,
+        on_interrupt=cfg.checkpoint.on_interrupt,
+        keep_top_k=cfg.checkpoint.keep_top_k,
+        metric=cfg.checkpoint.metric,
+        higher_is_better=cfg.checkpoint.higher_is_better,
+        trainable_only=True,
     )
     start_step = checkpoints.resume(cfg.resume, model, optimizer, scheduler, sampler)
-    report.start(total_steps=total_steps, start_step=start_step, resumed_from=checkpoints.resumed_from)
 
     def validate(step: int) -> None:
-        batches = eval_batches(
-            validation_set, collate, batch_size=cfg.eval_batch_size, rank=env.rank, world_size=env.world_size
-        )
-        report.validation(
-            step, evaluate_preference(model, reference, batches, loss_fn, device=env.device, **logps_settings)
-        )
+        for name, dataset in validation_sets.items():
+            batches = eval_batches(
+                dataset, collate, batch_size=cfg.eval_batch_size, rank=env.rank, world_size=env.world_size
+            )
+            metrics = evaluate_preference(model, reference, batches, loss_fn, device=env.device, **logps_settings)
+            report.validation(step, metrics, dataset=name)
 
-    if start_step == 0:
-        validate(0)
     timer = StepTimer(env.device)
-    model.train()
-    with StopRequests() as stop:
+    # Tokens/s per device, peak memory, MFU; to metrics.jsonl and the trackers of `loggers:` (rank 0).
+    throughput = Throughput(
+        model,
+        device=env.device,
+        dtype=resolve_dtype(cfg.fsdp.param_dtype or cfg.dtype, "dtype"),
+        world_size=env.world_size,
+        reference_forward=True,  # adapters off
+    )
+    plain_cfg = OmegaConf.to_container(cfg, resolve=True)
+    running = report.running(
+        total_steps=total_steps, start_step=start_step, resumed_from=checkpoints.resumed_from,
+        loggers=plain_cfg["loggers"], config=plain_cfg, throughput=throughput,
+    )  # fmt: skip
+    with running, StopRequests() as stop:
+        if start_step == 0 and cfg.validate_at_start:
+            validate(0)
+        model.train()
         for step in range(start_step + 1, total_steps + 1):
             timer.begin_step()
             metrics, tokens = accumulate_gradients(
@@ -244,14 +284,14 @@ def train(cfg, env) -> None:
                 seconds=timer.step_seconds(),
                 phases=timer.seconds,
             )
-            if evaluation_due(step, every=cfg.eval_every, total_steps=total_steps):
+            if evaluation_due(step, every=cfg.eval_every, total_steps=total_steps, at_end=cfg.validate_at_end):
                 validate(step)
             stopping = stop.agreed()  # Ctrl-C / SIGTERM on any rank: every rank stops after this step
-            if checkpoints.due(step) or stopping:
-                report.say(f"step {step}: checkpoint {checkpoints.save(step, model, optimizer, scheduler, sampler)}")
+            if checkpoints.due(step, stopping=stopping):
+                saved = checkpoints.save(step, model, optimizer, scheduler, sampler, report.validations)
+                report.say(f"step {step}: checkpoint {saved}")
             if stopping:
                 raise RunInterrupted(step, checkpoints.latest(), stop.signal_name)
-    report.close()
 
     # Final: the merged model (HF safetensors, gathered one module at a time) in final/, the adapter
     # alone (PEFT layout) in final/adapter/.
@@ -266,6 +306,7 @@ def train(cfg, env) -> None:
         if env.is_main:
             base = None if cfg.checkpoint_dir is None else str(cfg.checkpoint_dir)
             save_peft_adapter(model, staging / "adapter", base_model_name_or_path=base, adapters=adapters)
+        report.describe_final(staging, step=total_steps, best=checkpoints.best())  # dpokit_run.json
     barrier()
     report.say(rounding.summary(save_dtype))
     report.finish(final_dir)

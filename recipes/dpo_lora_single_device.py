@@ -17,8 +17,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from dpokit.config import instantiate, recipe_main
-from dpokit.data import collate_preference_pairs, training_set
+from dpokit.config import ConfigError, instantiate, instantiate_weighted, recipe_main
+from dpokit.data import collate_preference_pairs, mix_preference_datasets, training_set
 from dpokit.errors import DpokitError, RunInterrupted
 from dpokit.fileio import atomic_dir
 from dpokit.losses import is_reference_free
@@ -37,6 +37,7 @@ from dpokit.training import (
     RunReport,
     StepTimer,
     StopRequests,
+    Throughput,
     accumulate_gradients,
     check_gt_rewards,
     claim_output_dir,
@@ -63,7 +64,11 @@ CONFIG_KEYS = (
     "tokenizer",
     "model",
     "train_dataset",
+    "train_datasets",
     "validation_dataset",
+    "validation_datasets",
+    "validate_at_start",
+    "validate_at_end",
     "loss",
     "average_logps",
     "ld_alpha",
@@ -81,6 +86,11 @@ CONFIG_KEYS = (
     "checkpoint.dir",
     "checkpoint.every",
     "checkpoint.keep_last",
+    "checkpoint.on_interrupt",
+    "checkpoint.keep_top_k",
+    "checkpoint.metric",
+    "checkpoint.higher_is_better",
+    "loggers",
     "resume",
 )
 
@@ -102,9 +112,20 @@ def main(cfg) -> None:
     # Data: chosen and rejected of a pair go through the model as rows of one padded batch, or,
     # with packing, several pairs share each row (`batch_size` then counts packs).
     tokenizer = instantiate(cfg.tokenizer)
-    train_set = instantiate(cfg.train_dataset, tokenizer=tokenizer)
+    if cfg.train_datasets:  # a weighted mixture of named sets (docs/data.md), deterministic given the seed
+        if cfg.train_dataset is not None:
+            raise ConfigError("give train_dataset or train_datasets, not both (train_dataset=null for a mixture)")
+        datasets, weights = instantiate_weighted(cfg.train_datasets, "train_datasets", tokenizer=tokenizer)
+        train_set = mix_preference_datasets(datasets, weights, seed=cfg.seed)
+    else:
+        train_set = instantiate(cfg.train_dataset, tokenizer=tokenizer)
     validation_set = instantiate(cfg.validation_dataset, tokenizer=tokenizer)
     report.say(f"train: {train_set.stats.summary()}\nvalidation: {validation_set.stats.summary()}")
+    # The main validation set (None) and the named ones of `validation_datasets` (validation/<name>/...).
+    validation_sets = {None: validation_set}
+    for name, dataset_cfg in (cfg.validation_datasets or {}).items():
+        validation_sets[str(name)] = instantiate(dataset_cfg, tokenizer=tokenizer)
+        report.say(f"validation {name}: {validation_sets[str(name)].stats.summary()}")
     packer = None if cfg.packing is None else partial(instantiate, cfg.packing)  # `packing:` online
     train_set, packed = training_set(train_set, packer=packer, ld_alpha=cfg.ld_alpha)  # or a `dpokit pack` file
     if packed:
@@ -142,23 +163,39 @@ def main(cfg) -> None:
 
     # Resume: adapters + optimizer, scheduler, data position, RNG, step (the base is checkpoint_dir's).
     checkpoints = Checkpointer(
-        cfg.checkpoint.dir, every=cfg.checkpoint.every, keep_last=cfg.checkpoint.keep_last, trainable_only=True
+        cfg.checkpoint.dir,
+        every=cfg.checkpoint.every,
+        keep_last=cfg.checkpoint.keep_last,
+        on_interrupt=cfg.checkpoint.on_interrupt,
+        keep_top_k=cfg.checkpoint.keep_top_k,
+        metric=cfg.checkpoint.metric,
+        higher_is_better=cfg.checkpoint.higher_is_better,
+        trainable_only=True,
     )
     start_step = checkpoints.resume(cfg.resume, model, optimizer, scheduler, sampler)
-    report.start(total_steps=total_steps, start_step=start_step, resumed_from=checkpoints.resumed_from)
-
-    def validate(step: int) -> None:
-        batches = eval_batches(validation_set, collate, batch_size=cfg.eval_batch_size, rank=0, world_size=1)
-        report.validation(
-            step, evaluate_preference(model, reference, batches, loss_fn, device=device, **logps_settings)
-        )
 
     collate = partial(collate_preference_pairs, pad_id=tokenizer.pad_id)  # validation: padded
-    if start_step == 0:
-        validate(0)
+
+    def validate(step: int) -> None:
+        for name, dataset in validation_sets.items():
+            batches = eval_batches(dataset, collate, batch_size=cfg.eval_batch_size, rank=0, world_size=1)
+            metrics = evaluate_preference(model, reference, batches, loss_fn, device=device, **logps_settings)
+            report.validation(step, metrics, dataset=name)
+
     timer = StepTimer(device)
-    model.train()
-    with StopRequests() as stop:
+    # Tokens/s per device, peak memory, MFU; to metrics.jsonl and the trackers of `loggers:` (rank 0).
+    throughput = Throughput(
+        model, device=device, dtype=dtype, world_size=1, reference_forward=not is_reference_free(loss_fn)
+    )
+    plain_cfg = OmegaConf.to_container(cfg, resolve=True)
+    running = report.running(
+        total_steps=total_steps, start_step=start_step, resumed_from=checkpoints.resumed_from,
+        loggers=plain_cfg["loggers"], config=plain_cfg, throughput=throughput,
+    )  # fmt: skip
+    with running, StopRequests() as stop:
+        if start_step == 0 and cfg.validate_at_start:
+            validate(0)
+        model.train()
         for step in range(start_step + 1, total_steps + 1):
             timer.begin_step()
             # The gradient is that of the mean over every pair of the step, however it is split.
@@ -175,14 +212,14 @@ def main(cfg) -> None:
                 step, train_metrics, lr=lr, grad_norm=grad_norm, tokens=tokens, seconds=timer.step_seconds(),
                 phases=timer.seconds,
             )  # fmt: skip
-            if evaluation_due(step, every=cfg.eval_every, total_steps=total_steps):
+            if evaluation_due(step, every=cfg.eval_every, total_steps=total_steps, at_end=cfg.validate_at_end):
                 validate(step)
             stopping = stop.agreed()  # Ctrl-C / SIGTERM on any rank: every rank stops after this step
-            if checkpoints.due(step) or stopping:
-                report.say(f"step {step}: checkpoint {checkpoints.save(step, model, optimizer, scheduler, sampler)}")
+            if checkpoints.due(step, stopping=stopping):
+                saved = checkpoints.save(step, model, optimizer, scheduler, sampler, report.validations)
+                report.say(f"step {step}: checkpoint {saved}")
             if stopping:
                 raise RunInterrupted(step, checkpoints.latest(), stop.signal_name)
-    report.close()
 
     # With an HF checkpoint_dir, final/ is a complete HF folder (its config and tokenizer files
     # too). The merge is fp32; a narrower save_dtype is measured on a few validation sequences.
@@ -192,6 +229,7 @@ def main(cfg) -> None:
         export = save_lora_checkpoint(
             model, staging, source_dir=cfg.checkpoint_dir, dtype=save_dtype, probe_sequences=probe_sequences
         )
+        report.describe_final(staging, step=total_steps, best=checkpoints.best())  # dpokit_run.json
     report.say(export.summary())
     report.finish(final_dir)
 

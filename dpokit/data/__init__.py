@@ -3,6 +3,7 @@
 from dpokit.data.batch import PackedBatch, PaddedBatch, PreferenceBatch
 from dpokit.data.collate import IGNORE_INDEX, collate_preference_pairs
 from dpokit.data.formats import FORMATS, PreferenceDataError, detect_format, parse_record
+from dpokit.data.mixture import MixedPreferenceDataset, mix_preference_datasets, mixture_counts
 from dpokit.data.packed import (
     PackedPreferenceDataset,
     collate_packed,
@@ -36,6 +37,7 @@ __all__ = [
     "FORMATS",
     "IGNORE_INDEX",
     "LLAMA3_TEMPLATE",
+    "MixedPreferenceDataset",
     "PackedBatch",
     "PackedPreferenceDataset",
     "PackingStats",
@@ -56,6 +58,8 @@ __all__ = [
     "first_fit_shuffle",
     "load_packed_dataset",
     "load_preference_records",
+    "mix_preference_datasets",
+    "mixture_counts",
     "pack_lengths",
     "pack_preference_dataset",
     "packing_stats",

@@ -53,10 +53,38 @@ def checkpoint_dirs(root: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def stale_checkpoints(root: str | Path, keep_last: int) -> list[Path]:
-    """The complete checkpoints under `root` beyond the newest `keep_last` (0 keeps all), oldest first."""
+def checkpoint_score(path: Path) -> dict | None:
+    """The validation score a checkpoint was saved with ({"metric", "value", "validated_at"}), or None."""
+    try:
+        return json.loads((path / COMPLETE).read_text()).get("score")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def best_checkpoints(root: str | Path, keep_top_k: int, *, metric: str, higher_is_better: bool) -> list[Path]:
+    """The `keep_top_k` complete checkpoints with the best `metric` score, best first (ties: the earlier)."""
+    scored = []
+    for step, path in checkpoint_dirs(root):
+        score = checkpoint_score(path)
+        if score and score.get("metric") == metric and isinstance(score.get("value"), (int, float)):
+            value = score["value"]
+            if value == value:  # a NaN score is never the best
+                scored.append((-value if higher_is_better else value, step, path))
+    return [path for *_, path in sorted(scored)[:keep_top_k]]
+
+
+def stale_checkpoints(
+    root: str | Path, keep_last: int, *, keep_top_k: int = 0, metric: str | None = None, higher_is_better: bool = True
+) -> list[Path]:
+    """The complete checkpoints under `root` that are neither among the newest `keep_last` (0 keeps
+    all) nor among the `keep_top_k` best by `metric`, oldest first."""
     dirs = checkpoint_dirs(root)
-    return [path for _, path in dirs[:-keep_last]] if keep_last > 0 else []
+    if keep_last <= 0:
+        return []
+    keep = {path for _, path in dirs[-keep_last:]}
+    if keep_top_k and metric:
+        keep.update(best_checkpoints(root, keep_top_k, metric=metric, higher_is_better=higher_is_better))
+    return [path for _, path in dirs if path not in keep]
 
 
 def latest_checkpoint(root: str | Path) -> Path | None:
@@ -88,10 +116,15 @@ def save_checkpoint(
     trainer_state: dict,
     keep_last: int = 2,
     trainable_only: bool = False,
+    score: dict | None = None,
+    keep_top_k: int = 0,
+    higher_is_better: bool = True,
 ) -> Path:
     """Collective: every rank calls it. `trainer_state` (scheduler, data position, ...) is saved
     per rank together with the step and the RNG states. `trainable_only` leaves frozen parameters
-    out (LoRA: the base weights are the initial checkpoint's). Returns the final checkpoint folder."""
+    out (LoRA: the base weights are the initial checkpoint's). `score` ({"metric", "value",
+    "validated_at"}) is recorded in the checkpoint's marker; older checkpoints are dropped unless
+    among the newest `keep_last` or the `keep_top_k` best by that metric. Returns the final folder."""
     root = Path(root)
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp-{final.name}"
@@ -118,11 +151,17 @@ def save_checkpoint(
         barrier()
         if get_rank() == 0:
             marker = {"step": step, "world_size": get_world_size(), "trainable_only": trainable_only}
+            if score is not None:
+                marker["score"] = score
             (tmp / COMPLETE).write_text(json.dumps(marker) + "\n")
             if final.exists():
                 shutil.rmtree(final)
             tmp.rename(final)
-            for old in stale_checkpoints(root, keep_last):
+            metric = score["metric"] if score else None
+            stale = stale_checkpoints(
+                root, keep_last, keep_top_k=keep_top_k, metric=metric, higher_is_better=higher_is_better
+            )
+            for old in stale:
                 shutil.rmtree(old, ignore_errors=True)
         barrier()
     except BaseException as e:

@@ -109,6 +109,8 @@ class GlobalBatchSampler:
             "seed": self.seed,
             "global_batch": self.global_batch,
             "num_pairs": len(self.dataset),
+            # A weighted mixture (dpokit.data.mixture): its weights, seed and table, not just its size.
+            **({"mixture": self.dataset.table_fingerprint} if hasattr(self.dataset, "table_fingerprint") else {}),
         }
 
     def load_state_dict(self, state: dict) -> None:

@@ -57,6 +57,7 @@ from dpokit.models.lora import (
     load_adapter_state_dict,
     merged_state_dict,
 )
+from dpokit.models.peft_merge import merge_lora_updates, read_lora_updates
 from dpokit.models.transformer import TransformerDecoder, rope_inverse_frequencies
 
 SINGLE_FILE = "model.safetensors"
@@ -225,11 +226,14 @@ def load_hf_checkpoint(
     quantize_base: bool = False,
     dtype: torch.dtype | str | None = None,
     device: torch.device | str = "cpu",
+    sft_adapter: str | Path | None = None,
 ) -> TransformerDecoder:
     """An HF Llama/Qwen2 directory -> our decoder with its weights (optionally with fresh LoRA
     adapters, `lora` as in `model_from_hf_config`; `quantize_base` = QLoRA with NF4 base weights).
 
     dtype: None keeps the checkpoint's dtype ("bf16"/"fp32"/torch dtypes accepted).
+    sft_adapter: a PEFT LoRA folder merged into the weights as they are read (`peft_merge`): the
+    model is base + SFT adapter, and fresh `lora` adapters train on top of it.
     """
     if checkpoint_dir is None:
         raise CheckpointError("checkpoint_dir is not set: pass checkpoint_dir=/path/to/a/hugging-face/model")
@@ -237,8 +241,14 @@ def load_hf_checkpoint(
     dtype = None if dtype is None else resolve_dtype(dtype, "dtype")
     with torch.device("meta"):
         model = model_from_hf_config(checkpoint_dir, lora=lora, quantize_base=quantize_base)
+    weights = iter_hf_weights(checkpoint_dir, dtype=dtype)
+    if sft_adapter is not None:
+        family, _ = hf_config_to_kwargs(checkpoint_dir)
+        updates = read_lora_updates(sft_adapter)
+        weights = merge_lora_updates(weights, updates, hf_key=family.hf_key, source=str(sft_adapter))
+        model.sft_adapter = str(sft_adapter)  # the export merges from base + this adapter (StoredWeights)
     loaded_dtype = None
-    for key, tensor in iter_hf_weights(checkpoint_dir, dtype=dtype):
+    for key, tensor in weights:
         assign_weight(model, key, tensor.to(device))
         loaded_dtype = loaded_dtype or tensor.dtype
     _materialise_adapters(model, device, dtype or loaded_dtype)
@@ -267,19 +277,23 @@ class StoredWeights:
     """`stored(key)`: our parameter `key` as the HF directory stores it (read on demand, one
     tensor at a time), or None when the directory has no such tensor or does not match the model."""
 
-    def __init__(self, checkpoint_dir: str | Path):
+    def __init__(self, checkpoint_dir: str | Path, *, sft_adapter: str | Path | None = None):
         try:
             _, plan = _plan(Path(checkpoint_dir))
         except CheckpointError:
             plan = []
         self.where = {ours: (path, name) for path, pairs in plan for name, ours in pairs}
+        # A model loaded with an SFT adapter merged: its base is stored weight + adapter update.
+        self.updates = read_lora_updates(sft_adapter) if sft_adapter is not None else {}
 
     def __call__(self, key: str) -> torch.Tensor | None:
         if key not in self.where:
             return None
         path, name = self.where[key]
         with _open_weights(path) as f:
-            return f.get_tensor(name)
+            tensor = f.get_tensor(name)
+        update = self.updates.get(name)
+        return tensor if update is None else (tensor.float() + update).to(tensor.dtype)
 
 
 def plain_state_dict(
@@ -295,7 +309,8 @@ def plain_state_dict(
     rounds to what the model holds (`merged_state_dict`): a base loaded in fp32 and trained in
     bf16 is merged at fp32, as PEFT's base + adapter would be."""
     if any(isinstance(m, LoRALinear) for m in model.modules()):
-        stored = StoredWeights(source_dir) if source_dir is not None else None
+        sft = getattr(model, "sft_adapter", None)
+        stored = StoredWeights(source_dir, sft_adapter=sft) if source_dir is not None else None
         state = merged_state_dict(model, dtype=dtype, base_weights=stored, rounding=rounding)
     else:
         state = {k: dequantize(v) if dtype is None else dequantize(v).to(dtype) for k, v in model.state_dict().items()}

@@ -8,6 +8,7 @@ from dpokit.distributed.sampler import eval_batches, training_sampler
 from dpokit.training.evaluate import evaluate_preference
 from dpokit.training.export import save_lora_checkpoint
 from dpokit.training.forward import check_gt_rewards, policy_logps, preference_loss
+from dpokit.training.loggers import MetricLogger, open_loggers
 from dpokit.training.metrics import JsonlLogger, PairMetrics, preference_accuracy
 from dpokit.training.reference import (
     AdapterOffReference,
@@ -30,12 +31,14 @@ from dpokit.training.runtime import seed_everything
 from dpokit.training.schedules import warmup_cosine_schedule, warmup_warning
 from dpokit.training.scoring import PolicyLogps
 from dpokit.training.step import StepTimer, accumulate_gradients, clip_and_step
+from dpokit.training.throughput import Throughput
 
 __all__ = [
     "AdapterOffReference",
     "Checkpointer",
     "FrozenCopyReference",
     "JsonlLogger",
+    "MetricLogger",
     "NoReference",
     "PairMetrics",
     "PolicyLogps",
@@ -44,6 +47,7 @@ __all__ = [
     "StateDictSwapReference",
     "StepTimer",
     "StopRequests",
+    "Throughput",
     "TensorFingerprint",
     "accumulate_gradients",
     "check_gt_rewards",
@@ -56,6 +60,7 @@ __all__ = [
     "precompute_reference_logps",
     "preference_accuracy",
     "preference_loss",
+    "open_loggers",
     "process_group",
     "reference_logps_key",
     "resolve_device",

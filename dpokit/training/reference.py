@@ -69,13 +69,24 @@ class StateDictSwapReference:
     `seconds["swap"]` accumulates the time spent copying (for the benchmark).
     """
 
-    def __init__(self, model: nn.Module, *, average_logps: bool = False, ld_alpha: float | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        weights_from: nn.Module | None = None,
+        average_logps: bool = False,
+        ld_alpha: float | None = None,
+    ):
         self.model, self.average_logps, self.ld_alpha = model, average_logps, ld_alpha
         self.params = [p for p in model.parameters()]
         device = local_tensor(self.params[0]).device
         pin = device.type == "cuda"
-        # The policy starts as the reference: snapshot the current shards.
-        self.reference = [local_tensor(p).detach().to("cpu", copy=True) for p in self.params]
+        # The reference is the policy's current shards, or those of `weights_from` (the same
+        # architecture, sharded the same way, with other weights).
+        source = list((weights_from or model).parameters())
+        if [tuple(local_tensor(p).shape) for p in source] != [tuple(local_tensor(p).shape) for p in self.params]:
+            raise ValueError("weights_from must be the policy's architecture, sharded the same way")
+        self.reference = [local_tensor(p).detach().to("cpu", copy=True) for p in source]
         self.stash = [torch.empty_like(t) for t in self.reference]
         if pin:
             self.reference = [t.pin_memory() for t in self.reference]

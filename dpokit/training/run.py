@@ -19,19 +19,22 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import secrets
 import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Mapping
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from dpokit.distributed.checkpoint import (
+    best_checkpoints,
+    checkpoint_score,
     latest_checkpoint,
     load_checkpoint,
     remove_stale_temporaries,
@@ -48,8 +51,10 @@ from dpokit.distributed.group import (
     get_world_size,
     init_distributed,
 )
-from dpokit.errors import DpokitError
+from dpokit.errors import DpokitError, RunInterrupted
+from dpokit.training.loggers import MetricLogger, close_all, open_loggers, tracked
 from dpokit.training.metrics import JsonlLogger
+from dpokit.training.throughput import Throughput
 
 # The order of the per-step phase timings in a train record; other phases follow in their own order.
 PHASE_ORDER = ("policy", "reference", "swap", "optimizer")
@@ -188,40 +193,104 @@ def total_training_steps(*, steps_per_epoch: int, epochs: int, max_steps: int | 
     return total if max_steps is None else min(total, max_steps)
 
 
-def evaluation_due(step: int, *, every: int, total_steps: int) -> bool:
-    """Validate every `every` steps and after the last one."""
-    return step % every == 0 or step == total_steps
+def evaluation_due(step: int, *, every: int, total_steps: int, at_end: bool = True) -> bool:
+    """Validate every `every` steps and, with `at_end`, after the last one."""
+    return step % every == 0 or (at_end and step == total_steps)
+
+
+def parse_validation_metric(metric: str) -> tuple[str | None, str]:
+    """ "validation/acc" -> (None, "acc"): the main validation set; "validation/hh/acc" -> ("hh", "acc")."""
+    parts = str(metric).split("/")
+    if parts[0] != "validation" or len(parts) not in (2, 3) or not all(parts):
+        raise DpokitError(
+            f"checkpoint.metric: {metric!r} is not a validation metric name like 'validation/acc' or "
+            f"'validation/<validation_datasets name>/acc'"
+        )
+    return (parts[1] if len(parts) == 3 else None), parts[-1]
 
 
 class Checkpointer:
     """Sharded checkpoints of one run under `root` (see `dpokit.distributed.checkpoint`): every `every` steps
-    (0 = never), the newest `keep_last` kept (0 = all). Besides model and optimizer shards a
+    (0 = never) and, with `on_interrupt`, at the step where Ctrl-C / SIGTERM stops the run. Kept:
+    the newest `keep_last` (0 = all) and the `keep_top_k` best by the validation `metric`
+    ("validation/acc", or "validation/<set>/acc" for a named validation set), each checkpoint
+    scored by the latest validation at or before its step. Besides model and optimizer shards a
     checkpoint holds the LR scheduler, the data position (`sampler.state_dict()`), the step and
     every rank's RNG states, so `resume` continues exactly. `trainable_only` saves and loads only
     parameters that train (LoRA: the base weights are the initial checkpoint's).
 
     Collective where `dpokit.distributed.checkpoint` is: every rank calls `resume` and `save`."""
 
-    def __init__(self, root: str | Path, *, every: int, keep_last: int, trainable_only: bool = False):
-        for name, value in (("every", every), ("keep_last", keep_last)):
+    def __init__(
+        self,
+        root: str | Path,
+        *,
+        every: int,
+        keep_last: int,
+        on_interrupt: bool = True,
+        keep_top_k: int = 0,
+        metric: str = "validation/acc",
+        higher_is_better: bool = True,
+        trainable_only: bool = False,
+    ):
+        for name, value in (("every", every), ("keep_last", keep_last), ("keep_top_k", keep_top_k)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise DpokitError(
-                    f"checkpoint.{name}: {value!r} is not a whole number >= 0 (0: "
-                    f"{'never' if name == 'every' else 'keep every checkpoint'})"
-                )
+                meaning = {"every": "never", "keep_last": "keep every checkpoint", "keep_top_k": "no best checkpoints"}
+                raise DpokitError(f"checkpoint.{name}: {value!r} is not a whole number >= 0 (0: {meaning[name]})")
+        for name, value in (("on_interrupt", on_interrupt), ("higher_is_better", higher_is_better)):
+            if not isinstance(value, bool):
+                raise DpokitError(f"checkpoint.{name}: {value!r} is not true or false")
+        self.dataset, self.key = parse_validation_metric(metric)
         self.root = Path(root)
         self.every, self.keep_last, self.trainable_only = every, keep_last, trainable_only
+        self.on_interrupt, self.keep_top_k, self.metric, self.higher_is_better = (
+            on_interrupt,
+            keep_top_k,
+            metric,
+            higher_is_better,
+        )
         self.resumed_from: Path | None = None
 
-    def due(self, step: int) -> bool:
-        return bool(self.every) and step % self.every == 0
+    def due(self, step: int, *, stopping: bool = False) -> bool:
+        """Whether `step` ends with a save: every `every` steps, and where the run is stopping."""
+        return (stopping and self.on_interrupt) or (bool(self.every) and step % self.every == 0)
 
     def latest(self) -> Path | None:
         """The newest complete checkpoint (what a crash would restart from), or None."""
         return latest_checkpoint(self.root)
 
-    def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, sampler) -> Path:
-        """Write the checkpoint of `step` (atomically) and drop the ones beyond `keep_last`."""
+    def best(self) -> Path | None:
+        """The best checkpoint by `metric` so far (None without `keep_top_k` or any scored one)."""
+        if not self.keep_top_k:
+            return None
+        found = best_checkpoints(self.root, 1, metric=self.metric, higher_is_better=self.higher_is_better)
+        return found[0] if found else None
+
+    def score(self, step: int, validations: Mapping[tuple[int, str | None], dict]) -> dict | None:
+        """The `metric` of the latest validation at or before `step` ({"metric", "value",
+        "validated_at"}), or None before the first validation of that set."""
+        steps = [s for s, name in validations if name == self.dataset and s <= step]
+        if not steps:
+            return None
+        metrics = validations[(max(steps), self.dataset)]
+        if self.key not in metrics:
+            raise DpokitError(
+                f"checkpoint.metric: {self.metric!r} is not a validation metric; "
+                f"choose from {sorted(f'validation/{k}' for k in metrics)}"
+            )
+        return {"metric": self.metric, "value": float(metrics[self.key]), "validated_at": max(steps)}
+
+    def save(
+        self,
+        step: int,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler,
+        sampler,
+        validations: Mapping[tuple[int, str | None], dict] | None = None,
+    ) -> Path:
+        """Write the checkpoint of `step` (atomically), scored by `validations` (`RunReport.validations`),
+        and drop the ones neither among the newest `keep_last` nor the best `keep_top_k`."""
         return save_checkpoint(
             self.root,
             step,
@@ -230,6 +299,9 @@ class Checkpointer:
             keep_last=self.keep_last,
             trainable_only=self.trainable_only,
             trainer_state={"scheduler": scheduler.state_dict(), "data": sampler.state_dict()},
+            score=self.score(step, validations or {}),
+            keep_top_k=self.keep_top_k,
+            higher_is_better=self.higher_is_better,
         )
 
     def resume(self, resume, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, sampler) -> int:
@@ -247,19 +319,26 @@ class Checkpointer:
         return state["step"]
 
 
+FINAL_SUMMARY = "dpokit_run.json"  # in final/: which step it holds, and the best checkpoint
+
+
 class RunReport:
     """What rank 0 tells the user during a run: messages (through tqdm, so the bar stays intact),
-    the progress bar, one JSON line per train step and per validation in `metrics.jsonl`, and a
-    closing summary. On other ranks (`is_main=False`) nothing is written or printed."""
+    the progress bar, one JSON line per train step and per validation in `metrics.jsonl`, the same
+    numbers to the experiment trackers (`dpokit.training.loggers`), and a closing summary. On other
+    ranks (`is_main=False`) nothing is written or printed."""
 
     def __init__(self, output_dir: str | Path, *, is_main: bool):
         self.output_dir, self.is_main = Path(output_dir), is_main
         self.metrics_path = self.output_dir / "metrics.jsonl"
         self.log: JsonlLogger | None = None
+        self.loggers: list[MetricLogger] = []
+        self.throughput: Throughput | None = None
         self.progress: tqdm | None = None  # drawn from the first train step on
         self._steps = (0, 0)  # (total, already done) for the bar
-        self.first_validation: dict | None = None  # the step-0 validation of a fresh run
+        self.first_validation: dict | None = None  # the step-0 validation of a fresh run (main set)
         self.last_validation: dict | None = None
+        self.validations: dict[tuple[int, str | None], dict] = {}  # (step, dataset) -> metrics
 
     def say(self, message: str) -> None:
         if self.is_main:
@@ -269,6 +348,36 @@ class RunReport:
         """`warning: message` on stderr (rank 0)."""
         if self.is_main:
             tqdm.write(f"warning: {message}", file=sys.stderr)
+
+    @contextlib.contextmanager
+    def running(
+        self,
+        *,
+        total_steps: int,
+        start_step: int,
+        resumed_from: Path | None = None,
+        loggers: Mapping | None = None,
+        config: Mapping | None = None,
+        throughput: Throughput | None = None,
+    ):
+        """The training loop's span: `start`, the trackers `loggers` names opened (rank 0) and given
+        `config`; on the way out every one is closed with the run's status ("finished", or
+        "interrupted" / "failed" when the loop raised)."""
+        self.start(total_steps=total_steps, start_step=start_step, resumed_from=resumed_from)
+        self.throughput = throughput
+        status = "failed"
+        try:
+            if self.is_main:
+                self.loggers = open_loggers(loggers, self.output_dir)
+                for logger in self.loggers:
+                    logger.log_config(config or {})
+            yield self
+            status = "finished"
+        except (RunInterrupted, KeyboardInterrupt):
+            status = "interrupted"
+            raise
+        finally:
+            self.close(status)
 
     def start(self, *, total_steps: int, start_step: int, resumed_from: Path | None = None) -> None:
         """Open `metrics.jsonl` (continued, not restarted, when resuming); the bar will count
@@ -284,14 +393,24 @@ class RunReport:
             self.log = JsonlLogger(self.metrics_path, append=resumed_from is not None)
         self._steps = (total_steps, start_step)
 
-    def validation(self, step: int, metrics: dict) -> None:
-        """Log and announce the validation metrics of `step`."""
+    def _record(self, record: dict, *, split: str, dataset: str | None = None) -> None:
         if self.log:
-            self.log.log({"step": step, "split": "validation", **metrics})
-        if step == 0:
-            self.first_validation = metrics
-        self.last_validation = metrics
-        self.say(f"step {step}: validation loss {metrics['preference_loss']:.4f} acc {metrics['acc']:.3f}")
+            self.log.log(record)
+        for logger in self.loggers:
+            logger.log(record["step"], tracked(split, record, dataset))
+
+    def validation(self, step: int, metrics: dict, *, dataset: str | None = None) -> None:
+        """Log and announce the validation metrics of `step`, on the main validation set or on the
+        named one `dataset` (trackers: `validation/acc`, `validation/<dataset>/acc`)."""
+        named = {"dataset": dataset} if dataset else {}
+        self._record({"step": step, "split": "validation", **named, **metrics}, split="validation", dataset=dataset)
+        self.validations[(step, dataset)] = metrics
+        if dataset is None:
+            if step == 0:
+                self.first_validation = metrics
+            self.last_validation = metrics
+        where = f"validation {dataset}" if dataset else "validation"
+        self.say(f"step {step}: {where} loss {metrics['preference_loss']:.4f} acc {metrics['acc']:.3f}")
 
     def train_step(
         self,
@@ -304,24 +423,25 @@ class RunReport:
         seconds: float,
         phases: dict[str, float],
     ) -> None:
-        """Log one optimizer step: its (rank-reduced) metrics, LR, gradient norm, rank 0's token
-        throughput, its wall time `seconds` and the `phases` it was spent in (policy, reference...),
-        and advance the bar."""
-        if self.log:
+        """Log one optimizer step: its (rank-reduced) metrics, LR, gradient norm, the step's
+        `tokens` (all ranks) and wall time `seconds`, the `phases` it was spent in (policy,
+        reference...), the throughput numbers (tokens/s per device, peak memory, MFU), and advance
+        the bar."""
+        if self.is_main:
             ordered = [name for name in PHASE_ORDER if name in phases] + [n for n in phases if n not in PHASE_ORDER]
-            self.log.log(
-                {
-                    "step": step,
-                    "split": "train",
-                    "loss": metrics["loss"],
-                    **metrics,
-                    "lr": lr,  # loss first
-                    "grad_norm": grad_norm,
-                    "tokens_per_s_rank0": tokens / seconds,
-                    "step_s": seconds,
-                    **{f"{name}_s": phases[name] for name in ordered},
-                }
-            )
+            speed = self.throughput.measure(tokens, seconds) if self.throughput else {"tokens_per_s": tokens / seconds}
+            record = {
+                "step": step,
+                "split": "train",
+                "loss": metrics["loss"],  # loss first
+                **metrics,
+                "lr": lr,
+                "grad_norm": grad_norm,
+                **speed,
+                "step_s": seconds,
+                **{f"{name}_s": phases[name] for name in ordered},
+            }
+            self._record(record, split="train")
         if self.progress is None:
             total, done = self._steps
             self.progress = tqdm(
@@ -335,12 +455,29 @@ class RunReport:
         self.progress.update()
         self.progress.set_postfix(loss=f"{metrics['preference_loss']:.3f}", acc=f"{metrics['acc']:.2f}", refresh=False)
 
-    def close(self) -> None:
-        """Close the bar and `metrics.jsonl` (the end of the loop, before the final save)."""
+    def close(self, status: str = "finished") -> None:
+        """Close the bar, `metrics.jsonl` and the trackers (the end of the loop, before the final save)."""
         if self.progress is not None:
             self.progress.close()
+            self.progress = None
         if self.log:
             self.log.close()
+            self.log = None
+        close_all(self.loggers, status)
+
+    def describe_final(self, folder: str | Path, *, step: int, best: Path | None = None) -> None:
+        """`folder/dpokit_run.json` (rank 0): the step the final weights are from, its last validation
+        on the main set, and the best checkpoint kept by `checkpoint.metric` (path and score), if any."""
+        if not self.is_main:
+            return
+        summary = {"step": step, "validation": self.last_validation, "best_checkpoint": None}
+        if best is not None:
+            score = checkpoint_score(best) or {}
+            summary["best_checkpoint"] = {"path": str(best), **score}
+            self.say(
+                f"best checkpoint by {score['metric']}: {best} ({score['value']:.4g}, validated at step {score['validated_at']})"
+            )
+        (Path(folder) / FINAL_SUMMARY).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
 
     def finish(self, final_dir: Path | None) -> None:
         """The closing lines: validation accuracy before -> after (fresh runs) and where things are."""

@@ -86,7 +86,7 @@ def accumulate_gradients(
 ) -> tuple[PairMetrics, int]:
     """Forward + backward over this rank's micro-batches of one optimizer step, with the loss
     normalised over the global batch (module docstring). Returns the step's metrics summed over
-    all ranks and this rank's token count. Gradients are reduced across ranks only after the
+    all ranks and the token count of the step (every rank). Gradients are reduced across ranks only after the
     last micro-batch."""
     timer = timer or StepTimer(device)
     # A reference that copies weights (the state-dict swap) times its copies: they are reported
@@ -94,9 +94,9 @@ def accumulate_gradients(
     copy_seconds = getattr(reference, "seconds", None)
     swap_before = copy_seconds.get("swap", 0.0) if copy_seconds is not None else 0.0
     local_pairs = sum(b.num_pairs for b in micro_batches)
-    global_pairs = all_reduce_sum([local_pairs])[0]
+    global_pairs, tokens = all_reduce_sum([local_pairs, sum(b.num_tokens for b in micro_batches)])
     scale = get_world_size() / global_pairs
-    metrics, tokens = PairMetrics(), 0
+    metrics = PairMetrics()
     for m, batch in enumerate(micro_batches):
         batch = batch.to(device)
         with timer("reference"):
@@ -107,13 +107,12 @@ def accumulate_gradients(
             out = preference_loss(loss_fn, policy, ref, batch, average_logps=average_logps)
             (out.losses.sum() * scale).backward()
         metrics.add(out, policy.chosen, policy.rejected)
-        tokens += batch.num_tokens
     _set_gradient_sync(model, True)
     if copy_seconds is not None:
         swap = copy_seconds.get("swap", 0.0) - swap_before
         timer.seconds["reference"] -= swap
         timer.seconds["swap"] += swap
-    return all_reduce_pair_metrics(metrics), tokens
+    return all_reduce_pair_metrics(metrics), int(tokens)
 
 
 def clip_and_step(

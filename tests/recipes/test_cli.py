@@ -51,7 +51,10 @@ def test_demo_learns_the_bundled_task_and_writes_metrics_and_checkpoint(tmp_path
         "logps_rejected",
         "lr",
         "grad_norm",
-        "tokens_per_s_rank0",  # the names every recipe logs (the shared RunReport)
+        "tokens_per_s",  # the names every recipe logs (the shared RunReport)
+        "tokens_per_s_per_device",
+        "peak_memory_gib",
+        "mfu",
         "step_s",
         "policy_s",
         "reference_s",

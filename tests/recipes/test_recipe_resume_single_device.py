@@ -30,7 +30,7 @@ PACKED = "packing={_component_: dpokit.data.pack_preference_dataset, pack_size: 
 def train_rows(out: Path) -> list[dict]:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     # wall-clock fields differ between any two runs
-    return [{k: v for k, v in r.items() if not k.endswith("_s") and k != "tokens_per_s_rank0"}
+    return [{k: v for k, v in r.items() if not k.endswith("_s") and not k.startswith(("tokens_per_s", "mfu", "peak_memory"))}
             for r in rows if r["split"] == "train"]  # fmt: skip
 
 

@@ -5,6 +5,7 @@ against the uninterrupted run."""
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -38,6 +39,11 @@ def test_checkpoint_due_every_n_steps_and_never_for_zero(tmp_path, every):
     checkpointer = Checkpointer(tmp_path, every=every, keep_last=2)
     due = [s for s in range(1, 101) if checkpointer.due(s)]
     assert due == (list(range(every, 101, every)) if every else [])
+
+
+def test_validation_at_the_end_can_be_switched_off():
+    due = [s for s in range(1, 21) if evaluation_due(s, every=7, total_steps=20, at_end=False)]
+    assert due == [7, 14]
 
 
 def _make_checkpoints(root, names_complete):
@@ -134,3 +140,63 @@ def test_resume_from_an_incomplete_checkpoint_is_an_error(tmp_path):
         Checkpointer(tmp_path, every=2, keep_last=2).resume(
             str(tmp_path / "step_00000002"), model, optimizer, scheduler, sampler
         )
+
+
+@pytest.mark.parametrize("keep_last,keep_top_k,higher", [(1, 2, True), (2, 1, False), (1, 0, True), (0, 1, True)])
+def test_the_best_k_by_a_named_metric_are_kept_besides_the_newest(tmp_path, keep_last, keep_top_k, higher):
+    """Brute force: every subset rule written out against the folder names (NaN scores are never best)."""
+    scores = {10: 0.5, 20: 0.9, 30: float("nan"), 40: 0.7, 50: 0.6, 60: 0.1}
+    for step, value in scores.items():
+        (tmp_path / f"step_{step:08d}").mkdir()
+        score = {"metric": "validation/hh/acc", "value": value, "validated_at": step}
+        (tmp_path / f"step_{step:08d}" / COMPLETE).write_text(json.dumps({"step": step, "score": score}))
+    (tmp_path / "step_00000070").mkdir()  # unscored (e.g. saved before the first validation)
+    (tmp_path / "step_00000070" / COMPLETE).write_text(json.dumps({"step": 70}))
+    steps = [*scores, 70]
+    finite = sorted(
+        (s for s in scores if scores[s] == scores[s]), key=lambda s: (-scores[s] if higher else scores[s], s)
+    )
+    kept = set(steps) if keep_last == 0 else set(steps[-keep_last:]) | set(finite[:keep_top_k])
+    stale = stale_checkpoints(
+        tmp_path, keep_last, keep_top_k=keep_top_k, metric="validation/hh/acc", higher_is_better=higher
+    )
+    assert [p.name for p in stale] == [f"step_{s:08d}" for s in steps if s not in kept]
+    other_metric = stale_checkpoints(tmp_path, keep_last, keep_top_k=keep_top_k, metric="validation/acc")
+    assert [p.name for p in other_metric] == ([f"step_{s:08d}" for s in steps[:-keep_last]] if keep_last else [])
+    checkpointer = Checkpointer(
+        tmp_path,
+        every=10,
+        keep_last=keep_last,
+        keep_top_k=keep_top_k,
+        metric="validation/hh/acc",
+        higher_is_better=higher,
+    )
+    assert checkpointer.best() == (tmp_path / f"step_{finite[0]:08d}" if keep_top_k else None)
+
+
+def test_a_checkpoint_is_scored_by_the_latest_validation_of_its_set():
+    checkpointer = Checkpointer("unused", every=5, keep_last=1, keep_top_k=1, metric="validation/hh/reward_margin")
+    validations = {
+        (0, None): {"reward_margin": 9.0},
+        (0, "hh"): {"reward_margin": 1.0},
+        (4, "hh"): {"reward_margin": 2.0},
+    }
+    assert checkpointer.score(3, validations) == {
+        "metric": "validation/hh/reward_margin",
+        "value": 1.0,
+        "validated_at": 0,
+    }
+    assert checkpointer.score(5, validations) == {
+        "metric": "validation/hh/reward_margin",
+        "value": 2.0,
+        "validated_at": 4,
+    }
+    assert Checkpointer("unused", every=5, keep_last=1, metric="validation/uf/acc").score(5, validations) is None
+    with pytest.raises(
+        DpokitError,
+        match=r"^checkpoint.metric: 'validation/hh/accuracy' is not a validation metric; choose from \['validation/reward_margin'\]$",
+    ):
+        Checkpointer("unused", every=5, keep_last=1, metric="validation/hh/accuracy").score(5, validations)
+    for bad in ("acc", "train/loss", "validation/", "validation/a/b/c"):
+        with pytest.raises(DpokitError, match="is not a validation metric name like 'validation/acc'"):
+            Checkpointer("unused", every=5, keep_last=1, metric=bad)

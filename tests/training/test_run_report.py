@@ -35,7 +35,7 @@ def _recipe_record(step, metrics, lr, grad_norm, tokens, elapsed, policy, refere
         **metrics,
         "lr": lr,
         "grad_norm": grad_norm,
-        "tokens_per_s_rank0": tokens / elapsed,
+        "tokens_per_s": tokens / elapsed,
         "step_s": elapsed,
         "policy_s": policy,
         "reference_s": reference,

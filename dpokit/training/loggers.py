@@ -1,0 +1,203 @@
+"""Experiment trackers: where a run's numbers go besides `metrics.jsonl` (which is always written).
+
+One small interface, `MetricLogger`: `log(step, metrics)` with flat names such as `train/loss`,
+`validation/acc` or `validation/<set>/acc`, `log_config(config)` once at the start, and
+`close(status)` at the end ("finished", "failed" or "interrupted"). The trackers are optional
+extras, imported only when a run asks for one:
+
+    tensorboard  pip install 'dpokit[tensorboard]'  event files under output_dir/tensorboard
+    wandb        pip install 'dpokit[wandb]'        a run in project `project` (mode online/offline)
+    mlflow       pip install 'dpokit[mlflow]'       a run in experiment `experiment`; the tracking URI is
+                                                    MLFLOW_TRACKING_URI or output_dir/mlruns (file store)
+
+`open_loggers({"tensorboard": {}, "wandb": {"project": "dpo"}}, output_dir)` builds them from plain
+options (a recipe passes its `loggers:` mapping). Only rank 0 opens loggers.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+from dpokit.errors import DpokitError
+
+STATUSES = ("finished", "failed", "interrupted")
+
+
+class MetricLogger:
+    """The interface: subclasses write to one tracker."""
+
+    name = "logger"
+
+    def log_config(self, config: Mapping[str, Any]) -> None:
+        """The run's settings (nested plain values), once, before the first `log`."""
+
+    def log(self, step: int, metrics: Mapping[str, float]) -> None:
+        raise NotImplementedError
+
+    def close(self, status: str = "finished") -> None:
+        """Flush and end the run; `status` is one of STATUSES."""
+
+
+def _needs(module: str, extra: str):
+    try:
+        return __import__(module, fromlist=["_"])
+    except ImportError:
+        raise DpokitError(f"loggers.{extra}: needs the {extra} package (pip install 'dpokit[{extra}]')") from None
+
+
+def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"optimizer": {"lr": 1e-3}} -> {"optimizer.lr": 1e-3}; lists are kept as their text."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+class TensorBoardLogger(MetricLogger):
+    """Scalars as TensorBoard events (`tensorboard --logdir output_dir/tensorboard`); the config
+    as a text summary."""
+
+    name = "tensorboard"
+
+    def __init__(self, log_dir: str | Path):
+        _needs("tensorboard", "tensorboard")
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.log_dir = Path(log_dir)
+        self.writer = SummaryWriter(log_dir=str(self.log_dir))
+
+    def log_config(self, config):
+        rows = "\n".join(f"| {k} | {v} |" for k, v in flatten(config).items())
+        self.writer.add_text("config", f"| key | value |\n|---|---|\n{rows}", global_step=0)
+
+    def log(self, step, metrics):
+        for tag, value in metrics.items():
+            self.writer.add_scalar(tag, value, global_step=step)
+        self.writer.flush()
+
+    def close(self, status="finished"):
+        self.writer.add_text("status", status)
+        self.writer.close()
+
+
+class WandbLogger(MetricLogger):
+    """A Weights & Biases run. `mode="offline"` writes it under `dir` for a later `wandb sync`;
+    other keyword arguments go to `wandb.init` (entity, group, tags, ...)."""
+
+    name = "wandb"
+
+    def __init__(
+        self, dir: str | Path, *, project: str = "dpokit", name: str | None = None, mode: str | None = None, **init
+    ):
+        wandb = _needs("wandb", "wandb")
+        Path(dir).mkdir(parents=True, exist_ok=True)
+        init.setdefault("settings", wandb.Settings(quiet=True))  # its summary table would bury the run's own output
+        self.run = wandb.init(project=project, name=name, dir=str(dir), mode=mode, reinit="create_new", **init)
+
+    def log_config(self, config):
+        self.run.config.update(dict(config), allow_val_change=True)
+
+    def log(self, step, metrics):
+        self.run.log(dict(metrics), step=step)
+
+    def close(self, status="finished"):
+        self.run.finish(exit_code=0 if status == "finished" else 1)
+
+
+class MlflowLogger(MetricLogger):
+    """An MLflow run in `experiment`. Without `tracking_uri` (or MLFLOW_TRACKING_URI) the run goes
+    to a local file store in `default_dir` (`mlflow ui --backend-store-uri file:...` shows it)."""
+
+    name = "mlflow"
+    _STATUS = {"finished": "FINISHED", "failed": "FAILED", "interrupted": "KILLED"}
+
+    def __init__(
+        self, default_dir: str | Path, *, experiment: str = "dpokit", run_name: str | None = None, tracking_uri=None
+    ):
+        _needs("mlflow", "mlflow")
+        from mlflow.tracking import MlflowClient
+
+        uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or Path(default_dir).resolve().as_uri()
+        if uri.startswith("file:"):
+            # MLflow 3 keeps the file store only behind this switch; it is what a local run needs.
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        self.tracking_uri = uri
+        self.client = MlflowClient(tracking_uri=uri)
+        found = self.client.get_experiment_by_name(experiment)
+        experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+        self.run_id = self.client.create_run(experiment_id, run_name=run_name).info.run_id
+
+    def log_config(self, config):
+        from mlflow.entities import Param
+
+        # MLflow caps a parameter value at 6000 characters.
+        params = [Param(k, str(v)[:6000]) for k, v in flatten(config).items()]
+        for i in range(0, len(params), 100):  # at most 100 parameters per batch
+            self.client.log_batch(self.run_id, params=params[i : i + 100])
+
+    def log(self, step, metrics):
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in metrics.items()])
+
+    def close(self, status="finished"):
+        self.client.set_terminated(self.run_id, self._STATUS[status])
+
+
+def open_loggers(specs: Mapping[str, Mapping[str, Any] | None] | None, output_dir: str | Path) -> list[MetricLogger]:
+    """The trackers `specs` names, each with its options: {"tensorboard": {"log_dir": ...},
+    "wandb": {"project": ..., "mode": "offline"}, "mlflow": {"experiment": ...}}. Their files go
+    under `output_dir` unless the options say otherwise."""
+    output_dir = Path(output_dir)
+    loggers: list[MetricLogger] = []
+    try:
+        for name, options in (specs or {}).items():
+            options = dict(options or {})
+            if name == "tensorboard":
+                loggers.append(TensorBoardLogger(options.pop("log_dir", output_dir / "tensorboard"), **options))
+            elif name == "wandb":
+                loggers.append(WandbLogger(options.pop("dir", output_dir), **options))
+            elif name == "mlflow":
+                loggers.append(MlflowLogger(options.pop("default_dir", output_dir / "mlruns"), **options))
+            else:
+                raise DpokitError(f"loggers.{name}: unknown logger; choose from ['mlflow', 'tensorboard', 'wandb']")
+    except TypeError as e:  # an option the tracker does not take
+        close_all(loggers, "failed")
+        raise DpokitError(f"loggers.{name}: {e}") from None
+    except BaseException:
+        close_all(loggers, "failed")
+        raise
+    return loggers
+
+
+def tracked(split: str, metrics: Mapping[str, Any], dataset: str | None = None) -> dict[str, float]:
+    """A record's numbers under tracker names: `train/loss`, `validation/acc`, `validation/<dataset>/acc`
+    (text fields and the step itself are not metrics)."""
+    prefix = f"{split}/{dataset}/" if dataset else f"{split}/"
+    return {
+        f"{prefix}{k}": float(v)
+        for k, v in metrics.items()
+        if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
+
+
+def close_all(loggers: list[MetricLogger], status: str) -> None:
+    """Close every logger, even when one of them fails to (the first failure is raised after)."""
+    failure: str | None = None
+    for logger in loggers:
+        try:
+            logger.close(status)
+        except Exception as e:
+            failure = failure or f"loggers.{logger.name}: closing failed: {e}"
+    loggers.clear()
+    if failure is not None:
+        raise DpokitError(failure)
