@@ -149,6 +149,14 @@ def _ranks(outcomes: list[Outcome]) -> str:
     return ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(ranks)
 
 
+def worker_threads(nproc_per_node: int) -> int:
+    """CPU threads per worker when OMP_NUM_THREADS is unset: this machine's cores shared out, so N
+    workers never oversubscribe the cores (which is slow, and changes the fp32 rounding of CPU
+    kernels with the load). One worker is left to torch's own default (every core)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // nproc_per_node)
+
+
 def launch(command: list[str], topo: Topology, *, resume_command: str | None = None) -> int:
     """Run `command` (a recipe and its arguments) as this node's workers; returns the exit code."""
     port = topo.master_port or _free_port()
@@ -164,6 +172,8 @@ def launch(command: list[str], topo: Topology, *, resume_command: str | None = N
     )
     if resume_command:
         base_env[COMMAND_ENV] = resume_command
+    if topo.nproc_per_node > 1 and "OMP_NUM_THREADS" not in os.environ:
+        base_env["OMP_NUM_THREADS"] = str(worker_threads(topo.nproc_per_node))
     workers: dict[int, subprocess.Popen] = {}
 
     def forward(signum, _frame):

@@ -131,7 +131,7 @@ def weight_source(cfg, checkpoint_dir=None):
     it is a random init from the seed (identical on every rank; only sensible for tiny models)."""
     checkpoint_dir = checkpoint_dir or cfg.checkpoint_dir
     if checkpoint_dir is not None:
-        from dpokit.models.hf_checkpoint import iter_hf_weights
+        from dpokit.models import iter_hf_weights
 
         return iter_hf_weights(checkpoint_dir)
     with torch.random.fork_rng():
@@ -178,7 +178,9 @@ def train(cfg, env) -> None:
     save_dtype = resolve_dtype(cfg.save_dtype, "save_dtype")  # checked before training, not after
     output_dir = Path(cfg.output_dir)
     claim_output_dir(output_dir, is_main=env.is_main)  # created, writable, and no other run's
-    report = RunReport(output_dir, is_main=env.is_main)  # rank 0 speaks, logs and draws the bar
+    plain_cfg = OmegaConf.to_container(cfg, resolve=True)
+    # Rank 0 speaks, logs and draws the bar; the trackers of `loggers:` are checked now, opened later.
+    report = RunReport(output_dir, is_main=env.is_main, loggers=plain_cfg["loggers"])
     if env.is_main:
         OmegaConf.save(cfg, output_dir / "config.yaml")
     if cfg.reference.strategy not in STRATEGIES:
@@ -286,8 +288,12 @@ def train(cfg, env) -> None:
     else:
         reference = NoReference()
     validation_references = validation_references or dict.fromkeys(validation_sets, reference)
-    if strategy != "frozen":
+    if reference_dir is not None and reference_model is None:
+        report.warn("reference.checkpoint_dir is not used: the loss is reference-free")
+    if strategy != "frozen" and reference_model is not None:
         del reference_model  # its weights live on in the swap's CPU copy or the tables
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     total_steps = total_training_steps(
         steps_per_epoch=sampler.steps_per_epoch, epochs=cfg.epochs, max_steps=cfg.max_steps
@@ -309,6 +315,9 @@ def train(cfg, env) -> None:
         higher_is_better=cfg.checkpoint.higher_is_better,
     )
     start_step = checkpoints.resume(cfg.resume, model, optimizer, scheduler, sampler)
+    warning = checkpoints.check_metric(validation_sets, eval_every=cfg.eval_every)  # keep_top_k's metric
+    if warning:
+        report.warn(warning)
 
     def validate(step: int) -> None:
         for name, dataset in validation_sets.items():
@@ -329,10 +338,9 @@ def train(cfg, env) -> None:
         world_size=env.world_size,
         reference_forward=strategy in ("swap", "frozen"),
     )
-    plain_cfg = OmegaConf.to_container(cfg, resolve=True)
     running = report.running(
         total_steps=total_steps, start_step=start_step, resumed_from=checkpoints.resumed_from,
-        loggers=plain_cfg["loggers"], config=plain_cfg, throughput=throughput,
+        config=plain_cfg, throughput=throughput,
     )  # fmt: skip
     with running, StopRequests() as stop:
         if start_step == 0 and cfg.validate_at_start:

@@ -110,7 +110,7 @@ def weight_source(cfg, model):
     of a Hugging Face checkpoint plus freshly initialised adapters, or (without `checkpoint_dir`) a
     random init of the whole model from the seed (tiny models only)."""
     if cfg.checkpoint_dir is not None:
-        from dpokit.models.hf_checkpoint import iter_hf_weights
+        from dpokit.models import iter_hf_weights
 
         return itertools.chain(iter_hf_weights(cfg.checkpoint_dir), fresh_adapter_tensors(model, seed=cfg.seed))
     with torch.random.fork_rng():
@@ -150,7 +150,9 @@ def train(cfg, env) -> None:
     save_dtype = resolve_dtype(cfg.save_dtype, "save_dtype")  # checked before training, not after
     output_dir = Path(cfg.output_dir)
     claim_output_dir(output_dir, is_main=env.is_main)  # created, writable, and no other run's
-    report = RunReport(output_dir, is_main=env.is_main)  # rank 0 speaks, logs and draws the bar
+    plain_cfg = OmegaConf.to_container(cfg, resolve=True)
+    # Rank 0 speaks, logs and draws the bar; the trackers of `loggers:` are checked now, opened later.
+    report = RunReport(output_dir, is_main=env.is_main, loggers=plain_cfg["loggers"])
     if env.is_main:
         OmegaConf.save(cfg, output_dir / "config.yaml")
 
@@ -225,6 +227,9 @@ def train(cfg, env) -> None:
         trainable_only=True,
     )
     start_step = checkpoints.resume(cfg.resume, model, optimizer, scheduler, sampler)
+    warning = checkpoints.check_metric(validation_sets, eval_every=cfg.eval_every)  # keep_top_k's metric
+    if warning:
+        report.warn(warning)
 
     def validate(step: int) -> None:
         for name, dataset in validation_sets.items():
@@ -243,10 +248,9 @@ def train(cfg, env) -> None:
         world_size=env.world_size,
         reference_forward=True,  # adapters off
     )
-    plain_cfg = OmegaConf.to_container(cfg, resolve=True)
     running = report.running(
         total_steps=total_steps, start_step=start_step, resumed_from=checkpoints.resumed_from,
-        loggers=plain_cfg["loggers"], config=plain_cfg, throughput=throughput,
+        config=plain_cfg, throughput=throughput,
     )  # fmt: skip
     with running, StopRequests() as stop:
         if start_step == 0 and cfg.validate_at_start:

@@ -107,7 +107,8 @@ def main(cfg) -> None:
     output_dir = Path(cfg.output_dir)
     claim_output_dir(output_dir, is_main=True)  # created, writable, and no other run's
     OmegaConf.save(cfg, output_dir / "config.yaml")
-    report = RunReport(output_dir, is_main=True)
+    plain_cfg = OmegaConf.to_container(cfg, resolve=True)
+    report = RunReport(output_dir, is_main=True, loggers=plain_cfg["loggers"])  # trackers checked now
 
     # Data: chosen and rejected of a pair go through the model as rows of one padded batch, or,
     # with packing, several pairs share each row (`batch_size` then counts packs).
@@ -173,6 +174,9 @@ def main(cfg) -> None:
         trainable_only=True,
     )
     start_step = checkpoints.resume(cfg.resume, model, optimizer, scheduler, sampler)
+    warning = checkpoints.check_metric(validation_sets, eval_every=cfg.eval_every)  # keep_top_k's metric
+    if warning:
+        report.warn(warning)
 
     collate = partial(collate_preference_pairs, pad_id=tokenizer.pad_id)  # validation: padded
 
@@ -187,10 +191,9 @@ def main(cfg) -> None:
     throughput = Throughput(
         model, device=device, dtype=dtype, world_size=1, reference_forward=not is_reference_free(loss_fn)
     )
-    plain_cfg = OmegaConf.to_container(cfg, resolve=True)
     running = report.running(
         total_steps=total_steps, start_step=start_step, resumed_from=checkpoints.resumed_from,
-        loggers=plain_cfg["loggers"], config=plain_cfg, throughput=throughput,
+        config=plain_cfg, throughput=throughput,
     )  # fmt: skip
     with running, StopRequests() as stop:
         if start_step == 0 and cfg.validate_at_start:

@@ -15,12 +15,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-WALL_CLOCK = ("_s", "_per_s", "_rank0")
+WALL_CLOCK = ("_s", "_per_s", "_rank0", "_per_device")
+MEASURED = ("mfu", "peak_memory_gib")  # depend on the machine, not on the arithmetic
 
 
 def records(run: Path) -> list[dict]:
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if not k.endswith(WALL_CLOCK)} for r in rows]
+    return [{k: v for k, v in r.items() if not k.endswith(WALL_CLOCK) and k not in MEASURED} for r in rows]
 
 
 def compare(old: Path, new: Path) -> list[str]:

@@ -117,6 +117,7 @@ def save_checkpoint(
     keep_last: int = 2,
     trainable_only: bool = False,
     score: dict | None = None,
+    metric: str | None = None,
     keep_top_k: int = 0,
     higher_is_better: bool = True,
 ) -> Path:
@@ -124,7 +125,8 @@ def save_checkpoint(
     per rank together with the step and the RNG states. `trainable_only` leaves frozen parameters
     out (LoRA: the base weights are the initial checkpoint's). `score` ({"metric", "value",
     "validated_at"}) is recorded in the checkpoint's marker; older checkpoints are dropped unless
-    among the newest `keep_last` or the `keep_top_k` best by that metric. Returns the final folder."""
+    among the newest `keep_last` or the `keep_top_k` best by `metric` (the scores recorded by earlier
+    saves, also when this one has none). Returns the final folder."""
     root = Path(root)
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp-{final.name}"
@@ -157,7 +159,6 @@ def save_checkpoint(
             if final.exists():
                 shutil.rmtree(final)
             tmp.rename(final)
-            metric = score["metric"] if score else None
             stale = stale_checkpoints(
                 root, keep_last, keep_top_k=keep_top_k, metric=metric, higher_is_better=higher_is_better
             )

@@ -242,10 +242,13 @@ def load_hf_checkpoint(
     with torch.device("meta"):
         model = model_from_hf_config(checkpoint_dir, lora=lora, quantize_base=quantize_base)
     weights = iter_hf_weights(checkpoint_dir, dtype=dtype)
-    if sft_adapter is not None:
+    if sft_adapter is not None:  # merged as stored, then cast once: round(W + update), not round(round(W) + update)
         family, _ = hf_config_to_kwargs(checkpoint_dir)
         updates = read_lora_updates(sft_adapter)
-        weights = merge_lora_updates(weights, updates, hf_key=family.hf_key, source=str(sft_adapter))
+        merged = merge_lora_updates(
+            iter_hf_weights(checkpoint_dir), updates, hf_key=family.hf_key, source=str(sft_adapter)
+        )
+        weights = ((key, tensor if dtype is None else tensor.to(dtype)) for key, tensor in merged)
         model.sft_adapter = str(sft_adapter)  # the export merges from base + this adapter (StoredWeights)
     loaded_dtype = None
     for key, tensor in weights:
@@ -293,7 +296,7 @@ class StoredWeights:
         with _open_weights(path) as f:
             tensor = f.get_tensor(name)
         update = self.updates.get(name)
-        return tensor if update is None else (tensor.float() + update).to(tensor.dtype)
+        return tensor if update is None else update.apply(tensor)
 
 
 def plain_state_dict(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -25,11 +26,32 @@ from dpokit.models.hf_config import CheckpointError
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
+# Initialisations that move part of the base into the adapter: merging them into the original base is wrong.
+RESIDUAL_INITS = ("pissa", "olora", "corda", "loftq", "eva")
 
 
-def read_lora_updates(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
-    """{HF weight name: s * B @ A (fp32)} of a PEFT LoRA adapter folder; refuses what a plain
-    merge would get wrong (DoRA, per-module rank or alpha patterns, trained biases, extra modules)."""
+@dataclass
+class LoraUpdate:
+    """One targeted weight's A (r x in), B (out x r) and scale; the dense update is made only when
+    that weight streams past, so a whole model's updates are never held at once."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    scale: float
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.b.shape[0], self.a.shape[1])
+
+    def apply(self, weight: torch.Tensor) -> torch.Tensor:
+        """W + s * B @ A in fp32, in W's dtype."""
+        return (weight.float() + self.scale * (self.b.float() @ self.a.float())).to(weight.dtype)
+
+
+def read_lora_updates(adapter_dir: str | Path) -> dict[str, LoraUpdate]:
+    """{HF weight name: its LoraUpdate} of a PEFT LoRA adapter folder; refuses what a plain merge
+    would get wrong (DoRA, per-module rank or alpha patterns, trained biases, extra modules,
+    fan-in/fan-out layouts, initialisations that change the base)."""
     adapter_dir = Path(adapter_dir)
     config_path, weights_path = adapter_dir / ADAPTER_CONFIG, adapter_dir / ADAPTER_WEIGHTS
     if not config_path.is_file():
@@ -46,6 +68,8 @@ def read_lora_updates(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
         "alpha_pattern": bool(config.get("alpha_pattern")),
         "modules_to_save": bool(config.get("modules_to_save")),
         "bias": config.get("bias", "none") != "none",
+        "fan_in_fan_out": bool(config.get("fan_in_fan_out")),
+        "init_lora_weights": str(config.get("init_lora_weights", "")).lower().startswith(RESIDUAL_INITS),
     }
     for name, bad in refused.items():
         if bad:
@@ -61,7 +85,7 @@ def read_lora_updates(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
     except Exception as e:  # safetensors raises its own error types for a damaged file
         raise CheckpointError(f"{weights_path}: not a readable safetensors file ({e})") from None
 
-    updates: dict[str, torch.Tensor] = {}
+    updates: dict[str, LoraUpdate] = {}
     for key in sorted(tensors):
         if not key.endswith(".lora_A.weight"):
             if not key.endswith(".lora_B.weight"):
@@ -71,17 +95,17 @@ def read_lora_updates(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
         b_key = f"{module}.lora_B.weight"
         if b_key not in tensors:
             raise CheckpointError(f"{weights_path}: {key} has no {b_key}")
-        a, b = tensors[key].float(), tensors[b_key].float()
-        if a.shape[0] != b.shape[1]:
+        a, b = tensors[key], tensors[b_key]
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
             raise CheckpointError(f"{weights_path}: {key} {tuple(a.shape)} and {b_key} {tuple(b.shape)} do not chain")
-        updates[f"{module.removeprefix(PEFT_PREFIX)}.weight"] = scale * (b @ a)
+        updates[f"{module.removeprefix(PEFT_PREFIX)}.weight"] = LoraUpdate(a, b, scale)
     if not updates:
         raise CheckpointError(f"{weights_path}: no LoRA weights in it")
     return updates
 
 
 def merge_lora_updates(
-    weights: Iterator[tuple[str, torch.Tensor]], updates: dict[str, torch.Tensor], *, hf_key, source: str
+    weights: Iterator[tuple[str, torch.Tensor]], updates: dict[str, LoraUpdate], *, hf_key, source: str
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """The (our key, tensor) stream with each targeted weight replaced by W + update (see the
     module docstring); `hf_key` maps our key to the HF name the adapter uses. Every update must
@@ -94,7 +118,7 @@ def merge_lora_updates(
                 raise CheckpointError(
                     f"{source}: the adapter's update of {hf_key(key)} is {tuple(update.shape)}, the weight {tuple(tensor.shape)}"
                 )
-            tensor = (tensor.float() + update).to(tensor.dtype)
+            tensor = update.apply(tensor)
         yield key, tensor
     if left:
         raise CheckpointError(f"{source}: adapter weights for modules the model lacks: {sorted(left)[:4]}")

@@ -48,7 +48,7 @@ def _needs(module: str, extra: str):
 
 
 def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"optimizer": {"lr": 1e-3}} -> {"optimizer.lr": 1e-3}; lists are kept as their text."""
+    """{"optimizer": {"lr": 1e-3}} -> {"optimizer.lr": 1e-3}; other values (lists too) as they are."""
     flat: dict[str, Any] = {}
     for key, value in config.items():
         name = f"{prefix}{key}"
@@ -78,8 +78,7 @@ class TensorBoardLogger(MetricLogger):
 
     def log(self, step, metrics):
         for tag, value in metrics.items():
-            self.writer.add_scalar(tag, value, global_step=step)
-        self.writer.flush()
+            self.writer.add_scalar(tag, value, global_step=step)  # the writer flushes on its own timer
 
     def close(self, status="finished"):
         self.writer.add_text("status", status)
@@ -153,29 +152,40 @@ class MlflowLogger(MetricLogger):
         self.client.set_terminated(self.run_id, self._STATUS[status])
 
 
+PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+
+
+def check_loggers(specs: Mapping[str, Any] | None) -> None:
+    """Before anything loads: every name is a known tracker whose package is installed."""
+    for name, options in (specs or {}).items():
+        if name not in PACKAGES:
+            raise DpokitError(f"loggers.{name}: unknown logger; choose from {sorted(PACKAGES)}")
+        if options is not None and not isinstance(options, Mapping):
+            raise DpokitError(f"loggers.{name}: expected a mapping of options (or {{}}), got {options!r}")
+        _needs(PACKAGES[name], name)
+
+
 def open_loggers(specs: Mapping[str, Mapping[str, Any] | None] | None, output_dir: str | Path) -> list[MetricLogger]:
     """The trackers `specs` names, each with its options: {"tensorboard": {"log_dir": ...},
     "wandb": {"project": ..., "mode": "offline"}, "mlflow": {"experiment": ...}}. Their files go
-    under `output_dir` unless the options say otherwise."""
+    under `output_dir` unless the options say otherwise. A tracker that cannot start (an option it
+    does not take, no API key, a server out of reach) is a one-line DpokitError."""
+    check_loggers(specs)
     output_dir = Path(output_dir)
     loggers: list[MetricLogger] = []
-    try:
-        for name, options in (specs or {}).items():
-            options = dict(options or {})
+    for name, options in (specs or {}).items():
+        options = dict(options or {})
+        try:
             if name == "tensorboard":
                 loggers.append(TensorBoardLogger(options.pop("log_dir", output_dir / "tensorboard"), **options))
             elif name == "wandb":
                 loggers.append(WandbLogger(options.pop("dir", output_dir), **options))
-            elif name == "mlflow":
-                loggers.append(MlflowLogger(options.pop("default_dir", output_dir / "mlruns"), **options))
             else:
-                raise DpokitError(f"loggers.{name}: unknown logger; choose from ['mlflow', 'tensorboard', 'wandb']")
-    except TypeError as e:  # an option the tracker does not take
-        close_all(loggers, "failed")
-        raise DpokitError(f"loggers.{name}: {e}") from None
-    except BaseException:
-        close_all(loggers, "failed")
-        raise
+                loggers.append(MlflowLogger(options.pop("default_dir", output_dir / "mlruns"), **options))
+        except Exception as e:
+            close_all(loggers, "failed", quiet=True)
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DpokitError(f"loggers.{name}: cannot start: {reason}") from None
     return loggers
 
 
@@ -190,14 +200,16 @@ def tracked(split: str, metrics: Mapping[str, Any], dataset: str | None = None) 
     }
 
 
-def close_all(loggers: list[MetricLogger], status: str) -> None:
-    """Close every logger, even when one of them fails to (the first failure is raised after)."""
-    failure: str | None = None
+def close_all(loggers: list[MetricLogger], status: str, *, quiet: bool = False) -> list[str]:
+    """Close every logger, even when one of them fails to. Returns the failures as lines (a
+    tracker that cannot close must not hide why the run ended); raises the first unless `quiet`."""
+    failures = []
     for logger in loggers:
         try:
             logger.close(status)
         except Exception as e:
-            failure = failure or f"loggers.{logger.name}: closing failed: {e}"
+            failures.append(f"loggers.{logger.name}: closing failed: {e}")
     loggers.clear()
-    if failure is not None:
-        raise DpokitError(failure)
+    if failures and not quiet:
+        raise DpokitError(failures[0])
+    return failures

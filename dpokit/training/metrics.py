@@ -23,6 +23,20 @@ def preference_accuracy(chosen_rewards: torch.Tensor, rejected_rewards: torch.Te
     return (margin > 0).float() + 0.5 * (margin == 0).float()
 
 
+# What a validation (and a train step) reports per pair, as means: the names checkpoint.metric may use.
+PAIR_METRICS = (
+    "loss",
+    "preference_loss",
+    "sft_loss",
+    "acc",
+    "reward_margin",
+    "rewards_chosen_mean",
+    "rewards_rejected_mean",
+    "logps_chosen",
+    "logps_rejected",
+)
+
+
 class PairMetrics:
     """Sums per-pair quantities over micro-batches (and, in distributed recipes, ranks) so the
     reported means are over every pair of the step, whatever the micro-batch split."""
@@ -64,6 +78,14 @@ class JsonlLogger:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "a" if append else "w", encoding="utf-8")
+
+    @staticmethod
+    def read(path: str | Path) -> list[dict]:
+        """The records of a log (after `truncate_after`, every line is one); [] when there is none."""
+        path = Path(path)
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
     @staticmethod
     def truncate_after(path: str | Path, step: int) -> int:

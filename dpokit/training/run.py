@@ -50,10 +50,11 @@ from dpokit.distributed.group import (
     get_rank,
     get_world_size,
     init_distributed,
+    raise_together,
 )
 from dpokit.errors import DpokitError, RunInterrupted
-from dpokit.training.loggers import MetricLogger, close_all, open_loggers, tracked
-from dpokit.training.metrics import JsonlLogger
+from dpokit.training.loggers import MetricLogger, check_loggers, close_all, open_loggers, tracked
+from dpokit.training.metrics import PAIR_METRICS, JsonlLogger
 from dpokit.training.throughput import Throughput
 
 # The order of the per-step phase timings in a train record; other phases follow in their own order.
@@ -206,6 +207,10 @@ def parse_validation_metric(metric: str) -> tuple[str | None, str]:
             f"checkpoint.metric: {metric!r} is not a validation metric name like 'validation/acc' or "
             f"'validation/<validation_datasets name>/acc'"
         )
+    if parts[-1] not in PAIR_METRICS:
+        raise DpokitError(
+            f"checkpoint.metric: {parts[-1]!r} is not a validation metric; choose from {list(PAIR_METRICS)}"
+        )
     return (parts[1] if len(parts) == 3 else None), parts[-1]
 
 
@@ -230,17 +235,19 @@ class Checkpointer:
         on_interrupt: bool = True,
         keep_top_k: int = 0,
         metric: str = "validation/acc",
-        higher_is_better: bool = True,
+        higher_is_better: bool | None = None,
         trainable_only: bool = False,
     ):
         for name, value in (("every", every), ("keep_last", keep_last), ("keep_top_k", keep_top_k)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 meaning = {"every": "never", "keep_last": "keep every checkpoint", "keep_top_k": "no best checkpoints"}
                 raise DpokitError(f"checkpoint.{name}: {value!r} is not a whole number >= 0 (0: {meaning[name]})")
+        self.dataset, self.key = parse_validation_metric(metric)
+        if higher_is_better is None:  # a loss is better lower; accuracy, margins and rewards higher
+            higher_is_better = not self.key.endswith("loss")
         for name, value in (("on_interrupt", on_interrupt), ("higher_is_better", higher_is_better)):
             if not isinstance(value, bool):
                 raise DpokitError(f"checkpoint.{name}: {value!r} is not true or false")
-        self.dataset, self.key = parse_validation_metric(metric)
         self.root = Path(root)
         self.every, self.keep_last, self.trainable_only = every, keep_last, trainable_only
         self.on_interrupt, self.keep_top_k, self.metric, self.higher_is_better = (
@@ -266,19 +273,32 @@ class Checkpointer:
         found = best_checkpoints(self.root, 1, metric=self.metric, higher_is_better=self.higher_is_better)
         return found[0] if found else None
 
+    def check_metric(self, validation_sets, *, eval_every: int) -> str | None:
+        """Before step 1: `metric` names one of `validation_sets` (None = the main set). Returns a
+        warning when checkpoints fall between validations (they are scored by an older one)."""
+        if not self.keep_top_k:
+            return None
+        if self.dataset not in validation_sets:
+            named = sorted(n for n in validation_sets if n is not None)
+            raise DpokitError(
+                f"checkpoint.metric: {self.metric!r} names no validation set; validation_datasets has {named}"
+            )
+        if self.every and self.every % eval_every:
+            return (
+                f"checkpoint.every={self.every} is not a multiple of eval_every={eval_every}: a checkpoint is "
+                f"scored by the latest validation before it (checkpoint.metric={self.metric})"
+            )
+        return None
+
     def score(self, step: int, validations: Mapping[tuple[int, str | None], dict]) -> dict | None:
         """The `metric` of the latest validation at or before `step` ({"metric", "value",
-        "validated_at"}), or None before the first validation of that set."""
+        "validated_at"}), or None before the first validation of that set (or when the loss logs
+        no such metric, e.g. sft_loss without an SFT term)."""
         steps = [s for s, name in validations if name == self.dataset and s <= step]
-        if not steps:
+        if not steps or self.key not in validations[(max(steps), self.dataset)]:
             return None
-        metrics = validations[(max(steps), self.dataset)]
-        if self.key not in metrics:
-            raise DpokitError(
-                f"checkpoint.metric: {self.metric!r} is not a validation metric; "
-                f"choose from {sorted(f'validation/{k}' for k in metrics)}"
-            )
-        return {"metric": self.metric, "value": float(metrics[self.key]), "validated_at": max(steps)}
+        value = validations[(max(steps), self.dataset)][self.key]
+        return {"metric": self.metric, "value": float(value), "validated_at": max(steps)}
 
     def save(
         self,
@@ -300,6 +320,7 @@ class Checkpointer:
             trainable_only=self.trainable_only,
             trainer_state={"scheduler": scheduler.state_dict(), "data": sampler.state_dict()},
             score=self.score(step, validations or {}),
+            metric=self.metric if self.keep_top_k else None,
             keep_top_k=self.keep_top_k,
             higher_is_better=self.higher_is_better,
         )
@@ -328,10 +349,12 @@ class RunReport:
     numbers to the experiment trackers (`dpokit.training.loggers`), and a closing summary. On other
     ranks (`is_main=False`) nothing is written or printed."""
 
-    def __init__(self, output_dir: str | Path, *, is_main: bool):
+    def __init__(self, output_dir: str | Path, *, is_main: bool, loggers: Mapping | None = None):
         self.output_dir, self.is_main = Path(output_dir), is_main
         self.metrics_path = self.output_dir / "metrics.jsonl"
         self.log: JsonlLogger | None = None
+        self.logger_specs = dict(loggers or {})
+        check_loggers(self.logger_specs)  # names and packages, before anything loads (every rank alike)
         self.loggers: list[MetricLogger] = []
         self.throughput: Throughput | None = None
         self.progress: tqdm | None = None  # drawn from the first train step on
@@ -356,28 +379,37 @@ class RunReport:
         total_steps: int,
         start_step: int,
         resumed_from: Path | None = None,
-        loggers: Mapping | None = None,
         config: Mapping | None = None,
         throughput: Throughput | None = None,
     ):
-        """The training loop's span: `start`, the trackers `loggers` names opened (rank 0) and given
-        `config`; on the way out every one is closed with the run's status ("finished", or
-        "interrupted" / "failed" when the loop raised)."""
+        """The training loop's span (collective): `start`, the trackers opened on rank 0 and given
+        `config` (one that cannot start stops every rank with its line); on the way out every one
+        is closed with the run's status ("finished", or "interrupted" / "failed" when the loop raised)."""
         self.start(total_steps=total_steps, start_step=start_step, resumed_from=resumed_from)
         self.throughput = throughput
         status = "failed"
         try:
+            error = None
             if self.is_main:
-                self.loggers = open_loggers(loggers, self.output_dir)
-                for logger in self.loggers:
-                    logger.log_config(config or {})
+                try:
+                    self.loggers = open_loggers(self.logger_specs, self.output_dir)
+                    for logger in self.loggers:
+                        logger.log_config(config or {})
+                except Exception as e:
+                    error = str(e) if isinstance(e, DpokitError) else f"loggers: cannot start: {e}"
+            raise_together(error)
             yield self
             status = "finished"
         except (RunInterrupted, KeyboardInterrupt):
             status = "interrupted"
             raise
         finally:
-            self.close(status)
+            try:
+                self.close(status)
+            except Exception:
+                if status == "finished":
+                    raise  # nothing else went wrong: this is the run's error
+                # otherwise the loop's own error is the one to report
 
     def start(self, *, total_steps: int, start_step: int, resumed_from: Path | None = None) -> None:
         """Open `metrics.jsonl` (continued, not restarted, when resuming); the bar will count
@@ -390,14 +422,26 @@ class RunReport:
                     f"{self.metrics_path}: dropped {dropped} line(s) the interrupted run logged after step {start_step}"
                 )
         if self.is_main:
+            if resumed_from is not None:  # the validations so far score later checkpoints and `final/`
+                for record in JsonlLogger.read(self.metrics_path):
+                    if record.get("split") == "validation":
+                        metrics = {k: v for k, v in record.items() if k not in ("step", "split", "dataset")}
+                        self.validations[(record["step"], record.get("dataset"))] = metrics
+                        if record.get("dataset") is None:
+                            self.last_validation = metrics
             self.log = JsonlLogger(self.metrics_path, append=resumed_from is not None)
         self._steps = (total_steps, start_step)
 
     def _record(self, record: dict, *, split: str, dataset: str | None = None) -> None:
         if self.log:
             self.log.log(record)
-        for logger in self.loggers:
-            logger.log(record["step"], tracked(split, record, dataset))
+        for logger in list(self.loggers):
+            try:
+                logger.log(record["step"], tracked(split, record, dataset))
+            except Exception as e:  # metrics.jsonl holds every record: a tracker failing must not stop training
+                self.loggers.remove(logger)
+                self.warn(f"loggers.{logger.name}: stopped logging at step {record['step']}: {e}")
+                close_all([logger], "failed", quiet=True)
 
     def validation(self, step: int, metrics: dict, *, dataset: str | None = None) -> None:
         """Log and announce the validation metrics of `step`, on the main validation set or on the
@@ -456,14 +500,18 @@ class RunReport:
         self.progress.set_postfix(loss=f"{metrics['preference_loss']:.3f}", acc=f"{metrics['acc']:.2f}", refresh=False)
 
     def close(self, status: str = "finished") -> None:
-        """Close the bar, `metrics.jsonl` and the trackers (the end of the loop, before the final save)."""
-        if self.progress is not None:
-            self.progress.close()
-            self.progress = None
-        if self.log:
-            self.log.close()
-            self.log = None
-        close_all(self.loggers, status)
+        """Close the bar, `metrics.jsonl` and the trackers (the end of the loop, before the final
+        save); a tracker that fails to close is a warning, and every other one still closes."""
+        try:
+            if self.progress is not None:
+                self.progress.close()
+                self.progress = None
+            if self.log:
+                self.log, log = None, self.log
+                log.close()
+        finally:
+            for failure in close_all(self.loggers, status, quiet=True):
+                self.warn(failure)
 
     def describe_final(self, folder: str | Path, *, step: int, best: Path | None = None) -> None:
         """`folder/dpokit_run.json` (rank 0): the step the final weights are from, its last validation

@@ -8,7 +8,8 @@ Model FLOPs per token, counting every matmul weight W (numel |W|) once, attentio
 so full DPO costs 6N + 2N per token and LoRA DPO 4N + 6n + 2N (n adapter weights). Attention's
 own FLOPs (4 * layers * heads * head_dim * context per token) are left out, so the estimate is
 low for long sequences. The peak is the dense bf16 / fp16 tensor-core figure of known CUDA
-devices, or, on CPU, a matmul measured once at the start in the training dtype.
+devices (others: no MFU), or, on CPU, a matmul measured once at the start in the training dtype
+by each process with its own threads (its share of the machine).
 """
 
 from __future__ import annotations
@@ -21,15 +22,14 @@ import torch
 from torch import nn
 
 # Dense (no sparsity) bf16 tensor-core peaks, FLOP/s, by a substring of the CUDA device name.
-CUDA_BF16_PEAK = {
+CUDA_BF16_PEAK = {  # most specific name first
     "B200": 2.25e15,
     "H200": 989e12,
+    "H100 NVL": 835e12,
     "H100 PCIe": 756e12,
     "H100": 989e12,
     "A100": 312e12,
     "L40S": 362e12,
-    "L4": 121e12,
-    "A10": 125e12,
 }
 
 
@@ -88,7 +88,7 @@ def device_peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
             return None
         name = torch.cuda.get_device_name(device)
         return next((peak for key, peak in CUDA_BF16_PEAK.items() if key in name), None)
-    return measured_matmul_peak(device, dtype)
+    return measured_matmul_peak(device, dtype) if device.type == "cpu" else None  # MPS: no synchronised timing
 
 
 class Throughput:

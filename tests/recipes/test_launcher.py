@@ -198,8 +198,18 @@ def _node(rank: int, port: int, out: Path, *extra: str) -> subprocess.Popen:
         f"127.0.0.1:{port}",
     ]
     return subprocess.Popen(
-        [*FULL, *options, *extra, f"output_dir={out}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [*FULL, *options, *extra, f"output_dir={out}"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ONE_THREAD,
     )
+
+
+# CPU kernels round differently with another thread count: every rank of the runs compared bitwise
+# gets one thread (as `dpokit run --nproc_per_node 2` gives each worker on this 2-core machine; two
+# "nodes" on one machine would otherwise each take every core).
+ONE_THREAD = dict(os.environ, OMP_NUM_THREADS="1")
 
 
 @pytest.mark.subprocess
@@ -207,7 +217,8 @@ def _node(rank: int, port: int, out: Path, *extra: str) -> subprocess.Popen:
 def test_two_nodes_on_loopback_train_like_one_node_and_resume_on_another_rank_count(tmp_path):
     steps = ["max_steps=6", "checkpoint.every=3", "eval_every=100", "lr_scheduler.warmup_steps=1", "device=cpu"]
     one_node, two_nodes, resumed = tmp_path / "one", tmp_path / "two", tmp_path / "resumed"
-    assert subprocess.run([*FULL, "--nproc_per_node", "2", *steps, f"output_dir={one_node}"]).returncode == 0
+    one = [*FULL, "--nproc_per_node", "2", *steps, f"output_dir={one_node}"]
+    assert subprocess.run(one, env=ONE_THREAD).returncode == 0
     port = _free_port()
     nodes = [_node(rank, port, two_nodes, *steps) for rank in (0, 1)]
     for node in nodes:
@@ -220,7 +231,8 @@ def test_two_nodes_on_loopback_train_like_one_node_and_resume_on_another_rank_co
     # The step-3 checkpoint of the two-node run, resumed by one process (same global batch: 16).
     (resumed / "checkpoints").mkdir(parents=True)
     os.symlink(two_nodes / "checkpoints" / "step_00000003", resumed / "checkpoints" / "step_00000003")
-    run = subprocess.run([*FULL, *steps, "batch_size=16", f"output_dir={resumed}", "resume=true"], capture_output=True)
+    resume = [*FULL, *steps, "batch_size=16", f"output_dir={resumed}", "resume=true"]
+    run = subprocess.run(resume, capture_output=True, env=ONE_THREAD)
     assert run.returncode == 0, run.stderr
     c = load_file(resumed / "final" / "model.safetensors")
     for k in a:  # one rank sums the gradient in another order than two: fp32 rounding, not bitwise

@@ -15,6 +15,11 @@ from pathlib import Path
 
 import pytest
 
+from dpokit.errors import RunInterrupted
+from dpokit.training.loggers import MetricLogger
+from dpokit.training.metrics import JsonlLogger
+from dpokit.training.run import RunReport
+
 pytest.importorskip("tensorboard")
 pytest.importorskip("wandb")
 pytest.importorskip("mlflow")
@@ -191,3 +196,44 @@ def test_a_missing_tracker_package_or_an_unknown_logger_is_one_line(tmp_path):
     )
     printed = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True).stdout
     assert printed.strip() == "loggers.wandb: needs the wandb package (pip install 'dpokit[wandb]')"
+
+
+class _Failing(MetricLogger):
+    name = "flaky"
+
+    def __init__(self, fail_log_at: int | None = None, fail_close: bool = False):
+        self.fail_log_at, self.fail_close, self.logged, self.closed = fail_log_at, fail_close, [], None
+
+    def log(self, step, metrics):
+        if step == self.fail_log_at:
+            raise ConnectionError("server went away")
+        self.logged.append(step)
+
+    def close(self, status="finished"):
+        self.closed = status
+        if self.fail_close:
+            raise OSError("cannot flush")
+
+
+def test_a_tracker_that_fails_mid_run_is_dropped_with_a_warning_and_training_goes_on(tmp_path, capsys):
+    report = RunReport(tmp_path, is_main=True)
+    flaky, steady = _Failing(fail_log_at=2), _Failing(fail_close=True)
+    with report.running(total_steps=3, start_step=0):
+        report.loggers = [flaky, steady]
+        for step in (1, 2, 3):
+            report.validation(step, {"acc": 0.5, "preference_loss": 0.69})
+    err = capsys.readouterr().err
+    assert "warning: loggers.flaky: stopped logging at step 2: server went away" in err
+    assert "warning: loggers.flaky: closing failed: cannot flush" in err
+    assert flaky.logged == [1] and flaky.closed == "failed"
+    assert steady.logged == [1, 2, 3] and steady.closed == "finished"
+    assert [r["step"] for r in JsonlLogger.read(tmp_path / "metrics.jsonl")] == [1, 2, 3]  # nothing lost
+
+
+def test_a_failing_loop_keeps_its_own_error_when_a_tracker_cannot_close(tmp_path):
+    report = RunReport(tmp_path, is_main=True)
+    with pytest.raises(RunInterrupted):
+        with report.running(total_steps=3, start_step=0):
+            report.loggers = [_Failing(fail_close=True)]
+            raise RunInterrupted(1, None, "SIGTERM")
+    assert report.loggers == []

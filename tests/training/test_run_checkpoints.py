@@ -193,10 +193,32 @@ def test_a_checkpoint_is_scored_by_the_latest_validation_of_its_set():
     }
     assert Checkpointer("unused", every=5, keep_last=1, metric="validation/uf/acc").score(5, validations) is None
     with pytest.raises(
-        DpokitError,
-        match=r"^checkpoint.metric: 'validation/hh/accuracy' is not a validation metric; choose from \['validation/reward_margin'\]$",
+        DpokitError, match=r"^checkpoint.metric: 'accuracy' is not a validation metric; choose from \['loss', "
     ):
-        Checkpointer("unused", every=5, keep_last=1, metric="validation/hh/accuracy").score(5, validations)
+        Checkpointer("unused", every=5, keep_last=1, metric="validation/hh/accuracy")
+    assert Checkpointer("unused", every=5, keep_last=1, metric="validation/preference_loss").higher_is_better is False
+    assert Checkpointer("unused", every=5, keep_last=1, metric="validation/reward_margin").higher_is_better is True
+    named = Checkpointer("unused", every=5, keep_last=1, keep_top_k=1, metric="validation/uf/acc")
+    with pytest.raises(
+        DpokitError,
+        match=r"^checkpoint.metric: 'validation/uf/acc' names no validation set; validation_datasets has \['hh'\]$",
+    ):
+        named.check_metric({None: [], "hh": []}, eval_every=5)
+    assert named.check_metric({None: [], "uf": []}, eval_every=5) is None
+    assert "is not a multiple of eval_every=2" in named.check_metric({None: [], "uf": []}, eval_every=2)
     for bad in ("acc", "train/loss", "validation/", "validation/a/b/c"):
         with pytest.raises(DpokitError, match="is not a validation metric name like 'validation/acc'"):
             Checkpointer("unused", every=5, keep_last=1, metric=bad)
+
+
+def test_a_save_without_a_score_keeps_the_best_ones(tmp_path):
+    """After a resume the first checkpoint may come before any validation (no score): the kept best
+    ones are still judged by their recorded scores, not forgotten."""
+    for step, value in ((100, 0.9), (200, 0.6)):
+        (tmp_path / f"step_{step:08d}").mkdir()
+        score = {"metric": "validation/acc", "value": value, "validated_at": step}
+        (tmp_path / f"step_{step:08d}" / COMPLETE).write_text(json.dumps({"step": step, "score": score}))
+    (tmp_path / "step_00000250").mkdir()
+    (tmp_path / "step_00000250" / COMPLETE).write_text(json.dumps({"step": 250}))
+    stale = stale_checkpoints(tmp_path, 1, keep_top_k=1, metric="validation/acc")
+    assert [p.name for p in stale] == ["step_00000200"]
