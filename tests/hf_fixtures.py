@@ -67,6 +67,22 @@ FAMILIES = {
         "Qwen2Config",
         dict(COMMON, num_attention_heads=4, num_key_value_heads=2, rope_theta=1_000_000.0, rms_norm_eps=1e-6),
     ),
+    "qwen3_tied_head_dim": (  # Qwen3-0.6B's shape: head_dim 128 != 1024 / 16, tied, q/k norms
+        "Qwen3Config",
+        dict(
+            COMMON,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=32,
+            rope_theta=1_000_000.0,
+            rms_norm_eps=1e-6,
+            tie_word_embeddings=True,
+        ),
+    ),
+    "qwen3_untied": (  # Qwen3-8B's shape: untied head
+        "Qwen3Config",
+        dict(COMMON, num_attention_heads=4, num_key_value_heads=2, rope_theta=1_000_000.0, rms_norm_eps=1e-6),
+    ),
     "smollm2_tied_mha": (
         "LlamaConfig",
         dict(

@@ -1,7 +1,8 @@
 """Model builders: plain `nn.Module`s, generic builders plus zero-argument presets.
 
 Families (each with a `lora_` twin taking lora_targets/lora_rank/lora_alpha/lora_dropout/quantize_base):
-Llama 3 / 3.1 / 3.2 (`llama3.py`), Qwen2.5 (`qwen2_5.py`), SmolLM2 (`smollm2.py`). Any Llama/Qwen2
+Llama 3 / 3.1 / 3.2 (`llama3.py`), Qwen2.5 (`qwen2_5.py`), Qwen3 (`qwen3.py`), SmolLM2 (`smollm2.py`).
+Any Llama/Qwen2/Qwen3
 Hugging Face directory: `model_from_hf_config`, `load_hf_checkpoint` (see `hf_checkpoint.py`).
 """
 
@@ -62,6 +63,20 @@ from dpokit.models.qwen2_5 import (
     qwen2_5_14b,
     qwen2_5_32b,
     qwen2_5_72b,
+)
+from dpokit.models.qwen3 import (
+    lora_qwen3_0_6b,
+    lora_qwen3_1_7b,
+    lora_qwen3_4b,
+    lora_qwen3_8b,
+    lora_qwen3_14b,
+    lora_qwen3_32b,
+    qwen3_0_6b,
+    qwen3_1_7b,
+    qwen3_4b,
+    qwen3_8b,
+    qwen3_14b,
+    qwen3_32b,
 )
 from dpokit.models.smollm2 import (
     lora_smollm2_1_7b,

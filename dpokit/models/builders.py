@@ -22,9 +22,11 @@ def llama(
     rope_scaling: RopeScaling | None = None,
     norm_eps: float = 1e-5,
     qkv_bias: bool = False,
+    qk_norm: bool = False,
     tie_embeddings: bool = False,
 ) -> TransformerDecoder:
-    """A Llama-architecture decoder (also Qwen2 with `qkv_bias=True`, SmolLM2 with ties)."""
+    """A Llama-architecture decoder (also Qwen2 with `qkv_bias=True`, Qwen3 with `qk_norm=True`,
+    SmolLM2 with ties)."""
     return TransformerDecoder(
         vocab_size=vocab_size,
         dim=dim,
@@ -38,6 +40,7 @@ def llama(
         rope_scaling=rope_scaling,
         norm_eps=norm_eps,
         qkv_bias=qkv_bias,
+        qk_norm=qk_norm,
         tie_embeddings=tie_embeddings,
     )
 

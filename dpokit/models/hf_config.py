@@ -51,6 +51,11 @@ _QWEN2_KEYS = {
     "layers.{}.self_attn.k_proj.bias": "model.layers.{}.self_attn.k_proj.bias",
     "layers.{}.self_attn.v_proj.bias": "model.layers.{}.self_attn.v_proj.bias",
 }
+_QWEN3_KEYS = {
+    **_LLAMA_KEYS,
+    "layers.{}.self_attn.q_norm.weight": "model.layers.{}.self_attn.q_norm.weight",
+    "layers.{}.self_attn.k_norm.weight": "model.layers.{}.self_attn.k_norm.weight",
+}
 
 # Config fields that never change the function the network computes, each with the reason. Any
 # `PretrainedConfig` may carry these (transformers' own `to_dict()` writes many of them); a field
@@ -143,6 +148,7 @@ class Family:
     architecture: str
     keys: Mapping[str, str]  # our name -> HF name
     qkv_bias: bool
+    qk_norm: bool = False  # RMSNorm over each head's q and k (Qwen3)
     # field -> the only value we implement (absent fields take HF's default, which is this value)
     required: Mapping[str, Any] = field(default_factory=dict)
     # fields understood only as long as `required` holds (e.g. the window size when windows are off)
@@ -187,6 +193,15 @@ FAMILIES: dict[str, Family] = {
         keys=_QWEN2_KEYS,
         qkv_bias=True,
         required={"hidden_act": "silu", "attention_dropout": 0.0, "use_sliding_window": False, "use_mrope": False},
+        tolerated=frozenset({"sliding_window", "max_window_layers", "layer_types"}),
+    ),
+    "qwen3": Family(
+        model_type="qwen3",
+        architecture="Qwen3ForCausalLM",
+        keys=_QWEN3_KEYS,
+        qkv_bias=False,
+        qk_norm=True,
+        required={"hidden_act": "silu", "attention_bias": False, "attention_dropout": 0.0, "use_sliding_window": False},
         tolerated=frozenset({"sliding_window", "max_window_layers", "layer_types"}),
     ),
 }
@@ -295,6 +310,8 @@ def hf_config_to_kwargs(config: Mapping | str | Path) -> tuple[Family, dict]:
         qkv_bias=family.qkv_bias,
         tie_embeddings=bool(config.get("tie_word_embeddings", False)),
     )
+    if family.qk_norm:
+        kwargs["qk_norm"] = True
     return family, kwargs
 
 
@@ -316,7 +333,11 @@ def model_from_hf_config(
 
 
 def family_for_model(model: TransformerDecoder) -> Family:
-    """The HF family a decoder saves as: q/k/v biases make it Qwen2, otherwise Llama."""
+    """The HF family a decoder saves as: q/k norms make it Qwen3, q/k/v biases Qwen2, otherwise Llama."""
+    if model.args.get("qk_norm"):
+        if model.args["qkv_bias"]:
+            raise CheckpointError("no Hugging Face family has both q/k/v biases and q/k norms")
+        return FAMILIES["qwen3"]
     return FAMILIES["qwen2" if model.args["qkv_bias"] else "llama"]
 
 

@@ -89,18 +89,34 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, qkv_bias: bool, linear: LinearFactory):
+    def __init__(
+        self,
+        dim: int,
+        n_heads: int,
+        n_kv_heads: int,
+        head_dim: int,
+        qkv_bias: bool,
+        linear: LinearFactory,
+        qk_norm_eps: float | None = None,
+    ):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
         self.q_proj = linear("q_proj", dim, n_heads * head_dim, qkv_bias)
         self.k_proj = linear("k_proj", dim, n_kv_heads * head_dim, qkv_bias)
         self.v_proj = linear("v_proj", dim, n_kv_heads * head_dim, qkv_bias)
         self.o_proj = linear("o_proj", n_heads * head_dim, dim, False)
+        # Qwen3 / OLMo 2 style: RMSNorm over each head's query and key, before RoPE.
+        qk_norm = qk_norm_eps is not None
+        self.q_norm = RMSNorm(head_dim, qk_norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(head_dim, qk_norm_eps) if qk_norm else None
 
     def forward(self, x, cos, sin, attn_mask):
         batch, seq, _ = x.shape
-        q = self.q_proj(x).view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(batch, seq, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         # None = causal SDPA; a boolean tensor = masked SDPA; a FlexAttention BlockMask = flex (CUDA).
@@ -120,10 +136,13 @@ class SwiGLU(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, dim, n_heads, n_kv_heads, head_dim, hidden_dim, norm_eps, qkv_bias, linear: LinearFactory):
+    def __init__(
+        self, dim, n_heads, n_kv_heads, head_dim, hidden_dim, norm_eps, qkv_bias, linear: LinearFactory, qk_norm=False
+    ):
         super().__init__()
         self.input_layernorm = RMSNorm(dim, norm_eps)
-        self.self_attn = Attention(dim, n_heads, n_kv_heads, head_dim, qkv_bias, linear)
+        qk_norm_eps = norm_eps if qk_norm else None
+        self.self_attn = Attention(dim, n_heads, n_kv_heads, head_dim, qkv_bias, linear, qk_norm_eps)
         self.post_attention_layernorm = RMSNorm(dim, norm_eps)
         self.mlp = SwiGLU(dim, hidden_dim, linear)
 
@@ -151,6 +170,7 @@ class TransformerDecoder(nn.Module):
         rope_scaling: RopeScaling | None = None,
         norm_eps: float = 1e-5,
         qkv_bias: bool = False,
+        qk_norm: bool = False,
         tie_embeddings: bool = False,
         linear: LinearFactory = plain_linear,
     ):
@@ -173,12 +193,13 @@ class TransformerDecoder(nn.Module):
             rope_scaling=rope_scaling,
             norm_eps=norm_eps,
             qkv_bias=qkv_bias,
+            qk_norm=qk_norm,
             tie_embeddings=tie_embeddings,
         )
         self.tie_embeddings = tie_embeddings
         self.embed_tokens = nn.Embedding(vocab_size, dim)
         self.layers = nn.ModuleList(
-            TransformerBlock(dim, n_heads, n_kv_heads, head_dim, hidden_dim, norm_eps, qkv_bias, linear)
+            TransformerBlock(dim, n_heads, n_kv_heads, head_dim, hidden_dim, norm_eps, qkv_bias, linear, qk_norm)
             for _ in range(n_layers)
         )
         self.norm = RMSNorm(dim, norm_eps)

@@ -23,6 +23,13 @@ PUBLISHED_PARAMETERS = {
     "qwen2_5_14b": 14_770_033_664,
     "qwen2_5_32b": 32_763_876_352,
     "qwen2_5_72b": 72_706_203_648,
+    # Qwen3 model cards: 0.6B (0.44B non-embedding), 1.7B (1.4B), 4.0B (3.6B), 8.2B (6.95B), 14.8B (13.2B), 32.8B (31.2B)
+    "qwen3_0_6b": 596_049_920,
+    "qwen3_1_7b": 1_720_574_976,
+    "qwen3_4b": 4_022_468_096,
+    "qwen3_8b": 8_190_735_360,
+    "qwen3_14b": 14_768_307_200,
+    "qwen3_32b": 32_762_123_264,
     "smollm2_135m": 134_515_008,
     "smollm2_360m": 361_821_120,
     "smollm2_1_7b": 1_711_376_384,
@@ -64,7 +71,9 @@ def test_every_architecture_has_a_published_count_and_working_builders():
         assert sum(p.numel() for n, p in lora.named_parameters() if ".lora_" not in n) == PUBLISHED_PARAMETERS[name]
 
 
-@pytest.mark.parametrize("name", ["llama3_1_8b", "llama3_2_1b", "qwen2_5_0_5b", "qwen2_5_7b", "smollm2_135m"])
+@pytest.mark.parametrize(
+    "name", ["llama3_1_8b", "llama3_2_1b", "qwen2_5_0_5b", "qwen2_5_7b", "qwen3_0_6b", "qwen3_8b", "smollm2_135m"]
+)
 def test_config_json_round_trips_and_transformers_agrees(name):
     transformers = pytest.importorskip("transformers")
     with torch.device("meta"):  # two layers: what is compared is the config translation

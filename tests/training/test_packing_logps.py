@@ -15,8 +15,9 @@ from dpokit.training.packed_forward import packed_policy_logps, segment_logps
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
-def tiny_lora_model():
+def tiny_lora_model(qk_norm: bool = False):
     model = lora_llama(
+        qk_norm=qk_norm,  # Qwen3: RMSNorm over each head's q and k
         vocab_size=64,
         dim=32,
         n_layers=2,
@@ -33,6 +34,8 @@ def tiny_lora_model():
         for name, p in model.named_parameters():
             if "lora_b" in name:
                 p.normal_(std=0.2)
+            elif "q_norm" in name or "k_norm" in name:
+                p.uniform_(0.5, 1.5)  # not the identity
     return model
 
 
@@ -57,8 +60,9 @@ def batches(pairs, prefix_sharing, packer):
 @pytest.mark.parametrize("prefix_sharing", [False, True], ids=["packed", "prefix_shared+packed"])
 @pytest.mark.parametrize("adapters", ["on", "off"])
 @pytest.mark.parametrize("average", [False, True])
-def test_packed_logps_equal_padded_logps(prefix_sharing, adapters, average):
-    model = tiny_lora_model()
+@pytest.mark.parametrize("qk_norm", [False, True], ids=["llama", "qwen3"])
+def test_packed_logps_equal_padded_logps(prefix_sharing, adapters, average, qk_norm):
+    model = tiny_lora_model(qk_norm)
     packed, padded = batches(random_pairs(9, seed=1), prefix_sharing, first_fit_shuffle)
     with torch.no_grad():
         if adapters == "off":
@@ -89,8 +93,9 @@ def dpo_step(model, batch, forward):
 
 
 @pytest.mark.parametrize("prefix_sharing", [False, True], ids=["packed", "prefix_shared+packed"])
-def test_packed_dpo_loss_and_gradients_equal_padded(prefix_sharing):
-    model = tiny_lora_model()
+@pytest.mark.parametrize("qk_norm", [False, True], ids=["llama", "qwen3"])
+def test_packed_dpo_loss_and_gradients_equal_padded(prefix_sharing, qk_norm):
+    model = tiny_lora_model(qk_norm)
     packed, padded = batches(random_pairs(10, seed=2), prefix_sharing, first_fit_decreasing)
     losses, grads = dpo_step(model, packed, packed_policy_logps)
     want_losses, want_grads = dpo_step(model, padded, policy_logps)
