@@ -187,4 +187,6 @@ SMOLLM2_JINJA = (
 # Llama-3.2-1B-Instruct), tool branches included, written out as data files.
 FIXTURES = Path(__file__).parent / "fixtures"
 LLAMA3_1_JINJA = (FIXTURES / "llama3_1_chat_template.jinja").read_text()
+# Qwen3's published template (tokenizer_config.json of a Qwen3 checkpoint, see ../shared/hf-real/SOURCES.md).
+QWEN3_JINJA = (FIXTURES / "qwen3_chat_template.jinja").read_text()
 LLAMA3_2_JINJA = (FIXTURES / "llama3_2_chat_template.jinja").read_text()

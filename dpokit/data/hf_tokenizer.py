@@ -262,7 +262,15 @@ def _likely_first(text: str) -> list[str]:
     if "<|start_header_id|>" in text:
         hint = ("llama3_2" if "strftime_now" in text else "llama3_1") if "Cutting Knowledge Date" in text else "llama3"
     elif "<|im_start|>" in text:
-        hint = "qwen2_5" if "You are Qwen" in text else "smollm2" if "named SmolLM" in text else "chatml"
+        hint = (
+            "qwen2_5"
+            if "You are Qwen" in text
+            else "smollm2"
+            if "named SmolLM" in text
+            else "qwen3"
+            if "<think>" in text
+            else "chatml"
+        )
     return ([hint] if hint else []) + [name for name in TEMPLATES if name != hint]
 
 

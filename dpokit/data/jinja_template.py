@@ -15,7 +15,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Sequence
 
-from dpokit.data.tokenizer import LLAMA3_DEFAULT_DATE, ChatTemplate, chat_turns
+from dpokit.data.tokenizer import LLAMA3_DEFAULT_DATE, ChatTemplate, answer, chat_turns
 from dpokit.errors import DpokitError
 
 # Conversations that tell the templates apart: system turn or not, several turns, content with
@@ -91,6 +91,7 @@ def render_probes(template_text: str, config: dict) -> list[tuple[list[dict], bo
                 bos_token=_token_text(config.get("bos_token")),
                 eos_token=_token_text(config.get("eos_token")),
                 date_string=LLAMA3_DEFAULT_DATE,
+                enable_thinking=False,  # DPO pairs are answers, not reasoning traces (Qwen3, SmolLM3)
             )
             rendered.append((probe, generation_prompt, text))
     return rendered
@@ -99,10 +100,14 @@ def render_probes(template_text: str, config: dict) -> list[tuple[list[dict], bo
 def render_ours(template: ChatTemplate, messages: Sequence[dict], add_generation_prompt: bool) -> str:
     """The text a built-in template lays out (what `Tokenizer.tokenize_messages` tokenizes)."""
     text = template.begin
-    for role, content in chat_turns(template, messages):
-        text += template.header_format.format(role=role) + content + template.end_of_turn + template.trailer
+    turns = chat_turns(template, messages)
+    for i, (role, content) in enumerate(turns):
+        header = template.header_format.format(role=role)
+        if role == "assistant" and i == len(turns) - 1:
+            header, content = answer(template, header, content)
+        text += header + content + template.end_of_turn + template.trailer
     if add_generation_prompt:
-        text += template.header_format.format(role="assistant")
+        text += template.header_format.format(role="assistant") + template.answer_prefix
     return text
 
 

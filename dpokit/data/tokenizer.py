@@ -52,6 +52,9 @@ class ChatTemplate:
     default_system_prompt: str | None = None
     trim_content: bool = False  # strip surrounding whitespace of each message (Llama 3's `| trim`)
     system_preamble: str | None = None  # text that opens an always-present system turn (Llama 3.1+)
+    # Text that opens the answer: the final assistant turn (whose leading newlines are dropped) and
+    # the generation prompt. Qwen3's empty think block, its non-thinking mode (enable_thinking=False).
+    answer_prefix: str = ""
 
 
 LLAMA3_TEMPLATE = ChatTemplate(
@@ -82,6 +85,10 @@ SMOLLM2_TEMPLATE = replace(
     name="smollm2",
     default_system_prompt="You are a helpful AI assistant named SmolLM, trained by Hugging Face",
 )
+# Qwen3 in non-thinking mode: chatml, no default system prompt, the answer opened by an empty think
+# block (as its template renders the last assistant turn, and the generation prompt with
+# enable_thinking=False). Reasoning in earlier assistant turns is refused (`chat_turns`).
+QWEN3_TEMPLATE = replace(CHATML_TEMPLATE, name="qwen3", answer_prefix="<think>\n\n</think>\n\n")
 
 LLAMA3_DEFAULT_DATE = "26 Jul 2024"
 
@@ -122,6 +129,7 @@ TEMPLATES = {
         CHATML_TEMPLATE,
         QWEN2_5_TEMPLATE,
         SMOLLM2_TEMPLATE,
+        QWEN3_TEMPLATE,
     )
 }
 
@@ -257,15 +265,21 @@ class Tokenizer:
         template (a header's trailing newline and the content that follows share tokens)."""
         ids = self._with_specials(self.template.begin) if self.template.begin else []
         mask = [False] * len(ids)
-        for role, content in chat_turns(self.template, messages):
+        turns = chat_turns(self.template, messages)
+        for i, (role, content) in enumerate(turns):
             trained = role == "assistant"
             header_ids, header_text = self._split_header(role)
+            if role == "assistant" and i == len(turns) - 1:
+                header_text, content = answer(self.template, header_text, content)
             body_ids, body_mask = self._turn_body(header_text, content, trained)
             trailer = self.encode(self.template.trailer) if self.template.trailer else []
             ids += header_ids + body_ids + [self.eot_id] + trailer
             mask += [False] * len(header_ids) + body_mask + [trained] + [False] * len(trailer)
         if add_generation_prompt:
             header = self._header("assistant")
+            if self.template.answer_prefix:  # encoded with the header's text, as HF encodes the rendered text
+                header_ids, header_text = self._split_header("assistant")
+                header = header_ids + self.encode(header_text + self.template.answer_prefix)
             ids += header
             mask += [False] * len(header)
         return ids, mask
@@ -279,7 +293,17 @@ class Tokenizer:
         """One assistant reply as it follows `encode_prompt`: content + end-of-turn (all trained)."""
         if self.template.trim_content:
             content = content.strip()
+        if self.template.answer_prefix:
+            content = content.lstrip("\n")
         return self.encode(content) + [self.eot_id]
+
+
+def answer(template: ChatTemplate, header_text: str, content: str) -> tuple[str, str]:
+    """The final assistant turn's (header text, content): the answer prefix joins the header (it is
+    not trained on), and the content loses its leading newlines when there is a prefix."""
+    if not template.answer_prefix:
+        return header_text, content
+    return header_text + template.answer_prefix, content.lstrip("\n")
 
 
 def chat_turns(template: ChatTemplate, messages: Sequence[Message]) -> list[tuple[str, str]]:
@@ -297,6 +321,11 @@ def chat_turns(template: ChatTemplate, messages: Sequence[Message]) -> list[tupl
                 "text turns only (tool calls are not supported)"
             )
         content = message["content"]
+        if template.answer_prefix and role == "assistant" and "</think>" in content:
+            raise ValueError(
+                f"message {i}: an assistant turn with reasoning (</think>); chat template {template.name!r} "
+                "renders non-thinking conversations only"
+            )
         turns.append((role, content.strip() if template.trim_content else content))
     has_system = bool(turns) and turns[0][0] == "system"
     if template.system_preamble is not None:

@@ -19,7 +19,14 @@ from dpokit.data.hf_tokenizer import (  # noqa: E402
     tokenizer_json_encoding,
 )
 from dpokit.data.tokenizer import llama3_1_template, llama3_2_template  # noqa: E402
-from hf_fixtures import LLAMA3_1_JINJA, LLAMA3_2_JINJA, LLAMA3_JINJA, QWEN2_5_JINJA, SMOLLM2_JINJA  # noqa: E402
+from hf_fixtures import (  # noqa: E402
+    LLAMA3_1_JINJA,
+    LLAMA3_2_JINJA,
+    LLAMA3_JINJA,
+    QWEN2_5_JINJA,
+    QWEN3_JINJA,
+    SMOLLM2_JINJA,
+)
 
 QWEN2_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
@@ -225,6 +232,60 @@ def test_chat_template_ids_equal_transformers_apply_chat_template(jinja, expecte
             if m["role"] == "assistant"
         ]
         assert trained == "".join(r + end for r in replies)
+
+
+def _qwen3_tokenizers(tmp_path):
+    """dpokit's and transformers' tokenizer over one tokenizer.json with Qwen3's think tokens (added,
+    not special, as Qwen3 ships them) and Qwen3's published chat template."""
+    transformers = pytest.importorskip("transformers")
+    reference = VARIANTS["qwen2_split_nfc"]()
+    reference.add_tokens(["<think>", "</think>"])
+    hf = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=reference, eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=QWEN3_JINJA
+    )
+    hf.save_pretrained(tmp_path)
+    return hf_tokenizer(tmp_path), hf
+
+
+def _ids(encoded) -> list[int]:
+    return list(encoded["input_ids"] if isinstance(encoded, dict) or hasattr(encoded, "keys") else encoded)
+
+
+def test_qwen3_template_is_detected_and_equals_apply_chat_template_in_non_thinking_mode(tmp_path):
+    tok, hf = _qwen3_tokenizers(tmp_path)
+    assert tok.template.name == "qwen3"
+    conversations = [
+        *CONVERSATIONS,
+        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "\n\nHello there"}],  # newlines dropped
+    ]
+    for messages in conversations:
+        for generation_prompt in (False, True):
+            expected = hf.apply_chat_template(
+                messages, tokenize=True, add_generation_prompt=generation_prompt, enable_thinking=False
+            )
+            ids, mask = tok.tokenize_messages(messages, add_generation_prompt=generation_prompt)
+            assert ids == _ids(expected), messages
+        if messages[-1]["role"] == "assistant":
+            # a DPO pair: the prompt (generation prompt with the empty think block) + the answer is
+            # exactly the rendered conversation, and only the answer and its <|im_end|> are trained
+            prompt, reply = messages[:-1], messages[-1]["content"]
+            pair = tok.encode_prompt(prompt) + tok.encode_response(reply)
+            full = _ids(hf.apply_chat_template(messages, tokenize=True, enable_thinking=False))
+            assert pair + tok.encode(tok.template.trailer) == full  # chatml's untrained newline after the pair
+            ids, mask = tok.tokenize_messages(messages)
+            last = tok.decode([i for i, m in zip(ids, mask) if m]).split("<|im_end|>")[-2]
+            assert last == reply.lstrip("\n")
+
+
+def test_qwen3_refuses_reasoning_in_earlier_turns(tmp_path):
+    tok, _ = _qwen3_tokenizers(tmp_path)
+    messages = [
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "<think>hm</think>b"},
+        {"role": "user", "content": "c"},
+    ]
+    with pytest.raises(ValueError, match=r"message 1: an assistant turn with reasoning \(</think>\)"):
+        tok.encode_prompt(messages)
 
 
 # --------------------------------------------------------------------------- Llama 3.1 / 3.2 Instruct

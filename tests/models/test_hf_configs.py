@@ -13,7 +13,7 @@ pytest.importorskip("tokenizers")
 
 from dpokit.config import check_keys, instantiate, load_config  # noqa: E402
 from dpokit.models import LoRALinear, load_hf_checkpoint  # noqa: E402
-from hf_fixtures import LLAMA3_2_JINJA, QWEN2_5_JINJA, SMOLLM2_JINJA, write_tokenizer  # noqa: E402
+from hf_fixtures import LLAMA3_2_JINJA, QWEN2_5_JINJA, QWEN3_JINJA, SMOLLM2_JINJA, write_tokenizer  # noqa: E402
 
 RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "dpo_lora_single_device.py"
 CONFIGS = RECIPE.parent / "configs" / "dpo_lora_single_device"
@@ -45,6 +45,7 @@ FAKES = {
         "llama3_2",
     ),
     "qwen2_5_0_5b": (transformers.Qwen2Config(**SMALL, rope_theta=1e6), QWEN2_5_JINJA, "qwen2_5"),
+    "qwen3_0_6b": (transformers.Qwen3Config(**SMALL, rope_theta=1e6), QWEN3_JINJA, "qwen3"),
     "smollm2_135m": (transformers.LlamaConfig(**SMALL, rope_theta=1e5), SMOLLM2_JINJA, "smollm2"),
 }
 

@@ -144,7 +144,7 @@ def test_real_tokenizers_give_the_ids_of_tokenizers_or_are_refused_with_the_reas
         ("Llama-3.2-3B-Instruct", "llama3_2"),
         ("Meta-Llama-3-8B-Instruct", "llama3"),
         ("SmolLM3-3B", None),
-        ("Qwen3-8B", None),
+        ("Qwen3-8B", "qwen3"),
     ],
 )
 def test_real_chat_templates_are_detected_only_when_a_built_in_renders_them_exactly(name, expected):
