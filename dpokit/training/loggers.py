@@ -157,6 +157,10 @@ PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 
 def check_loggers(specs: Mapping[str, Any] | None) -> None:
     """Before anything loads: every name is a known tracker whose package is installed."""
+    if specs is not None and not isinstance(specs, Mapping):
+        raise DpokitError(
+            f"loggers: expected a mapping of tracker name -> options (e.g. {{tensorboard: {{}}}}), got {specs!r}"
+        )
     for name, options in (specs or {}).items():
         if name not in PACKAGES:
             raise DpokitError(f"loggers.{name}: unknown logger; choose from {sorted(PACKAGES)}")

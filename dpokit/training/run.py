@@ -353,8 +353,8 @@ class RunReport:
         self.output_dir, self.is_main = Path(output_dir), is_main
         self.metrics_path = self.output_dir / "metrics.jsonl"
         self.log: JsonlLogger | None = None
+        check_loggers(loggers)  # names and packages, before anything loads (every rank alike)
         self.logger_specs = dict(loggers or {})
-        check_loggers(self.logger_specs)  # names and packages, before anything loads (every rank alike)
         self.loggers: list[MetricLogger] = []
         self.throughput: Throughput | None = None
         self.progress: tqdm | None = None  # drawn from the first train step on

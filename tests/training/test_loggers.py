@@ -187,6 +187,13 @@ def test_a_missing_tracker_package_or_an_unknown_logger_is_one_line(tmp_path):
     assert result.stderr.strip().splitlines()[-1] == (
         "error: loggers.tensorbored: unknown logger; choose from ['mlflow', 'tensorboard', 'wandb']"
     )
+    not_a_map = subprocess.run(
+        [*RUN, "max_steps=1", f"output_dir={tmp_path}", "loggers=5"], capture_output=True, text=True
+    )
+    assert not_a_map.returncode == 2
+    assert not_a_map.stderr.strip().splitlines()[-1] == (
+        "error: loggers: expected a mapping of tracker name -> options (e.g. {tensorboard: {}}), got 5"
+    )
     code = (
         "import sys; sys.modules['wandb'] = None\n"
         "from dpokit.training.loggers import open_loggers\n"
