@@ -83,6 +83,17 @@ FAMILIES = {
         "Qwen3Config",
         dict(COMMON, num_attention_heads=4, num_key_value_heads=2, rope_theta=1_000_000.0, rms_norm_eps=1e-6),
     ),
+    "mistral_gqa": (  # Mistral 7B v0.2's layout: the Llama one, sliding window off
+        "MistralConfig",
+        dict(
+            COMMON,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rope_theta=1_000_000.0,
+            rms_norm_eps=1e-5,
+            sliding_window=None,
+        ),
+    ),
     "smollm2_tied_mha": (
         "LlamaConfig",
         dict(

@@ -34,7 +34,7 @@ from dpokit.distributed.group import barrier, broadcast_object, get_rank, get_wo
 from dpokit.errors import DpokitError
 from dpokit.fileio import WriteError, io_reason
 from dpokit.models.hf_checkpoint import write_hf_config, write_hf_weights
-from dpokit.models.hf_config import family_for_model
+from dpokit.models.hf_config import family_for_model, read_hf_config
 
 COMPLETE = ".complete"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -292,7 +292,8 @@ def save_hf_model(
     with the one HF writer (`models.hf_checkpoint.write_hf_weights`), then config.json and
     `source_dir`'s tokenizer files. Returns the folder on rank 0, else None."""
     main = get_rank() == 0
-    write_hf_weights(tensors, directory, family=family_for_model(model), write=main)
+    base = read_hf_config(source_dir)[0] if source_dir is not None else None
+    write_hf_weights(tensors, directory, family=family_for_model(model, base), write=main)
     if main:
         write_hf_config(model, directory, dtype=dtype, source_dir=source_dir)
     barrier()

@@ -429,7 +429,9 @@ def save_hf_checkpoint(
     (None: each weight's own); `rounding` counts the updates the cast drops (`merge_update`).
     """
     state = plain_state_dict(model, dtype, source_dir=source_dir, rounding=rounding)
-    write_hf_weights(state.items(), out_dir, family=family_for_model(model), max_shard_bytes=max_shard_bytes)
+    base = read_hf_config(source_dir)[0] if source_dir is not None else None
+    family = family_for_model(model, base)
+    write_hf_weights(state.items(), out_dir, family=family, max_shard_bytes=max_shard_bytes)
     write_hf_config(model, out_dir, dtype=next(iter(state.values())).dtype, source_dir=source_dir)
     return Path(out_dir)
 

@@ -195,6 +195,16 @@ FAMILIES: dict[str, Family] = {
         required={"hidden_act": "silu", "attention_dropout": 0.0, "use_sliding_window": False, "use_mrope": False},
         tolerated=frozenset({"sliding_window", "max_window_layers", "layer_types"}),
     ),
+    # Mistral 7B v0.2 / v0.3, Nemo, Small: the Llama layout; only checkpoints whose sliding window
+    # is off (null, or at least the context) are accepted (see `_check_window`).
+    "mistral": Family(
+        model_type="mistral",
+        architecture="MistralForCausalLM",
+        keys=_LLAMA_KEYS,
+        qkv_bias=False,
+        required={"hidden_act": "silu", "attention_dropout": 0.0},
+        tolerated=frozenset({"sliding_window"}),
+    ),
     "qwen3": Family(
         model_type="qwen3",
         architecture="Qwen3ForCausalLM",
@@ -274,6 +284,23 @@ def _rope(config: Mapping, source: str) -> tuple[float, RopeScaling | None]:
     )
 
 
+MISTRAL_DEFAULT_WINDOW = 4096  # transformers' MistralConfig default when config.json has no sliding_window
+
+
+def _check_window(family: Family, config: Mapping, source: str) -> None:
+    """Mistral's sliding window must be off: null, or no shorter than the context (then it never
+    masks anything). Sliding-window attention itself is not implemented."""
+    if family.model_type != "mistral":
+        return
+    window = config.get("sliding_window", MISTRAL_DEFAULT_WINDOW)
+    context = config.get("max_position_embeddings", 2048)
+    if window is not None and window < context:
+        raise CheckpointError(
+            f"{source}: sliding_window={window} < max_position_embeddings={context}: sliding-window "
+            "attention is not implemented (checkpoints with sliding_window null are)"
+        )
+
+
 def hf_config_to_kwargs(config: Mapping | str | Path) -> tuple[Family, dict]:
     """config.json -> (family, `llama()` keyword arguments). Refuses what we would not reproduce."""
     config, source = read_hf_config(config)
@@ -287,6 +314,7 @@ def hf_config_to_kwargs(config: Mapping | str | Path) -> tuple[Family, dict]:
     for name, value in family.required.items():
         if name in config and config[name] != value and not (config[name] is None and value is False):
             raise CheckpointError(f"{source}: {name}={config[name]!r} is not supported (only {value!r})")
+    _check_window(family, config, source)
     layer_types = config.get("layer_types")
     if layer_types is not None and set(layer_types) != {"full_attention"}:
         raise CheckpointError(f"{source}: layer_types {sorted(set(layer_types))}: only full attention is supported")
@@ -332,19 +360,29 @@ def model_from_hf_config(
     return lora_llama(quantize_base=quantize_base, **lora_kwargs, **kwargs)
 
 
-def family_for_model(model: TransformerDecoder) -> Family:
-    """The HF family a decoder saves as: q/k norms make it Qwen3, q/k/v biases Qwen2, otherwise Llama."""
+def family_for_model(model: TransformerDecoder, base: Mapping | None = None) -> Family:
+    """The HF family a decoder saves as: the source checkpoint's (`base`, its config.json) when that
+    family lays out this model (a Mistral stays Mistral); else q/k norms make it Qwen3, q/k/v biases
+    Qwen2, otherwise Llama."""
     if model.args.get("qk_norm"):
         if model.args["qkv_bias"]:
             raise CheckpointError("no Hugging Face family has both q/k/v biases and q/k norms")
-        return FAMILIES["qwen3"]
-    return FAMILIES["qwen2" if model.args["qkv_bias"] else "llama"]
+        derived = FAMILIES["qwen3"]
+    else:
+        derived = FAMILIES["qwen2" if model.args["qkv_bias"] else "llama"]
+    named = FAMILIES.get((base or {}).get("model_type"))
+    same_layout = named is not None and (named.keys, named.qkv_bias, named.qk_norm) == (
+        derived.keys,
+        derived.qkv_bias,
+        derived.qk_norm,
+    )
+    return named if same_layout else derived
 
 
 def hf_config_from_model(model: TransformerDecoder, dtype: torch.dtype, base: Mapping | None = None) -> dict:
     """The config.json of `model` (legacy `rope_theta`/`rope_scaling` fields, which every
     transformers version and vLLM read). Metadata such as token ids is kept from `base`."""
-    args, family = model.args, family_for_model(model)
+    args, family = model.args, family_for_model(model, base)
     config = {k: v for k, v in (base or {}).items() if k in _KEPT_ON_EXPORT}
     scaling = args["rope_scaling"]
     config.update(
@@ -373,5 +411,7 @@ def hf_config_from_model(model: TransformerDecoder, dtype: torch.dtype, base: Ma
         torch_dtype=str(dtype).removeprefix("torch."),
         **{k: v for k, v in family.required.items() if k not in ("rope_interleaved", "use_mrope")},
     )
+    if family.model_type == "mistral":
+        config["sliding_window"] = None  # explicit: absent would mean transformers' default window
     config.pop("dtype", None)
     return dict(sorted(config.items()))

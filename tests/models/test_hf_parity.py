@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from dpokit.models import adapter_params
+from dpokit.models import CheckpointError, adapter_params, model_from_hf_config
 from dpokit.models.hf_checkpoint import (
     iter_hf_weights,
     load_hf_checkpoint,
@@ -43,7 +43,7 @@ def test_logits_match_transformers(name, tmp_path):
     assert diff <= 1e-5, f"{name}: max abs logit diff {diff}"
 
 
-@pytest.mark.parametrize("name", ["llama3_1_rope_scaling", "qwen2_5_tied_bias", "qwen3_tied_head_dim"])
+@pytest.mark.parametrize("name", ["llama3_1_rope_scaling", "qwen2_5_tied_bias", "qwen3_tied_head_dim", "mistral_gqa"])
 def test_hf_to_dpokit_to_hf_is_exact_and_loads_without_warnings(name, tmp_path):
     reference = write_hf_checkpoint(name, tmp_path / "in")
     (tmp_path / "in" / "tokenizer_config.json").write_text('{"model_max_length": 128}\n')
@@ -57,6 +57,8 @@ def test_hf_to_dpokit_to_hf_is_exact_and_loads_without_warnings(name, tmp_path):
     )
     assert not any(info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
     assert reloaded.config.to_dict()["rope_parameters"] == reference.config.to_dict()["rope_parameters"]
+    assert type(reloaded) is type(reference)  # the family is kept (a Mistral is not saved as a Llama)
+    assert getattr(reloaded.config, "sliding_window", None) == getattr(reference.config, "sliding_window", None)
     for (k, a), (_, b) in zip(sorted(reloaded.state_dict().items()), sorted(reference.state_dict().items())):
         assert torch.equal(a, b), k
     assert torch.equal(hf_logits(reloaded.float().eval(), TOKENS), hf_logits(reference, TOKENS))
@@ -112,3 +114,15 @@ def test_hf_model_fixture_differs_between_families():
     # guards the parametrised tests above against comparing a model with itself
     a, b = hf_model("qwen2_5_tied_bias"), hf_model("llama3_gqa")
     assert not torch.allclose(hf_logits(a, TOKENS), hf_logits(b, TOKENS))
+
+
+@pytest.mark.parametrize("window, refused", [(16, True), (None, False), (128, False)])
+def test_a_mistral_sliding_window_shorter_than_the_context_is_refused(window, refused, tmp_path):
+    class_name, kwargs = FAMILIES["mistral_gqa"]
+    config = getattr(transformers, class_name)(**{**kwargs, "sliding_window": window})
+    config.save_pretrained(tmp_path)
+    if refused:
+        with pytest.raises(CheckpointError, match=r"sliding_window=16 < max_position_embeddings=128: sliding-window"):
+            model_from_hf_config(tmp_path)
+    else:
+        model_from_hf_config(tmp_path)
