@@ -80,12 +80,9 @@ def reshard(model: nn.Module) -> None:
 def init_rope_buffers(model: nn.Module, device: torch.device | str) -> None:
     """Recompute the decoder's RoPE table (a non-persistent buffer: it is in no checkpoint, and
     a meta-device build leaves it empty)."""
-    from dpokit.models.transformer import rope_inverse_frequencies
-
-    args = getattr(model, "args", None)
-    if args is None or not hasattr(model, "inv_freq"):
-        raise TypeError(f"{type(model).__name__} has no `args`/`inv_freq` to rebuild its RoPE table from")
-    model.inv_freq = rope_inverse_frequencies(args["head_dim"], args["rope_theta"], args["rope_scaling"]).to(device)
+    if not hasattr(model, "reset_rope"):
+        raise TypeError(f"{type(model).__name__} has no `reset_rope` to rebuild its RoPE table with")
+    model.reset_rope(device)
 
 
 def materialize(

@@ -99,7 +99,9 @@ def segment_mask(document_ids: torch.Tensor, branch_ids: torch.Tensor) -> Segmen
 
 
 @torch.compiler.disable  # data-dependent loop: a compiled block breaks its graph here instead
-def segmented_attention(q, k, v, mask: SegmentMask, *, enable_gqa: bool = False) -> torch.Tensor:
+def segmented_attention(
+    q, k, v, mask: SegmentMask, *, scale: float | None = None, softcap: float | None = None, enable_gqa: bool = False
+) -> torch.Tensor:
     """SDPA per document of a `SegmentMask`, reassembled into [B, H, T, D]."""
     rows: list[list[torch.Tensor]] = [[] for _ in range(mask.batch)]
     cursor = [0] * mask.batch
@@ -111,11 +113,7 @@ def segmented_attention(q, k, v, mask: SegmentMask, *, enable_gqa: bool = False)
     for seg in mask.segments:
         pad(seg.row, seg.start)
         sl = (slice(seg.row, seg.row + 1), slice(None), slice(seg.start, seg.end))
-        rows[seg.row].append(
-            F.scaled_dot_product_attention(
-                q[sl], k[sl], v[sl], attn_mask=seg.mask, is_causal=seg.mask is None, enable_gqa=enable_gqa
-            )
-        )
+        rows[seg.row].append(_dense(q[sl], k[sl], v[sl], seg.mask, scale=scale, softcap=softcap, enable_gqa=enable_gqa))
         cursor[seg.row] = seg.end
     for row in range(mask.batch):
         pad(row, mask.seq_len)
@@ -146,19 +144,98 @@ def build_attention_mask(document_ids: torch.Tensor, branch_ids: torch.Tensor, b
     raise ValueError(f"unknown attention backend {backend!r}; choose from 'auto', 'segments', 'sdpa', 'flex'")
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None, *, enable_gqa: bool = False):
-    """q [B, H, T, D], k/v [B, Hkv, T, D]; mask None (causal), a SegmentMask, a boolean tensor, or
-    a BlockMask."""
+def _eager_attention(q, k, v, mask: torch.Tensor | None, scale: float | None, softcap: float, enable_gqa: bool):
+    """softmax(softcap * tanh(q k^T * scale / softcap) masked) v, in the activation dtype's
+    upcast: the path for logit soft-capping (Gemma 2), which SDPA cannot express."""
+    if enable_gqa and k.shape[1] != q.shape[1]:
+        repeat = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = (q @ k.transpose(-1, -2)) * scale
+    scores = torch.tanh(scores / softcap) * softcap
     if mask is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=enable_gqa)
+        mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    return probs @ v
+
+
+def _dense(q, k, v, mask, *, scale, softcap, enable_gqa):
+    """One SDPA-shaped call: causal (mask None) or a boolean mask; eager when soft-capped."""
+    if softcap is not None:
+        return _eager_attention(q, k, v, mask, scale, softcap, enable_gqa)
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=enable_gqa
+    )
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask=None,
+    *,
+    scale: float | None = None,
+    softcap: float | None = None,
+    enable_gqa: bool = False,
+):
+    """q [B, H, T, D], k/v [B, Hkv, T, D]; mask None (causal), a SegmentMask, a boolean tensor, or
+    a BlockMask. scale: the score scale (default 1/sqrt(D)); softcap: scores -> softcap *
+    tanh(scores / softcap) before the softmax (Gemma 2)."""
     if isinstance(mask, SegmentMask):
-        return segmented_attention(q, k, v, mask, enable_gqa=enable_gqa)
+        return segmented_attention(q, k, v, mask, scale=scale, softcap=softcap, enable_gqa=enable_gqa)
     if BlockMask is not None and isinstance(mask, BlockMask):
         global _compiled_flex
+        score_mod = None
+        if softcap is not None:
+
+            def score_mod(score, b, h, q_idx, kv_idx):
+                return torch.tanh(score / softcap) * softcap
+
         if q.device.type != "cuda":  # eager FlexAttention: forward only, slow; for checks on CPU
-            return flex_attention(q, k, v, block_mask=mask, enable_gqa=enable_gqa)
+            return flex_attention(q, k, v, score_mod=score_mod, block_mask=mask, scale=scale, enable_gqa=enable_gqa)
         if _compiled_flex is None:
             # Compiled once per process; uncompiled FlexAttention materialises the full score matrix.
             _compiled_flex = torch.compile(flex_attention, dynamic=False)
-        return _compiled_flex(q, k, v, block_mask=mask, enable_gqa=enable_gqa)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=enable_gqa)
+        return _compiled_flex(q, k, v, score_mod=score_mod, block_mask=mask, scale=scale, enable_gqa=enable_gqa)
+    return _dense(q, k, v, mask, scale=scale, softcap=softcap, enable_gqa=enable_gqa)
+
+
+def sliding_window_mask(mask, positions: torch.Tensor, window: int):
+    """`mask` (any kind `attention` takes) restricted to keys fewer than `window` positions back:
+    q may attend to k only if positions[q] - positions[k] < window (transformers' rule). Position
+    ids, not indices, measure the distance, so a prefix-shared rejected branch (stored after the
+    chosen one) sees the prompt as the unshared sequence would."""
+    batch, seq = positions.shape
+    if isinstance(mask, SegmentMask):
+        segments = []
+        for seg in mask.segments:
+            if seg.end - seg.start <= window:  # the window cannot cut anything this short
+                segments.append(seg)
+                continue
+            pos = positions[seg.row : seg.row + 1, seg.start : seg.end]
+            allowed = _band(pos, window)
+            if seg.mask is None:
+                allowed = allowed & torch.ones_like(allowed).tril()
+            else:
+                allowed = allowed & seg.mask
+            segments.append(Segment(seg.row, seg.start, seg.end, allowed))
+        return SegmentMask(mask.batch, mask.seq_len, tuple(segments))
+    if BlockMask is not None and isinstance(mask, BlockMask):
+        inner = mask.mask_mod
+
+        def windowed(b, h, q_idx, kv_idx):
+            return inner(b, h, q_idx, kv_idx) & (positions[b, q_idx] - positions[b, kv_idx] < window)
+
+        return create_block_mask(windowed, batch, None, seq, seq, device=positions.device)
+    band = _band(positions, window)
+    if mask is None:  # padded batches: plain causal
+        return band & torch.ones(seq, seq, dtype=torch.bool, device=positions.device).tril()
+    return mask & band
+
+
+def _band(positions: torch.Tensor, window: int) -> torch.Tensor:
+    """positions [B, T] -> [B, 1, T, T]: True where the key is fewer than `window` positions back
+    (keys ahead are left to the causal part of the mask)."""
+    distance = positions[:, :, None] - positions[:, None, :]
+    return (distance < window).unsqueeze(1)

@@ -4,45 +4,15 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from dpokit.models.lora import lora_linear_factory, set_trainable_params
-from dpokit.models.transformer import RopeScaling, TransformerDecoder
+from dpokit.models.lora import check_targets_exist, lora_linear_factory, set_trainable_params
+from dpokit.models.transformer import TransformerDecoder
 
 
-def llama(
-    *,
-    vocab_size: int,
-    dim: int,
-    n_layers: int,
-    n_heads: int,
-    n_kv_heads: int,
-    hidden_dim: int,
-    max_seq_len: int,
-    head_dim: int | None = None,
-    rope_theta: float = 500_000.0,
-    rope_scaling: RopeScaling | None = None,
-    norm_eps: float = 1e-5,
-    qkv_bias: bool = False,
-    qk_norm: bool = False,
-    tie_embeddings: bool = False,
-) -> TransformerDecoder:
-    """A Llama-architecture decoder (also Qwen2 with `qkv_bias=True`, Qwen3 with `qk_norm=True`,
-    SmolLM2 with ties)."""
-    return TransformerDecoder(
-        vocab_size=vocab_size,
-        dim=dim,
-        n_layers=n_layers,
-        n_heads=n_heads,
-        n_kv_heads=n_kv_heads,
-        hidden_dim=hidden_dim,
-        max_seq_len=max_seq_len,
-        head_dim=head_dim,
-        rope_theta=rope_theta,
-        rope_scaling=rope_scaling,
-        norm_eps=norm_eps,
-        qkv_bias=qkv_bias,
-        qk_norm=qk_norm,
-        tie_embeddings=tie_embeddings,
-    )
+def llama(**arch) -> TransformerDecoder:
+    """A decoder of the architecture `arch` describes: `TransformerDecoder`'s keyword arguments
+    (vocab_size, dim, n_layers, n_heads, n_kv_heads, hidden_dim, max_seq_len, and the family
+    switches: qkv_bias for Qwen2, qk_norm for Qwen3, fused_projections for Phi-3, ...)."""
+    return TransformerDecoder(**arch)
 
 
 def lora_llama(
@@ -64,6 +34,7 @@ def lora_llama(
         raise ValueError("cannot put LoRA on lm_head: this model ties its output head to the embedding")
     linear = lora_linear_factory(lora_targets, lora_rank, lora_alpha, lora_dropout, quantize_base)
     model = TransformerDecoder(linear=linear, **llama_kwargs)
+    check_targets_exist(model, lora_targets)
     set_trainable_params(model)
     return model
 

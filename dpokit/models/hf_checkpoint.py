@@ -58,7 +58,7 @@ from dpokit.models.lora import (
     merged_state_dict,
 )
 from dpokit.models.peft_merge import merge_lora_updates, read_lora_updates
-from dpokit.models.transformer import TransformerDecoder, rope_inverse_frequencies
+from dpokit.models.transformer import TransformerDecoder
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -255,8 +255,7 @@ def load_hf_checkpoint(
         assign_weight(model, key, tensor.to(device))
         loaded_dtype = loaded_dtype or tensor.dtype
     _materialise_adapters(model, device, dtype or loaded_dtype)
-    args = model.args
-    model.inv_freq = rope_inverse_frequencies(args["head_dim"], args["rope_theta"], args["rope_scaling"]).to(device)
+    model.reset_rope(device)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:  # cannot happen after the strict key check; kept so a future module cannot slip through
         raise CheckpointError(f"{checkpoint_dir}: parameters left unfilled: {_summary(left)}")

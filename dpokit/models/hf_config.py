@@ -339,7 +339,7 @@ def hf_config_to_kwargs(config: Mapping | str | Path) -> tuple[Family, dict]:
         tie_embeddings=bool(config.get("tie_word_embeddings", False)),
     )
     if family.qk_norm:
-        kwargs["qk_norm"] = True
+        kwargs["qk_norm"] = "head"
     return family, kwargs
 
 

@@ -49,8 +49,8 @@ def is_nf4(tensor: torch.Tensor) -> bool:
 
 
 # Projection names a LoRA builder may target (the HF module names of the decoder).
-ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj")
+MLP_PROJECTIONS = ("gate_proj", "up_proj", "gate_up_proj", "down_proj")
 ALL_PROJECTIONS = ATTENTION_PROJECTIONS + MLP_PROJECTIONS + ("lm_head",)
 
 
@@ -220,6 +220,15 @@ def lora_linear_factory(targets, rank: int, alpha: float, dropout: float = 0.0, 
         return nn.Linear(in_features, out_features, bias=bias)
 
     return make
+
+
+def check_targets_exist(model: nn.Module, targets) -> None:
+    """Every LoRA target must name a projection this model has (Phi-3 has `qkv_proj`, not `q_proj`)."""
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = sorted(set(targets) - present)
+    if missing:
+        have = [p for p in ALL_PROJECTIONS if p in present]
+        raise ValueError(f"LoRA target(s) {missing} are not projections of this model; it has {have}")
 
 
 def lora_modules(model: nn.Module) -> Iterator[LoRALinear]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dpokit.models.builders import preset_builders
 
 _COMMON = dict(
-    vocab_size=151_936, head_dim=128, rope_theta=1_000_000.0, norm_eps=1e-6, qk_norm=True, max_seq_len=40_960
+    vocab_size=151_936, head_dim=128, rope_theta=1_000_000.0, norm_eps=1e-6, qk_norm="head", max_seq_len=40_960
 )
 _TIED = dict(_COMMON, tie_embeddings=True)
 

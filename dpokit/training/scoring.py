@@ -28,5 +28,6 @@ def scored_token_logps(
     its head is a matmul, else from the full logits of `model.project`."""
     projection = model.output_projection(hidden) if hasattr(model, "output_projection") else None
     if projection is not None:
-        return chunked_token_logps(*projection, labels, chunk_size=chunk_size)
+        softcap = getattr(model, "logit_softcap", None)
+        return chunked_token_logps(*projection, labels, chunk_size=chunk_size, softcap=softcap)
     return token_logps(model.project(hidden), labels)

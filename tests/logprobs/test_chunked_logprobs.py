@@ -13,9 +13,12 @@ from dpokit.training import policy_logps
 N, D, V = 45, 24, 97
 
 
-def plain(hidden, weight, labels):
+def plain(hidden, weight, labels, softcap=None):
     """log_softmax(hidden @ weight.T) gathered at the labels; 0 where ignored."""
-    logp = torch.log_softmax((hidden @ weight.t()).float(), -1)
+    logits = (hidden @ weight.t()).float()
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    logp = torch.log_softmax(logits, -1)
     mask = labels != -100
     picked = logp.gather(-1, labels.clamp(min=0)[:, None]).squeeze(-1)
     return torch.where(mask, picked, 0.0)
@@ -36,11 +39,12 @@ def twins(hidden, weight):
 
 @pytest.mark.parametrize("chunk_size", [1, 8, 16, 1000])
 @pytest.mark.parametrize("weight_grad", [True, False])
-def test_values_and_both_gradients_match_materialised_path(chunk_size, weight_grad):
+@pytest.mark.parametrize("softcap", [None, 1.5], ids=["plain", "softcapped"])
+def test_values_and_both_gradients_match_materialised_path(chunk_size, weight_grad, softcap):
     hidden, weight, labels = make(weight_grad=weight_grad)
     h2, w2 = twins(hidden, weight)
-    got = chunked_token_logps(hidden, weight, labels, chunk_size=chunk_size)
-    want = plain(h2, w2, labels)
+    got = chunked_token_logps(hidden, weight, labels, chunk_size=chunk_size, softcap=softcap)
+    want = plain(h2, w2, labels, softcap)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     upstream = torch.randn(N)  # a non-uniform downstream gradient, like DPO's per-sequence weights
     (got * upstream).sum().backward()
@@ -51,19 +55,23 @@ def test_values_and_both_gradients_match_materialised_path(chunk_size, weight_gr
     assert torch.all(got[labels == -100] == 0)
 
 
-def test_gradcheck_float64():
+@pytest.mark.parametrize("softcap", [None, 0.7], ids=["plain", "softcapped"])
+def test_gradcheck_float64(softcap):
     hidden = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(11, 5, dtype=torch.float64, requires_grad=True)
     labels = torch.tensor([3, -100, 0, 10, 3, -100, 7])
-    assert torch.autograd.gradcheck(lambda h, w: chunked_token_logps(h, w, labels, chunk_size=2), (hidden, weight))
+    assert torch.autograd.gradcheck(
+        lambda h, w: chunked_token_logps(h, w, labels, chunk_size=2, softcap=softcap), (hidden, weight)
+    )
 
 
-def test_no_grad_reference_pass_matches_and_builds_no_graph():
+@pytest.mark.parametrize("softcap", [None, 1.5], ids=["plain", "softcapped"])
+def test_no_grad_reference_pass_matches_and_builds_no_graph(softcap):
     hidden, weight, labels = make()
     with torch.no_grad():
-        got = chunked_token_logps(hidden, weight, labels, chunk_size=7)
+        got = chunked_token_logps(hidden, weight, labels, chunk_size=7, softcap=softcap)
     assert not got.requires_grad
-    torch.testing.assert_close(got, plain(hidden, weight, labels).detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, plain(hidden, weight, labels, softcap).detach(), rtol=1e-5, atol=1e-5)
 
 
 def test_bfloat16_inputs_match_materialised_bf16_logits():
@@ -175,9 +183,10 @@ def test_policy_logps_lora_with_adapter_on_output_head():
     assert not torch.allclose(on.chosen, lean.chosen)  # the head adapter does contribute
 
 
-def test_policy_logps_full_finetune_tied_and_untied():
+@pytest.mark.parametrize("logit_softcap", [None, 0.5], ids=["plain", "softcapped"])
+def test_policy_logps_full_finetune_tied_and_untied(logit_softcap):
     for tie in (True, False):
-        model = llama(tie_embeddings=tie, **TINY)
+        model = llama(tie_embeddings=tie, logit_softcap=logit_softcap, **TINY)
         compare_paths(model, list(model.parameters()))
 
 

@@ -15,9 +15,42 @@ from dpokit.training.packed_forward import packed_policy_logps, segment_logps
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
-def tiny_lora_model(qk_norm: bool = False):
+# The architecture switches of every family, on the tiny model (windows short enough to cut the
+# sequences of `random_pairs`, which reach 24 tokens).
+VARIANTS = {
+    "llama": {},
+    "qwen3": dict(qk_norm="head"),
+    "mistral_window": dict(sliding_window=6),
+    "gemma2": dict(
+        norm_placement="sandwich",
+        unit_offset_norm=True,
+        activation="gelu_tanh",
+        embedding_scale=True,
+        attn_scale=0.3,
+        attn_softcap=2.0,
+        logit_softcap=3.0,
+        sliding_window=5,
+        layer_types=("sliding_attention", "full_attention"),
+    ),
+    "gemma3": dict(
+        norm_placement="sandwich",
+        unit_offset_norm=True,
+        activation="gelu_tanh",
+        embedding_scale=True,
+        qk_norm="head",
+        sliding_window=4,
+        layer_types=("sliding_attention", "full_attention"),
+        local_rope_theta=100.0,
+    ),
+    "olmo2": dict(norm_placement="post", qk_norm="projection", norm_scale_in_fp32=True),
+    "phi3": dict(fused_projections=True, lora_targets=["qkv_proj", "o_proj", "gate_up_proj"]),
+}
+
+
+def tiny_lora_model(variant: str = "llama"):
+    arch = dict(VARIANTS[variant])
     model = lora_llama(
-        qk_norm=qk_norm,  # Qwen3: RMSNorm over each head's q and k
+        **{"lora_targets": ["q_proj", "v_proj", "o_proj", "down_proj"], **arch},
         vocab_size=64,
         dim=32,
         n_layers=2,
@@ -26,7 +59,6 @@ def tiny_lora_model(qk_norm: bool = False):
         hidden_dim=64,
         max_seq_len=256,
         rope_theta=10_000.0,
-        lora_targets=["q_proj", "v_proj", "o_proj", "down_proj"],
         lora_rank=4,
     )
     # Non-zero adapters, so "adapters on" differs from "adapters off".
@@ -34,8 +66,8 @@ def tiny_lora_model(qk_norm: bool = False):
         for name, p in model.named_parameters():
             if "lora_b" in name:
                 p.normal_(std=0.2)
-            elif "q_norm" in name or "k_norm" in name:
-                p.uniform_(0.5, 1.5)  # not the identity
+            elif "norm" in name:
+                p.uniform_(-0.5, 0.5) if arch.get("unit_offset_norm") else p.uniform_(0.5, 1.5)  # not the identity
     return model
 
 
@@ -60,9 +92,9 @@ def batches(pairs, prefix_sharing, packer):
 @pytest.mark.parametrize("prefix_sharing", [False, True], ids=["packed", "prefix_shared+packed"])
 @pytest.mark.parametrize("adapters", ["on", "off"])
 @pytest.mark.parametrize("average", [False, True])
-@pytest.mark.parametrize("qk_norm", [False, True], ids=["llama", "qwen3"])
-def test_packed_logps_equal_padded_logps(prefix_sharing, adapters, average, qk_norm):
-    model = tiny_lora_model(qk_norm)
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_packed_logps_equal_padded_logps(prefix_sharing, adapters, average, variant):
+    model = tiny_lora_model(variant)
     packed, padded = batches(random_pairs(9, seed=1), prefix_sharing, first_fit_shuffle)
     with torch.no_grad():
         if adapters == "off":
@@ -93,9 +125,9 @@ def dpo_step(model, batch, forward):
 
 
 @pytest.mark.parametrize("prefix_sharing", [False, True], ids=["packed", "prefix_shared+packed"])
-@pytest.mark.parametrize("qk_norm", [False, True], ids=["llama", "qwen3"])
-def test_packed_dpo_loss_and_gradients_equal_padded(prefix_sharing, qk_norm):
-    model = tiny_lora_model(qk_norm)
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_packed_dpo_loss_and_gradients_equal_padded(prefix_sharing, variant):
+    model = tiny_lora_model(variant)
     packed, padded = batches(random_pairs(10, seed=2), prefix_sharing, first_fit_decreasing)
     losses, grads = dpo_step(model, packed, packed_policy_logps)
     want_losses, want_grads = dpo_step(model, padded, policy_logps)
