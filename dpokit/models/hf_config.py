@@ -16,7 +16,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -142,6 +142,44 @@ _KEPT_ON_EXPORT = frozenset(
 )
 
 
+# The decoder's family switches (`TransformerDecoder` arguments beyond the Llama shape) at their
+# Llama values. A family names the ones it sets; every other one must stay at this value for the
+# family to describe a model (`Family.describes`).
+SWITCH_DEFAULTS = dict(
+    qkv_bias=False,
+    qk_norm=None,
+    fused_projections=False,
+    norm_placement="pre",
+    unit_offset_norm=False,
+    norm_scale_in_fp32=False,
+    activation="silu",
+    embedding_scale=False,
+    attn_scale=None,
+    attn_softcap=None,
+    logit_softcap=None,
+    sliding_window=None,
+    local_rope_theta=None,
+)
+
+
+def _switches(*, free: tuple[str, ...] = (), **fixed) -> Callable[[Mapping], bool]:
+    """A `Family.describes` predicate: the switches in `fixed` hold those values, those in `free`
+    may hold anything (e.g. a soft-cap value), every other switch is at its Llama default."""
+    unknown = (set(fixed) | set(free)) - set(SWITCH_DEFAULTS)
+    if unknown:
+        raise ValueError(f"not decoder switches: {sorted(unknown)}")
+
+    def describes(args: Mapping) -> bool:
+        for name, default in SWITCH_DEFAULTS.items():
+            if name in free:
+                continue
+            if args.get(name, default) != fixed.get(name, default):
+                return False
+        return True
+
+    return describes
+
+
 @dataclass(frozen=True)
 class Family:
     model_type: str
@@ -153,6 +191,20 @@ class Family:
     required: Mapping[str, Any] = field(default_factory=dict)
     # fields understood only as long as `required` holds (e.g. the window size when windows are off)
     tolerated: frozenset = frozenset()
+    # Whether this family lays out a decoder with these `args` (its switches); default: the plain
+    # Llama switches plus this family's qkv_bias / qk_norm.
+    describes: Callable[[Mapping], bool] | None = None
+    # Config fields read by `to_kwargs` beyond the common architecture fields (`_ARCH_FIELDS`).
+    fields: frozenset = frozenset()
+    # config.json (dict, source for errors) -> decoder switches this family sets (may refuse).
+    to_kwargs: Callable[[Mapping, str], dict] | None = None
+    # decoder args -> the family's own config.json fields on export.
+    to_config: Callable[[Mapping], dict] | None = None
+
+    def matches(self, args: Mapping) -> bool:
+        if self.describes is not None:
+            return self.describes(args)
+        return _switches(qkv_bias=self.qkv_bias, qk_norm="head" if self.qk_norm else None)(args)
 
     def hf_key(self, key: str) -> str | None:
         return _translate(key, self.keys)
@@ -305,7 +357,7 @@ def hf_config_to_kwargs(config: Mapping | str | Path) -> tuple[Family, dict]:
     """config.json -> (family, `llama()` keyword arguments). Refuses what we would not reproduce."""
     config, source = read_hf_config(config)
     family = family_of(config, source)
-    unknown = set(config) - _ARCH_FIELDS - _METADATA_FIELDS - set(family.required) - family.tolerated
+    unknown = set(config) - _ARCH_FIELDS - _METADATA_FIELDS - set(family.required) - family.tolerated - family.fields
     if unknown:
         raise CheckpointError(
             f"{source}: config field(s) {sorted(unknown)} not understood for model_type {family.model_type!r}; "
@@ -340,6 +392,8 @@ def hf_config_to_kwargs(config: Mapping | str | Path) -> tuple[Family, dict]:
     )
     if family.qk_norm:
         kwargs["qk_norm"] = "head"
+    if family.to_kwargs is not None:
+        kwargs.update(family.to_kwargs(config, source))
     return family, kwargs
 
 
@@ -362,21 +416,16 @@ def model_from_hf_config(
 
 def family_for_model(model: TransformerDecoder, base: Mapping | None = None) -> Family:
     """The HF family a decoder saves as: the source checkpoint's (`base`, its config.json) when that
-    family lays out this model (a Mistral stays Mistral); else q/k norms make it Qwen3, q/k/v biases
-    Qwen2, otherwise Llama."""
-    if model.args.get("qk_norm"):
-        if model.args["qkv_bias"]:
-            raise CheckpointError("no Hugging Face family has both q/k/v biases and q/k norms")
-        derived = FAMILIES["qwen3"]
-    else:
-        derived = FAMILIES["qwen2" if model.args["qkv_bias"] else "llama"]
+    family lays out this model (a Mistral stays Mistral), else the first family of `FAMILIES` that
+    does (q/k norms make it Qwen3, q/k/v biases Qwen2, the plain switches Llama)."""
     named = FAMILIES.get((base or {}).get("model_type"))
-    same_layout = named is not None and (named.keys, named.qkv_bias, named.qk_norm) == (
-        derived.keys,
-        derived.qkv_bias,
-        derived.qk_norm,
-    )
-    return named if same_layout else derived
+    if named is not None and named.matches(model.args):
+        return named
+    for family in FAMILIES.values():
+        if family.matches(model.args):
+            return family
+    switches = {k: model.args.get(k) for k, default in SWITCH_DEFAULTS.items() if model.args.get(k, default) != default}
+    raise CheckpointError(f"no Hugging Face family lays out this model (its architecture switches: {switches})")
 
 
 def hf_config_from_model(model: TransformerDecoder, dtype: torch.dtype, base: Mapping | None = None) -> dict:
@@ -413,5 +462,7 @@ def hf_config_from_model(model: TransformerDecoder, dtype: torch.dtype, base: Ma
     )
     if family.model_type == "mistral":
         config["sliding_window"] = None  # explicit: absent would mean transformers' default window
+    if family.to_config is not None:
+        config.update(family.to_config(args))
     config.pop("dtype", None)
     return dict(sorted(config.items()))
