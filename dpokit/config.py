@@ -296,6 +296,43 @@ def instantiate_weighted(
     return datasets, weights
 
 
+def instantiate_datasets(cfg: DictConfig, tokenizer: Any, say: Callable[[str], None]) -> tuple[Any, dict]:
+    """The training set (`train_dataset`, or the weighted mixture of `train_datasets`) and the
+    validation sets ({None: validation_dataset, name: each of `validation_datasets`}), each
+    summarised through `say`. Every recipe reads its data through this one function."""
+    if cfg.train_datasets:  # a weighted mixture of named sets (docs/data.md), deterministic given the seed
+        if cfg.train_dataset is not None:
+            raise ConfigError("give train_dataset or train_datasets, not both (train_dataset=null for a mixture)")
+        from dpokit.data import mix_preference_datasets
+
+        datasets, weights = instantiate_weighted(cfg.train_datasets, "train_datasets", tokenizer=tokenizer)
+        train_set = mix_preference_datasets(datasets, weights, seed=cfg.seed)
+    else:
+        train_set = instantiate(cfg.train_dataset, tokenizer=tokenizer)
+    validation_sets = {None: instantiate(cfg.validation_dataset, tokenizer=tokenizer)}
+    say(f"train: {train_set.stats.summary()}\nvalidation: {validation_sets[None].stats.summary()}")
+    for name, dataset_cfg in (cfg.validation_datasets or {}).items():
+        validation_sets[str(name)] = instantiate(dataset_cfg, tokenizer=tokenizer)
+        say(f"validation {name}: {validation_sets[str(name)].stats.summary()}")
+    return train_set, validation_sets
+
+
+def checkpointer(node: DictConfig, *, trainable_only: bool = False):
+    """The `checkpoint:` section as a `dpokit.training.Checkpointer` (every key of it is one argument)."""
+    from dpokit.training import Checkpointer
+
+    return Checkpointer(
+        node.dir,
+        every=node.every,
+        keep_last=node.keep_last,
+        on_interrupt=node.on_interrupt,
+        keep_top_k=node.keep_top_k,
+        metric=node.metric,
+        higher_is_better=node.higher_is_better,
+        trainable_only=trainable_only,
+    )
+
+
 def parse_recipe_args(argv: list[str] | None = None, description: str | None = None) -> tuple[Path, list[str]]:
     parser = argparse.ArgumentParser(description=description, allow_abbrev=False)
     parser.add_argument("--config", required=True, help="YAML config file")

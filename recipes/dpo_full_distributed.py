@@ -33,8 +33,8 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from dpokit.config import ConfigError, instantiate, instantiate_weighted, recipe_main
-from dpokit.data import collate_preference_pairs, mix_preference_datasets, training_set
+from dpokit.config import checkpointer, instantiate, instantiate_datasets, recipe_main
+from dpokit.data import collate_preference_pairs, training_set
 from dpokit.distributed import (
     barrier,
     check_no_meta,
@@ -51,7 +51,6 @@ from dpokit.fileio import atomic_dir
 from dpokit.losses import is_reference_free
 from dpokit.models import read_hf_config, resolve_dtype
 from dpokit.training import (
-    Checkpointer,
     FrozenCopyReference,
     NoReference,
     RunReport,
@@ -189,20 +188,8 @@ def train(cfg, env) -> None:
     # Data: every rank tokenizes the (small) dataset; the sampler deals pairs (or, packed, packs of
     # pairs) so that the global batch of each step does not depend on the number of ranks.
     tokenizer = instantiate(cfg.tokenizer)
-    if cfg.train_datasets:  # a weighted mixture of named sets (docs/data.md), deterministic given the seed
-        if cfg.train_dataset is not None:
-            raise ConfigError("give train_dataset or train_datasets, not both (train_dataset=null for a mixture)")
-        datasets, weights = instantiate_weighted(cfg.train_datasets, "train_datasets", tokenizer=tokenizer)
-        train_set = mix_preference_datasets(datasets, weights, seed=cfg.seed)
-    else:
-        train_set = instantiate(cfg.train_dataset, tokenizer=tokenizer)
-    validation_set = instantiate(cfg.validation_dataset, tokenizer=tokenizer)
-    report.say(f"train: {train_set.stats.summary()}\nvalidation: {validation_set.stats.summary()}")
-    # The main validation set (None) and the named ones of `validation_datasets` (validation/<name>/...).
-    validation_sets = {None: validation_set}
-    for name, dataset_cfg in (cfg.validation_datasets or {}).items():
-        validation_sets[str(name)] = instantiate(dataset_cfg, tokenizer=tokenizer)
-        report.say(f"validation {name}: {validation_sets[str(name)].stats.summary()}")
+    # train_dataset or a weighted mixture (train_datasets); validation_dataset and validation_datasets.
+    train_set, validation_sets = instantiate_datasets(cfg, tokenizer, report.say)
     collate = partial(collate_preference_pairs, pad_id=tokenizer.pad_id)  # validation and precompute: padded
     packer = None if cfg.packing is None else partial(instantiate, cfg.packing)  # `packing:` online
     train_set, packed = training_set(train_set, packer=packer, ld_alpha=cfg.ld_alpha)  # or a `dpokit pack` file
@@ -305,15 +292,7 @@ def train(cfg, env) -> None:
         report.warn(f"lr_scheduler.{warning}")
 
     # Resume: model + optimizer shards, scheduler, data position, RNG, step.
-    checkpoints = Checkpointer(
-        cfg.checkpoint.dir,
-        every=cfg.checkpoint.every,
-        keep_last=cfg.checkpoint.keep_last,
-        on_interrupt=cfg.checkpoint.on_interrupt,
-        keep_top_k=cfg.checkpoint.keep_top_k,
-        metric=cfg.checkpoint.metric,
-        higher_is_better=cfg.checkpoint.higher_is_better,
-    )
+    checkpoints = checkpointer(cfg.checkpoint)
     start_step = checkpoints.resume(cfg.resume, model, optimizer, scheduler, sampler)
     warning = checkpoints.check_metric(validation_sets, eval_every=cfg.eval_every)  # keep_top_k's metric
     if warning:

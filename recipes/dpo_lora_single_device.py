@@ -17,8 +17,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from dpokit.config import ConfigError, instantiate, instantiate_weighted, recipe_main
-from dpokit.data import collate_preference_pairs, mix_preference_datasets, training_set
+from dpokit.config import checkpointer, instantiate, instantiate_datasets, recipe_main
+from dpokit.data import collate_preference_pairs, training_set
 from dpokit.errors import DpokitError, RunInterrupted
 from dpokit.fileio import atomic_dir
 from dpokit.losses import is_reference_free
@@ -32,7 +32,6 @@ from dpokit.models import (
 )
 from dpokit.training import (
     AdapterOffReference,
-    Checkpointer,
     NoReference,
     RunReport,
     StepTimer,
@@ -113,20 +112,8 @@ def main(cfg) -> None:
     # Data: chosen and rejected of a pair go through the model as rows of one padded batch, or,
     # with packing, several pairs share each row (`batch_size` then counts packs).
     tokenizer = instantiate(cfg.tokenizer)
-    if cfg.train_datasets:  # a weighted mixture of named sets (docs/data.md), deterministic given the seed
-        if cfg.train_dataset is not None:
-            raise ConfigError("give train_dataset or train_datasets, not both (train_dataset=null for a mixture)")
-        datasets, weights = instantiate_weighted(cfg.train_datasets, "train_datasets", tokenizer=tokenizer)
-        train_set = mix_preference_datasets(datasets, weights, seed=cfg.seed)
-    else:
-        train_set = instantiate(cfg.train_dataset, tokenizer=tokenizer)
-    validation_set = instantiate(cfg.validation_dataset, tokenizer=tokenizer)
-    report.say(f"train: {train_set.stats.summary()}\nvalidation: {validation_set.stats.summary()}")
-    # The main validation set (None) and the named ones of `validation_datasets` (validation/<name>/...).
-    validation_sets = {None: validation_set}
-    for name, dataset_cfg in (cfg.validation_datasets or {}).items():
-        validation_sets[str(name)] = instantiate(dataset_cfg, tokenizer=tokenizer)
-        report.say(f"validation {name}: {validation_sets[str(name)].stats.summary()}")
+    # train_dataset or a weighted mixture (train_datasets); validation_dataset and validation_datasets.
+    train_set, validation_sets = instantiate_datasets(cfg, tokenizer, report.say)
     packer = None if cfg.packing is None else partial(instantiate, cfg.packing)  # `packing:` online
     train_set, packed = training_set(train_set, packer=packer, ld_alpha=cfg.ld_alpha)  # or a `dpokit pack` file
     if packed:
@@ -163,16 +150,7 @@ def main(cfg) -> None:
         report.warn(f"lr_scheduler.{warning}")
 
     # Resume: adapters + optimizer, scheduler, data position, RNG, step (the base is checkpoint_dir's).
-    checkpoints = Checkpointer(
-        cfg.checkpoint.dir,
-        every=cfg.checkpoint.every,
-        keep_last=cfg.checkpoint.keep_last,
-        on_interrupt=cfg.checkpoint.on_interrupt,
-        keep_top_k=cfg.checkpoint.keep_top_k,
-        metric=cfg.checkpoint.metric,
-        higher_is_better=cfg.checkpoint.higher_is_better,
-        trainable_only=True,
-    )
+    checkpoints = checkpointer(cfg.checkpoint, trainable_only=True)
     start_step = checkpoints.resume(cfg.resume, model, optimizer, scheduler, sampler)
     warning = checkpoints.check_metric(validation_sets, eval_every=cfg.eval_every)  # keep_top_k's metric
     if warning:
@@ -226,6 +204,7 @@ def main(cfg) -> None:
 
     # With an HF checkpoint_dir, final/ is a complete HF folder (its config and tokenizer files
     # too). The merge is fp32; a narrower save_dtype is measured on a few validation sequences.
+    validation_set = validation_sets[None]
     probe_sequences = list(collate([validation_set[i] for i in range(min(4, len(validation_set)))]).input_ids)
     final_dir = output_dir / "final"
     with atomic_dir(final_dir, "the final model") as staging:  # final/ appears whole or not at all
