@@ -192,6 +192,10 @@ def resolve_resume(resume, root: str | Path) -> Path | None:
         path = broadcast_object(path)
         return path
     path = Path(str(resume))
+    if not path.is_dir():
+        found = sorted(p.name for p in Path(root).glob("step_*")) if Path(root).is_dir() else []
+        hint = f"; checkpoints in {root}: {', '.join(found)}" if found else f"; {root} holds no checkpoint"
+        raise DpokitError(f"resume: {path} does not exist{hint}")
     if not (path / COMPLETE).is_file():
         raise DpokitError(f"resume: {path} is not a complete checkpoint (no {COMPLETE} file)")
     return path

@@ -65,12 +65,15 @@ class TensorBoardLogger(MetricLogger):
 
     name = "tensorboard"
 
-    def __init__(self, log_dir: str | Path):
+    def __init__(self, log_dir: str | Path, *, resume_step: int = 0):
         _needs("tensorboard", "tensorboard")
         from torch.utils.tensorboard import SummaryWriter
 
         self.log_dir = Path(log_dir)
-        self.writer = SummaryWriter(log_dir=str(self.log_dir))
+        # On resume, events of the steps after the checkpoint (logged by the run that died) are
+        # hidden, as metrics.jsonl is cut back, so the curves show each step once.
+        purge_step = resume_step + 1 if resume_step else None
+        self.writer = SummaryWriter(log_dir=str(self.log_dir), purge_step=purge_step)
 
     def log_config(self, config):
         rows = "\n".join(f"| {k} | {v} |" for k, v in flatten(config).items())
@@ -169,10 +172,13 @@ def check_loggers(specs: Mapping[str, Any] | None) -> None:
         _needs(PACKAGES[name], name)
 
 
-def open_loggers(specs: Mapping[str, Mapping[str, Any] | None] | None, output_dir: str | Path) -> list[MetricLogger]:
+def open_loggers(
+    specs: Mapping[str, Mapping[str, Any] | None] | None, output_dir: str | Path, *, resume_step: int = 0
+) -> list[MetricLogger]:
     """The trackers `specs` names, each with its options: {"tensorboard": {"log_dir": ...},
     "wandb": {"project": ..., "mode": "offline"}, "mlflow": {"experiment": ...}}. Their files go
-    under `output_dir` unless the options say otherwise. A tracker that cannot start (an option it
+    under `output_dir` unless the options say otherwise; `resume_step`: the step a resumed run
+    continues after (TensorBoard drops what was logged past it). A tracker that cannot start (an option it
     does not take, no API key, a server out of reach) is a one-line DpokitError."""
     check_loggers(specs)
     output_dir = Path(output_dir)
@@ -181,7 +187,8 @@ def open_loggers(specs: Mapping[str, Mapping[str, Any] | None] | None, output_di
         options = dict(options or {})
         try:
             if name == "tensorboard":
-                loggers.append(TensorBoardLogger(options.pop("log_dir", output_dir / "tensorboard"), **options))
+                log_dir = options.pop("log_dir", output_dir / "tensorboard")
+                loggers.append(TensorBoardLogger(log_dir, resume_step=resume_step, **options))
             elif name == "wandb":
                 loggers.append(WandbLogger(options.pop("dir", output_dir), **options))
             else:

@@ -392,7 +392,8 @@ class RunReport:
             error = None
             if self.is_main:
                 try:
-                    self.loggers = open_loggers(self.logger_specs, self.output_dir)
+                    resume_step = start_step if resumed_from is not None else 0
+                    self.loggers = open_loggers(self.logger_specs, self.output_dir, resume_step=resume_step)
                     for logger in self.loggers:
                         logger.log_config(config or {})
                 except Exception as e:

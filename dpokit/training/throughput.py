@@ -98,9 +98,17 @@ class Throughput:
     def __init__(
         self, model: nn.Module, *, device: torch.device, dtype: torch.dtype, world_size: int, reference_forward: bool
     ):
-        self.device, self.world_size = device, world_size
+        self.device, self.dtype, self.world_size = device, dtype, world_size
         self.flops_per_token = flops_per_token(model, reference_forward=reference_forward)
-        self.peak = device_peak_flops(device, dtype)
+        self._peak: float | None | bool = False  # not measured yet
+
+    @property
+    def peak(self) -> float | None:
+        """The device's peak FLOP/s, found on first use: only the rank that logs (rank 0) pays the
+        CPU matmul probe, once."""
+        if self._peak is False:
+            self._peak = device_peak_flops(self.device, self.dtype)
+        return self._peak
 
     def measure(self, tokens: int, seconds: float) -> dict[str, float]:
         per_device = tokens / seconds / self.world_size

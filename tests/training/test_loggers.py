@@ -244,3 +244,30 @@ def test_a_failing_loop_keeps_its_own_error_when_a_tracker_cannot_close(tmp_path
             report.loggers = [_Failing(fail_close=True)]
             raise RunInterrupted(1, None, "SIGTERM")
     assert report.loggers == []
+
+
+def test_a_resumed_run_replaces_the_tensorboard_steps_after_its_checkpoint(tmp_path):
+    """Resuming from an earlier checkpoint re-logs the steps after it; TensorBoard must show the
+    new values once (as metrics.jsonl, which is cut back), not the dead run's."""
+    out = tmp_path / "run"
+    common = [f"output_dir={out}", "loggers={tensorboard: {}}", "checkpoint.every=2", "checkpoint.keep_last=5"]
+    first = subprocess.run([*RUN, "max_steps=4", *common], capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr
+    before = {r["step"]: r["loss"] for r in jsonl(out) if r["split"] == "train"}
+    # Another beta after step 2 makes the losses of steps 3 and 4 differ from the first run's.
+    resumed = subprocess.run(
+        [*RUN, "max_steps=4", *common, f"resume={out / 'checkpoints' / 'step_00000002'}", "loss.beta=2.0"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    after = {r["step"]: r["loss"] for r in jsonl(out) if r["split"] == "train"}
+    assert sorted(after) == [1, 2, 3, 4] and after[4] != pytest.approx(before[4], rel=1e-4)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    shown = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    assert [step for step, _ in shown] == [1, 2, 3, 4]  # each step once: the dead run's 3 and 4 are gone
+    assert dict(shown) == pytest.approx(after, rel=1e-6)
