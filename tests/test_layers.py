@@ -1,5 +1,5 @@
 """The library is config-free: its packages never import the config layer or omegaconf, and the
-layers import only downwards (errors, fileio <- logprobs, losses <- data <- models <- distributed <- training)."""
+layers import only downwards (errors, fileio <- logprobs, losses <- data <- models <- generation, distributed <- training)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ ALLOWED = {
     "losses": {"errors", "losses"},
     "data": {"errors", "fileio", "data", "logprobs"},
     "models": {"errors", "fileio", "models", "logprobs", "data"},
+    "generation": {"errors", "generation", "models", "data"},
     "distributed": {"errors", "fileio", "distributed", "models", "logprobs", "losses", "data"},
-    "training": {"errors", "fileio", "training", "distributed", "models", "logprobs", "losses", "data"},
+    "training": {"errors", "fileio", "training", "distributed", "generation", "models", "logprobs", "losses", "data"},
 }
 
 
@@ -66,3 +67,13 @@ def test_no_import_cycle_between_library_modules():
     for name in sorted(graph):
         if name not in state:
             visit(name, [name])
+
+
+def test_every_library_package_is_in_the_distribution():
+    """pyproject.toml lists packages by name (recipes/ is mapped to dpokit.recipes): a package
+    folder missing from the list would be absent from a wheel while an editable install hides it."""
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+
+    listed = set(tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    folders = {"dpokit"} | {f"dpokit.{p.parent.name}" for p in PACKAGE.glob("*/__init__.py")}
+    assert folders <= listed, f"not in pyproject.toml's packages: {sorted(folders - listed)}"

@@ -162,7 +162,7 @@ class Attention(nn.Module):
             return self.qkv_proj(x).split(self.split, dim=-1)
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
-    def forward(self, x, cos, sin, attn_mask):
+    def forward(self, x, cos, sin, attn_mask, cache=None):
         batch, seq, _ = x.shape
         q, k, v = self.project_qkv(x)
         if self.qk_norm == "projection":
@@ -174,6 +174,8 @@ class Attention(nn.Module):
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = v.view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:  # decoding: attend over every cached position (`dpokit.generation`)
+            k, v = cache.update(k, v)
         # None = causal SDPA; a boolean tensor = masked SDPA; a FlexAttention BlockMask = flex (CUDA).
         out = attention(
             q, k, v, attn_mask, scale=self.scale, softcap=self.softcap, enable_gqa=self.n_kv_heads != self.n_heads
@@ -232,12 +234,12 @@ class TransformerBlock(nn.Module):
             self.post_feedforward_layernorm = norm(dim)
         self.mlp = mlp
 
-    def forward(self, x, cos, sin, attn_mask=None):
+    def forward(self, x, cos, sin, attn_mask=None, cache=None):
         if self.placement == "pre":
-            x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask)
+            x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, cache)
             return x + self.mlp(self.post_attention_layernorm(x))
         attn_in = self.input_layernorm(x) if self.placement == "sandwich" else x
-        x = x + self.post_attention_layernorm(self.self_attn(attn_in, cos, sin, attn_mask))
+        x = x + self.post_attention_layernorm(self.self_attn(attn_in, cos, sin, attn_mask, cache))
         mlp_in = self.pre_feedforward_layernorm(x) if self.placement == "sandwich" else x
         return x + self.post_feedforward_layernorm(self.mlp(mlp_in))
 
@@ -391,12 +393,15 @@ class TransformerDecoder(nn.Module):
         tokens: torch.Tensor,
         positions: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
+        cache=None,
     ) -> torch.Tensor:
         """tokens [B, T] -> final normed hidden states [B, T, dim].
 
         positions: [B, T] position ids (default 0..T-1 in every row).
         attn_mask: what `attention` takes (None = causal); sliding-window layers get it narrowed to
         their window once per forward (`sliding_window_mask`).
+        cache: a `dpokit.generation.KVCache` already advanced to these tokens: keys and values are
+        stored in it and the queries attend over everything cached (its masks replace attn_mask).
         """
         batch, seq = tokens.shape
         if positions is None:
@@ -407,11 +412,15 @@ class TransformerDecoder(nn.Module):
         tables = {False: self.rope_tables(self.inv_freq, positions, x.dtype)}
         if any(self.local_rope):
             tables[True] = self.rope_tables(self.local_inv_freq, positions, x.dtype)
-        masks = {None: attn_mask}
-        for layer, window, local in zip(self.layers, self.windows, self.local_rope):
-            if window not in masks:
+        if cache is not None:
+            masks = {window: cache.mask(window) for window in set(self.windows)}
+        else:
+            masks = {None: attn_mask}
+            for window in set(self.windows) - {None}:
                 masks[window] = sliding_window_mask(attn_mask, positions, window) if window < seq else attn_mask
-            x = layer(x, *tables[local], masks[window])
+        for index, (layer, window, local) in enumerate(zip(self.layers, self.windows, self.local_rope)):
+            layer_cache = None if cache is None else cache.layer(index)
+            x = layer(x, *tables[local], masks[window], layer_cache)
         return self.norm(x)
 
     def output_projection(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -433,5 +442,5 @@ class TransformerDecoder(nn.Module):
             logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
         return logits
 
-    def forward(self, tokens, positions=None, attn_mask=None) -> torch.Tensor:
-        return self.project(self.hidden_states(tokens, positions, attn_mask))
+    def forward(self, tokens, positions=None, attn_mask=None, cache=None) -> torch.Tensor:
+        return self.project(self.hidden_states(tokens, positions, attn_mask, cache))
