@@ -317,6 +317,44 @@ def instantiate_datasets(cfg: DictConfig, tokenizer: Any, say: Callable[[str], N
     return train_set, validation_sets
 
 
+SAMPLE_KEYS = ("prompts", "max_new_tokens", "temperature", "top_k", "top_p")
+
+
+def sample_prompts(node: DictConfig | None, *, seed: int = 0):
+    """The `samples:` section as a `dpokit.training.SamplePrompts` (None when null): prompts to
+    decode at each validation by the policy and the reference."""
+    if node is None:
+        return None
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"samples: expected a mapping ({{prompts: [...], max_new_tokens: 64}}) or null, got {node!r}")
+    for key in node.keys():
+        if key not in SAMPLE_KEYS:
+            raise ConfigError(f"unknown key 'samples.{key}'{_did_you_mean(str(key), SAMPLE_KEYS)}")
+    prompts = OmegaConf.to_container(node.get("prompts")) if node.get("prompts") is not None else None
+    if not isinstance(prompts, list) or not prompts:
+        raise ConfigError("samples.prompts: expected a non-empty list of prompts (strings or message lists)")
+    for i, prompt in enumerate(prompts):
+        if not (isinstance(prompt, str) and prompt) and not (
+            isinstance(prompt, list) and prompt and all(isinstance(m, dict) and "content" in m for m in prompt)
+        ):
+            raise ConfigError(f"samples.prompts[{i}]: expected a string or a list of {{role, content}}, got {prompt!r}")
+    from dpokit.generation import Sampling
+    from dpokit.training.samples import SamplePrompts
+
+    max_new_tokens = node.get("max_new_tokens", 64)
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ConfigError(f"samples.max_new_tokens: expected a positive integer, got {max_new_tokens!r}")
+    try:
+        sampling = Sampling(
+            temperature=float(node.get("temperature", 0.0)),
+            top_k=int(node.get("top_k", 0)),
+            top_p=float(node.get("top_p", 1.0)),
+        )
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"samples: {e}") from None
+    return SamplePrompts(prompts=prompts, max_new_tokens=max_new_tokens, sampling=sampling, seed=seed)
+
+
 def checkpointer(node: DictConfig, *, trainable_only: bool = False):
     """The `checkpoint:` section as a `dpokit.training.Checkpointer` (every key of it is one argument)."""
     from dpokit.training import Checkpointer

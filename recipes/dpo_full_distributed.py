@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from dpokit.config import checkpointer, instantiate, instantiate_datasets, recipe_main
+from dpokit.config import checkpointer, instantiate, instantiate_datasets, recipe_main, sample_prompts
 from dpokit.data import collate_preference_pairs, training_set
 from dpokit.distributed import (
     barrier,
@@ -69,6 +69,7 @@ from dpokit.training import (
     precompute_reference_logps,
     process_group,
     reference_logps_key,
+    sample_completions,
     seed_everything,
     total_training_steps,
     training_sampler,
@@ -87,6 +88,7 @@ CONFIG_KEYS = (
     "train_datasets",
     "validation_dataset",
     "validation_datasets",
+    "samples",
     "validate_at_start",
     "validate_at_end",
     "loss",
@@ -293,6 +295,7 @@ def train(cfg, env) -> None:
 
     # Resume: model + optimizer shards, scheduler, data position, RNG, step.
     checkpoints = checkpointer(cfg.checkpoint)
+    samples = sample_prompts(cfg.samples, seed=cfg.seed)  # null: no samples
     start_step = checkpoints.resume(cfg.resume, model, optimizer, scheduler, sampler)
     warning = checkpoints.check_metric(validation_sets, eval_every=cfg.eval_every)  # keep_top_k's metric
     if warning:
@@ -307,6 +310,8 @@ def train(cfg, env) -> None:
                 model, validation_references[name], batches, loss_fn, device=env.device, **logps_settings
             )
             report.validation(step, metrics, dataset=name)
+        if samples is not None:  # the fixed prompts decoded by the policy and the reference
+            report.samples(step, sample_completions(model, reference, tokenizer, samples, step=step))
 
     timer = StepTimer(env.device)
     # Tokens/s per device, peak memory, MFU; to metrics.jsonl and the trackers of `loggers:` (rank 0).

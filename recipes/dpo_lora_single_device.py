@@ -17,7 +17,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from dpokit.config import checkpointer, instantiate, instantiate_datasets, recipe_main
+from dpokit.config import checkpointer, instantiate, instantiate_datasets, recipe_main, sample_prompts
 from dpokit.data import collate_preference_pairs, training_set
 from dpokit.errors import DpokitError, RunInterrupted
 from dpokit.fileio import atomic_dir
@@ -45,6 +45,7 @@ from dpokit.training import (
     evaluate_preference,
     evaluation_due,
     resolve_device,
+    sample_completions,
     save_lora_checkpoint,
     seed_everything,
     total_training_steps,
@@ -66,6 +67,7 @@ CONFIG_KEYS = (
     "train_datasets",
     "validation_dataset",
     "validation_datasets",
+    "samples",
     "validate_at_start",
     "validate_at_end",
     "loss",
@@ -151,6 +153,7 @@ def main(cfg) -> None:
 
     # Resume: adapters + optimizer, scheduler, data position, RNG, step (the base is checkpoint_dir's).
     checkpoints = checkpointer(cfg.checkpoint, trainable_only=True)
+    samples = sample_prompts(cfg.samples, seed=cfg.seed)  # null: no samples
     start_step = checkpoints.resume(cfg.resume, model, optimizer, scheduler, sampler)
     warning = checkpoints.check_metric(validation_sets, eval_every=cfg.eval_every)  # keep_top_k's metric
     if warning:
@@ -163,6 +166,8 @@ def main(cfg) -> None:
             batches = eval_batches(dataset, collate, batch_size=cfg.eval_batch_size, rank=0, world_size=1)
             metrics = evaluate_preference(model, reference, batches, loss_fn, device=device, **logps_settings)
             report.validation(step, metrics, dataset=name)
+        if samples is not None:  # the fixed prompts decoded by the policy and the reference
+            report.samples(step, sample_completions(model, reference, tokenizer, samples, step=step))
 
     timer = StepTimer(device)
     # Tokens/s per device, peak memory, MFU; to metrics.jsonl and the trackers of `loggers:` (rank 0).

@@ -28,12 +28,15 @@ from dpokit.training.run import (
     total_training_steps,
 )
 from dpokit.training.runtime import seed_everything
+from dpokit.training.samples import SamplePrompts, sample_completions
 from dpokit.training.schedules import warmup_cosine_schedule, warmup_warning
 from dpokit.training.scoring import PolicyLogps
 from dpokit.training.step import StepTimer, accumulate_gradients, clip_and_step
 from dpokit.training.throughput import Throughput
 
 __all__ = [
+    "SamplePrompts",
+    "sample_completions",
     "AdapterOffReference",
     "Checkpointer",
     "FrozenCopyReference",

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from dpokit.errors import DpokitError
 
@@ -35,6 +35,20 @@ class MetricLogger:
 
     def log(self, step: int, metrics: Mapping[str, float]) -> None:
         raise NotImplementedError
+
+    def log_samples(self, step: int, rows: Sequence[Mapping[str, str | None]]) -> None:
+        """Completions of the fixed prompts ({"prompt", "policy", "reference"} each) at `step`."""
+
+
+def samples_markdown(rows: Sequence[Mapping[str, str | None]]) -> str:
+    """The rows as a Markdown table (prompt | policy | reference)."""
+
+    def cell(text: str | None) -> str:
+        return "-" if text is None else text.replace("|", "\\|").replace("\n", "<br>")
+
+    lines = ["| prompt | policy | reference |", "|---|---|---|"]
+    lines += [f"| {cell(r['prompt'])} | {cell(r['policy'])} | {cell(r['reference'])} |" for r in rows]
+    return "\n".join(lines)
 
     def close(self, status: str = "finished") -> None:
         """Flush and end the run; `status` is one of STATUSES."""
@@ -83,6 +97,9 @@ class TensorBoardLogger(MetricLogger):
         for tag, value in metrics.items():
             self.writer.add_scalar(tag, value, global_step=step)  # the writer flushes on its own timer
 
+    def log_samples(self, step, rows):
+        self.writer.add_text("samples", samples_markdown(rows), global_step=step)
+
     def close(self, status="finished"):
         self.writer.add_text("status", status)
         self.writer.close()
@@ -107,6 +124,14 @@ class WandbLogger(MetricLogger):
 
     def log(self, step, metrics):
         self.run.log(dict(metrics), step=step)
+
+    def log_samples(self, step, rows):
+        import wandb
+
+        table = wandb.Table(columns=["prompt", "policy", "reference"])
+        for r in rows:
+            table.add_data(r["prompt"], r["policy"], r["reference"])
+        self.run.log({"samples": table}, step=step)
 
     def close(self, status="finished"):
         self.run.finish(exit_code=0 if status == "finished" else 1)
@@ -150,6 +175,9 @@ class MlflowLogger(MetricLogger):
 
         now = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in metrics.items()])
+
+    def log_samples(self, step, rows):
+        self.client.log_text(self.run_id, samples_markdown(rows), f"samples/step_{step:08d}.md")
 
     def close(self, status="finished"):
         self.client.set_terminated(self.run_id, self._STATUS[status])

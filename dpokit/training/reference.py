@@ -39,6 +39,12 @@ class AdapterOffReference:
         with disable_adapter(self.model):
             return policy_logps(self.model, batch, average_logps=self.average_logps, ld_alpha=self.ld_alpha)
 
+    @contextlib.contextmanager
+    def generating(self):
+        """The module that decodes as the reference: the policy with its adapters off."""
+        with disable_adapter(self.model):
+            yield self.model
+
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -117,6 +123,10 @@ class StateDictSwapReference:
             reshard(self.model)
             self._copy(self.stash, shards)
 
+    def generating(self):
+        """The module that decodes as the reference: the policy with the reference weights in."""
+        return self.swapped()
+
     @torch.no_grad()
     def logps(self, batch: PreferenceBatch) -> PolicyLogps:
         with self.swapped(), _eval_mode(self.model):
@@ -139,6 +149,13 @@ class FrozenCopyReference:
         finally:
             reshard(self.model)  # no backward follows: don't keep the root's weights gathered
 
+    @contextlib.contextmanager
+    def generating(self):
+        try:
+            yield self.model
+        finally:
+            reshard(self.model)
+
 
 class PrecomputedReference:
     """Reference log-probs looked up by each pair's dataset index (`batch.pair_index`).
@@ -158,9 +175,17 @@ class PrecomputedReference:
         device = batch.input_ids.device
         return PolicyLogps(self.chosen[index].to(device), self.rejected[index].to(device))
 
+    @contextlib.contextmanager
+    def generating(self):
+        yield None  # only log-probs were kept: there is no reference model to decode with
+
 
 class NoReference:
     """For reference-free losses: no reference forward at all (`logps` returns None)."""
 
     def logps(self, batch: PreferenceBatch) -> None:
         return None
+
+    @contextlib.contextmanager
+    def generating(self):
+        yield None

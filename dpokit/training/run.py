@@ -457,6 +457,24 @@ class RunReport:
         where = f"validation {dataset}" if dataset else "validation"
         self.say(f"step {step}: {where} loss {metrics['preference_loss']:.4f} acc {metrics['acc']:.3f}")
 
+    def samples(self, step: int, rows: list[dict]) -> None:
+        """Log the completions of the fixed prompts at `step` (`training.samples`): a metrics.jsonl
+        record of split "samples" and each tracker's text form of it."""
+        if not self.is_main:
+            return
+        if self.log:
+            self.log.log({"step": step, "split": "samples", "samples": rows})
+        for logger in list(self.loggers):
+            try:
+                logger.log_samples(step, rows)
+            except Exception as e:  # as for metrics: metrics.jsonl keeps them, the tracker is dropped
+                self.loggers.remove(logger)
+                self.warn(f"loggers.{logger.name}: stopped logging at step {step}: {e}")
+                close_all([logger], "failed", quiet=True)
+        first = rows[0] if rows else None
+        if first is not None:
+            self.say(f"step {step}: sample {first['prompt'][:40]!r} -> {first['policy'][:60]!r}")
+
     def train_step(
         self,
         step: int,
