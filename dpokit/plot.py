@@ -18,7 +18,7 @@ from pathlib import Path
 from dpokit.errors import DpokitError
 
 METRICS_FILE = "metrics.jsonl"
-SPLITS = ("train", "validation")
+SPLITS = ("train", "validation", "samples")  # samples: text records, not plotted
 FORMATS = (".png", ".svg", ".pdf")
 MISSING_MATPLOTLIB = "dpokit plot needs matplotlib: pip install 'dpokit[plot]'"
 MIN_MATPLOTLIB = (3, 7)  # "outside" legend placement
@@ -138,7 +138,7 @@ def _parse_record(line: str, where: str) -> dict:
     if not isinstance(step, int) or isinstance(step, bool):
         raise DpokitError(f"{where}: 'step' must be an integer, got {step!r}")
     if record.get("split") not in SPLITS:
-        raise DpokitError(f"{where}: 'split' must be 'train' or 'validation', got {record.get('split')!r}")
+        raise DpokitError(f"{where}: 'split' must be one of {list(SPLITS)}, got {record.get('split')!r}")
     if not isinstance(record.get("dataset", ""), str):
         raise DpokitError(f"{where}: 'dataset' must be a string, got {record['dataset']!r}")
     return record
@@ -155,8 +155,9 @@ def _numbered_records(path: Path) -> list[tuple[int, dict]]:
 def read_metrics(run_dir: str | Path) -> list[dict]:
     """The records of a run's `metrics.jsonl` (`run_dir` may also name the file itself), in file
     order. Every line must be a JSON object with an integer `step` and a `split` of "train" or
-    "validation"; any other line (a blank one too) is a DpokitError naming file:line."""
-    return [record for _, record in _numbered_records(metrics_path(run_dir))]
+    "validation" ("samples" records, text, are read and left out); any other line (a blank one
+    too) is a DpokitError naming file:line."""
+    return [record for _, record in _numbered_records(metrics_path(run_dir)) if record["split"] != "samples"]
 
 
 def _label_candidates(path: Path) -> list[str]:

@@ -178,7 +178,7 @@ def test_read_metrics_bad_line_names_file_and_line(tmp_path):
         ("", "empty line (each line must be one JSON object)"),
         ("[1, 2]", "expected a JSON object, got list"),
         ('{"split": "train"}', "'step' must be an integer, got None"),
-        ('{"step": 3, "split": "test"}', "'split' must be 'train' or 'validation', got 'test'"),
+        ('{"step": 3, "split": "test"}', "'split' must be one of ['train', 'validation', 'samples'], got 'test'"),
         ('{"step": 3, "split": "validation", "dataset": 7}', "'dataset' must be a string, got 7"),
     ]:
         path.write_text(f"{good}\n{good}\n{line}\n")
