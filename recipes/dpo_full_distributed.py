@@ -26,7 +26,6 @@ What happens, top to bottom:
 
 from __future__ import annotations
 
-import time
 from functools import partial
 from pathlib import Path
 
@@ -66,9 +65,8 @@ from dpokit.training import (
     eval_batches,
     evaluate_preference,
     evaluation_due,
-    precompute_reference_logps,
+    precomputed_references,
     process_group,
-    reference_logps_key,
     sample_completions,
     seed_everything,
     total_training_steps,
@@ -231,10 +229,6 @@ def train(cfg, env) -> None:
     strategy = "none" if is_reference_free(loss_fn) else cfg.reference.strategy
     if strategy == "none" and not is_reference_free(loss_fn):
         raise DpokitError("reference.strategy: 'none' needs a reference-free loss (e.g. dpokit.losses.simpo_loss)")
-    # The precomputed tables are keyed "train", "validation" and "validation/<name>".
-    splits = {"train": train_pairs} | {
-        ("validation" if n is None else f"validation/{n}"): d for n, d in validation_sets.items()
-    }
     validation_references = None
     # A separate reference model: kept (frozen), or used once for its weights (swap) or log-probs (precomputed).
     reference_model = None
@@ -249,31 +243,20 @@ def train(cfg, env) -> None:
         reference = FrozenCopyReference(frozen, **logps_settings)
     elif strategy == "precomputed":
         # One no-grad pass of the (still untrained) reference over every split, or the cached result.
-        key = reference_logps_key(
-            weights=fingerprint.hexdigest(),
-            datasets=splits,
-            average_logps=cfg.average_logps,
-            ld_alpha=cfg.ld_alpha,
-            dtype=cfg.dtype,
-            param_dtype=cfg.fsdp.param_dtype,
-        )
-        started = time.perf_counter()
-        tables, cached = precompute_reference_logps(
+        reference, validation_references, note = precomputed_references(
             reference_model or model,
-            splits,
+            train_pairs,
+            validation_sets,
             collate,
+            weights=fingerprint.hexdigest(),
             cache_dir=cfg.reference.cache_dir,
-            key=key,
             batch_size=cfg.eval_batch_size,
             device=env.device,
+            dtype=cfg.dtype,
+            param_dtype=cfg.fsdp.param_dtype,
             **logps_settings,
         )
-        report.say(
-            f"reference log-probs {'loaded from cache' if cached else 'precomputed'} in "
-            f"{time.perf_counter() - started:.1f}s (cache key {key[:12]})"
-        )
-        reference = tables["train"]
-        validation_references = {n: tables["validation" if n is None else f"validation/{n}"] for n in validation_sets}
+        report.say(note)
     else:
         reference = NoReference()
     validation_references = validation_references or dict.fromkeys(validation_sets, reference)

@@ -25,6 +25,7 @@ from dpokit.losses import is_reference_free
 from dpokit.models import (
     adapter_params,
     cast_base,
+    disable_adapter,
     parameter_summary,
     prepare_blocks,
     read_hf_config,
@@ -44,6 +45,7 @@ from dpokit.training import (
     eval_batches,
     evaluate_preference,
     evaluation_due,
+    precomputed_references,
     resolve_device,
     sample_completions,
     save_lora_checkpoint,
@@ -51,8 +53,10 @@ from dpokit.training import (
     total_training_steps,
     training_sampler,
     warmup_warning,
+    weights_fingerprint,
 )
 
+STRATEGIES = ("adapter_off", "precomputed")
 CONFIG_KEYS = (
     "output_dir",
     "seed",
@@ -67,6 +71,8 @@ CONFIG_KEYS = (
     "train_datasets",
     "validation_dataset",
     "validation_datasets",
+    "reference.strategy",
+    "reference.cache_dir",
     "samples",
     "validate_at_start",
     "validate_at_end",
@@ -138,9 +144,34 @@ def main(cfg) -> None:
     loss_fn = instantiate(cfg.loss)
     check_gt_rewards(loss_fn, train_set.pairs if packed else train_set)  # RPO needs rewards in the data
     logps_settings = {"average_logps": cfg.average_logps, "ld_alpha": cfg.ld_alpha}
-    # Reference-free losses (SimPO, CPO, ORPO, ...) never run the reference forward.
-    reference = NoReference() if is_reference_free(loss_fn) else AdapterOffReference(model, **logps_settings)
     report.say(f"model: {parameter_summary(model)}")
+    # The reference is the base (adapters off): run beside the policy, or its log-probs computed
+    # once and cached under a key of the base weights, data and settings (a sweep pays it once).
+    # Reference-free losses (SimPO, CPO, ORPO, ...) never run the reference forward.
+    adapters_off = AdapterOffReference(model, **logps_settings)
+    validation_references = None
+    if is_reference_free(loss_fn):
+        reference = NoReference()
+    elif cfg.reference.strategy == "precomputed":
+        with disable_adapter(model):
+            reference, validation_references, note = precomputed_references(
+                model,
+                train_set.pairs if packed else train_set,
+                validation_sets,
+                partial(collate_preference_pairs, pad_id=tokenizer.pad_id),
+                weights=weights_fingerprint(model),
+                cache_dir=cfg.reference.cache_dir,
+                batch_size=cfg.eval_batch_size,
+                device=device,
+                dtype=cfg.dtype,
+                **logps_settings,
+            )
+        report.say(note)
+    elif cfg.reference.strategy == "adapter_off":
+        reference = adapters_off
+    else:
+        raise DpokitError(f"reference.strategy: unknown {cfg.reference.strategy!r}; choose from {list(STRATEGIES)}")
+    validation_references = validation_references or dict.fromkeys(validation_sets, reference)
 
     total_steps = total_training_steps(
         steps_per_epoch=sampler.steps_per_epoch, epochs=cfg.epochs, max_steps=cfg.max_steps
@@ -164,15 +195,17 @@ def main(cfg) -> None:
     def validate(step: int) -> None:
         for name, dataset in validation_sets.items():
             batches = eval_batches(dataset, collate, batch_size=cfg.eval_batch_size, rank=0, world_size=1)
-            metrics = evaluate_preference(model, reference, batches, loss_fn, device=device, **logps_settings)
+            metrics = evaluate_preference(
+                model, validation_references[name], batches, loss_fn, device=device, **logps_settings
+            )
             report.validation(step, metrics, dataset=name)
         if samples is not None:  # the fixed prompts decoded by the policy and the reference
-            report.samples(step, sample_completions(model, reference, tokenizer, samples, step=step))
+            report.samples(step, sample_completions(model, adapters_off, tokenizer, samples, step=step))
 
     timer = StepTimer(device)
     # Tokens/s per device, peak memory, MFU; to metrics.jsonl and the trackers of `loggers:` (rank 0).
     throughput = Throughput(
-        model, device=device, dtype=dtype, world_size=1, reference_forward=not is_reference_free(loss_fn)
+        model, device=device, dtype=dtype, world_size=1, reference_forward=isinstance(reference, AdapterOffReference)
     )
     running = report.running(
         total_steps=total_steps, start_step=start_step, resumed_from=checkpoints.resumed_from,

@@ -17,7 +17,13 @@ from dpokit.training.reference import (
     PrecomputedReference,
     StateDictSwapReference,
 )
-from dpokit.training.reference_cache import TensorFingerprint, precompute_reference_logps, reference_logps_key
+from dpokit.training.reference_cache import (
+    TensorFingerprint,
+    precompute_reference_logps,
+    precomputed_references,
+    reference_logps_key,
+    weights_fingerprint,
+)
 from dpokit.training.run import (
     Checkpointer,
     RunReport,
@@ -35,6 +41,8 @@ from dpokit.training.step import StepTimer, accumulate_gradients, clip_and_step
 from dpokit.training.throughput import Throughput
 
 __all__ = [
+    "precomputed_references",
+    "weights_fingerprint",
     "SamplePrompts",
     "sample_completions",
     "AdapterOffReference",

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -48,6 +49,25 @@ class TensorFingerprint:
 
     def hexdigest(self) -> str:
         return self._hash.hexdigest()
+
+
+def base_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of every weight of `model` except its LoRA adapters, as they are held (dtype
+    included), NF4 weights dequantized: what an adapters-off reference computes with."""
+    from dpokit.models.lora import is_nf4
+
+    for name, tensor in model.state_dict().items():
+        if ".lora_a." in name or ".lora_b." in name:
+            continue
+        yield name, tensor.get_original_weight() if is_nf4(tensor) else tensor
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """`TensorFingerprint` of `base_weights(model)` (one pass over the weights)."""
+    fingerprint = TensorFingerprint()
+    for _ in fingerprint.wrap(base_weights(model)):
+        pass
+    return fingerprint.hexdigest()
 
 
 def dataset_fingerprint(dataset: Sequence[dict]) -> str:
@@ -163,3 +183,57 @@ def precompute_reference_logps(
         path.parent.mkdir(parents=True, exist_ok=True)
         _write_atomic({"key": key, "splits": tables}, path)
     return {name: PrecomputedReference(*table) for name, table in tables.items()}, False
+
+
+def reference_splits(train_pairs: Sequence[dict], validation_sets: dict) -> dict[str, Sequence[dict]]:
+    """The splits a precomputed reference covers: "train", "validation" and "validation/<name>"."""
+    return {"train": train_pairs} | {
+        ("validation" if name is None else f"validation/{name}"): data for name, data in validation_sets.items()
+    }
+
+
+def precomputed_references(
+    model: nn.Module,
+    train_pairs: Sequence[dict],
+    validation_sets: dict,
+    collate: Callable[[list[dict]], dict],
+    *,
+    weights: str,
+    cache_dir: str | Path | None,
+    batch_size: int,
+    device: torch.device,
+    dtype: str,
+    param_dtype: str | None = None,
+    average_logps: bool = False,
+    ld_alpha: float | None = None,
+) -> tuple[PrecomputedReference, dict, str]:
+    """(train reference, {validation set name: reference}, a line saying what happened): the
+    reference log-probs of every split from the cache under `cache_dir`, or one no-grad pass of
+    `model` (holding the reference weights, fingerprinted as `weights`) written there."""
+    splits = reference_splits(train_pairs, validation_sets)
+    key = reference_logps_key(
+        weights=weights,
+        datasets=splits,
+        average_logps=average_logps,
+        ld_alpha=ld_alpha,
+        dtype=dtype,
+        param_dtype=param_dtype,
+    )
+    started = time.perf_counter()
+    tables, cached = precompute_reference_logps(
+        model,
+        splits,
+        collate,
+        cache_dir=cache_dir,
+        key=key,
+        batch_size=batch_size,
+        device=device,
+        average_logps=average_logps,
+        ld_alpha=ld_alpha,
+    )
+    note = (
+        f"reference log-probs {'loaded from cache' if cached else 'precomputed'} in "
+        f"{time.perf_counter() - started:.1f}s (cache key {key[:12]})"
+    )
+    validation = {name: tables["validation" if name is None else f"validation/{name}"] for name in validation_sets}
+    return tables["train"], validation, note
