@@ -36,14 +36,17 @@ from dpokit.distributed import (
     shard_model,
     state_dict_tensors,
 )
-from dpokit.errors import RunInterrupted
+from dpokit.errors import DpokitError, RunInterrupted
 from dpokit.fileio import atomic_dir
-from dpokit.models import MergeRounding, resolve_dtype, save_peft_adapter
+from dpokit.losses import is_reference_free
+from dpokit.models import MergeRounding, disable_adapter, resolve_dtype, save_peft_adapter
 from dpokit.training import (
     AdapterOffReference,
+    NoReference,
     RunReport,
     StepTimer,
     StopRequests,
+    TensorFingerprint,
     Throughput,
     accumulate_gradients,
     check_gt_rewards,
@@ -52,6 +55,7 @@ from dpokit.training import (
     eval_batches,
     evaluate_preference,
     evaluation_due,
+    precomputed_references,
     process_group,
     sample_completions,
     seed_everything,
@@ -60,6 +64,7 @@ from dpokit.training import (
     warmup_warning,
 )
 
+STRATEGIES = ("adapter_off", "precomputed")
 CONFIG_KEYS = (
     "output_dir",
     "seed",
@@ -72,6 +77,8 @@ CONFIG_KEYS = (
     "train_datasets",
     "validation_dataset",
     "validation_datasets",
+    "reference.strategy",
+    "reference.cache_dir",
     "samples",
     "validate_at_start",
     "validate_at_end",
@@ -106,21 +113,26 @@ CONFIG_KEYS = (
 )
 
 
-def weight_source(cfg, model):
+def weight_source(cfg, model, fingerprint=None):
     """A fresh (key, tensor) stream of the initial weights, one tensor at a time: the base weights
     of a Hugging Face checkpoint plus freshly initialised adapters, or (without `checkpoint_dir`) a
-    random init of the whole model from the seed (tiny models only)."""
+    random init of the whole model from the seed (tiny models only). `fingerprint` (a
+    TensorFingerprint) hashes the base weights as they pass: the precomputed reference's key."""
     if cfg.checkpoint_dir is not None:
         from dpokit.models import iter_hf_weights
 
-        return itertools.chain(iter_hf_weights(cfg.checkpoint_dir), fresh_adapter_tensors(model, seed=cfg.seed))
-    with torch.random.fork_rng():
-        torch.manual_seed(cfg.seed)
-        full = instantiate(cfg.model)
-    return state_dict_tensors(full)
+        base = iter_hf_weights(cfg.checkpoint_dir)
+        adapters = fresh_adapter_tensors(model, seed=cfg.seed)
+    else:
+        with torch.random.fork_rng():
+            torch.manual_seed(cfg.seed)
+            full = dict(state_dict_tensors(instantiate(cfg.model)))
+        base = ((k, t) for k, t in full.items() if ".lora_" not in k)
+        adapters = ((k, t) for k, t in full.items() if ".lora_" in k)
+    return itertools.chain(base if fingerprint is None else fingerprint.wrap(base), adapters)
 
 
-def build_sharded_model(cfg, env):
+def build_sharded_model(cfg, env, fingerprint=None):
     """Meta-device build -> FSDP2 sharding -> rank-local loading (base + adapters)."""
     with torch.device("meta"):
         model = instantiate(cfg.model)  # the LoRA builder marks only the adapters trainable
@@ -135,7 +147,7 @@ def build_sharded_model(cfg, env):
         compile_blocks=cfg.fsdp.compile,
     )
     materialize(model, "cpu" if cfg.fsdp.cpu_offload else env.device, buffer_device=env.device)
-    load_into_shards(model, weight_source(cfg, model), source=str(cfg.checkpoint_dir or "random init"))
+    load_into_shards(model, weight_source(cfg, model, fingerprint), source=str(cfg.checkpoint_dir or "random init"))
     check_no_meta(model)
     return model
 
@@ -182,7 +194,8 @@ def train(cfg, env) -> None:
     )
 
     # Model: frozen sharded base + trainable adapters; the reference is the same model, adapters off.
-    model = build_sharded_model(cfg, env)
+    fingerprint = TensorFingerprint() if cfg.reference.strategy == "precomputed" else None
+    model = build_sharded_model(cfg, env, fingerprint)
     trainable = [p for p in model.parameters() if p.requires_grad]
     report.say(
         f"model: {sum(p.numel() for p in model.parameters()):,} parameters, "
@@ -192,7 +205,33 @@ def train(cfg, env) -> None:
     check_gt_rewards(loss_fn, train_set.pairs if packed else train_set)  # RPO needs rewards in the data
     # Log-prob settings shared by the policy and the reference forward (ld_alpha: LD-DPO, None = off).
     logps_settings = {"average_logps": cfg.average_logps, "ld_alpha": cfg.ld_alpha}
-    reference = AdapterOffReference(model, **logps_settings)
+    # The reference is the base (adapters off): run beside the policy, or its log-probs computed
+    # once and cached under a key of the base weights, data and settings (a sweep pays it once).
+    adapters_off = AdapterOffReference(model, **logps_settings)
+    validation_references = None
+    if is_reference_free(loss_fn):  # SimPO, CPO, ORPO, ...: no reference forward
+        reference = NoReference()
+    elif cfg.reference.strategy == "precomputed":
+        with disable_adapter(model):
+            reference, validation_references, note = precomputed_references(
+                model,
+                train_set.pairs if packed else train_set,
+                validation_sets,
+                collate,
+                weights=fingerprint.hexdigest(),
+                cache_dir=cfg.reference.cache_dir,
+                batch_size=cfg.eval_batch_size,
+                device=env.device,
+                dtype=cfg.dtype,
+                param_dtype=cfg.fsdp.param_dtype,
+                **logps_settings,
+            )
+        report.say(note)
+    elif cfg.reference.strategy == "adapter_off":
+        reference = adapters_off
+    else:
+        raise DpokitError(f"reference.strategy: unknown {cfg.reference.strategy!r}; choose from {list(STRATEGIES)}")
+    validation_references = validation_references or dict.fromkeys(validation_sets, reference)
 
     total_steps = total_training_steps(
         steps_per_epoch=sampler.steps_per_epoch, epochs=cfg.epochs, max_steps=cfg.max_steps
@@ -217,10 +256,12 @@ def train(cfg, env) -> None:
             batches = eval_batches(
                 dataset, collate, batch_size=cfg.eval_batch_size, rank=env.rank, world_size=env.world_size
             )
-            metrics = evaluate_preference(model, reference, batches, loss_fn, device=env.device, **logps_settings)
+            metrics = evaluate_preference(
+                model, validation_references[name], batches, loss_fn, device=env.device, **logps_settings
+            )
             report.validation(step, metrics, dataset=name)
         if samples is not None:  # the fixed prompts decoded by the policy and the reference
-            report.samples(step, sample_completions(model, reference, tokenizer, samples, step=step))
+            report.samples(step, sample_completions(model, adapters_off, tokenizer, samples, step=step))
 
     timer = StepTimer(env.device)
     # Tokens/s per device, peak memory, MFU; to metrics.jsonl and the trackers of `loggers:` (rank 0).
@@ -229,7 +270,7 @@ def train(cfg, env) -> None:
         device=env.device,
         dtype=resolve_dtype(cfg.fsdp.param_dtype or cfg.dtype, "dtype"),
         world_size=env.world_size,
-        reference_forward=True,  # adapters off
+        reference_forward=isinstance(reference, AdapterOffReference),  # adapters off, every step
     )
     running = report.running(
         total_steps=total_steps, start_step=start_step, resumed_from=checkpoints.resumed_from,
