@@ -3,7 +3,7 @@
 Families (each with a `lora_` twin taking lora_targets/lora_rank/lora_alpha/lora_dropout/quantize_base):
 Llama 3 / 3.1 / 3.2 (`llama3.py`), Qwen2.5 (`qwen2_5.py`), Qwen3 (`qwen3.py`), SmolLM2 (`smollm2.py`),
 Phi-3 / Phi-4 (`phi.py`).
-Any Llama/Qwen2/Qwen3
+Any Llama/Qwen2/Qwen3/Mistral/Phi-3
 Hugging Face directory: `model_from_hf_config`, `load_hf_checkpoint` (see `hf_checkpoint.py`).
 """
 

@@ -240,3 +240,19 @@ def test_phi3_su_rope_and_explicit_attention_factor_load_as_transformers_reads_t
     assert json.loads((tmp_path / "out" / "config.json").read_text())["rope_scaling"]["attention_factor"] == 1.3
     again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
     assert torch.equal(hf_logits(again, TOKENS), hf_logits(theirs, TOKENS))
+
+
+def test_a_rope_scaling_or_layout_no_family_writes_is_refused_on_export():
+    from dpokit.models import hf_config_from_model, llama
+    from dpokit.models.transformer import LongRopeScaling
+
+    tiny = dict(vocab_size=96, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=96, max_seq_len=128)
+    longrope = LongRopeScaling((1.0,) * 8, (2.0,) * 8, 32, attention_factor=1.1)
+    with pytest.raises(CheckpointError, match="llama checkpoints cannot express this RoPE scaling"):
+        hf_config_from_model(llama(**tiny, rope_scaling=longrope), torch.float32)
+    mixed = llama(**tiny, fused_projections=True, sliding_window=8, layer_types=("sliding_attention", "full_attention"))
+    with pytest.raises(CheckpointError, match="no Hugging Face family lays out this model"):
+        hf_config_from_model(mixed, torch.float32)
+    config = hf_config_from_model(llama(**tiny, fused_projections=True, rope_scaling=longrope), torch.float32)
+    assert config["model_type"] == "phi3" and config["rope_scaling"]["attention_factor"] == 1.1
+    assert model_from_hf_config(config).args["rope_scaling"] == longrope
