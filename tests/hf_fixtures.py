@@ -105,6 +105,58 @@ FAMILIES = {
             tie_word_embeddings=True,
         ),
     ),
+    # Phi-3 (fused qkv_proj / gate_up_proj). Token ids inside the tiny vocabulary: Phi3Config's
+    # defaults (pad 32000) do not fit an embedding of 96 rows.
+    "phi3_gqa_window": (  # Phi-3-mini-4k's sliding window (2047 of 4096), here 16 < the 40 test tokens
+        "Phi3Config",
+        dict(
+            COMMON,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rope_theta=10_000.0,
+            rms_norm_eps=1e-5,
+            sliding_window=16,
+            original_max_position_embeddings=128,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=None,
+        ),
+    ),
+    "phi3_no_window": (  # Phi-4's shape: no window, RoPE theta 250k, MHA here
+        "Phi3Config",
+        dict(
+            COMMON,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            rope_theta=250_000.0,
+            rms_norm_eps=1e-5,
+            sliding_window=None,
+            original_max_position_embeddings=128,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=None,
+        ),
+    ),
+    "phi3_longrope": (  # Phi-3-mini-128k's longrope; 32 original positions: 40 tokens use the long factors
+        "Phi3Config",
+        dict(
+            COMMON,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rope_theta=10_000.0,
+            rms_norm_eps=1e-5,
+            sliding_window=None,
+            original_max_position_embeddings=32,
+            rope_scaling=dict(
+                type="longrope",
+                short_factor=[1.0, 1.1, 1.25, 1.5, 2.0, 2.5, 3.0, 3.05],
+                long_factor=[1.07, 1.5, 3.0, 6.0, 12.0, 24.0, 48.0, 64.76],
+            ),
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=None,
+        ),
+    ),
 }
 
 

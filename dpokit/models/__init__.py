@@ -1,8 +1,9 @@
 """Model builders: plain `nn.Module`s, generic builders plus zero-argument presets.
 
 Families (each with a `lora_` twin taking lora_targets/lora_rank/lora_alpha/lora_dropout/quantize_base):
-Llama 3 / 3.1 / 3.2 (`llama3.py`), Qwen2.5 (`qwen2_5.py`), Qwen3 (`qwen3.py`), SmolLM2 (`smollm2.py`).
-Any Llama/Qwen2/Qwen3
+Llama 3 / 3.1 / 3.2 (`llama3.py`), Qwen2.5 (`qwen2_5.py`), Qwen3 (`qwen3.py`), SmolLM2 (`smollm2.py`),
+Phi-3 / Phi-4 (`phi.py`).
+Any Llama/Qwen2/Qwen3/Mistral/Phi-3
 Hugging Face directory: `model_from_hf_config`, `load_hf_checkpoint` (see `hf_checkpoint.py`).
 """
 
@@ -46,6 +47,16 @@ from dpokit.models.lora import (
     merged_state_dict,
     parameter_summary,
     set_trainable_params,
+)
+from dpokit.models.phi import (
+    lora_phi3_medium_4k,
+    lora_phi3_mini_4k,
+    lora_phi3_mini_128k,
+    lora_phi4,
+    phi3_medium_4k,
+    phi3_mini_4k,
+    phi3_mini_128k,
+    phi4,
 )
 from dpokit.models.presets import ARCHITECTURES, lora_tiny, tiny
 from dpokit.models.qwen2_5 import (

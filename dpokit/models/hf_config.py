@@ -22,7 +22,7 @@ import torch
 
 from dpokit.errors import DpokitError
 from dpokit.models.builders import llama, lora_llama
-from dpokit.models.transformer import RopeScaling, TransformerDecoder
+from dpokit.models.transformer import SLIDING_ATTENTION, LongRopeScaling, RopeScaling, TransformerDecoder
 
 
 class CheckpointError(DpokitError):
@@ -200,6 +200,9 @@ class Family:
     to_kwargs: Callable[[Mapping, str], dict] | None = None
     # decoder args -> the family's own config.json fields on export.
     to_config: Callable[[Mapping], dict] | None = None
+    # config.json (dict, source) -> (rope_theta, rope_scaling), for families whose RoPE fields differ
+    # from the common ones (default: `_rope`).
+    rope: Callable[[Mapping, str], tuple] | None = None
 
     def matches(self, args: Mapping) -> bool:
         if self.describes is not None:
@@ -267,6 +270,144 @@ FAMILIES: dict[str, Family] = {
         tolerated=frozenset({"sliding_window", "max_window_layers", "layer_types"}),
     ),
 }
+
+
+# ------------------------------------------------------------------------------- Phi-3 / Phi-4
+# Phi-3-mini/medium, Phi-3.5-mini and Phi-4 (all model_type phi3): the Llama block with fused
+# `qkv_proj` ([q | k | v]) and `gate_up_proj` ([gate | up]); an optional sliding window over every
+# layer; RoPE default or "longrope" (128k checkpoints).
+_PHI3_KEYS = {
+    "embed_tokens.weight": "model.embed_tokens.weight",
+    "layers.{}.input_layernorm.weight": "model.layers.{}.input_layernorm.weight",
+    "layers.{}.self_attn.qkv_proj.weight": "model.layers.{}.self_attn.qkv_proj.weight",
+    "layers.{}.self_attn.o_proj.weight": "model.layers.{}.self_attn.o_proj.weight",
+    "layers.{}.post_attention_layernorm.weight": "model.layers.{}.post_attention_layernorm.weight",
+    "layers.{}.mlp.gate_up_proj.weight": "model.layers.{}.mlp.gate_up_proj.weight",
+    "layers.{}.mlp.down_proj.weight": "model.layers.{}.mlp.down_proj.weight",
+    "norm.weight": "model.norm.weight",
+    "lm_head.weight": "lm_head.weight",
+}
+PHI3_DEFAULT_CONTEXT = 4096  # Phi3Config's max_position_embeddings and original_max_position_embeddings
+_PHI3_ROPE_COMMON = {"rope_type", "type", "rope_theta", "partial_rotary_factor"}
+_PHI3_LONGROPE_FIELDS = {
+    "short_factor",
+    "long_factor",
+    "factor",
+    "attention_factor",
+    "original_max_position_embeddings",
+}
+
+
+def _phi3_rope(config: Mapping, source: str) -> tuple[float, LongRopeScaling | None]:
+    """Phi3Config's reading of the RoPE fields: the legacy `rope_scaling` dict wins over
+    `rope_parameters`, theta inside the dict over the top-level one, "su" / "yarn" mean longrope,
+    and the top-level original_max_position_embeddings (default 4096) is the one used."""
+    params = dict(config.get("rope_scaling") or config.get("rope_parameters") or {})
+    theta = float(params.get("rope_theta", config.get("rope_theta", 10_000.0)))
+    partial = params.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        raise CheckpointError(f"{source}: partial_rotary_factor={partial!r} is not supported (only 1.0)")
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    rope_type = "longrope" if rope_type in ("su", "yarn") else rope_type
+    if rope_type == "default":
+        extra = set(params) - _PHI3_ROPE_COMMON
+        if extra:
+            raise CheckpointError(f"{source}: rope parameters {sorted(extra)} are not supported with default RoPE")
+        return theta, None
+    if rope_type != "longrope":
+        raise CheckpointError(
+            f"{source}: rope scaling type {rope_type!r} is not implemented for phi3 (supported: default, longrope)"
+        )
+    extra = set(params) - _PHI3_ROPE_COMMON - _PHI3_LONGROPE_FIELDS
+    if extra:
+        raise CheckpointError(f"{source}: longrope rope parameters {sorted(extra)} are not supported")
+    half = (config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]) // 2
+    factors = {}
+    for name in ("short_factor", "long_factor"):
+        value = params.get(name)
+        numbers = isinstance(value, list) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
+        )
+        if not numbers or len(value) != half:
+            raise CheckpointError(f"{source}: longrope {name} must be a list of {half} numbers (head_dim / 2)")
+        factors[name] = tuple(float(v) for v in value)
+    original = config.get("original_max_position_embeddings", PHI3_DEFAULT_CONTEXT)
+    if not isinstance(original, int) or original < 2:
+        raise CheckpointError(f"{source}: original_max_position_embeddings must be an integer > 1, got {original!r}")
+    inner = params.get("original_max_position_embeddings", original)
+    if inner != original:  # transformers silently takes the top-level one
+        raise CheckpointError(
+            f"{source}: rope original_max_position_embeddings={inner!r} differs from the top-level {original}"
+        )
+    attention = params.get("attention_factor")
+    if attention is None:
+        factor = params.get("factor")
+        if factor is None:
+            factor = config.get("max_position_embeddings", PHI3_DEFAULT_CONTEXT) / original
+        attention = LongRopeScaling.default_attention_factor(factor, original)
+    return theta, LongRopeScaling(**factors, original_max_position_embeddings=original, attention_factor=attention)
+
+
+def _phi3_to_kwargs(config: Mapping, source: str) -> dict:
+    window = config.get("sliding_window")
+    if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 1):
+        raise CheckpointError(f"{source}: sliding_window must be a positive integer or null, got {window!r}")
+    # transformers 5 keeps key k for query q when q - k < sliding_window (Phi-3-mini-4k: 2047 of
+    # 4096), which is our window rule; a window of at least the context never masks anything.
+    return dict(
+        fused_projections=True,
+        sliding_window=window,
+        max_seq_len=config.get("max_position_embeddings", PHI3_DEFAULT_CONTEXT),
+    )
+
+
+def _phi3_describes(args: Mapping) -> bool:
+    window, layer_types = args.get("sliding_window"), args.get("layer_types")
+    one_kind = layer_types is None or set(layer_types) == {SLIDING_ATTENTION if window else "full_attention"}
+    rope = args.get("rope_scaling") is None or isinstance(args.get("rope_scaling"), LongRopeScaling)
+    return one_kind and rope and _switches(fused_projections=True, free=("sliding_window",))(args)
+
+
+def _phi3_to_config(args: Mapping) -> dict:
+    scaling, context = args["rope_scaling"], args["max_seq_len"]
+    config = dict(sliding_window=args["sliding_window"], original_max_position_embeddings=context)
+    if isinstance(scaling, LongRopeScaling):
+        original = scaling.original_max_position_embeddings
+        rope = {
+            "type": "longrope",
+            "short_factor": list(scaling.short_factor),
+            "long_factor": list(scaling.long_factor),
+        }
+        # Written only when it is not what transformers derives from the two context lengths.
+        if scaling.attention_factor != LongRopeScaling.default_attention_factor(context / original, original):
+            rope["attention_factor"] = scaling.attention_factor
+        config.update(rope_scaling=rope, original_max_position_embeddings=original)
+    return config
+
+
+FAMILIES["phi3"] = Family(
+    model_type="phi3",
+    architecture="Phi3ForCausalLM",
+    keys=_PHI3_KEYS,
+    qkv_bias=False,
+    # Dropout: refused unless 0 (every published Phi-3 / Phi-4 config). dpokit trains without
+    # dropout, as DPO should (policy and reference log-probs must be the same deterministic function
+    # at the start; TRL's DPOTrainer disables dropout by default), and export writes 0.0 back.
+    required={
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "resid_pdrop": 0.0,
+        "embd_pdrop": 0.0,
+    },
+    describes=_phi3_describes,
+    # auto_map: the remote-code classes of older Phi-3 folders; transformers 5 builds its own Phi3
+    # (same weights, same function) and never runs them, and neither do we.
+    fields=frozenset({"original_max_position_embeddings", "sliding_window", "partial_rotary_factor", "auto_map"}),
+    to_kwargs=_phi3_to_kwargs,
+    to_config=_phi3_to_config,
+    rope=_phi3_rope,
+)
 
 _ARCH_FIELDS = frozenset(
     {
@@ -373,7 +514,7 @@ def hf_config_to_kwargs(config: Mapping | str | Path) -> tuple[Family, dict]:
     for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
         if not isinstance(config.get(name), int):
             raise CheckpointError(f"{source}: {name} must be an integer, got {config.get(name)!r}")
-    theta, scaling = _rope(config, source)
+    theta, scaling = (family.rope or _rope)(config, source)
     n_heads = config["num_attention_heads"]
     kwargs = dict(
         vocab_size=config["vocab_size"],
@@ -448,7 +589,7 @@ def hf_config_from_model(model: TransformerDecoder, dtype: torch.dtype, base: Ma
         rms_norm_eps=args["norm_eps"],
         rope_theta=args["rope_theta"],
         rope_scaling=None
-        if scaling is None
+        if not isinstance(scaling, RopeScaling)
         else {
             "rope_type": "llama3",
             "factor": scaling.factor,
@@ -464,5 +605,7 @@ def hf_config_from_model(model: TransformerDecoder, dtype: torch.dtype, base: Ma
         config["sliding_window"] = None  # explicit: absent would mean transformers' default window
     if family.to_config is not None:
         config.update(family.to_config(args))
+    if scaling is not None and config.get("rope_scaling") is None:
+        raise CheckpointError(f"{family.model_type} checkpoints cannot express this RoPE scaling: {scaling}")
     config.pop("dtype", None)
     return dict(sorted(config.items()))

@@ -50,8 +50,32 @@ class LinearRopeScaling:
     factor: float
 
 
+@dataclass(frozen=True)
+class LongRopeScaling:
+    """ "longrope" RoPE (Phi-3 128k, Phi-3.5): per-frequency divisors, `short_factor` for batches whose
+    positions all stay below `original_max_position_embeddings`, `long_factor` once any reaches it, and
+    cos/sin multiplied by `attention_factor` (transformers' default: `default_attention_factor(L / original,
+    original)` for a context of L positions)."""
+
+    short_factor: tuple[float, ...]
+    long_factor: tuple[float, ...]
+    original_max_position_embeddings: int
+    attention_factor: float = 1.0
+
+    @staticmethod
+    def default_attention_factor(factor: float, original_max_position_embeddings: int) -> float:
+        """sqrt(1 + ln(factor) / ln(original)) for a context extended `factor` times (1 when factor <= 1)."""
+        if factor <= 1.0:
+            return 1.0
+        return math.sqrt(1 + math.log(factor) / math.log(original_max_position_embeddings))
+
+
 def rope_inverse_frequencies(
-    head_dim: int, theta: float, scaling: RopeScaling | LinearRopeScaling | None = None
+    head_dim: int,
+    theta: float,
+    scaling: RopeScaling | LinearRopeScaling | LongRopeScaling | None = None,
+    *,
+    long: bool = False,
 ) -> torch.Tensor:
     """inv_freq[i] = theta^(-2i/head_dim), optionally rescaled.
 
@@ -60,9 +84,13 @@ def rope_inverse_frequencies(
     wavelen = 2 pi / inv_freq and L = original_max_position_embeddings:
         wavelen < L / high_freq_factor: unchanged;  wavelen > L / low_freq_factor: inv_freq / factor;
         between: (1 - s) inv_freq / factor + s inv_freq,  s = (L / wavelen - low) / (high - low).
-    With `LinearRopeScaling`: inv_freq / factor at every frequency.
+    With `LinearRopeScaling`: inv_freq / factor at every frequency. With `LongRopeScaling`:
+    inv_freq[i] / short_factor[i] (`long`: / long_factor[i]).
     """
     exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+    if isinstance(scaling, LongRopeScaling):
+        factors = torch.tensor(scaling.long_factor if long else scaling.short_factor, dtype=torch.float32)
+        return 1.0 / (factors * theta**exponents)
     inv_freq = 1.0 / (theta**exponents)
     if scaling is None:
         return inv_freq
@@ -270,7 +298,7 @@ class TransformerDecoder(nn.Module):
         max_seq_len: int,
         head_dim: int | None = None,
         rope_theta: float = 500_000.0,
-        rope_scaling: RopeScaling | LinearRopeScaling | None = None,
+        rope_scaling: RopeScaling | LinearRopeScaling | LongRopeScaling | None = None,
         norm_eps: float = 1e-5,
         qkv_bias: bool = False,
         qk_norm: str | None = None,
@@ -364,6 +392,8 @@ class TransformerDecoder(nn.Module):
         # Not buffers that are saved: derived from the config and rebuilt on every load.
         self.register_buffer("inv_freq", torch.empty(head_dim // 2), persistent=False)
         self.register_buffer("local_inv_freq", torch.empty(head_dim // 2 if local_rope_theta else 0), persistent=False)
+        longrope = isinstance(rope_scaling, LongRopeScaling)
+        self.register_buffer("long_inv_freq", torch.empty(head_dim // 2 if longrope else 0), persistent=False)
         self.reset_rope()
 
     def reset_rope(self, device: torch.device | str | None = None) -> None:
@@ -376,6 +406,12 @@ class TransformerDecoder(nn.Module):
         local = args["local_rope_theta"]
         local_inv_freq = torch.empty(0) if local is None else rope_inverse_frequencies(args["head_dim"], local)
         self.local_inv_freq = local_inv_freq.to(device)
+        scaling = args["rope_scaling"]
+        long = isinstance(scaling, LongRopeScaling)
+        long_inv_freq = (
+            rope_inverse_frequencies(args["head_dim"], args["rope_theta"], scaling, long=True) if long else None
+        )
+        self.long_inv_freq = (torch.empty(0) if long_inv_freq is None else long_inv_freq).to(device)
 
     @property
     def output_weight(self) -> torch.Tensor:
@@ -383,10 +419,26 @@ class TransformerDecoder(nn.Module):
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
     @staticmethod
-    def rope_tables(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
+    def rope_tables(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype, scale: float = 1.0):
         angles = positions[:, None, :, None].float() * inv_freq.float()  # [B, 1, T, D/2]
         angles = torch.cat((angles, angles), dim=-1)
-        return angles.cos().to(dtype), angles.sin().to(dtype)
+        cos, sin = angles.cos(), angles.sin()
+        if scale != 1.0:  # LongRoPE's attention factor, applied in fp32 before the cast as transformers does
+            cos, sin = cos * scale, sin * scale
+        return cos.to(dtype), sin.to(dtype)
+
+    def global_rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """(inv_freq, cos/sin scale) of the global RoPE table for a forward over `positions`.
+
+        LongRoPE picks its long factors for the whole batch once the largest position id + 1
+        exceeds original_max_position_embeddings (transformers' rule: a padded batch's padding
+        counts, and one long sequence switches every row); torch.where keeps it free of a host sync.
+        """
+        scaling = self.args["rope_scaling"]
+        if not isinstance(scaling, LongRopeScaling):
+            return self.inv_freq, 1.0
+        long = positions.max() + 1 > scaling.original_max_position_embeddings
+        return torch.where(long, self.long_inv_freq, self.inv_freq), scaling.attention_factor
 
     def hidden_states(
         self,
@@ -409,7 +461,8 @@ class TransformerDecoder(nn.Module):
         x = self.embed_tokens(tokens)
         if self.embedding_scale:  # Gemma: sqrt(dim), rounded to the activation dtype as HF does
             x = x * torch.tensor(self.dim**0.5, dtype=x.dtype)
-        tables = {False: self.rope_tables(self.inv_freq, positions, x.dtype)}
+        inv_freq, scale = self.global_rope(positions)
+        tables = {False: self.rope_tables(inv_freq, positions, x.dtype, scale)}
         if any(self.local_rope):
             tables[True] = self.rope_tables(self.local_inv_freq, positions, x.dtype)
         if cache is not None:

@@ -43,7 +43,17 @@ def test_logits_match_transformers(name, tmp_path):
     assert diff <= 1e-5, f"{name}: max abs logit diff {diff}"
 
 
-@pytest.mark.parametrize("name", ["llama3_1_rope_scaling", "qwen2_5_tied_bias", "qwen3_tied_head_dim", "mistral_gqa"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "llama3_1_rope_scaling",
+        "qwen2_5_tied_bias",
+        "qwen3_tied_head_dim",
+        "mistral_gqa",
+        "phi3_gqa_window",
+        "phi3_longrope",
+    ],
+)
 def test_hf_to_dpokit_to_hf_is_exact_and_loads_without_warnings(name, tmp_path):
     reference = write_hf_checkpoint(name, tmp_path / "in")
     (tmp_path / "in" / "tokenizer_config.json").write_text('{"model_max_length": 128}\n')
@@ -80,11 +90,20 @@ def test_iter_hf_weights_yields_every_parameter_once_with_our_names(tmp_path):
         assert torch.equal(tensor, ours.state_dict()[key].to(torch.bfloat16)), key
 
 
-@pytest.mark.parametrize("name", ["llama3_2_tied_head_dim", "qwen2_5_untied_bias", "qwen3_untied"])
+# LoRA targets per family layout (default: the separate Llama projections).
+PEFT_TARGETS = {
+    "phi3_no_window": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],  # PEFT: one A/B per fused matrix
+    "phi3_longrope": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+}
+
+
+@pytest.mark.parametrize(
+    "name", ["llama3_2_tied_head_dim", "qwen2_5_untied_bias", "qwen3_untied", "phi3_no_window", "phi3_longrope"]
+)
 def test_peft_loads_our_adapter_and_matches_our_outputs(name, tmp_path):
     peft = pytest.importorskip("peft")
     reference = write_hf_checkpoint(name, tmp_path / "base")
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    targets = PEFT_TARGETS.get(name, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     ours = load_hf_checkpoint(tmp_path / "base", lora={"lora_targets": targets, "lora_rank": 4, "lora_alpha": 8.0})
     with torch.no_grad():
         for p in adapter_params(ours).values():
@@ -98,8 +117,9 @@ def test_peft_loads_our_adapter_and_matches_our_outputs(name, tmp_path):
     assert diff <= 1e-5, diff
     assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["target_modules"] == sorted(targets)
 
-    # the merged model, saved in HF format, is the adapted model
-    save_hf_checkpoint(ours, tmp_path / "merged")
+    # the merged model, saved in HF format, is the adapted model (Phi-3's folder keeps the base's
+    # token ids: Phi3Config's default pad id 32000 does not fit the tiny vocabulary)
+    save_hf_checkpoint(ours, tmp_path / "merged", source_dir=tmp_path / "base" if name in PEFT_TARGETS else None)
     merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").float().eval()
     assert (hf_logits(merged, TOKENS) - expected).abs().max().item() <= 1e-5
 
@@ -126,3 +146,113 @@ def test_a_mistral_sliding_window_shorter_than_the_context_is_refused(window, re
             model_from_hf_config(tmp_path)
     else:
         model_from_hf_config(tmp_path)
+
+
+# ------------------------------------------------------------------------------- Phi-3 / Phi-4
+
+
+@pytest.mark.parametrize("length", [20, 32, 33, 40])
+def test_phi3_longrope_picks_the_factor_set_transformers_picks(length, tmp_path):
+    """original_max_position_embeddings is 32: up to 32 positions use the short factors, 33 and
+    more the long ones (for every row of the batch); logits equal transformers' either side."""
+    reference = write_hf_checkpoint("phi3_longrope", tmp_path)
+    ours = load_hf_checkpoint(tmp_path).eval()
+    tokens = TOKENS[:, :length]
+    with torch.no_grad():
+        assert (ours(tokens) - hf_logits(reference, tokens)).abs().max().item() <= 1e-5
+        # the same first 20 tokens rotate differently once the batch is long: the switch is exercised
+        switched = (ours(tokens)[:, :20] - ours(TOKENS[:, :20])).abs().max().item()
+    assert (switched > 1e-3) == (length > 32), switched
+
+
+def test_phi3_sliding_window_is_exercised_by_the_parity_test(tmp_path):
+    # the window (16) cuts the 40 test tokens: without it the same weights give other logits
+    reference = write_hf_checkpoint("phi3_gqa_window", tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "sliding_window": None}))
+    unwindowed = load_hf_checkpoint(tmp_path).eval()
+    with torch.no_grad():
+        assert (unwindowed(TOKENS) - hf_logits(reference, TOKENS)).abs().max().item() > 1e-3
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(resid_pdrop=0.1), "resid_pdrop=0.1 is not supported"),
+        (dict(embd_pdrop=0.1), "embd_pdrop=0.1 is not supported"),
+        (dict(attention_dropout=0.1), "attention_dropout=0.1 is not supported"),
+        (dict(partial_rotary_factor=0.5), "partial_rotary_factor=0.5 is not supported"),
+        (dict(rope_scaling={"type": "dynamic", "factor": 2.0}), "rope scaling type 'dynamic' is not implemented"),
+        (
+            dict(rope_scaling={"type": "longrope", "short_factor": [1.0] * 8}),
+            "longrope long_factor must be a list of 8",
+        ),
+        (
+            dict(rope_scaling={"type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 7}),
+            "longrope long_factor must be a list of 8",
+        ),
+        (
+            dict(
+                rope_scaling={
+                    "type": "longrope",
+                    "short_factor": [1.0] * 8,
+                    "long_factor": [2.0] * 8,
+                    "original_max_position_embeddings": 64,
+                }
+            ),
+            "rope original_max_position_embeddings=64 differs from the top-level 32",
+        ),
+        (dict(sliding_window=0), "sliding_window must be a positive integer or null"),
+        (dict(layer_types=["full_attention"] * 2), r"config field\(s\) \['layer_types'\] not understood"),
+    ],
+)
+def test_phi3_fields_we_do_not_reproduce_are_refused_by_name(change, message, tmp_path):
+    write_hf_checkpoint("phi3_longrope", tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.pop("rope_parameters")
+    config["rope_theta"] = 10_000.0
+    (tmp_path / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(CheckpointError, match=message) as error:
+        model_from_hf_config(tmp_path)
+    assert str(error.value).startswith(str(tmp_path / "config.json")) and "\n" not in str(error.value)
+
+
+def test_phi3_su_rope_and_explicit_attention_factor_load_as_transformers_reads_them(tmp_path):
+    """Older Phi-3 configs say "su" (transformers reads it as longrope; version 5 only with the
+    original length inside the dict, the remote code took the top-level one, as we do: both must
+    agree); an explicit attention_factor replaces the derived one, and export writes it back."""
+    reference = write_hf_checkpoint("phi3_longrope", tmp_path / "in")
+    config = json.loads((tmp_path / "in" / "config.json").read_text())
+    rope = {k: config["rope_parameters"][k] for k in ("short_factor", "long_factor")}
+    config.pop("rope_parameters")
+    config.update(rope_theta=10_000.0, rope_scaling={"type": "su", **rope, "attention_factor": 1.3})
+    without_inner = model_from_hf_config(config).args
+    config["rope_scaling"]["original_max_position_embeddings"] = 32
+    assert model_from_hf_config(config).args == without_inner
+    (tmp_path / "in" / "config.json").write_text(json.dumps(config))
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "in", dtype=torch.float32).eval()
+    assert theirs.model.rotary_emb.attention_scaling == 1.3
+    ours = load_hf_checkpoint(tmp_path / "in").eval()
+    with torch.no_grad():
+        assert (ours(TOKENS) - hf_logits(theirs, TOKENS)).abs().max().item() <= 1e-5
+        assert (ours(TOKENS) - hf_logits(reference, TOKENS)).abs().max().item() > 1e-3  # the factor matters
+    save_hf_checkpoint(ours, tmp_path / "out", source_dir=tmp_path / "in")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["rope_scaling"]["attention_factor"] == 1.3
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    assert torch.equal(hf_logits(again, TOKENS), hf_logits(theirs, TOKENS))
+
+
+def test_a_rope_scaling_or_layout_no_family_writes_is_refused_on_export():
+    from dpokit.models import hf_config_from_model, llama
+    from dpokit.models.transformer import LongRopeScaling
+
+    tiny = dict(vocab_size=96, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=96, max_seq_len=128)
+    longrope = LongRopeScaling((1.0,) * 8, (2.0,) * 8, 32, attention_factor=1.1)
+    with pytest.raises(CheckpointError, match="llama checkpoints cannot express this RoPE scaling"):
+        hf_config_from_model(llama(**tiny, rope_scaling=longrope), torch.float32)
+    mixed = llama(**tiny, fused_projections=True, sliding_window=8, layer_types=("sliding_attention", "full_attention"))
+    with pytest.raises(CheckpointError, match="no Hugging Face family lays out this model"):
+        hf_config_from_model(mixed, torch.float32)
+    config = hf_config_from_model(llama(**tiny, fused_projections=True, rope_scaling=longrope), torch.float32)
+    assert config["model_type"] == "phi3" and config["rope_scaling"]["attention_factor"] == 1.1
+    assert model_from_hf_config(config).args["rope_scaling"] == longrope

@@ -31,7 +31,7 @@ HF_REAL = SHARED / "hf-real"
 HH = SHARED / "data" / "hh_rlhf_harmless_base_test.jsonl.gz"
 pytestmark = pytest.mark.skipif(not HF_REAL.is_dir(), reason="../shared/hf-real is not here")
 
-SUPPORTED = {"llama", "mistral", "qwen2", "qwen3"}
+SUPPORTED = {"llama", "mistral", "qwen2", "qwen3", "phi3"}
 FOLDERS = sorted(p.name for p in HF_REAL.iterdir() if (p / "config.json").is_file()) if HF_REAL.is_dir() else []
 
 HARD_TEXTS = [
@@ -172,3 +172,21 @@ def test_a_real_folder_tokenizes_conversations_as_transformers_apply_chat_templa
         expected = theirs.apply_chat_template(messages, tokenize=True, return_dict=False)
         expected = expected["input_ids"] if isinstance(expected, dict) else list(expected)
         assert ours.tokenize_messages(messages)[0] == expected
+
+
+@pytest.mark.parametrize("name, preset", [("phi-4", "phi4"), ("Phi-3-mini-128k-instruct", "phi3_mini_128k")])
+def test_real_phi_configs_build_their_preset_and_export_what_transformers_reads(name, preset):
+    """phi-4 (default RoPE, no window) and Phi-3-mini-128k (longrope, window 262,144 > context,
+    remote-code auto_map): the folder builds the preset's architecture, and our config.json of it
+    gives transformers the same RoPE parameters, window and lengths as the published file."""
+    from dpokit.models import ARCHITECTURES, hf_config_from_model, llama
+
+    folder = HF_REAL / name
+    with torch.device("meta"):
+        ours = model_from_hf_config(folder)
+        assert ours.args == llama(**ARCHITECTURES[preset]).args
+    theirs = transformers.AutoConfig.from_pretrained(folder)
+    again = transformers.AutoConfig.for_model(**hf_config_from_model(ours, torch.bfloat16))
+    assert type(again) is type(theirs) and again.architectures == ["Phi3ForCausalLM"]
+    for field in ("rope_parameters", "sliding_window", "max_position_embeddings", "original_max_position_embeddings"):
+        assert getattr(again, field) == getattr(theirs, field), field

@@ -1,6 +1,8 @@
 """Presets against the published checkpoints: parameter counts from the model cards / safetensors
 metadata of each Hugging Face repository, and config.json round trips through transformers."""
 
+from functools import partial
+
 import pytest
 import torch
 
@@ -33,6 +35,11 @@ PUBLISHED_PARAMETERS = {
     "smollm2_135m": 134_515_008,
     "smollm2_360m": 361_821_120,
     "smollm2_1_7b": 1_711_376_384,
+    # Phi model cards: Phi-3-mini 3.8B, Phi-3-medium 14B, Phi-4 14.7B (safetensors totals)
+    "phi3_mini_4k": 3_821_079_552,
+    "phi3_mini_128k": 3_821_079_552,
+    "phi3_medium_4k": 13_960_238_080,
+    "phi4": 14_659_507_200,
 }
 
 
@@ -46,6 +53,8 @@ def full_count(name: str, lora: bool = False) -> int:
     (every layer is identical, so count = P(1) + (L - 1) (P(2) - P(1)); 126-layer modules are slow)."""
     arch = ARCHITECTURES[name]
     builder = models.lora_llama if lora else models.llama
+    if lora and arch.get("fused_projections"):  # Phi-3 has qkv_proj, not q_proj / v_proj
+        builder = partial(models.lora_llama, lora_targets=("qkv_proj",))
 
     def count(n_layers):
         with torch.device("meta"):
@@ -72,7 +81,19 @@ def test_every_architecture_has_a_published_count_and_working_builders():
 
 
 @pytest.mark.parametrize(
-    "name", ["llama3_1_8b", "llama3_2_1b", "qwen2_5_0_5b", "qwen2_5_7b", "qwen3_0_6b", "qwen3_8b", "smollm2_135m"]
+    "name",
+    [
+        "llama3_1_8b",
+        "llama3_2_1b",
+        "qwen2_5_0_5b",
+        "qwen2_5_7b",
+        "qwen3_0_6b",
+        "qwen3_8b",
+        "smollm2_135m",
+        "phi3_mini_4k",
+        "phi3_mini_128k",
+        "phi4",
+    ],
 )
 def test_config_json_round_trips_and_transformers_agrees(name):
     transformers = pytest.importorskip("transformers")
@@ -104,3 +125,37 @@ def test_llama3_rope_scaling_matches_transformers():
         args = model.args
         ours = rope_inverse_frequencies(args["head_dim"], args["rope_theta"], args["rope_scaling"])
         assert torch.equal(ours, expected), name
+
+
+def test_phi3_presets_lora_twins_adapt_the_fused_projections():
+    lora = meta_build("lora_phi3_mini_4k", lora_rank=4)
+    adapted = {n.split(".")[-3] for n, p in lora.named_parameters() if p.requires_grad}
+    assert adapted == {"qkv_proj"}
+    lora = meta_build("lora_phi4", lora_targets=("qkv_proj", "o_proj", "gate_up_proj", "down_proj"))
+    assert {n.split(".")[-3] for n, p in lora.named_parameters() if p.requires_grad} == {
+        "qkv_proj",
+        "o_proj",
+        "gate_up_proj",
+        "down_proj",
+    }
+    with pytest.raises(ValueError, match=r"\['q_proj'\] are not projections of this model"):
+        meta_build("lora_phi4", lora_targets=("q_proj",))
+
+
+@pytest.mark.parametrize("long", [False, True])
+def test_phi3_longrope_tables_match_transformers(long):
+    """Phi-3-mini-128k: inv_freq with the short factors (up to 4,096 positions) and the long ones
+    (beyond), and the cos/sin attention factor, bit for bit as transformers computes them."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from dpokit.models.transformer import rope_inverse_frequencies
+
+    with torch.device("meta"):
+        model = models.llama(**{**ARCHITECTURES["phi3_mini_128k"], "n_layers": 1})
+    hf_config = transformers.AutoConfig.for_model(**hf_config_from_model(model, torch.bfloat16))
+    expected, attention_factor = ROPE_INIT_FUNCTIONS["longrope"](hf_config, "cpu", seq_len=4097 if long else None)
+    args = model.args
+    ours = rope_inverse_frequencies(args["head_dim"], args["rope_theta"], args["rope_scaling"], long=long)
+    assert torch.equal(ours, expected)
+    assert args["rope_scaling"].attention_factor == attention_factor

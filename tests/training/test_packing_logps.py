@@ -9,6 +9,7 @@ import torch
 from dpokit.data import collate_packed, collate_preference_pairs, first_fit_decreasing, first_fit_shuffle, pair_length
 from dpokit.losses import dpo_loss
 from dpokit.models import disable_adapter, lora_llama
+from dpokit.models.transformer import LongRopeScaling
 from dpokit.training.forward import policy_logps
 from dpokit.training.packed_forward import packed_policy_logps, segment_logps
 
@@ -44,6 +45,13 @@ VARIANTS = {
     ),
     "olmo2": dict(norm_placement="post", qk_norm="projection", norm_scale_in_fp32=True),
     "phi3": dict(fused_projections=True, lora_targets=["qkv_proj", "o_proj", "gate_up_proj"]),
+    "phi3_window": dict(fused_projections=True, sliding_window=6, lora_targets=["qkv_proj", "gate_up_proj"]),
+    # longrope: the batch's longest sequence (up to 24 tokens) passes 12 positions, in every layout
+    "phi3_longrope": dict(
+        fused_projections=True,
+        rope_scaling=LongRopeScaling((1.0, 1.5, 2.0, 3.0), (1.2, 4.0, 8.0, 16.0), 12, attention_factor=1.2),
+        lora_targets=["qkv_proj", "down_proj"],
+    ),
 }
 
 
