@@ -61,13 +61,19 @@ def stream_tokens(
     was_training = model.training
     model.eval()
     try:
-        cache = None
-        if use_cache:
-            cache = KVCache.for_model(model, batch=len(prompts), capacity=tokens.shape[1] + max_new_tokens)
+        capacity = tokens.shape[1] + max_new_tokens
+        # LongRoPE (Phi-3) rotates by other factors past this length: the cached keys are then
+        # recomputed once with them, as transformers does when generation crosses it.
+        switch = getattr(model, "rope_switch_length", None)
+
+        def prefill():
+            if not use_cache:
+                return None, model(tokens, positions, _full_mask(valid))[:, -1]
+            cache = KVCache.for_model(model, batch=len(prompts), capacity=capacity)
             cache.advance(positions, valid)
-            logits = model(tokens, positions, cache=cache)[:, -1]
-        else:
-            logits = model(tokens, positions, _full_mask(valid))[:, -1]
+            return cache, model(tokens, positions, cache=cache)[:, -1]
+
+        cache, logits = prefill()
         finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
         for step in range(max_new_tokens):
             new = next_tokens(logits, sampling, generator)
@@ -76,16 +82,15 @@ def stream_tokens(
             if bool(finished.all()) or step + 1 == max_new_tokens:
                 return
             next_position = positions[:, -1:] + 1
-            if use_cache:
+            crossing = switch is not None and int(positions.max()) + 1 <= switch < int(next_position.max()) + 1
+            tokens = torch.cat([tokens, new[:, None]], dim=1)
+            valid = torch.cat([valid, torch.ones_like(valid[:, :1])], dim=1)
+            positions = torch.cat([positions, next_position], dim=1)
+            if use_cache and not crossing:
                 cache.advance(next_position)
                 logits = model(new[:, None], next_position, cache=cache)[:, -1]
             else:
-                tokens = torch.cat([tokens, new[:, None]], dim=1)
-                valid = torch.cat([valid, torch.ones_like(valid[:, :1])], dim=1)
-                positions = torch.cat([positions, next_position], dim=1)
-                logits = model(tokens, positions, _full_mask(valid))[:, -1]
-                continue
-            positions = next_position
+                cache, logits = prefill()
     finally:
         model.train(was_training)
 

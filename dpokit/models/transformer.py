@@ -427,6 +427,12 @@ class TransformerDecoder(nn.Module):
             cos, sin = cos * scale, sin * scale
         return cos.to(dtype), sin.to(dtype)
 
+    @property
+    def rope_switch_length(self) -> int | None:
+        """The sequence length past which LongRoPE switches to its long factors (None: no switch)."""
+        scaling = self.args["rope_scaling"]
+        return scaling.original_max_position_embeddings if isinstance(scaling, LongRopeScaling) else None
+
     def global_rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, float]:
         """(inv_freq, cos/sin scale) of the global RoPE table for a forward over `positions`.
 
