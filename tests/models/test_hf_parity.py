@@ -43,7 +43,10 @@ def test_logits_match_transformers(name, tmp_path):
     assert diff <= 1e-5, f"{name}: max abs logit diff {diff}"
 
 
-@pytest.mark.parametrize("name", ["llama3_1_rope_scaling", "qwen2_5_tied_bias", "qwen3_tied_head_dim", "mistral_gqa"])
+@pytest.mark.parametrize(
+    "name",
+    ["llama3_1_rope_scaling", "qwen2_5_tied_bias", "qwen3_tied_head_dim", "mistral_gqa", "qwen3_moe"],
+)
 def test_hf_to_dpokit_to_hf_is_exact_and_loads_without_warnings(name, tmp_path):
     reference = write_hf_checkpoint(name, tmp_path / "in")
     (tmp_path / "in" / "tokenizer_config.json").write_text('{"model_max_length": 128}\n')

@@ -33,6 +33,9 @@ PUBLISHED_PARAMETERS = {
     "smollm2_135m": 134_515_008,
     "smollm2_360m": 361_821_120,
     "smollm2_1_7b": 1_711_376_384,
+    # Qwen3 MoE model cards: 30.5B total / 3.3B activated, 235B total / 22B activated
+    "qwen3_30b_a3b": 30_532_122_624,
+    "qwen3_235b_a22b": 235_093_634_560,
 }
 
 
