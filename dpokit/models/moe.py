@@ -66,35 +66,41 @@ class MoE:
 
 
 class RouterStatistics:
-    """Weighted sums of one forward's routing, over every sparse layer (see the module docstring)."""
+    """Weighted sums of one forward's routing, over every sparse layer (see the module docstring).
+
+    The assignment counts are summed as the layers run; each layer's probabilities [N, n_experts]
+    are kept and weighted in `loss`, outside the blocks: an autograd op inside a block would save
+    tensors that an activation-checkpointing recomputation (which collects nothing) does not."""
 
     def __init__(self, token_weights: torch.Tensor, n_experts: int, top_k: int):
         self.weights = token_weights.reshape(-1).float()
         self.n_experts, self.top_k = n_experts, top_k
         self.assignments = torch.zeros(n_experts, device=self.weights.device)
-        self.probabilities = torch.zeros(n_experts, device=self.weights.device)
-        self.rows = torch.zeros((), device=self.weights.device)
-        self.layers = 0
+        self.probs: list[torch.Tensor] = []
+
+    @property
+    def layers(self) -> int:
+        return len(self.probs)
 
     def add(self, probs: torch.Tensor, experts: torch.Tensor) -> None:
         """probs [N, n_experts] (fp32, differentiable), experts [N, top_k] chosen by one layer."""
-        weights = self.weights.to(probs.device)
-        if weights.numel() != probs.shape[0]:
-            raise ValueError(f"{weights.numel()} token weights for {probs.shape[0]} routed tokens")
-        counts = torch.zeros(self.n_experts, device=probs.device)
-        self.assignments = self.assignments + counts.index_add(
-            0, experts.reshape(-1), weights.repeat_interleave(self.top_k)
-        )
-        self.probabilities = self.probabilities + (probs * weights[:, None]).sum(0)
-        self.rows = self.rows + weights.sum()
-        self.layers += 1
+        if self.weights.numel() != probs.shape[0]:
+            raise ValueError(f"{self.weights.numel()} token weights for {probs.shape[0]} routed tokens")
+        with torch.no_grad():
+            weights = self.weights.to(probs.device)
+            counts = torch.zeros(self.n_experts, device=probs.device)
+            counts.index_add_(0, experts.reshape(-1), weights.repeat_interleave(self.top_k))
+            self.assignments = self.assignments.to(probs.device) + counts
+        self.probs.append(probs)
 
     def loss(self) -> torch.Tensor:
         """n_experts * sum_e f_e P_e (differentiable through P)."""
-        if not self.layers:
+        if not self.probs:
             raise ValueError("no sparse layer was run inside `route_statistics`")
-        rows = self.rows.clamp(min=1)  # a batch with no counted token gives 0, not NaN
-        return self.n_experts * (self.assignments / rows * self.probabilities / rows).sum()
+        weights = self.weights.to(self.probs[0].device)
+        probabilities = sum(weights @ p for p in self.probs)
+        rows = (weights.sum() * len(self.probs)).clamp(min=1)  # a batch with no counted token gives 0, not NaN
+        return self.n_experts * (self.assignments / rows * probabilities / rows).sum()
 
 
 class SparseMoE(nn.Module):

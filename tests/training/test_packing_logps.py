@@ -10,9 +10,9 @@ from dpokit.data import collate_packed, collate_preference_pairs, first_fit_decr
 from dpokit.losses import dpo_loss
 from dpokit.models import disable_adapter, lora_llama
 from dpokit.models.moe import MoE, route_statistics
-from dpokit.training.router import routed_token_weights
 from dpokit.training.forward import policy_logps
 from dpokit.training.packed_forward import packed_policy_logps, segment_logps
+from dpokit.training.router import routed_token_weights
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
