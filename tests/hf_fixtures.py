@@ -157,6 +157,39 @@ FAMILIES = {
             pad_token_id=None,
         ),
     ),
+    "qwen3_moe": (  # 8 experts, top-2 renormalised; layer 1 dense (mlp_only_layers)
+        "Qwen3MoeConfig",
+        dict(
+            COMMON,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=32,
+            rope_theta=1_000_000.0,
+            rms_norm_eps=1e-6,
+            num_experts=8,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            norm_topk_prob=True,
+            mlp_only_layers=[1],
+        ),
+    ),
+    "qwen3_moe_sparse_step_tied": (  # every second layer sparse, 6 experts, top-2 not renormalised
+        "Qwen3MoeConfig",
+        dict(
+            COMMON,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rope_theta=1_000_000.0,
+            rms_norm_eps=1e-6,
+            tie_word_embeddings=True,
+            num_experts=6,
+            num_experts_per_tok=2,
+            moe_intermediate_size=24,
+            norm_topk_prob=False,
+            decoder_sparse_step=2,
+        ),
+    ),
 }
 
 

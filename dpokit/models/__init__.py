@@ -2,8 +2,8 @@
 
 Families (each with a `lora_` twin taking lora_targets/lora_rank/lora_alpha/lora_dropout/quantize_base):
 Llama 3 / 3.1 / 3.2 (`llama3.py`), Qwen2.5 (`qwen2_5.py`), Qwen3 (`qwen3.py`), SmolLM2 (`smollm2.py`),
-Phi-3 / Phi-4 (`phi.py`).
-Any Llama/Qwen2/Qwen3/Mistral/Phi-3
+Phi-3 / Phi-4 (`phi.py`), Qwen3 MoE (`qwen3_moe.py`).
+Any Llama/Qwen2/Qwen3/Qwen3-MoE/Mistral/Phi-3
 Hugging Face directory: `model_from_hf_config`, `load_hf_checkpoint` (see `hf_checkpoint.py`).
 """
 
@@ -89,6 +89,7 @@ from dpokit.models.qwen3 import (
     qwen3_14b,
     qwen3_32b,
 )
+from dpokit.models.qwen3_moe import lora_qwen3_30b_a3b, lora_qwen3_235b_a22b, qwen3_30b_a3b, qwen3_235b_a22b
 from dpokit.models.smollm2 import (
     lora_smollm2_1_7b,
     lora_smollm2_135m,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from dpokit.models.lora import check_targets_exist, lora_linear_factory, set_trainable_params
+from dpokit.models.lora import MLP_PROJECTIONS, check_targets_exist, lora_linear_factory, set_trainable_params
 from dpokit.models.transformer import TransformerDecoder
 
 
@@ -27,11 +27,18 @@ def lora_llama(
     """`llama(...)` with LoRALinear on the projections named in `lora_targets`.
 
     Only the adapters are trainable. Targets: q_proj k_proj v_proj o_proj gate_proj up_proj
-    down_proj lm_head (lm_head is refused when embeddings are tied: it is the embedding).
+    down_proj lm_head (lm_head is refused when embeddings are tied: it is the embedding; MLP
+    projections are refused for MoE models, whose experts and router are never adapted).
     `quantize_base=True` is QLoRA: every frozen projection weight is stored in NF4 (torchao).
     """
     if llama_kwargs.get("tie_embeddings") and "lm_head" in lora_targets:
         raise ValueError("cannot put LoRA on lm_head: this model ties its output head to the embedding")
+    if llama_kwargs.get("moe") is not None and set(lora_targets) & set(MLP_PROJECTIONS):
+        # Experts and router stay without adapters; PEFT maps MLP targets onto the experts.
+        raise ValueError(
+            f"LoRA on MLP projections {sorted(set(lora_targets) & set(MLP_PROJECTIONS))} is not supported for "
+            "MoE models: PEFT would adapt the experts with them; target the attention projections (and lm_head)"
+        )
     linear = lora_linear_factory(lora_targets, lora_rank, lora_alpha, lora_dropout, quantize_base)
     model = TransformerDecoder(linear=linear, **llama_kwargs)
     check_targets_exist(model, lora_targets)

@@ -22,6 +22,7 @@ import torch
 
 from dpokit.errors import DpokitError
 from dpokit.models.builders import llama, lora_llama
+from dpokit.models.moe import MoE
 from dpokit.models.transformer import SLIDING_ATTENTION, LongRopeScaling, RopeScaling, TransformerDecoder
 
 
@@ -159,6 +160,7 @@ SWITCH_DEFAULTS = dict(
     logit_softcap=None,
     sliding_window=None,
     local_rope_theta=None,
+    moe=None,
 )
 
 
@@ -219,14 +221,100 @@ class Family:
 _LAYER = re.compile(r"(?<=layers\.)(\d+)(?=\.)")
 
 
+_EXPERT = re.compile(r"(?<=\.experts\.)(\d+)(?=\.)")
+
+
 def _translate(key: str, table: Mapping[str, str]) -> str | None:
     match = _LAYER.search(key)
     template = _LAYER.sub("{}", key, count=1) if match else key
+    expert = _EXPERT.search(template)  # MoE: "{e}" in a table entry is the expert index
+    if expert:
+        template = _EXPERT.sub("{e}", template, count=1)
     target = table.get(template)
     if target is None:
         return None
+    if expert:
+        target = target.replace("{e}", expert.group(1))
     return target.format(match.group(1)) if match else target
 
+
+# ---- Qwen3-MoE: Qwen3 attention, sparse expert MLPs (`dpokit.models.moe`) ------------------------
+_QWEN3_MOE_KEYS = {
+    **_QWEN3_KEYS,
+    "layers.{}.mlp.gate.weight": "model.layers.{}.mlp.gate.weight",
+    # the per-expert layout of the Hub checkpoints and of transformers' save_pretrained
+    **{
+        f"layers.{{}}.mlp.experts.{{e}}.{name}.weight": f"model.layers.{{}}.mlp.experts.{{e}}.{name}.weight"
+        for name in ("gate_proj", "up_proj", "down_proj")
+    },
+}
+_QWEN3_MOE_FIELDS = frozenset(
+    {
+        "num_experts",
+        "num_local_experts",  # what transformers 5 writes for num_experts
+        "num_experts_per_tok",
+        "moe_intermediate_size",
+        "norm_topk_prob",
+        "decoder_sparse_step",
+        "mlp_only_layers",
+        "router_aux_loss_coef",
+        "output_router_logits",  # whether HF's forward returns router logits; our training always uses them
+    }
+)
+
+
+def _qwen3_moe_kwargs(config: Mapping, source: str) -> dict:
+    experts = {config[k] for k in ("num_experts", "num_local_experts") if k in config}
+    if len(experts) > 1:
+        raise CheckpointError(f"{source}: num_experts and num_local_experts disagree ({sorted(experts)})")
+    n_experts = experts.pop() if experts else 128
+    integers = dict(
+        n_experts=n_experts,
+        top_k=config.get("num_experts_per_tok", 8),
+        expert_hidden_dim=config.get("moe_intermediate_size", 768),
+        decoder_sparse_step=config.get("decoder_sparse_step", 1),
+    )
+    for name, value in integers.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise CheckpointError(f"{source}: {name} must be a positive integer, got {value!r}")
+    if not integers["top_k"] <= n_experts:
+        raise CheckpointError(f"{source}: num_experts_per_tok={integers['top_k']} > num_experts={n_experts}")
+    n_layers = config["num_hidden_layers"]
+    dense = config.get("mlp_only_layers") or []
+    if not isinstance(dense, list) or not all(isinstance(i, int) and 0 <= i < n_layers for i in dense):
+        raise CheckpointError(f"{source}: mlp_only_layers must list layer indices below {n_layers}, got {dense!r}")
+    norm_topk = config.get("norm_topk_prob", False)
+    coef = config.get("router_aux_loss_coef", 0.001)
+    if not isinstance(norm_topk, bool):
+        raise CheckpointError(f"{source}: norm_topk_prob must be true or false, got {norm_topk!r}")
+    if not isinstance(coef, (int, float)) or isinstance(coef, bool) or coef < 0:
+        raise CheckpointError(f"{source}: router_aux_loss_coef must be a number >= 0, got {coef!r}")
+    moe = MoE(**integers, norm_topk_prob=norm_topk, mlp_only_layers=tuple(dense), router_aux_loss_coef=float(coef))
+    if not any(moe.is_sparse(i) for i in range(n_layers)):
+        raise CheckpointError(f"{source}: no layer is sparse (decoder_sparse_step / mlp_only_layers): load it as qwen3")
+    return {"moe": moe}
+
+
+def _qwen3_moe_config(args: Mapping) -> dict:
+    moe = args["moe"]
+    return dict(
+        num_experts=moe.n_experts,
+        num_experts_per_tok=moe.top_k,
+        moe_intermediate_size=moe.expert_hidden_dim,
+        norm_topk_prob=moe.norm_topk_prob,
+        decoder_sparse_step=moe.decoder_sparse_step,
+        mlp_only_layers=list(moe.mlp_only_layers),
+        router_aux_loss_coef=moe.router_aux_loss_coef,
+        use_sliding_window=False,
+        sliding_window=None,
+    )
+
+
+def _describes_qwen3_moe(args: Mapping) -> bool:
+    return args.get("moe") is not None and _switches(qk_norm="head", free=("moe",))(args)
+
+
+# -------------------------------------------------------------------------------------------------
 
 FAMILIES: dict[str, Family] = {
     "llama": Family(
@@ -268,6 +356,19 @@ FAMILIES: dict[str, Family] = {
         qk_norm=True,
         required={"hidden_act": "silu", "attention_bias": False, "attention_dropout": 0.0, "use_sliding_window": False},
         tolerated=frozenset({"sliding_window", "max_window_layers", "layer_types"}),
+    ),
+    "qwen3_moe": Family(
+        model_type="qwen3_moe",
+        architecture="Qwen3MoeForCausalLM",
+        keys=_QWEN3_MOE_KEYS,
+        qkv_bias=False,
+        qk_norm=True,
+        required={"hidden_act": "silu", "attention_bias": False, "attention_dropout": 0.0, "use_sliding_window": False},
+        tolerated=frozenset({"sliding_window", "max_window_layers", "layer_types"}),
+        describes=_describes_qwen3_moe,
+        fields=_QWEN3_MOE_FIELDS,
+        to_kwargs=_qwen3_moe_kwargs,
+        to_config=_qwen3_moe_config,
     ),
 }
 

@@ -3,7 +3,7 @@ families in llama3.py, qwen2_5.py, qwen3.py, smollm2.py and phi.py (all re-expor
 
 from __future__ import annotations
 
-from dpokit.models import llama3, phi, qwen2_5, qwen3, smollm2
+from dpokit.models import llama3, phi, qwen2_5, qwen3, qwen3_moe, smollm2
 from dpokit.models.builders import llama, lora_llama
 from dpokit.models.llama3 import LLAMA3_8B, llama3_8b, lora_llama3_8b  # noqa: F401  (historic home)
 from dpokit.models.transformer import TransformerDecoder
@@ -29,6 +29,7 @@ ARCHITECTURES = {
     **qwen3.ARCHITECTURES,
     **smollm2.ARCHITECTURES,
     **phi.ARCHITECTURES,
+    **qwen3_moe.ARCHITECTURES,
 }
 
 

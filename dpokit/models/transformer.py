@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dpokit.models.attention import attention, sliding_window_mask
+from dpokit.models.moe import MoE, SparseMoE
 
 # Builds the q/k/v/o and MLP projections; LoRA builders pass a factory that returns LoRALinear
 # for the projections they adapt, so the model code itself never knows about adapters.
@@ -283,7 +284,8 @@ class TransformerDecoder(nn.Module):
       head_dim, qkv_bias (Qwen2), qk_norm (Qwen3, Gemma 3, OLMo 2), fused_projections (Phi-3),
       norm_placement / unit_offset_norm / activation / embedding_scale / attn_scale (Gemma),
       attn_softcap / logit_softcap (Gemma 2), sliding_window + layer_types (Mistral, Gemma),
-      local_rope_theta (Gemma 3: RoPE base of the sliding-window layers, unscaled).
+      local_rope_theta (Gemma 3: RoPE base of the sliding-window layers, unscaled),
+      moe (Qwen3-MoE: the sparse layers' experts and router, `dpokit.models.moe.MoE`).
     """
 
     def __init__(
@@ -315,6 +317,7 @@ class TransformerDecoder(nn.Module):
         sliding_window: int | None = None,
         layer_types: tuple[str, ...] | None = None,
         local_rope_theta: float | None = None,
+        moe: MoE | None = None,
         linear: LinearFactory = plain_linear,
     ):
         super().__init__()
@@ -359,6 +362,7 @@ class TransformerDecoder(nn.Module):
             sliding_window=sliding_window,
             layer_types=layer_types,
             local_rope_theta=local_rope_theta,
+            moe=moe,
         )
         self.tie_embeddings, self.embedding_scale, self.logit_softcap = tie_embeddings, embedding_scale, logit_softcap
         # Per layer: the window (None = full attention) and which RoPE table it rotates by.
@@ -367,6 +371,10 @@ class TransformerDecoder(nn.Module):
 
         def norm(size: int) -> RMSNorm:
             return RMSNorm(size, norm_eps, unit_offset=unit_offset_norm, scale_in_fp32=norm_scale_in_fp32)
+
+        def expert_linear(name: str, in_features: int, out_features: int, bias: bool) -> nn.Module:
+            # Experts are never LoRA targets (their names match no target): frozen or NF4 under LoRA.
+            return linear(f"expert_{name}", in_features, out_features, bias)
 
         def block(layer: int) -> TransformerBlock:
             attn = Attention(
@@ -382,7 +390,10 @@ class TransformerDecoder(nn.Module):
                 scale=attn_scale,
                 softcap=attn_softcap,
             )
-            mlp = GatedMLP(dim, hidden_dim, linear, activation, fused_gate_up=fused_projections)
+            if moe is not None and moe.is_sparse(layer):
+                mlp = SparseMoE(dim, moe, partial(GatedMLP, dim, moe.expert_hidden_dim, expert_linear, activation))
+            else:
+                mlp = GatedMLP(dim, hidden_dim, linear, activation, fused_gate_up=fused_projections)
             return TransformerBlock(attn, mlp, norm, dim, norm_placement)
 
         self.embed_tokens = nn.Embedding(vocab_size, dim)

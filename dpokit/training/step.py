@@ -12,6 +12,14 @@ weighted per pair too (the bug of averaging per micro-batch, then per rank, whic
 small micro-batches up). Packed micro-batches (`dpokit.distributed.sampler.PackedGlobalBatchSampler`: a pack holds
 a varying number of pairs) rely on exactly that; `policy_logps` and every reference dispatch to the
 packed forward on their own.
+
+MoE policies (`dpokit.models.moe`) add the router's load-balancing loss of each micro-batch's
+policy forward, weighted by config.json's router_aux_loss_coef and, like the pair losses, by the
+micro-batch's pair count: the step optimises L + coef * (pair-weighted mean of the micro-batch
+aux losses), reported unweighted as `router_aux_loss`. With one micro-batch on one device that is
+transformers' `loss + router_aux_loss_coef * aux_loss` (the aux term itself is a ratio of sums over
+one forward's tokens, so it is computed per forward, as transformers does). The tokens counted
+are the batch's real tokens, in every layout (`dpokit.training.router`).
 """
 
 from __future__ import annotations
@@ -27,8 +35,10 @@ from torch.distributed.fsdp import FSDPModule
 
 from dpokit.distributed.group import all_reduce_sum, get_world_size
 from dpokit.errors import DpokitError
+from dpokit.models.moe import route_statistics
 from dpokit.training.forward import policy_logps, preference_loss
 from dpokit.training.metrics import PairMetrics, all_reduce_pair_metrics
+from dpokit.training.router import routed_token_weights, router_aux_loss_coef
 
 
 class StepTimer:
@@ -97,16 +107,25 @@ def accumulate_gradients(
     global_pairs, tokens = all_reduce_sum([local_pairs, sum(b.num_tokens for b in micro_batches)])
     scale = get_world_size() / global_pairs
     metrics = PairMetrics()
+    aux_coef = router_aux_loss_coef(model)
     for m, batch in enumerate(micro_batches):
         batch = batch.to(device)
         with timer("reference"):
             ref = reference.logps(batch)  # before the policy forward: nothing of it is saved for backward
         _set_gradient_sync(model, m == len(micro_batches) - 1)
         with timer("policy"):
-            policy = policy_logps(model, batch, average_logps=average_logps, ld_alpha=ld_alpha)
+            # MoE: the router's load-balancing loss of the policy forward (not the reference's).
+            with route_statistics(model, routed_token_weights(batch)) as router:
+                policy = policy_logps(model, batch, average_logps=average_logps, ld_alpha=ld_alpha)
             out = preference_loss(loss_fn, policy, ref, batch, average_logps=average_logps)
-            (out.losses.sum() * scale).backward()
+            objective = out.losses.sum()
+            if router is not None:
+                aux = router.loss()
+                objective = objective + aux_coef * aux * batch.num_pairs
+            (objective * scale).backward()
         metrics.add(out, policy.chosen, policy.rejected)
+        if router is not None:
+            metrics.sums["router_aux_loss"] += aux.item() * batch.num_pairs
     _set_gradient_sync(model, True)
     if copy_seconds is not None:
         swap = copy_seconds.get("swap", 0.0) - swap_before

@@ -5,7 +5,8 @@ Model FLOPs per token, counting every matmul weight W (numel |W|) once, attentio
     trained weight  6|W|  (forward 2, input gradient 2, weight gradient 2)
     frozen weight   4|W|  (forward 2, input gradient 2: adapters or earlier layers still need it)
     reference       2|W|  per token for every weight, when the reference runs a forward
-so full DPO costs 6N + 2N per token and LoRA DPO 4N + 6n + 2N (n adapter weights). Attention's
+so full DPO costs 6N + 2N per token and LoRA DPO 4N + 6n + 2N (n adapter weights). N counts the
+active weights: an MoE expert multiplies top_k / n_experts of the tokens. Attention's
 own FLOPs (4 * layers * heads * head_dim * context per token) are left out, so the estimate is
 low for long sequences. The peak is the dense bf16 / fp16 tensor-core figure of known CUDA
 devices (others: no MFU), or, on CPU, a matmul measured once at the start in the training dtype
@@ -20,6 +21,8 @@ import time
 
 import torch
 from torch import nn
+
+from dpokit.models.moe import active_parameter_fractions
 
 # Dense (no sparsity) bf16 tensor-core peaks, FLOP/s, by a substring of the CUDA device name.
 CUDA_BF16_PEAK = {  # most specific name first
@@ -50,11 +53,13 @@ def matmul_weights(model: nn.Module) -> list[nn.Parameter]:
 def flops_per_token(model: nn.Module, *, reference_forward: bool) -> float:
     """Model FLOPs of one trained token (see the module docstring)."""
     adapters = {id(p) for name, p in model.named_parameters() if "lora_" in name}
+    active = active_parameter_fractions(model)  # MoE experts: top_k / n_experts of the tokens each
     total = 0.0
     for p in matmul_weights(model):
-        total += (6 if p.requires_grad else 4) * p.numel()
+        used = p.numel() * active.get(id(p), 1.0)
+        total += (6 if p.requires_grad else 4) * used
         if reference_forward and id(p) not in adapters:  # the adapter-off reference skips the adapters
-            total += 2 * p.numel()
+            total += 2 * used
     return total
 
 

@@ -47,6 +47,18 @@ FAKES = {
     "qwen2_5_0_5b": (transformers.Qwen2Config(**SMALL, rope_theta=1e6), QWEN2_5_JINJA, "qwen2_5"),
     "qwen3_0_6b": (transformers.Qwen3Config(**SMALL, rope_theta=1e6), QWEN3_JINJA, "qwen3"),
     "smollm2_135m": (transformers.LlamaConfig(**SMALL, rope_theta=1e5), SMOLLM2_JINJA, "smollm2"),
+    "qwen3_30b_a3b": (
+        transformers.Qwen3MoeConfig(
+            **{**SMALL, "tie_word_embeddings": False},
+            rope_theta=1e6,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            norm_topk_prob=True,
+        ),
+        QWEN3_JINJA,
+        "qwen3",
+    ),
 }
 
 
@@ -144,3 +156,46 @@ def test_missing_checkpoint_dir_is_one_clear_error():
     cfg = load_config(CONFIGS / "qwen2_5_0_5b.yaml")
     with pytest.raises(Exception, match="checkpoint_dir is not set"):
         instantiate(cfg.tokenizer)
+
+
+def test_recipe_trains_an_moe_checkpoint_and_logs_the_router_aux_loss(tmp_path):
+    ckpt = fake_checkpoint("qwen3_30b_a3b", tmp_path / "ckpt")
+    data = preference_file(tmp_path / "pairs.jsonl")
+    module = recipe_module()
+    from dpokit.config import recipe_main
+
+    recipe_main(
+        module.main,
+        module.CONFIG_KEYS,
+        [
+            "--config",
+            str(CONFIGS / "qwen3_30b_a3b.yaml"),
+            f"checkpoint_dir={ckpt}",
+            f"train_dataset.path={data}",
+            f"validation_dataset.path={data}",
+            f"output_dir={tmp_path / 'out'}",
+            "device=cpu",
+            "dtype=fp32",
+            "save_dtype=fp32",
+            "batch_size=1",
+            "gradient_accumulation_steps=1",
+            "max_steps=2",
+            "eval_every=2",
+            "eval_batch_size=6",
+            "train_dataset.max_seq_len=48",
+            "train_dataset.max_prompt_len=32",
+            "packing.pack_size=96",
+            "lr_scheduler.warmup_steps=1",
+            "optimizer.lr=1e-2",
+        ],
+    )
+    records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r.get("split") == "train"]
+    assert len(train) == 2 and all(r["router_aux_loss"] > 0 for r in train)
+    final = tmp_path / "out" / "final"
+    merged = transformers.AutoModelForCausalLM.from_pretrained(final).float().eval()
+    trained = load_hf_checkpoint(final)
+    tokens = torch.randint(0, 320, (1, 9))
+    with torch.no_grad():
+        assert (merged(input_ids=tokens).logits - trained(tokens)).abs().max() <= 1e-5
+        assert not torch.allclose(trained(tokens), load_hf_checkpoint(ckpt)(tokens))  # it trained

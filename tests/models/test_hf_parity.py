@@ -52,6 +52,7 @@ def test_logits_match_transformers(name, tmp_path):
         "mistral_gqa",
         "phi3_gqa_window",
         "phi3_longrope",
+        "qwen3_moe",
     ],
 )
 def test_hf_to_dpokit_to_hf_is_exact_and_loads_without_warnings(name, tmp_path):

@@ -40,6 +40,9 @@ PUBLISHED_PARAMETERS = {
     "phi3_mini_128k": 3_821_079_552,
     "phi3_medium_4k": 13_960_238_080,
     "phi4": 14_659_507_200,
+    # Qwen3 MoE model cards: 30.5B total / 3.3B activated, 235B total / 22B activated
+    "qwen3_30b_a3b": 30_532_122_624,
+    "qwen3_235b_a22b": 235_093_634_560,
 }
 
 

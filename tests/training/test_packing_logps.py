@@ -9,9 +9,11 @@ import torch
 from dpokit.data import collate_packed, collate_preference_pairs, first_fit_decreasing, first_fit_shuffle, pair_length
 from dpokit.losses import dpo_loss
 from dpokit.models import disable_adapter, lora_llama
+from dpokit.models.moe import MoE, route_statistics
 from dpokit.models.transformer import LongRopeScaling
 from dpokit.training.forward import policy_logps
 from dpokit.training.packed_forward import packed_policy_logps, segment_logps
+from dpokit.training.router import routed_token_weights
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -51,6 +53,11 @@ VARIANTS = {
         fused_projections=True,
         rope_scaling=LongRopeScaling((1.0, 1.5, 2.0, 3.0), (1.2, 4.0, 8.0, 16.0), 12, attention_factor=1.2),
         lora_targets=["qkv_proj", "down_proj"],
+    ),
+    "qwen3_moe": dict(
+        qk_norm="head",
+        moe=MoE(n_experts=4, top_k=2, expert_hidden_dim=16, norm_topk_prob=True, mlp_only_layers=(1,)),
+        lora_targets=["q_proj", "v_proj", "o_proj"],  # MoE models take no MLP adapters
     ),
 }
 
@@ -144,6 +151,38 @@ def test_packed_dpo_loss_and_gradients_equal_padded(prefix_sharing, variant):
     for name, grad in want_grads.items():
         assert grad.abs().sum() > 0, name
         torch.testing.assert_close(grads[name], grad, **TOL, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def router_aux_step(model, batch, forward):
+    """The MoE router's load-balancing loss of one policy forward and the adapter gradients."""
+    model.zero_grad(set_to_none=True)
+    with route_statistics(model, routed_token_weights(batch)) as stats:
+        forward(model, batch)
+    aux = stats.loss()
+    aux.backward()
+    # adapters after the last sparse layer do not reach a router: no gradient
+    return aux.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("prefix_sharing", [False, True], ids=["packed", "prefix_shared+packed"])
+def test_packed_router_aux_loss_and_gradients_equal_padded(prefix_sharing):
+    """Prefix sharing routes a prompt token once for two sequences: it counts twice, as in the
+    padded batch; the pack's padding never counts."""
+    model = tiny_lora_model("qwen3_moe")
+    packed, padded = batches(random_pairs(10, seed=4), prefix_sharing, first_fit_decreasing)
+    assert routed_token_weights(packed).sum() == routed_token_weights(padded).sum() == padded.num_tokens
+    aux, grads = router_aux_step(model, packed, packed_policy_logps)
+    want, want_grads = router_aux_step(model, padded, policy_logps)
+    assert grads.keys() == want_grads.keys() and any(n.startswith("layers.0.self_attn.") for n in grads)
+    torch.testing.assert_close(aux, want, rtol=0, atol=1e-6)
+    for name, grad in want_grads.items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(grads[name], grad, **TOL, msg=lambda m, n=name: f"{n}: {m}")
+    # counting the shared prompt once, or the padding, gives another value
+    wrong = (packed.document_ids >= 0).float() if prefix_sharing else torch.ones(packed.input_ids.shape)
+    with torch.no_grad(), route_statistics(model, wrong) as stats:
+        packed_policy_logps(model, packed)
+    assert abs(stats.loss().item() - want.item()) > 1e-5
 
 
 def test_prefix_sharing_without_packing_is_a_pack_per_pair():
