@@ -304,8 +304,8 @@ def validate_preference_file(
     tokenized = [
         (
             tokenizer.encode_prompt(r["prompt"]),
-            tokenizer.encode_response(r["chosen"]),
-            tokenizer.encode_response(r["rejected"]),
+            tokenizer.encode_response(r["chosen"], r["prompt"]),
+            tokenizer.encode_response(r["rejected"], r["prompt"]),
         )
         for r in records
     ]
@@ -347,7 +347,7 @@ def validate_preference_file(
     return ValidationReport(
         path=str(path),
         stats=stats,
-        tokenizer=tokenizer.encoding.name,
+        tokenizer=tokenizer.name,
         template=tokenizer.template.name,
         lengths=lengths,
         max_length=max_length,
