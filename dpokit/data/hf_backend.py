@@ -21,7 +21,7 @@ import re
 from pathlib import Path
 from typing import Sequence
 
-from dpokit.data.tokenizer import ChatTemplate, Message, Tokenizer, chat_segments, template_markers
+from dpokit.data.tokenizer import ChatTemplate, Tokenizer, chat_segments, template_markers
 from dpokit.errors import DpokitError
 
 
@@ -39,8 +39,10 @@ class TokenizersTokenizer(Tokenizer):
     """A `Tokenizer` whose ordinary text goes through HF `tokenizers` (one tokenizer.json file).
 
     reason: why tiktoken was not used (the conversion's refusal). config: the folder's
-    tokenizer_config.json (add_bos_token / add_eos_token decide what `encode(text,
-    add_special_tokens=True)` adds, as transformers does; pad_token the padding id).
+    tokenizer_config.json (its pad_token is the padding id). What `encode(text,
+    add_special_tokens=True)` adds (Mistral's and Gemma's BOS) is the file's post-processor, as in
+    transformers 5, which ignores tokenizer_config.json's add_bos_token / add_eos_token when the
+    folder has a tokenizer.json.
     """
 
     backend = "tokenizers"
@@ -95,27 +97,6 @@ class TokenizersTokenizer(Tokenizer):
         self.pad_id = next((self.special_tokens[p] for p in pads if p in self.special_tokens), self.eot_id)
         specials = sorted(self.special_tokens, key=lambda t: (-len(t), t))
         self._special_re = re.compile("|".join(map(re.escape, specials))) if specials else None
-        self._set_post_processor(config, source)
-
-    def _set_post_processor(self, config: dict, source: str) -> None:
-        """BOS / EOS added by `encode(..., add_special_tokens=True)`: tokenizer_config.json's
-        add_bos_token / add_eos_token when it sets either (transformers then rebuilds the
-        post-processor from them), else the file's own post-processor."""
-        if "add_bos_token" not in config and "add_eos_token" not in config:
-            return
-        from tokenizers.processors import TemplateProcessing
-
-        single, specials = ["$A:0"], []
-        for flag, key, place in (("add_bos_token", "bos_token", 0), ("add_eos_token", "eos_token", None)):
-            token = _token_text(config.get(key))
-            if config.get(flag) and token:
-                if token not in self.special_tokens:
-                    raise BackendError(f"{source}: tokenizer_config.json {key} {token!r} is not a token of the file")
-                single.insert(0, f"{token}:0") if place == 0 else single.append(f"{token}:0")
-                specials.append((token, self.special_tokens[token]))
-        processor = TemplateProcessing(single=" ".join(single), special_tokens=specials)
-        self._full.post_processor = processor
-        self._plain.post_processor = processor
 
     @property
     def name(self) -> str:
@@ -133,7 +114,7 @@ class TokenizersTokenizer(Tokenizer):
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         """Ordinary text -> ids as HF encodes it; special-token text stays text. With
-        `add_special_tokens`, the BOS / EOS the tokenizer config asks for are added."""
+        `add_special_tokens`, what the file's post-processor adds (a BOS) is added."""
         return self._plain.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -170,19 +151,23 @@ class TokenizersTokenizer(Tokenizer):
         ids, mask, _ = self._run_tokens(parts, before, after)
         return ids, mask
 
-    def encode_response(self, content: str, prompt: Sequence[Message] | None = None) -> list[int]:
-        """One assistant reply as it follows `encode_prompt(prompt)`: content + end-of-turn.
+    def encode_response(self, content: str) -> list[int]:
+        """One assistant reply as it follows `encode_prompt`: content + end-of-turn.
 
-        The reply is encoded after the prompt's own last text (Mistral's "[INST] ... [/INST]"),
-        as HF encodes the rendered conversation, and the tokens of that text dropped; without a
-        `prompt`, after a one-message prompt. A token spanning the seam (the prompt's last
-        character merged with the reply's first) cannot be split: the reply's part of it is
-        written as byte tokens."""
+        The reply is encoded after the text the template writes before an answer (Phi-3's
+        "<|assistant|>\n", whose newline the marker swallows with the reply's leading whitespace;
+        Gemma's "model\n"; Mistral's " [/INST]"), as HF encodes the rendered conversation, and the
+        tokens of that text dropped. A token spanning the seam (Mistral's "]," for a reply that
+        starts with a comma) cannot be split: the reply's part of it is written as byte tokens, so
+        the pair still decodes to the rendered text."""
         if self.template.trim_content:
             content = content.strip()
         if self.template.answer_prefix:
             content = content.lstrip("\n")
-        prompt = prompt if prompt is not None else [{"role": "user", "content": "?"}]
+        # a one-message prompt: the text after its last special token ends with the fixed text
+        # before an answer (the user's message in it shares no token with that text: a space or
+        # special token comes between)
+        prompt = [{"role": "user", "content": "?"}]
         pieces = self._template_pieces(chat_segments(self.template, prompt, add_generation_prompt=True))
         last = max((i for i, (_, special, _) in enumerate(pieces) if special), default=-1)
         before = pieces[last][0] if last >= 0 else None

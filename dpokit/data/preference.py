@@ -206,8 +206,8 @@ class PreferenceDataset(Dataset):
             self.stats.note(tokenizer, record, where)
             prompt, chosen, rejected, truncated = truncate_pair(
                 tokenizer.encode_prompt(record["prompt"]),
-                tokenizer.encode_response(record["chosen"], record["prompt"]),
-                tokenizer.encode_response(record["rejected"], record["prompt"]),
+                tokenizer.encode_response(record["chosen"]),
+                tokenizer.encode_response(record["rejected"]),
                 max_seq_len,
                 max_prompt_len,
             )

@@ -391,10 +391,8 @@ class Tokenizer:
         ids, _ = self.tokenize_messages(messages, add_generation_prompt=True)
         return ids
 
-    def encode_response(self, content: str, prompt: Sequence[Message] | None = None) -> list[int]:
-        """One assistant reply as it follows `encode_prompt(prompt)`: content + end-of-turn (all
-        trained). This backend encodes the reply on its own; `prompt` is for the `tokenizers`
-        backend, where the text before the reply can share a token with it."""
+    def encode_response(self, content: str) -> list[int]:
+        """One assistant reply as it follows `encode_prompt`: content + end-of-turn (all trained)."""
         if self.template.trim_content:
             content = content.strip()
         if self.template.answer_prefix:
@@ -459,7 +457,12 @@ def chat_turns(template: ChatTemplate, messages: Sequence[Message]) -> list[tupl
     elif template.system_role == "fold" and has_system:
         system = messages[0]["content"]  # untrimmed: Gemma 3 prepends it as written
         turns.pop(0)
-        if turns and turns[0][0] == "user":
+        if not turns:  # the published template would drop it silently
+            raise ValueError(
+                f"message 0: chat template {template.name!r} folds the system message into the first "
+                "user message, and there is none"
+            )
+        if turns[0][0] == "user":
             turns[0] = ("user", system + template.fold_separator + turns[0][1])
     if template.system_role != "turn":
         first = 1 if has_system and template.system_role == "fold" else 0

@@ -304,8 +304,8 @@ def validate_preference_file(
     tokenized = [
         (
             tokenizer.encode_prompt(r["prompt"]),
-            tokenizer.encode_response(r["chosen"], r["prompt"]),
-            tokenizer.encode_response(r["rejected"], r["prompt"]),
+            tokenizer.encode_response(r["chosen"]),
+            tokenizer.encode_response(r["rejected"]),
         )
         for r in records
     ]
