@@ -264,7 +264,8 @@ def tokenizer_from_json(path: str | Path, template: ChatTemplate | str, *, pad_t
         if not path.is_file():
             raise
         config = read_tokenizer_config(path.parent)
-        return TokenizersTokenizer(path, template, reason=str(refusal), config=config, pad_token=pad_token)
+        reason = f"tiktoken cannot reproduce it: {refusal}"
+        return TokenizersTokenizer(path, template, reason=reason, config=config, pad_token=pad_token)
     return Tokenizer(encoding, template, pad_token=pad_token, **info)
 
 
