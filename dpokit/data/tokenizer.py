@@ -1,7 +1,9 @@
 """Tokenizers on tiktoken, with chat templates that also say which tokens are trained on.
 
 A `Tokenizer` = a tiktoken `Encoding` (ordinary text) + a `ChatTemplate` that lays out messages with
-special tokens. Only assistant content and its end-of-turn token are trained on.
+special tokens. Only assistant content and its end-of-turn token are trained on. Files tiktoken
+cannot reproduce run on HF `tokenizers` behind the same interface (`dpokit.data.hf_backend`); the
+layout (`chat_segments`) and the masking are shared.
 Tool calls are not rendered by any template here: messages that carry them are refused.
 
 Special-token text typed inside a message (a user writing "<|im_end|>") is encoded as plain text,
@@ -310,10 +312,6 @@ class Tokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return self.encoding.decode(list(ids))
 
-    def _with_specials(self, text: str) -> list[int]:
-        # Template-owned text: its "<|...|>" pieces are the real special tokens.
-        return self.encoding.encode(text, allowed_special="all")
-
     def _template_pieces(self, segments: Sequence[Segment]) -> list[tuple[str, bool, bool]]:
         """(text, is_special_token, trained) pieces: template text split at its special tokens."""
         pieces = []
@@ -464,7 +462,7 @@ def chat_turns(template: ChatTemplate, messages: Sequence[Message]) -> list[tupl
             )
         if turns[0][0] == "user":
             turns[0] = ("user", system + template.fold_separator + turns[0][1])
-    if template.system_role != "turn":
+    if template.alternate:
         first = 1 if has_system and template.system_role == "fold" else 0
         for i, (role, _) in enumerate(turns):
             if role != ("user" if i % 2 == 0 else "assistant"):
