@@ -6,7 +6,9 @@
   phi-2, the HF export of Llama 3, anything GPT-2-like) converted exactly; what cannot be converted
   exactly is refused with a `TokenizerError` naming the field.
 - `hf_tokenizer(checkpoint_dir)`: picks the file and the chat template (from tokenizer_config.json's
-  Jinja template) of a checkpoint directory.
+  Jinja template) of a checkpoint directory. A tokenizer.json the conversion refuses (SentencePiece-
+  style BPE with byte fallback: Gemma, Mistral 7B, Llama 2, Phi-3) is run by HF `tokenizers` instead
+  (`dpokit.data.hf_backend`), the refusal kept as the reason.
 
 Why the conversion is exact (when the checks pass): tiktoken splits text with one regex and then
 repeatedly merges the adjacent pair whose concatenation has the lowest rank; HF BPE merges the
@@ -28,6 +30,7 @@ from pathlib import Path
 
 import tiktoken
 
+from dpokit.data.hf_backend import TokenizersTokenizer, read_tokenizer_config
 from dpokit.data.jinja_template import match_template, read_jinja_template
 from dpokit.data.tokenizer import LLAMA3_TEMPLATE, TEMPLATES, ChatTemplate, Tokenizer
 from dpokit.errors import DpokitError
@@ -250,8 +253,19 @@ def _check_merges(model: dict, vocab: dict[bytes, int], to_bytes, source: str) -
 
 
 def tokenizer_from_json(path: str | Path, template: ChatTemplate | str, *, pad_token: str | None = None) -> Tokenizer:
+    """A tokenizer.json -> Tokenizer: tiktoken when the conversion is exact, else the `tokenizers`
+    backend (`dpokit.data.hf_backend`), the conversion's refusal kept as its `reason`. The folder's
+    tokenizer_config.json, when there is one, gives the BOS / EOS handling and the pad token."""
     template = TEMPLATES[template] if isinstance(template, str) else template
-    encoding, info = tokenizer_json_encoding(path)
+    path = Path(path)
+    try:
+        encoding, info = tokenizer_json_encoding(path)
+    except TokenizerError as refusal:
+        if not path.is_file():
+            raise
+        config = read_tokenizer_config(path.parent)
+        reason = f"tiktoken cannot reproduce it: {refusal}"
+        return TokenizersTokenizer(path, template, reason=reason, config=config, pad_token=pad_token)
     return Tokenizer(encoding, template, pad_token=pad_token, **info)
 
 
@@ -261,6 +275,14 @@ def _likely_first(text: str) -> list[str]:
     hint = None
     if "<|start_header_id|>" in text:
         hint = ("llama3_2" if "strftime_now" in text else "llama3_1") if "Cutting Knowledge Date" in text else "llama3"
+    elif "<|im_sep|>" in text:
+        hint = "phi4"
+    elif "[INST]" in text:
+        hint = "mistral"
+    elif "<|user|>" in text:
+        hint = "phi3"
+    elif "<start_of_turn>" in text:
+        hint = "gemma3" if "first_user_prefix" in text else "gemma"
     elif "<|im_start|>" in text:
         hint = (
             "qwen2_5"
@@ -327,7 +349,10 @@ def hf_tokenizer(checkpoint_dir: str | Path, template: str | None = None) -> Tok
     tokenizer_json = directory / "tokenizer.json"
     if not tokenizer_json.is_file():
         raise TokenizerError(f"{directory}: no tokenizer.json or original/tokenizer.model")
-    encoding, info = tokenizer_json_encoding(tokenizer_json)
+    try:
+        encoding, info = tokenizer_json_encoding(tokenizer_json)
+    except TokenizerError:
+        return tokenizer_from_json(tokenizer_json, chosen)
     pads = ("<|finetune_right_pad_id|>", "<|endoftext|>", "<|end_of_text|>", "<|im_end|>")
     pad = next((p for p in pads if p in encoding._special_tokens), None)
     return Tokenizer(encoding, chosen, pad_token=pad, **info)

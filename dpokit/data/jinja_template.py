@@ -15,7 +15,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Sequence
 
-from dpokit.data.tokenizer import LLAMA3_DEFAULT_DATE, ChatTemplate, answer, chat_turns
+from dpokit.data.tokenizer import LLAMA3_DEFAULT_DATE, ChatTemplate, chat_segments
 from dpokit.errors import DpokitError
 
 # Conversations that tell the templates apart: system turn or not, several turns, content with
@@ -24,6 +24,13 @@ PROBES = (
     [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"}],
     [
         {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4"},
+        {"role": "user", "content": " And 3+3? "},
+        {"role": "assistant", "content": " 6\n"},
+    ],
+    # the same without a system message: what templates with no system role (Mistral, Gemma 2) render
+    [
         {"role": "user", "content": "2+2?"},
         {"role": "assistant", "content": "4"},
         {"role": "user", "content": " And 3+3? "},
@@ -61,14 +68,18 @@ def _token_text(value) -> str:
 
 def render_probes(template_text: str, config: dict) -> list[tuple[list[dict], bool, str]]:
     """(messages, add_generation_prompt, text) for every probe, rendered as transformers renders
-    the template, with the template's date fixed to dpokit's default. A template that refuses a
-    probe (e.g. one with no system role) raises `jinja2.TemplateError`."""
+    the template, with the template's date fixed to dpokit's default. A probe the template refuses
+    with `raise_exception` (e.g. a system message where it has no system role) has text None;
+    other template errors raise."""
     from jinja2.exceptions import TemplateError
     from jinja2.ext import loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+    class Refused(TemplateError):
+        pass
+
     def raise_exception(message):
-        raise TemplateError(message)
+        raise Refused(message)
 
     def strftime_now(fmt):
         return datetime.strptime(LLAMA3_DEFAULT_DATE, "%d %b %Y").strftime(fmt)
@@ -78,43 +89,54 @@ def render_probes(template_text: str, config: dict) -> list[tuple[list[dict], bo
         x, indent=indent, ensure_ascii=ensure_ascii
     )
     env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now)
-    compiled = env.from_string(template_text)
+    render = _renderer(env.from_string(template_text), config)
     rendered = []
     for messages in PROBES:
         for generation_prompt in (False, True):
             probe = messages[:-1] if generation_prompt else messages
-            text = compiled.render(
-                messages=list(probe),
-                add_generation_prompt=generation_prompt,
-                tools=None,
-                documents=None,
-                bos_token=_token_text(config.get("bos_token")),
-                eos_token=_token_text(config.get("eos_token")),
-                date_string=LLAMA3_DEFAULT_DATE,
-                enable_thinking=False,  # DPO pairs are answers, not reasoning traces (Qwen3, SmolLM3)
-            )
+            try:
+                text = render(probe, generation_prompt)
+            except Refused:
+                text = None
             rendered.append((probe, generation_prompt, text))
     return rendered
 
 
+def _renderer(compiled, config: dict):
+    def render(probe, generation_prompt):
+        return compiled.render(
+            messages=list(probe),
+            add_generation_prompt=generation_prompt,
+            tools=None,
+            documents=None,
+            bos_token=_token_text(config.get("bos_token")),
+            eos_token=_token_text(config.get("eos_token")),
+            date_string=LLAMA3_DEFAULT_DATE,
+            enable_thinking=False,  # DPO pairs are answers, not reasoning traces (Qwen3, SmolLM3)
+        )
+
+    return render
+
+
 def render_ours(template: ChatTemplate, messages: Sequence[dict], add_generation_prompt: bool) -> str:
     """The text a built-in template lays out (what `Tokenizer.tokenize_messages` tokenizes)."""
-    text = template.begin
-    turns = chat_turns(template, messages)
-    for i, (role, content) in enumerate(turns):
-        header = template.header_format.format(role=role)
-        if role == "assistant" and i == len(turns) - 1:
-            header, content = answer(template, header, content)
-        text += header + content + template.end_of_turn + template.trailer
-    if add_generation_prompt:
-        text += template.header_format.format(role="assistant") + template.answer_prefix
-    return text
+    return "".join(segment.text for segment in chat_segments(template, messages, add_generation_prompt))
 
 
-def first_difference(rendered: list[tuple[list[dict], bool, str]], template: ChatTemplate) -> str | None:
-    """None if `template` lays out every probe as `render_probes` rendered it, else where they differ."""
+def first_difference(rendered: list[tuple[list[dict], bool, str | None]], template: ChatTemplate) -> str | None:
+    """None if `template` lays out every probe as `render_probes` rendered it (and refuses the
+    probes the folder's template refuses), else where they differ."""
     for probe, generation_prompt, theirs in rendered:
-        ours = render_ours(template, probe, generation_prompt)
+        try:
+            ours = render_ours(template, probe, generation_prompt)
+        except ValueError as error:
+            ours, refusal = None, str(error)
+        if theirs is None or ours is None:
+            if theirs is None and ours is None:
+                continue
+            if theirs is None:
+                return f"the folder's template refuses a conversation that {template.name} renders ({probe[0]['role']} first)"
+            return f"{template.name} refuses a conversation the folder's template renders ({refusal})"
         if ours != theirs:
             at = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
             return f"at character {at}: {theirs[at : at + 40]!r} (folder) vs {ours[at : at + 40]!r} ({template.name})"

@@ -1,7 +1,9 @@
 """Tokenizers on tiktoken, with chat templates that also say which tokens are trained on.
 
 A `Tokenizer` = a tiktoken `Encoding` (ordinary text) + a `ChatTemplate` that lays out messages with
-special tokens. Only assistant content and its end-of-turn token are trained on.
+special tokens. Only assistant content and its end-of-turn token are trained on. Files tiktoken
+cannot reproduce run on HF `tokenizers` behind the same interface (`dpokit.data.hf_backend`); the
+layout (`chat_segments`) and the masking are shared.
 Tool calls are not rendered by any template here: messages that carry them are refused.
 
 Special-token text typed inside a message (a user writing "<|im_end|>") is encoded as plain text,
@@ -55,6 +57,31 @@ class ChatTemplate:
     # Text that opens the answer: the final assistant turn (whose leading newlines are dropped) and
     # the generation prompt. Qwen3's empty think block, its non-thinking mode (enable_thinking=False).
     answer_prefix: str = ""
+    # What a turn's header calls a role ((role, name) pairs: Gemma's assistant is "model").
+    role_names: tuple[tuple[str, str], ...] = ()
+    # Headers that do not follow header_format ((role, header) pairs: Mistral's "[INST] ").
+    role_headers: tuple[tuple[str, str], ...] = ()
+    # Plain text that closes a non-assistant turn instead of end_of_turn + trailer ((role, text)
+    # pairs: Mistral's " [/INST]").
+    turn_ends: tuple[tuple[str, str], ...] = ()
+    # The system message: "turn" (a turn of its own), "refuse" (the family's template raises on it:
+    # Mistral v0.2, Gemma 2) or "fold" (prepended to the first user message with fold_separator:
+    # Gemma 3).
+    system_role: str = "turn"
+    fold_separator: str = "\n\n"
+    alternate: bool = False  # user / assistant / user / ... from the first turn, else refused
+    closing: str = ""  # after the last turn when there is no generation prompt (Phi-3's eos)
+
+    def header(self, role: str) -> str:
+        """The text that opens a `role` turn."""
+        headers = dict(self.role_headers)
+        if role in headers:
+            return headers[role]
+        return self.header_format.format(role=dict(self.role_names).get(role, role))
+
+    def turn_end(self, role: str) -> str | None:
+        """The plain text closing a `role` turn, or None for end_of_turn + trailer."""
+        return None if role == "assistant" else dict(self.turn_ends).get(role)
 
 
 LLAMA3_TEMPLATE = ChatTemplate(
@@ -89,6 +116,49 @@ SMOLLM2_TEMPLATE = replace(
 # block (as its template renders the last assistant turn, and the generation prompt with
 # enable_thinking=False). Reasoning in earlier assistant turns is refused (`chat_turns`).
 QWEN3_TEMPLATE = replace(CHATML_TEMPLATE, name="qwen3", answer_prefix="<think>\n\n</think>\n\n")
+
+# Mistral-7B-Instruct v0.2's template: "[INST] user [/INST]answer</s>", no system role (its
+# template raises on one, so a system message is refused), user and assistant alternating.
+MISTRAL_TEMPLATE = ChatTemplate(
+    name="mistral",
+    begin="<s>",
+    header_format="",
+    end_of_turn="</s>",
+    role_headers=(("user", "[INST] "),),
+    turn_ends=(("user", " [/INST]"),),
+    system_role="refuse",
+    alternate=True,
+)
+# Phi-3 (mini / small / medium Instruct): "<|role|>\n" turns closed by "<|end|>\n", and the eos
+# token after a conversation that does not end with a generation prompt.
+PHI3_TEMPLATE = ChatTemplate(
+    name="phi3",
+    begin="",
+    header_format="<|{role}|>\n",
+    end_of_turn="<|end|>",
+    trailer="\n",
+    closing="<|endoftext|>",
+)
+# Phi-4: chatml markers with <|im_sep|> after the role and nothing between turns.
+PHI4_TEMPLATE = ChatTemplate(
+    name="phi4", begin="", header_format="<|im_start|>{role}<|im_sep|>", end_of_turn="<|im_end|>"
+)
+# Gemma 2 Instruct: "<start_of_turn>user\n" / "<start_of_turn>model\n" turns of trimmed content,
+# no system role (its template raises on one), user and model alternating.
+GEMMA_TEMPLATE = ChatTemplate(
+    name="gemma",
+    begin="<bos>",
+    header_format="<start_of_turn>{role}\n",
+    end_of_turn="<end_of_turn>",
+    trailer="\n",
+    trim_content=True,
+    role_names=(("assistant", "model"),),
+    system_role="refuse",
+    alternate=True,
+)
+# Gemma 3 Instruct: as Gemma 2, with a first system message folded into the first user turn
+# (system text + "\n\n" + the trimmed user text; the system text itself is not trimmed).
+GEMMA3_TEMPLATE = replace(GEMMA_TEMPLATE, name="gemma3", system_role="fold")
 
 LLAMA3_DEFAULT_DATE = "26 Jul 2024"
 
@@ -130,6 +200,11 @@ TEMPLATES = {
         QWEN2_5_TEMPLATE,
         SMOLLM2_TEMPLATE,
         QWEN3_TEMPLATE,
+        MISTRAL_TEMPLATE,
+        PHI3_TEMPLATE,
+        PHI4_TEMPLATE,
+        GEMMA_TEMPLATE,
+        GEMMA3_TEMPLATE,
     )
 }
 
@@ -159,8 +234,8 @@ class Tokenizer:
         self.normalizer = normalizer
         self.missing_bytes = frozenset(missing_bytes)
         self.special_tokens = dict(encoding._special_tokens)
-        for token in (template.begin, template.end_of_turn):
-            if token and token not in self.special_tokens:
+        for token in template_markers(template):
+            if token not in self.special_tokens:
                 raise ValueError(f"chat template {template.name!r} needs special token {token!r}")
         self.eot_id = self.special_tokens[template.end_of_turn]
         self.pad_id = self.special_tokens[pad_token] if pad_token else self.eot_id
@@ -173,12 +248,23 @@ class Tokenizer:
         specials = sorted(self.special_tokens, key=lambda t: (-len(t), t))
         self._special_re = re.compile("|".join(map(re.escape, specials))) if specials else None
 
+    backend = "tiktoken"
+
+    @property
+    def name(self) -> str:
+        """The vocabulary's name (the folder the tokenizer file came from)."""
+        return self.encoding.name
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({self.name!r}, backend={self.backend!r}, template={self.template.name!r})"
+
     @property
     def vocab_size(self) -> int:
         return self.encoding.n_vocab
 
-    def encode(self, text: str) -> list[int]:
-        """Ordinary text -> ids. "<|eot_id|>" typed by a user stays text, not a control token."""
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Ordinary text -> ids. "<|eot_id|>" typed by a user stays text, not a control token.
+        add_special_tokens: accepted for the `tokenizers` backend's sake; tiktoken files add none."""
         if self.normalizer:
             text = unicodedata.normalize(self.normalizer, text)
         if self._text_token_re is None:
@@ -226,34 +312,67 @@ class Tokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return self.encoding.decode(list(ids))
 
-    def _with_specials(self, text: str) -> list[int]:
-        # Template-owned text: its "<|...|>" pieces are the real special tokens.
-        return self.encoding.encode(text, allowed_special="all")
+    def _template_pieces(self, segments: Sequence[Segment]) -> list[tuple[str, bool, bool]]:
+        """(text, is_special_token, trained) pieces: template text split at its special tokens."""
+        pieces = []
+        for segment in segments:
+            if segment.content or self._special_re is None:
+                pieces.append((segment.text, False, segment.trained))
+                continue
+            start = 0
+            for match in self._special_re.finditer(segment.text):
+                if match.group() in self.text_tokens:  # matched inside text by `encode`
+                    continue
+                if match.start() > start:
+                    pieces.append((segment.text[start : match.start()], False, segment.trained))
+                pieces.append((match.group(), True, segment.trained))
+                start = match.end()
+            if start < len(segment.text):
+                pieces.append((segment.text[start:], False, segment.trained))
+        return pieces
 
-    def _header(self, role: str) -> list[int]:
-        return self._with_specials(self.template.header_format.format(role=role))
-
-    def _split_header(self, role: str) -> tuple[list[int], str]:
-        """(ids of the header up to its last special token, the plain text after it)."""
-        header = self.template.header_format.format(role=role)
-        last = None
-        for last in self._special_re.finditer(header):
-            pass
-        cut = last.end() if last else 0
-        return self._with_specials(header[:cut]), header[cut:]
-
-    def _turn_body(self, header_text: str, content: str, trained: bool) -> tuple[list[int], list[bool]]:
-        """The header's trailing text and the content, encoded as one text as HF encodes the
-        rendered conversation ("user\n" + "  hi" splits differently from the two apart). With
-        `trained`, the tokens that start inside the content are trained; one spanning the seam
-        is not."""
-        ids = self.encode(header_text + content)
-        if not trained:
-            return ids, [False] * len(ids)
-        seam, offset, mask = len(header_text.encode("utf-8")), 0, []
+    def _encode_run(
+        self, parts: Sequence[tuple[str, bool]], before: str | None, after: str | None
+    ) -> tuple[list[int], list[bool]]:
+        """The text between two special tokens (`before` / `after`, None at the ends), given as
+        (text, trained) parts, encoded as one text as HF encodes the rendered conversation
+        ("user\n" + "  hi" splits differently from the two apart). A token is trained when it
+        starts inside a trained part (one spanning the seam from untrained text is not)."""
+        text = "".join(t for t, _ in parts)
+        ids = self.encode(text)
+        norm = (lambda t: unicodedata.normalize(self.normalizer, t)) if self.normalizer else (lambda t: t)
+        bounds, offset = [], 0
+        for part, trained in parts:
+            offset += len(part)
+            bounds.append((len(norm(text[:offset]).encode("utf-8")), trained))
+        mask, position, k = [], 0, 0
         for token in ids:
-            mask.append(offset >= seam)
-            offset += len(self.encoding.decode_single_token_bytes(token))
+            while k < len(bounds) - 1 and position >= bounds[k][0]:
+                k += 1
+            mask.append(bounds[k][1])
+            position += len(self.encoding.decode_single_token_bytes(token))
+        return ids, mask
+
+    def _encode_segments(self, segments: Sequence[Segment]) -> tuple[list[int], list[bool]]:
+        pieces = self._template_pieces(segments)
+        ids, mask, run, before = [], [], [], None
+
+        def flush(after: str | None) -> None:
+            if run:
+                run_ids, run_mask = self._encode_run(run, before, after)
+                ids.extend(run_ids)
+                mask.extend(run_mask)
+                run.clear()
+
+        for text, special, trained in pieces:
+            if special:
+                flush(text)
+                ids.append(self.special_tokens[text])
+                mask.append(trained)
+                before = text
+            else:
+                run.append((text, trained))
+        flush(None)
         return ids, mask
 
     def tokenize_messages(
@@ -263,26 +382,7 @@ class Tokenizer:
 
         Text between two special tokens is encoded as one piece, as HF tokenizes the rendered
         template (a header's trailing newline and the content that follows share tokens)."""
-        ids = self._with_specials(self.template.begin) if self.template.begin else []
-        mask = [False] * len(ids)
-        turns = chat_turns(self.template, messages)
-        for i, (role, content) in enumerate(turns):
-            trained = role == "assistant"
-            header_ids, header_text = self._split_header(role)
-            if role == "assistant" and i == len(turns) - 1:
-                header_text, content = answer(self.template, header_text, content)
-            body_ids, body_mask = self._turn_body(header_text, content, trained)
-            trailer = self.encode(self.template.trailer) if self.template.trailer else []
-            ids += header_ids + body_ids + [self.eot_id] + trailer
-            mask += [False] * len(header_ids) + body_mask + [trained] + [False] * len(trailer)
-        if add_generation_prompt:
-            header = self._header("assistant")
-            if self.template.answer_prefix:  # encoded with the header's text, as HF encodes the rendered text
-                header_ids, header_text = self._split_header("assistant")
-                header = header_ids + self.encode(header_text + self.template.answer_prefix)
-            ids += header
-            mask += [False] * len(header)
-        return ids, mask
+        return self._encode_segments(chat_segments(self.template, messages, add_generation_prompt))
 
     def encode_prompt(self, messages: Sequence[Message]) -> list[int]:
         """The prompt of a preference pair, ending with the assistant header."""
@@ -296,6 +396,23 @@ class Tokenizer:
         if self.template.answer_prefix:
             content = content.lstrip("\n")
         return self.encode(content) + [self.eot_id]
+
+
+# Special-token spellings: "<|name|>", "<name>", "</name>" (Mistral's "[INST]" is plain text).
+MARKER_RE = re.compile(r"</?\|?[A-Za-z_][A-Za-z0-9_]*\|?>")
+
+
+def template_markers(template: ChatTemplate) -> list[str]:
+    """The special tokens a template writes around turns (its begin, headers, end of turn and
+    closing): a tokenizer must have each of them as a special token."""
+    texts = [template.begin, template.end_of_turn, template.closing]
+    texts += [template.header(role) for role in ROLES] + [t for _, t in template.turn_ends]
+    found = []
+    for text in texts:
+        found += [m for m in MARKER_RE.findall(text) if m not in found]
+    if template.end_of_turn and template.end_of_turn not in found:
+        found.append(template.end_of_turn)
+    return found
 
 
 def answer(template: ChatTemplate, header_text: str, content: str) -> tuple[str, str]:
@@ -328,12 +445,76 @@ def chat_turns(template: ChatTemplate, messages: Sequence[Message]) -> list[tupl
             )
         turns.append((role, content.strip() if template.trim_content else content))
     has_system = bool(turns) and turns[0][0] == "system"
+    if template.system_role == "refuse":
+        where = next((i for i, (role, _) in enumerate(turns) if role == "system"), None)
+        if where is not None:
+            raise ValueError(
+                f"message {where}: chat template {template.name!r} has no system role (the family's "
+                "published template refuses one); put the instructions in the first user message"
+            )
+    elif template.system_role == "fold" and has_system:
+        system = messages[0]["content"]  # untrimmed: Gemma 3 prepends it as written
+        turns.pop(0)
+        if not turns:  # the published template would drop it silently
+            raise ValueError(
+                f"message 0: chat template {template.name!r} folds the system message into the first "
+                "user message, and there is none"
+            )
+        if turns[0][0] == "user":
+            turns[0] = ("user", system + template.fold_separator + turns[0][1])
+    if template.alternate:
+        first = 1 if has_system and template.system_role == "fold" else 0
+        for i, (role, _) in enumerate(turns):
+            if role != ("user" if i % 2 == 0 else "assistant"):
+                raise ValueError(
+                    f"message {i + first}: role {role!r}: chat template {template.name!r} needs roles that "
+                    "alternate user / assistant / user / ... (the family's published template refuses others)"
+                )
     if template.system_preamble is not None:
         system = turns.pop(0)[1] if has_system else ""
         turns.insert(0, ("system", template.system_preamble + system))
     elif template.default_system_prompt is not None and not has_system:
         turns.insert(0, ("system", template.default_system_prompt))
     return turns
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A piece of a rendered conversation: template text (which may hold special tokens) or message
+    content (never read as special tokens); trained marks assistant content and its end-of-turn."""
+
+    text: str
+    content: bool = False
+    trained: bool = False
+
+
+def chat_segments(template: ChatTemplate, messages: Sequence[Message], add_generation_prompt: bool) -> list[Segment]:
+    """The conversation as `template` lays it out, in order (joined, the text HF's template renders)."""
+    segments = []
+
+    def add(text: str, content: bool = False, trained: bool = False) -> None:
+        if text:
+            segments.append(Segment(text, content, trained))
+
+    add(template.begin)
+    turns = chat_turns(template, messages)
+    for i, (role, content) in enumerate(turns):
+        header, assistant = template.header(role), role == "assistant"
+        if assistant and i == len(turns) - 1:
+            header, content = answer(template, header, content)
+        add(header)
+        add(content, content=True, trained=assistant)
+        end = template.turn_end(role)
+        if end is None:
+            add(template.end_of_turn, trained=assistant)
+            add(template.trailer)
+        else:
+            add(end)
+    if add_generation_prompt:
+        add(template.header("assistant") + template.answer_prefix)
+    else:
+        add(template.closing)
+    return segments
 
 
 BYTE_SPECIAL_TOKENS = (
@@ -351,12 +532,13 @@ BYTE_VOCAB_SIZE = 272  # 256 bytes + 16 special slots (the rest reserved)
 def byte_tokenizer(template: ChatTemplate = LLAMA3_TEMPLATE) -> Tokenizer:
     """A byte-level tokenizer built in code: one token per UTF-8 byte, no merges, no file.
 
-    Ids 0..255 are bytes, 256.. special tokens (llama3 and chatml markers, then reserved slots).
+    Ids 0..255 are bytes, 256.. special tokens (llama3 and chatml markers, then the markers of
+    `template` that are not among them, then reserved slots).
     """
     ranks = {bytes([i]): i for i in range(256)}
-    names = list(BYTE_SPECIAL_TOKENS) + [
-        f"<|reserved_special_token_{i}|>" for i in range(BYTE_VOCAB_SIZE - 256 - len(BYTE_SPECIAL_TOKENS))
-    ]
+    names = list(BYTE_SPECIAL_TOKENS)
+    names += [m for m in template_markers(template) if m not in names]
+    names += [f"<|reserved_special_token_{i}|>" for i in range(BYTE_VOCAB_SIZE - 256 - len(names))]
     specials = {name: 256 + i for i, name in enumerate(names)}
     # Pre-tokenisation only splits text into pieces before BPE; with no merges any split is exact.
     encoding = tiktoken.Encoding(

@@ -347,7 +347,7 @@ def validate_preference_file(
     return ValidationReport(
         path=str(path),
         stats=stats,
-        tokenizer=tokenizer.encoding.name,
+        tokenizer=tokenizer.name,
         template=tokenizer.template.name,
         lengths=lengths,
         max_length=max_length,

@@ -145,6 +145,9 @@ def test_real_tokenizers_give_the_ids_of_tokenizers_or_are_refused_with_the_reas
         ("Meta-Llama-3-8B-Instruct", "llama3"),
         ("SmolLM3-3B", None),
         ("Qwen3-8B", "qwen3"),
+        ("Mistral-7B-Instruct-v0.2", "mistral"),
+        ("Phi-3-mini-128k-instruct", "phi3"),
+        ("gemma-2-2b-it", "gemma"),
     ],
 )
 def test_real_chat_templates_are_detected_only_when_a_built_in_renders_them_exactly(name, expected):
