@@ -105,6 +105,30 @@ FAMILIES = {
             tie_word_embeddings=True,
         ),
     ),
+    # OLMo 2: post-norm blocks, q/k norms over the whole projections (7B / 13B: MHA, untied)
+    "olmo2_mha": (
+        "Olmo2Config",
+        dict(
+            COMMON,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            rope_theta=500_000.0,
+            rms_norm_eps=1e-6,
+            eos_token_id=None,
+        ),
+    ),
+    "olmo2_gqa_tied": (  # 32B's GQA (k_norm smaller than q_norm), with a tied head
+        "Olmo2Config",
+        dict(
+            COMMON,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rope_theta=500_000.0,
+            rms_norm_eps=1e-6,
+            tie_word_embeddings=True,
+            eos_token_id=None,
+        ),
+    ),
 }
 
 

@@ -268,6 +268,40 @@ FAMILIES: dict[str, Family] = {
     ),
 }
 
+# ---------------------------------------------------------------------------------------- OLMo 2
+# OLMo 2 (Olmo2ForCausalLM): no input norms; the attention and MLP outputs are normed before
+# their residual add (norm_placement "post"); q and k are RMS-normed over the whole projection
+# (all heads together) before the head split and RoPE; every RMSNorm scales in fp32 before the
+# cast back. No biases anywhere (attention_bias would also put one on o_proj).
+_OLMO2_KEYS = {
+    **{k: v for k, v in _LLAMA_KEYS.items() if "input_layernorm" not in k},
+    "layers.{}.self_attn.q_norm.weight": "model.layers.{}.self_attn.q_norm.weight",
+    "layers.{}.self_attn.k_norm.weight": "model.layers.{}.self_attn.k_norm.weight",
+    "layers.{}.post_feedforward_layernorm.weight": "model.layers.{}.post_feedforward_layernorm.weight",
+}
+_OLMO2_SWITCHES = dict(norm_placement="post", qk_norm="projection", norm_scale_in_fp32=True)
+
+
+def _olmo2_kwargs(config: Mapping, source: str) -> dict:
+    """OLMo 2's fixed switches; OLMo 1's q/k/v clipping (`clip_qkv`) is refused unless null."""
+    if config.get("clip_qkv") is not None:
+        raise CheckpointError(f"{source}: clip_qkv={config['clip_qkv']!r} is not supported (only null)")
+    return dict(_OLMO2_SWITCHES)
+
+
+FAMILIES["olmo2"] = Family(
+    model_type="olmo2",
+    architecture="Olmo2ForCausalLM",
+    keys=_OLMO2_KEYS,
+    qkv_bias=False,
+    required={"hidden_act": "silu", "attention_bias": False, "attention_dropout": 0.0},
+    describes=_switches(**_OLMO2_SWITCHES),
+    fields=frozenset({"clip_qkv"}),
+    to_kwargs=_olmo2_kwargs,
+)
+# -------------------------------------------------------------------------------- end of OLMo 2
+
+
 _ARCH_FIELDS = frozenset(
     {
         "vocab_size",

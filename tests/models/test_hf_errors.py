@@ -122,3 +122,27 @@ def test_load_builds_on_meta_and_fills_everything(tmp_path):
     assert {n for n, p in loaded.named_parameters() if p.requires_grad} == {
         n for n in dict(loaded.named_parameters()) if ".lora_" in n
     }
+
+
+OLMO2 = dict(LLAMA, model_type="olmo2", rms_norm_eps=1e-6)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(clip_qkv=8.0), r"config: clip_qkv=8.0 is not supported \(only null\)"),
+        (dict(attention_bias=True), "attention_bias=True is not supported"),
+        (dict(hidden_act="gelu"), "hidden_act='gelu'"),
+        (dict(use_sliding_window=True), r"config field\(s\) \['use_sliding_window'\] not understood"),
+    ],
+)
+def test_unsupported_olmo2_configs_are_refused(change, message):
+    with pytest.raises(CheckpointError, match=message):
+        model_from_hf_config(dict(OLMO2, **change))
+
+
+def test_olmo2_config_builds_post_norm_blocks_with_projection_qk_norms():
+    model = model_from_hf_config(dict(OLMO2, clip_qkv=None, attention_bias=False))
+    block = model.layers[0]
+    assert not hasattr(block, "input_layernorm") and hasattr(block, "post_feedforward_layernorm")
+    assert block.self_attn.q_norm.weight.shape == (32,) and block.self_attn.k_norm.weight.shape == (16,)

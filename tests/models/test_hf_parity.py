@@ -43,7 +43,9 @@ def test_logits_match_transformers(name, tmp_path):
     assert diff <= 1e-5, f"{name}: max abs logit diff {diff}"
 
 
-@pytest.mark.parametrize("name", ["llama3_1_rope_scaling", "qwen2_5_tied_bias", "qwen3_tied_head_dim", "mistral_gqa"])
+@pytest.mark.parametrize(
+    "name", ["llama3_1_rope_scaling", "qwen2_5_tied_bias", "qwen3_tied_head_dim", "mistral_gqa", "olmo2_gqa_tied"]
+)
 def test_hf_to_dpokit_to_hf_is_exact_and_loads_without_warnings(name, tmp_path):
     reference = write_hf_checkpoint(name, tmp_path / "in")
     (tmp_path / "in" / "tokenizer_config.json").write_text('{"model_max_length": 128}\n')
@@ -80,7 +82,7 @@ def test_iter_hf_weights_yields_every_parameter_once_with_our_names(tmp_path):
         assert torch.equal(tensor, ours.state_dict()[key].to(torch.bfloat16)), key
 
 
-@pytest.mark.parametrize("name", ["llama3_2_tied_head_dim", "qwen2_5_untied_bias", "qwen3_untied"])
+@pytest.mark.parametrize("name", ["llama3_2_tied_head_dim", "qwen2_5_untied_bias", "qwen3_untied", "olmo2_mha"])
 def test_peft_loads_our_adapter_and_matches_our_outputs(name, tmp_path):
     peft = pytest.importorskip("peft")
     reference = write_hf_checkpoint(name, tmp_path / "base")

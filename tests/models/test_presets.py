@@ -33,6 +33,12 @@ PUBLISHED_PARAMETERS = {
     "smollm2_135m": 134_515_008,
     "smollm2_360m": 361_821_120,
     "smollm2_1_7b": 1_711_376_384,
+    # OLMo 2: exact counts of the published configs' shapes (transformers' Olmo2ForCausalLM agrees,
+    # see the config test); the Hub pages round them to 1.48B, 7.3B, 13.7B and 32.2B
+    "olmo2_1b": 1_484_916_736,
+    "olmo2_7b": 7_298_617_344,
+    "olmo2_13b": 13_716_198_400,
+    "olmo2_32b": 32_234_279_936,
 }
 
 
@@ -72,7 +78,18 @@ def test_every_architecture_has_a_published_count_and_working_builders():
 
 
 @pytest.mark.parametrize(
-    "name", ["llama3_1_8b", "llama3_2_1b", "qwen2_5_0_5b", "qwen2_5_7b", "qwen3_0_6b", "qwen3_8b", "smollm2_135m"]
+    "name",
+    [
+        "llama3_1_8b",
+        "llama3_2_1b",
+        "qwen2_5_0_5b",
+        "qwen2_5_7b",
+        "qwen3_0_6b",
+        "qwen3_8b",
+        "smollm2_135m",
+        "olmo2_1b",
+        "olmo2_32b",
+    ],
 )
 def test_config_json_round_trips_and_transformers_agrees(name):
     transformers = pytest.importorskip("transformers")
