@@ -94,6 +94,17 @@ FAMILIES = {
             sliding_window=None,
         ),
     ),
+    "mistral_window": (  # Mistral 7B v0.1's layout: every layer attends within an 8-token window
+        "MistralConfig",
+        dict(
+            COMMON,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rope_theta=10_000.0,
+            rms_norm_eps=1e-5,
+            sliding_window=8,
+        ),
+    ),
     "smollm2_tied_mha": (
         "LlamaConfig",
         dict(

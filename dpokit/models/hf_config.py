@@ -22,7 +22,7 @@ import torch
 
 from dpokit.errors import DpokitError
 from dpokit.models.builders import llama, lora_llama
-from dpokit.models.transformer import RopeScaling, TransformerDecoder
+from dpokit.models.transformer import SLIDING_ATTENTION, RopeScaling, TransformerDecoder
 
 
 class CheckpointError(DpokitError):
@@ -225,6 +225,32 @@ def _translate(key: str, table: Mapping[str, str]) -> str | None:
     return target.format(match.group(1)) if match else target
 
 
+MISTRAL_DEFAULT_WINDOW = 4096  # transformers' MistralConfig default when config.json has no sliding_window
+
+
+def _mistral_kwargs(config: Mapping, source: str) -> dict:
+    """Mistral's `sliding_window` (absent: transformers' default, 4096) on every layer; null is full
+    attention. transformers masks key k for query q unless 0 <= q - k < window, as our decoder does."""
+    window = config.get("sliding_window", MISTRAL_DEFAULT_WINDOW)
+    if window is None:
+        return {}
+    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+        raise CheckpointError(f"{source}: sliding_window must be a positive integer or null, got {window!r}")
+    return {"sliding_window": window}
+
+
+def _mistral_describes(args: Mapping) -> bool:
+    """The Llama switches with any window, as long as it is on every layer (or off)."""
+    if not _switches(free=("sliding_window",))(args):
+        return False
+    return args.get("sliding_window") is None or set(args["layer_types"]) == {SLIDING_ATTENTION}
+
+
+def _mistral_config(args: Mapping) -> dict:
+    # Always written, null included: an absent field would mean transformers' default window.
+    return {"sliding_window": args["sliding_window"]}
+
+
 FAMILIES: dict[str, Family] = {
     "llama": Family(
         model_type="llama",
@@ -247,15 +273,18 @@ FAMILIES: dict[str, Family] = {
         required={"hidden_act": "silu", "attention_dropout": 0.0, "use_sliding_window": False, "use_mrope": False},
         tolerated=frozenset({"sliding_window", "max_window_layers", "layer_types"}),
     ),
-    # Mistral 7B v0.2 / v0.3, Nemo, Small: the Llama layout; only checkpoints whose sliding window
-    # is off (null, or at least the context) are accepted (see `_check_window`).
+    # Mistral 7B v0.1 - v0.3, Nemo, Small: the Llama layout, every layer attending within
+    # `sliding_window` tokens (null: full attention).
     "mistral": Family(
         model_type="mistral",
         architecture="MistralForCausalLM",
         keys=_LLAMA_KEYS,
         qkv_bias=False,
         required={"hidden_act": "silu", "attention_dropout": 0.0},
-        tolerated=frozenset({"sliding_window"}),
+        describes=_mistral_describes,
+        fields=frozenset({"sliding_window"}),
+        to_kwargs=_mistral_kwargs,
+        to_config=_mistral_config,
     ),
     "qwen3": Family(
         model_type="qwen3",
@@ -370,23 +399,6 @@ def _rope(config: Mapping, source: str) -> tuple[float, RopeScaling | None]:
     )
 
 
-MISTRAL_DEFAULT_WINDOW = 4096  # transformers' MistralConfig default when config.json has no sliding_window
-
-
-def _check_window(family: Family, config: Mapping, source: str) -> None:
-    """Mistral's sliding window must be off: null, or no shorter than the context (then it never
-    masks anything). Sliding-window attention itself is not implemented."""
-    if family.model_type != "mistral":
-        return
-    window = config.get("sliding_window", MISTRAL_DEFAULT_WINDOW)
-    context = config.get("max_position_embeddings", 2048)
-    if window is not None and window < context:
-        raise CheckpointError(
-            f"{source}: sliding_window={window} < max_position_embeddings={context}: sliding-window "
-            "attention is not implemented (checkpoints with sliding_window null are)"
-        )
-
-
 def hf_config_to_kwargs(config: Mapping | str | Path) -> tuple[Family, dict]:
     """config.json -> (family, `llama()` keyword arguments). Refuses what we would not reproduce."""
     config, source = read_hf_config(config)
@@ -400,7 +412,6 @@ def hf_config_to_kwargs(config: Mapping | str | Path) -> tuple[Family, dict]:
     for name, value in family.required.items():
         if name in config and config[name] != value and not (config[name] is None and value is False):
             raise CheckpointError(f"{source}: {name}={config[name]!r} is not supported (only {value!r})")
-    _check_window(family, config, source)
     layer_types = config.get("layer_types")
     if layer_types is not None and set(layer_types) != {"full_attention"}:
         raise CheckpointError(f"{source}: layer_types {sorted(set(layer_types))}: only full attention is supported")
@@ -494,8 +505,6 @@ def hf_config_from_model(model: TransformerDecoder, dtype: torch.dtype, base: Ma
         torch_dtype=str(dtype).removeprefix("torch."),
         **{k: v for k, v in family.required.items() if k not in ("rope_interleaved", "use_mrope")},
     )
-    if family.model_type == "mistral":
-        config["sliding_window"] = None  # explicit: absent would mean transformers' default window
     if family.to_config is not None:
         config.update(family.to_config(args))
     config.pop("dtype", None)
