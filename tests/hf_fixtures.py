@@ -105,6 +105,32 @@ FAMILIES = {
             sliding_window=8,
         ),
     ),
+    "qwen2_5_window": (  # use_sliding_window: an 8-token window from layer max_window_layers=1 on
+        "Qwen2Config",
+        dict(
+            COMMON,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rope_theta=1_000_000.0,
+            rms_norm_eps=1e-6,
+            use_sliding_window=True,
+            sliding_window=8,
+            max_window_layers=1,
+        ),
+    ),
+    "qwen3_window": (  # the window on the layers an explicit layer_types names (here the first)
+        "Qwen3Config",
+        dict(
+            COMMON,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rope_theta=1_000_000.0,
+            rms_norm_eps=1e-6,
+            use_sliding_window=True,
+            sliding_window=8,
+            layer_types=["sliding_attention", "full_attention"],
+        ),
+    ),
     "smollm2_tied_mha": (
         "LlamaConfig",
         dict(

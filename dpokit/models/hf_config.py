@@ -22,7 +22,7 @@ import torch
 
 from dpokit.errors import DpokitError
 from dpokit.models.builders import llama, lora_llama
-from dpokit.models.transformer import SLIDING_ATTENTION, RopeScaling, TransformerDecoder
+from dpokit.models.transformer import FULL_ATTENTION, SLIDING_ATTENTION, RopeScaling, TransformerDecoder
 
 
 class CheckpointError(DpokitError):
@@ -251,6 +251,54 @@ def _mistral_config(args: Mapping) -> dict:
     return {"sliding_window": args["sliding_window"]}
 
 
+_QWEN_WINDOW_FIELDS = frozenset({"use_sliding_window", "sliding_window", "max_window_layers", "layer_types"})
+
+
+def _qwen_window_kwargs(config: Mapping, source: str) -> dict:
+    """Qwen2 / Qwen3 windows, as transformers reads them: off unless `use_sliding_window`; then
+    `sliding_window` (default 4096) on the layers `layer_types` names, or by default on layers
+    max_window_layers (default 28) and up."""
+    use, window, layer_types = config.get("use_sliding_window", False), config.get("sliding_window", 4096), None
+    if use not in (True, False, None):
+        raise CheckpointError(f"{source}: use_sliding_window must be true or false, got {use!r}")
+    if use and window is not None:
+        if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+            raise CheckpointError(f"{source}: sliding_window must be a positive integer or null, got {window!r}")
+        layer_types = config.get("layer_types")
+        if layer_types is None:
+            first = config.get("max_window_layers", 28)
+            if not isinstance(first, int) or isinstance(first, bool):
+                raise CheckpointError(f"{source}: max_window_layers must be an integer, got {first!r}")
+            layer_types = [
+                SLIDING_ATTENTION if i >= first else FULL_ATTENTION for i in range(config["num_hidden_layers"])
+            ]
+    else:
+        window = None
+    given = config.get("layer_types") if layer_types is None else layer_types
+    kinds = {FULL_ATTENTION} if window is None else {FULL_ATTENTION, SLIDING_ATTENTION}
+    if given is not None and (not isinstance(given, list) or not set(given) <= kinds):
+        # transformers gives sliding_attention layers no window when use_sliding_window is off
+        raise CheckpointError(f"{source}: layer_types {given!r}: only {sorted(kinds)} with this sliding_window")
+    if given is not None and len(given) != config["num_hidden_layers"]:
+        raise CheckpointError(f"{source}: layer_types names {len(given)} layers, not num_hidden_layers")
+    if window is None or SLIDING_ATTENTION not in layer_types:
+        return {}
+    return dict(sliding_window=window, layer_types=tuple(layer_types))
+
+
+def _qwen_window_config(args: Mapping) -> dict:
+    window = args["sliding_window"]
+    if window is None or SLIDING_ATTENTION not in args["layer_types"]:
+        return {"use_sliding_window": False}
+    layer_types = list(args["layer_types"])
+    return {
+        "use_sliding_window": True,
+        "sliding_window": window,
+        "max_window_layers": layer_types.index(SLIDING_ATTENTION),
+        "layer_types": layer_types,
+    }
+
+
 FAMILIES: dict[str, Family] = {
     "llama": Family(
         model_type="llama",
@@ -270,8 +318,11 @@ FAMILIES: dict[str, Family] = {
         architecture="Qwen2ForCausalLM",
         keys=_QWEN2_KEYS,
         qkv_bias=True,
-        required={"hidden_act": "silu", "attention_dropout": 0.0, "use_sliding_window": False, "use_mrope": False},
-        tolerated=frozenset({"sliding_window", "max_window_layers", "layer_types"}),
+        required={"hidden_act": "silu", "attention_dropout": 0.0, "use_mrope": False},
+        describes=_switches(qkv_bias=True, free=("sliding_window",)),
+        fields=_QWEN_WINDOW_FIELDS,
+        to_kwargs=_qwen_window_kwargs,
+        to_config=_qwen_window_config,
     ),
     # Mistral 7B v0.1 - v0.3, Nemo, Small: the Llama layout, every layer attending within
     # `sliding_window` tokens (null: full attention).
@@ -292,8 +343,11 @@ FAMILIES: dict[str, Family] = {
         keys=_QWEN3_KEYS,
         qkv_bias=False,
         qk_norm=True,
-        required={"hidden_act": "silu", "attention_bias": False, "attention_dropout": 0.0, "use_sliding_window": False},
-        tolerated=frozenset({"sliding_window", "max_window_layers", "layer_types"}),
+        required={"hidden_act": "silu", "attention_bias": False, "attention_dropout": 0.0},
+        describes=_switches(qk_norm="head", free=("sliding_window",)),
+        fields=_QWEN_WINDOW_FIELDS,
+        to_kwargs=_qwen_window_kwargs,
+        to_config=_qwen_window_config,
     ),
 }
 
@@ -413,7 +467,8 @@ def hf_config_to_kwargs(config: Mapping | str | Path) -> tuple[Family, dict]:
         if name in config and config[name] != value and not (config[name] is None and value is False):
             raise CheckpointError(f"{source}: {name}={config[name]!r} is not supported (only {value!r})")
     layer_types = config.get("layer_types")
-    if layer_types is not None and set(layer_types) != {"full_attention"}:
+    # A family that lists layer_types in `fields` reads (and checks) them in its to_kwargs.
+    if layer_types is not None and set(layer_types) != {"full_attention"} and "layer_types" not in family.fields:
         raise CheckpointError(f"{source}: layer_types {sorted(set(layer_types))}: only full attention is supported")
     for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
         if not isinstance(config.get(name), int):

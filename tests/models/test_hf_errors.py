@@ -70,11 +70,18 @@ def test_unsupported_llama_configs_are_refused(change, message):
         model_from_hf_config(dict(LLAMA, **change))
 
 
-def test_sliding_window_in_use_is_refused():
-    with pytest.raises(CheckpointError, match="use_sliding_window=True"):
-        model_from_hf_config(dict(QWEN, use_sliding_window=True))
-    with pytest.raises(CheckpointError, match="only full attention"):
+def test_qwen_sliding_windows_load_as_transformers_reads_them():
+    on = model_from_hf_config(dict(QWEN, use_sliding_window=True, sliding_window=16, max_window_layers=0))
+    assert on.windows == [16]
+    assert model_from_hf_config(dict(QWEN, use_sliding_window=True, max_window_layers=1)).windows == [None]
+    assert model_from_hf_config(dict(QWEN, use_sliding_window=True, sliding_window=None)).windows == [None]
+    # without use_sliding_window transformers gives "sliding_attention" layers no window: refused
+    with pytest.raises(CheckpointError, match=r"config: layer_types \['sliding_attention'\]: only"):
         model_from_hf_config(dict(QWEN, layer_types=["sliding_attention"]))
+    with pytest.raises(CheckpointError, match="layer_types names 2 layers"):
+        model_from_hf_config(dict(QWEN, use_sliding_window=True, layer_types=["sliding_attention"] * 2))
+    with pytest.raises(CheckpointError, match="sliding_window must be a positive integer"):
+        model_from_hf_config(dict(QWEN, use_sliding_window=True, sliding_window=0, max_window_layers=0))
 
 
 def _write(tmp_path, config=LLAMA):

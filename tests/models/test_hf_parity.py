@@ -69,6 +69,7 @@ def test_hf_to_dpokit_to_hf_is_exact_and_loads_without_warnings(name, tmp_path):
     assert reloaded.config.to_dict()["rope_parameters"] == reference.config.to_dict()["rope_parameters"]
     assert type(reloaded) is type(reference)  # the family is kept (a Mistral is not saved as a Llama)
     assert getattr(reloaded.config, "sliding_window", None) == getattr(reference.config, "sliding_window", None)
+    assert getattr(reloaded.config, "layer_types", None) == getattr(reference.config, "layer_types", None)
     for (k, a), (_, b) in zip(sorted(reloaded.state_dict().items()), sorted(reference.state_dict().items())):
         assert torch.equal(a, b), k
     assert torch.equal(hf_logits(reloaded.float().eval(), TOKENS), hf_logits(reference, TOKENS))
@@ -91,7 +92,8 @@ def test_iter_hf_weights_yields_every_parameter_once_with_our_names(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "name", ["llama3_2_tied_head_dim", "qwen2_5_untied_bias", "qwen3_untied", "olmo2_mha", "mistral_window"]
+    "name",
+    ["llama3_2_tied_head_dim", "qwen2_5_untied_bias", "qwen3_untied", "olmo2_mha", "mistral_window", "qwen3_window"],
 )
 def test_peft_loads_our_adapter_and_matches_our_outputs(name, tmp_path):
     peft = pytest.importorskip("peft")
@@ -189,3 +191,11 @@ def test_a_model_with_windows_on_some_layers_only_is_not_exported_as_mistral():
     )
     with pytest.raises(CheckpointError, match="no Hugging Face family lays out this model"):
         hf_config_from_model(model, torch.float32, base={"model_type": "mistral"})
+
+
+@pytest.mark.parametrize("name, expected", [("qwen2_5_window", (None, 8)), ("qwen3_window", (8, None))])
+def test_qwen_windows_land_on_the_layers_transformers_puts_them_on(name, expected, tmp_path):
+    reference = write_hf_checkpoint(name, tmp_path)
+    ours = load_hf_checkpoint(tmp_path)
+    assert tuple(ours.windows) == expected
+    assert tuple(layer.self_attn.sliding_window for layer in reference.model.layers) == expected
