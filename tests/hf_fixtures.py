@@ -190,6 +190,67 @@ FAMILIES = {
             decoder_sparse_step=2,
         ),
     ),
+    "mistral_window": (  # Mistral 7B v0.1's layout: every layer attends within an 8-token window
+        "MistralConfig",
+        dict(
+            COMMON,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rope_theta=10_000.0,
+            rms_norm_eps=1e-5,
+            sliding_window=8,
+        ),
+    ),
+    "qwen2_5_window": (  # use_sliding_window: an 8-token window from layer max_window_layers=1 on
+        "Qwen2Config",
+        dict(
+            COMMON,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rope_theta=1_000_000.0,
+            rms_norm_eps=1e-6,
+            use_sliding_window=True,
+            sliding_window=8,
+            max_window_layers=1,
+        ),
+    ),
+    "qwen3_window": (  # the window on the layers an explicit layer_types names (here the first)
+        "Qwen3Config",
+        dict(
+            COMMON,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rope_theta=1_000_000.0,
+            rms_norm_eps=1e-6,
+            use_sliding_window=True,
+            sliding_window=8,
+            layer_types=["sliding_attention", "full_attention"],
+        ),
+    ),
+    # OLMo 2: post-norm blocks, q/k norms over the whole projections (7B / 13B: MHA, untied)
+    "olmo2_mha": (
+        "Olmo2Config",
+        dict(
+            COMMON,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            rope_theta=500_000.0,
+            rms_norm_eps=1e-6,
+            eos_token_id=None,
+        ),
+    ),
+    "olmo2_gqa_tied": (  # 32B's GQA (k_norm smaller than q_norm), with a tied head
+        "Olmo2Config",
+        dict(
+            COMMON,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rope_theta=500_000.0,
+            rms_norm_eps=1e-6,
+            tie_word_embeddings=True,
+            eos_token_id=None,
+        ),
+    ),
 }
 
 

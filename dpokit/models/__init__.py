@@ -2,8 +2,8 @@
 
 Families (each with a `lora_` twin taking lora_targets/lora_rank/lora_alpha/lora_dropout/quantize_base):
 Llama 3 / 3.1 / 3.2 (`llama3.py`), Qwen2.5 (`qwen2_5.py`), Qwen3 (`qwen3.py`), SmolLM2 (`smollm2.py`),
-Phi-3 / Phi-4 (`phi.py`), Qwen3 MoE (`qwen3_moe.py`).
-Any Llama/Qwen2/Qwen3/Qwen3-MoE/Mistral/Phi-3
+Phi-3 / Phi-4 (`phi.py`), Qwen3 MoE (`qwen3_moe.py`), OLMo 2 (`olmo2.py`).
+Any Llama/Qwen2/Qwen3/Qwen3-MoE/Mistral/Phi-3/OLMo 2
 Hugging Face directory: `model_from_hf_config`, `load_hf_checkpoint` (see `hf_checkpoint.py`).
 """
 
@@ -47,6 +47,16 @@ from dpokit.models.lora import (
     merged_state_dict,
     parameter_summary,
     set_trainable_params,
+)
+from dpokit.models.olmo2 import (
+    lora_olmo2_1b,
+    lora_olmo2_7b,
+    lora_olmo2_13b,
+    lora_olmo2_32b,
+    olmo2_1b,
+    olmo2_7b,
+    olmo2_13b,
+    olmo2_32b,
 )
 from dpokit.models.phi import (
     lora_phi3_medium_4k,

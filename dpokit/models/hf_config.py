@@ -23,7 +23,13 @@ import torch
 from dpokit.errors import DpokitError
 from dpokit.models.builders import llama, lora_llama
 from dpokit.models.moe import MoE
-from dpokit.models.transformer import SLIDING_ATTENTION, LongRopeScaling, RopeScaling, TransformerDecoder
+from dpokit.models.transformer import (
+    FULL_ATTENTION,
+    SLIDING_ATTENTION,
+    LongRopeScaling,
+    RopeScaling,
+    TransformerDecoder,
+)
 
 
 class CheckpointError(DpokitError):
@@ -316,6 +322,80 @@ def _describes_qwen3_moe(args: Mapping) -> bool:
 
 # -------------------------------------------------------------------------------------------------
 
+MISTRAL_DEFAULT_WINDOW = 4096  # transformers' MistralConfig default when config.json has no sliding_window
+
+
+def _mistral_kwargs(config: Mapping, source: str) -> dict:
+    """Mistral's `sliding_window` (absent: transformers' default, 4096) on every layer; null is full
+    attention. transformers masks key k for query q unless 0 <= q - k < window, as our decoder does."""
+    window = config.get("sliding_window", MISTRAL_DEFAULT_WINDOW)
+    if window is None:
+        return {}
+    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+        raise CheckpointError(f"{source}: sliding_window must be a positive integer or null, got {window!r}")
+    return {"sliding_window": window}
+
+
+def _mistral_describes(args: Mapping) -> bool:
+    """The Llama switches with any window, as long as it is on every layer (or off)."""
+    if not _switches(free=("sliding_window",))(args):
+        return False
+    return args.get("sliding_window") is None or set(args["layer_types"]) == {SLIDING_ATTENTION}
+
+
+def _mistral_config(args: Mapping) -> dict:
+    # Always written, null included: an absent field would mean transformers' default window.
+    return {"sliding_window": args["sliding_window"]}
+
+
+_QWEN_WINDOW_FIELDS = frozenset({"use_sliding_window", "sliding_window", "max_window_layers", "layer_types"})
+
+
+def _qwen_window_kwargs(config: Mapping, source: str) -> dict:
+    """Qwen2 / Qwen3 windows, as transformers reads them: off unless `use_sliding_window`; then
+    `sliding_window` (default 4096) on the layers `layer_types` names, or by default on layers
+    max_window_layers (default 28) and up."""
+    use, window, layer_types = config.get("use_sliding_window", False), config.get("sliding_window", 4096), None
+    if use not in (True, False, None):
+        raise CheckpointError(f"{source}: use_sliding_window must be true or false, got {use!r}")
+    if use and window is not None:
+        if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+            raise CheckpointError(f"{source}: sliding_window must be a positive integer or null, got {window!r}")
+        layer_types = config.get("layer_types")
+        if layer_types is None:
+            first = config.get("max_window_layers", 28)
+            if not isinstance(first, int) or isinstance(first, bool):
+                raise CheckpointError(f"{source}: max_window_layers must be an integer, got {first!r}")
+            layer_types = [
+                SLIDING_ATTENTION if i >= first else FULL_ATTENTION for i in range(config["num_hidden_layers"])
+            ]
+    else:
+        window = None
+    given = config.get("layer_types") if layer_types is None else layer_types
+    kinds = {FULL_ATTENTION} if window is None else {FULL_ATTENTION, SLIDING_ATTENTION}
+    if given is not None and (not isinstance(given, list) or not set(given) <= kinds):
+        # transformers gives sliding_attention layers no window when use_sliding_window is off
+        raise CheckpointError(f"{source}: layer_types {given!r}: only {sorted(kinds)} with this sliding_window")
+    if given is not None and len(given) != config["num_hidden_layers"]:
+        raise CheckpointError(f"{source}: layer_types names {len(given)} layers, not num_hidden_layers")
+    if window is None or SLIDING_ATTENTION not in layer_types:
+        return {}
+    return dict(sliding_window=window, layer_types=tuple(layer_types))
+
+
+def _qwen_window_config(args: Mapping) -> dict:
+    window = args["sliding_window"]
+    if window is None or SLIDING_ATTENTION not in args["layer_types"]:
+        return {"use_sliding_window": False}
+    layer_types = list(args["layer_types"])
+    return {
+        "use_sliding_window": True,
+        "sliding_window": window,
+        "max_window_layers": layer_types.index(SLIDING_ATTENTION),
+        "layer_types": layer_types,
+    }
+
+
 FAMILIES: dict[str, Family] = {
     "llama": Family(
         model_type="llama",
@@ -335,18 +415,24 @@ FAMILIES: dict[str, Family] = {
         architecture="Qwen2ForCausalLM",
         keys=_QWEN2_KEYS,
         qkv_bias=True,
-        required={"hidden_act": "silu", "attention_dropout": 0.0, "use_sliding_window": False, "use_mrope": False},
-        tolerated=frozenset({"sliding_window", "max_window_layers", "layer_types"}),
+        required={"hidden_act": "silu", "attention_dropout": 0.0, "use_mrope": False},
+        describes=_switches(qkv_bias=True, free=("sliding_window",)),
+        fields=_QWEN_WINDOW_FIELDS,
+        to_kwargs=_qwen_window_kwargs,
+        to_config=_qwen_window_config,
     ),
-    # Mistral 7B v0.2 / v0.3, Nemo, Small: the Llama layout; only checkpoints whose sliding window
-    # is off (null, or at least the context) are accepted (see `_check_window`).
+    # Mistral 7B v0.1 - v0.3, Nemo, Small: the Llama layout, every layer attending within
+    # `sliding_window` tokens (null: full attention).
     "mistral": Family(
         model_type="mistral",
         architecture="MistralForCausalLM",
         keys=_LLAMA_KEYS,
         qkv_bias=False,
         required={"hidden_act": "silu", "attention_dropout": 0.0},
-        tolerated=frozenset({"sliding_window"}),
+        describes=_mistral_describes,
+        fields=frozenset({"sliding_window"}),
+        to_kwargs=_mistral_kwargs,
+        to_config=_mistral_config,
     ),
     "qwen3": Family(
         model_type="qwen3",
@@ -354,8 +440,11 @@ FAMILIES: dict[str, Family] = {
         keys=_QWEN3_KEYS,
         qkv_bias=False,
         qk_norm=True,
-        required={"hidden_act": "silu", "attention_bias": False, "attention_dropout": 0.0, "use_sliding_window": False},
-        tolerated=frozenset({"sliding_window", "max_window_layers", "layer_types"}),
+        required={"hidden_act": "silu", "attention_bias": False, "attention_dropout": 0.0},
+        describes=_switches(qk_norm="head", free=("sliding_window",)),
+        fields=_QWEN_WINDOW_FIELDS,
+        to_kwargs=_qwen_window_kwargs,
+        to_config=_qwen_window_config,
     ),
     "qwen3_moe": Family(
         model_type="qwen3_moe",
@@ -509,6 +598,39 @@ FAMILIES["phi3"] = Family(
     to_config=_phi3_to_config,
     rope=_phi3_rope,
 )
+# ---------------------------------------------------------------------------------------- OLMo 2
+# OLMo 2 (Olmo2ForCausalLM): no input norms; the attention and MLP outputs are normed before
+# their residual add (norm_placement "post"); q and k are RMS-normed over the whole projection
+# (all heads together) before the head split and RoPE; every RMSNorm scales in fp32 before the
+# cast back. No biases anywhere (attention_bias would also put one on o_proj).
+_OLMO2_KEYS = {
+    **{k: v for k, v in _LLAMA_KEYS.items() if "input_layernorm" not in k},
+    "layers.{}.self_attn.q_norm.weight": "model.layers.{}.self_attn.q_norm.weight",
+    "layers.{}.self_attn.k_norm.weight": "model.layers.{}.self_attn.k_norm.weight",
+    "layers.{}.post_feedforward_layernorm.weight": "model.layers.{}.post_feedforward_layernorm.weight",
+}
+_OLMO2_SWITCHES = dict(norm_placement="post", qk_norm="projection", norm_scale_in_fp32=True)
+
+
+def _olmo2_kwargs(config: Mapping, source: str) -> dict:
+    """OLMo 2's fixed switches; OLMo 1's q/k/v clipping (`clip_qkv`) is refused unless null."""
+    if config.get("clip_qkv") is not None:
+        raise CheckpointError(f"{source}: clip_qkv={config['clip_qkv']!r} is not supported (only null)")
+    return dict(_OLMO2_SWITCHES)
+
+
+FAMILIES["olmo2"] = Family(
+    model_type="olmo2",
+    architecture="Olmo2ForCausalLM",
+    keys=_OLMO2_KEYS,
+    qkv_bias=False,
+    required={"hidden_act": "silu", "attention_bias": False, "attention_dropout": 0.0},
+    describes=_switches(**_OLMO2_SWITCHES),
+    fields=frozenset({"clip_qkv"}),
+    to_kwargs=_olmo2_kwargs,
+)
+# -------------------------------------------------------------------------------- end of OLMo 2
+
 
 _ARCH_FIELDS = frozenset(
     {
@@ -578,23 +700,6 @@ def _rope(config: Mapping, source: str) -> tuple[float, RopeScaling | None]:
     )
 
 
-MISTRAL_DEFAULT_WINDOW = 4096  # transformers' MistralConfig default when config.json has no sliding_window
-
-
-def _check_window(family: Family, config: Mapping, source: str) -> None:
-    """Mistral's sliding window must be off: null, or no shorter than the context (then it never
-    masks anything). Sliding-window attention itself is not implemented."""
-    if family.model_type != "mistral":
-        return
-    window = config.get("sliding_window", MISTRAL_DEFAULT_WINDOW)
-    context = config.get("max_position_embeddings", 2048)
-    if window is not None and window < context:
-        raise CheckpointError(
-            f"{source}: sliding_window={window} < max_position_embeddings={context}: sliding-window "
-            "attention is not implemented (checkpoints with sliding_window null are)"
-        )
-
-
 def hf_config_to_kwargs(config: Mapping | str | Path) -> tuple[Family, dict]:
     """config.json -> (family, `llama()` keyword arguments). Refuses what we would not reproduce."""
     config, source = read_hf_config(config)
@@ -608,9 +713,9 @@ def hf_config_to_kwargs(config: Mapping | str | Path) -> tuple[Family, dict]:
     for name, value in family.required.items():
         if name in config and config[name] != value and not (config[name] is None and value is False):
             raise CheckpointError(f"{source}: {name}={config[name]!r} is not supported (only {value!r})")
-    _check_window(family, config, source)
     layer_types = config.get("layer_types")
-    if layer_types is not None and set(layer_types) != {"full_attention"}:
+    # A family that lists layer_types in `fields` reads (and checks) them in its to_kwargs.
+    if layer_types is not None and set(layer_types) != {"full_attention"} and "layer_types" not in family.fields:
         raise CheckpointError(f"{source}: layer_types {sorted(set(layer_types))}: only full attention is supported")
     for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
         if not isinstance(config.get(name), int):
@@ -702,8 +807,6 @@ def hf_config_from_model(model: TransformerDecoder, dtype: torch.dtype, base: Ma
         torch_dtype=str(dtype).removeprefix("torch."),
         **{k: v for k, v in family.required.items() if k not in ("rope_interleaved", "use_mrope")},
     )
-    if family.model_type == "mistral":
-        config["sliding_window"] = None  # explicit: absent would mean transformers' default window
     if family.to_config is not None:
         config.update(family.to_config(args))
     if scaling is not None and config.get("rope_scaling") is None:

@@ -70,11 +70,18 @@ def test_unsupported_llama_configs_are_refused(change, message):
         model_from_hf_config(dict(LLAMA, **change))
 
 
-def test_sliding_window_in_use_is_refused():
-    with pytest.raises(CheckpointError, match="use_sliding_window=True"):
-        model_from_hf_config(dict(QWEN, use_sliding_window=True))
-    with pytest.raises(CheckpointError, match="only full attention"):
+def test_qwen_sliding_windows_load_as_transformers_reads_them():
+    on = model_from_hf_config(dict(QWEN, use_sliding_window=True, sliding_window=16, max_window_layers=0))
+    assert on.windows == [16]
+    assert model_from_hf_config(dict(QWEN, use_sliding_window=True, max_window_layers=1)).windows == [None]
+    assert model_from_hf_config(dict(QWEN, use_sliding_window=True, sliding_window=None)).windows == [None]
+    # without use_sliding_window transformers gives "sliding_attention" layers no window: refused
+    with pytest.raises(CheckpointError, match=r"config: layer_types \['sliding_attention'\]: only"):
         model_from_hf_config(dict(QWEN, layer_types=["sliding_attention"]))
+    with pytest.raises(CheckpointError, match="layer_types names 2 layers"):
+        model_from_hf_config(dict(QWEN, use_sliding_window=True, layer_types=["sliding_attention"] * 2))
+    with pytest.raises(CheckpointError, match="sliding_window must be a positive integer"):
+        model_from_hf_config(dict(QWEN, use_sliding_window=True, sliding_window=0, max_window_layers=0))
 
 
 def _write(tmp_path, config=LLAMA):
@@ -122,3 +129,27 @@ def test_load_builds_on_meta_and_fills_everything(tmp_path):
     assert {n for n, p in loaded.named_parameters() if p.requires_grad} == {
         n for n in dict(loaded.named_parameters()) if ".lora_" in n
     }
+
+
+OLMO2 = dict(LLAMA, model_type="olmo2", rms_norm_eps=1e-6)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(clip_qkv=8.0), r"config: clip_qkv=8.0 is not supported \(only null\)"),
+        (dict(attention_bias=True), "attention_bias=True is not supported"),
+        (dict(hidden_act="gelu"), "hidden_act='gelu'"),
+        (dict(use_sliding_window=True), r"config field\(s\) \['use_sliding_window'\] not understood"),
+    ],
+)
+def test_unsupported_olmo2_configs_are_refused(change, message):
+    with pytest.raises(CheckpointError, match=message):
+        model_from_hf_config(dict(OLMO2, **change))
+
+
+def test_olmo2_config_builds_post_norm_blocks_with_projection_qk_norms():
+    model = model_from_hf_config(dict(OLMO2, clip_qkv=None, attention_bias=False))
+    block = model.layers[0]
+    assert not hasattr(block, "input_layernorm") and hasattr(block, "post_feedforward_layernorm")
+    assert block.self_attn.q_norm.weight.shape == (32,) and block.self_attn.k_norm.weight.shape == (16,)

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from dpokit.models import CheckpointError, adapter_params, model_from_hf_config
+from dpokit.models import CheckpointError, adapter_params, hf_config_from_model, model_from_hf_config
 from dpokit.models.hf_checkpoint import (
     iter_hf_weights,
     load_hf_checkpoint,
@@ -53,6 +53,8 @@ def test_logits_match_transformers(name, tmp_path):
         "phi3_gqa_window",
         "phi3_longrope",
         "qwen3_moe",
+        "olmo2_gqa_tied",
+        "mistral_window",
     ],
 )
 def test_hf_to_dpokit_to_hf_is_exact_and_loads_without_warnings(name, tmp_path):
@@ -70,6 +72,7 @@ def test_hf_to_dpokit_to_hf_is_exact_and_loads_without_warnings(name, tmp_path):
     assert reloaded.config.to_dict()["rope_parameters"] == reference.config.to_dict()["rope_parameters"]
     assert type(reloaded) is type(reference)  # the family is kept (a Mistral is not saved as a Llama)
     assert getattr(reloaded.config, "sliding_window", None) == getattr(reference.config, "sliding_window", None)
+    assert getattr(reloaded.config, "layer_types", None) == getattr(reference.config, "layer_types", None)
     for (k, a), (_, b) in zip(sorted(reloaded.state_dict().items()), sorted(reference.state_dict().items())):
         assert torch.equal(a, b), k
     assert torch.equal(hf_logits(reloaded.float().eval(), TOKENS), hf_logits(reference, TOKENS))
@@ -99,7 +102,17 @@ PEFT_TARGETS = {
 
 
 @pytest.mark.parametrize(
-    "name", ["llama3_2_tied_head_dim", "qwen2_5_untied_bias", "qwen3_untied", "phi3_no_window", "phi3_longrope"]
+    "name",
+    [
+        "llama3_2_tied_head_dim",
+        "qwen2_5_untied_bias",
+        "qwen3_untied",
+        "phi3_no_window",
+        "phi3_longrope",
+        "olmo2_mha",
+        "mistral_window",
+        "qwen3_window",
+    ],
 )
 def test_peft_loads_our_adapter_and_matches_our_outputs(name, tmp_path):
     peft = pytest.importorskip("peft")
@@ -137,16 +150,75 @@ def test_hf_model_fixture_differs_between_families():
     assert not torch.allclose(hf_logits(a, TOKENS), hf_logits(b, TOKENS))
 
 
-@pytest.mark.parametrize("window, refused", [(16, True), (None, False), (128, False)])
-def test_a_mistral_sliding_window_shorter_than_the_context_is_refused(window, refused, tmp_path):
+@pytest.mark.parametrize("window", [8, None, 128, "absent"])
+def test_a_mistral_sliding_window_loads_and_is_written_back(window, tmp_path):
+    """sliding_window is taken as given (absent = MistralConfig's default) and exported explicitly,
+    so transformers reads the same window back; a window shorter than the 40 tokens masks (the
+    mistral_window fixture checks the logits)."""
     class_name, kwargs = FAMILIES["mistral_gqa"]
-    config = getattr(transformers, class_name)(**{**kwargs, "sliding_window": window})
+    kwargs = {k: v for k, v in kwargs.items() if k != "sliding_window"}
+    config = getattr(transformers, class_name)(**kwargs, **({} if window == "absent" else {"sliding_window": window}))
     config.save_pretrained(tmp_path)
-    if refused:
-        with pytest.raises(CheckpointError, match=r"sliding_window=16 < max_position_embeddings=128: sliding-window"):
-            model_from_hf_config(tmp_path)
-    else:
-        model_from_hf_config(tmp_path)
+    written = json.loads((tmp_path / "config.json").read_text())
+    if window == "absent":
+        del written["sliding_window"]
+        (tmp_path / "config.json").write_text(json.dumps(written))
+    expected = transformers.AutoConfig.from_pretrained(tmp_path).sliding_window
+    assert expected == (4096 if window == "absent" else window)
+    model = model_from_hf_config(tmp_path)
+    assert model.args["sliding_window"] == expected
+    assert model.windows == [expected] * 2
+    exported = hf_config_from_model(model, torch.float32, base=written)
+    assert exported["model_type"] == "mistral" and exported["sliding_window"] == expected
+    assert transformers.AutoConfig.for_model(**exported).sliding_window == expected
+
+
+def test_a_window_narrower_than_the_sequence_changes_the_logits(tmp_path):
+    # guards the mistral_window parity test: its window really masks at 40 tokens
+    write_hf_checkpoint("mistral_window", tmp_path)
+    windowed = load_hf_checkpoint(tmp_path).eval()
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(dict(config, sliding_window=None)))
+    full = load_hf_checkpoint(tmp_path).eval()
+    with torch.no_grad():
+        a, b = windowed(TOKENS), full(TOKENS)
+    assert torch.equal(a[:, :8], b[:, :8]) and not torch.allclose(a[:, 8:], b[:, 8:])
+
+
+@pytest.mark.parametrize("window", [0, -4, 2.5, True])
+def test_a_mistral_window_that_is_not_a_positive_integer_is_refused(window):
+    config = dict(model_type="mistral", vocab_size=64, hidden_size=32, intermediate_size=48)
+    config.update(num_hidden_layers=1, num_attention_heads=4, sliding_window=window)
+    with pytest.raises(
+        CheckpointError, match=rf"config: sliding_window must be a positive integer or null, got {window}"
+    ):
+        model_from_hf_config(config)
+
+
+def test_a_model_with_windows_on_some_layers_only_is_not_exported_as_mistral():
+    from dpokit.models import llama
+
+    model = llama(
+        vocab_size=64,
+        dim=32,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        hidden_dim=48,
+        max_seq_len=64,
+        sliding_window=8,
+        layer_types=("sliding_attention", "full_attention"),
+    )
+    with pytest.raises(CheckpointError, match="no Hugging Face family lays out this model"):
+        hf_config_from_model(model, torch.float32, base={"model_type": "mistral"})
+
+
+@pytest.mark.parametrize("name, expected", [("qwen2_5_window", (None, 8)), ("qwen3_window", (8, None))])
+def test_qwen_windows_land_on_the_layers_transformers_puts_them_on(name, expected, tmp_path):
+    reference = write_hf_checkpoint(name, tmp_path)
+    ours = load_hf_checkpoint(tmp_path)
+    assert tuple(ours.windows) == expected
+    assert tuple(layer.self_attn.sliding_window for layer in reference.model.layers) == expected
 
 
 # ------------------------------------------------------------------------------- Phi-3 / Phi-4

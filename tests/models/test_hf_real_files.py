@@ -31,7 +31,7 @@ HF_REAL = SHARED / "hf-real"
 HH = SHARED / "data" / "hh_rlhf_harmless_base_test.jsonl.gz"
 pytestmark = pytest.mark.skipif(not HF_REAL.is_dir(), reason="../shared/hf-real is not here")
 
-SUPPORTED = {"llama", "mistral", "qwen2", "qwen3", "phi3"}
+SUPPORTED = {"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2"}
 FOLDERS = sorted(p.name for p in HF_REAL.iterdir() if (p / "config.json").is_file()) if HF_REAL.is_dir() else []
 
 HARD_TEXTS = [

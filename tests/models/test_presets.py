@@ -43,6 +43,12 @@ PUBLISHED_PARAMETERS = {
     # Qwen3 MoE model cards: 30.5B total / 3.3B activated, 235B total / 22B activated
     "qwen3_30b_a3b": 30_532_122_624,
     "qwen3_235b_a22b": 235_093_634_560,
+    # OLMo 2: exact counts of the published configs' shapes (transformers' Olmo2ForCausalLM agrees,
+    # see the config test); the Hub pages round them to 1.48B, 7.3B, 13.7B and 32.2B
+    "olmo2_1b": 1_484_916_736,
+    "olmo2_7b": 7_298_617_344,
+    "olmo2_13b": 13_716_198_400,
+    "olmo2_32b": 32_234_279_936,
 }
 
 
@@ -96,6 +102,8 @@ def test_every_architecture_has_a_published_count_and_working_builders():
         "phi3_mini_4k",
         "phi3_mini_128k",
         "phi4",
+        "olmo2_1b",
+        "olmo2_32b",
     ],
 )
 def test_config_json_round_trips_and_transformers_agrees(name):
