@@ -295,18 +295,17 @@ def cmd_eval(args) -> int:
         raise CliError("eval: give --data FILE (a preference file) or --hub REPO (a Hugging Face dataset), one of them")
     if args.hub is None and (args.split or args.subset or args.revision):
         raise CliError("eval: --split, --subset and --revision go with --hub REPO")
-    keys, format = parse_key_names(args.key_names), args.format
-    data_path = args.data
-    if args.hub is not None:
-        from dpokit.data.hub import resolve_hub_dataset
-
-        resolved = resolve_hub_dataset(
-            args.hub, split=args.split, subset=args.subset, revision=args.revision, format=format, keys=keys
-        )
-        data_path, format, keys = resolved.files, resolved.format, resolved.keys
     if args.hub is None and not Path(args.data).is_file():
         raise CliError(f"{args.data}: preference data file not found")
-    data = EvalData(path=data_path, format=format, keys=keys)
+    data = EvalData(
+        path=args.data,
+        hub=args.hub,
+        split=args.split,
+        subset=args.subset,
+        revision=args.revision,
+        format=args.format,
+        keys=parse_key_names(args.key_names),
+    )
     device = resolve_device(args.device)
     results = []
     for checkpoint in args.checkpoints:
@@ -328,7 +327,7 @@ def cmd_eval(args) -> int:
         except DpokitError as e:  # a data file's fix names a PreferenceDataset setting eval does not expose
             raise CliError(e.detail if e.fix_param else str(e)) from None
         results.append(result)
-    label = args.data if args.hub is None else f"{args.hub} ({data_path})"
+    label = data.label()
     if args.json:
         print(json.dumps({"data": label, "checkpoints": [r.as_dict() for r in results]}))
     else:

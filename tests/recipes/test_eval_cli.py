@@ -1,6 +1,7 @@
 """`dpokit eval` of a finished run reproduces the validation the run logged for its final weights."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -117,3 +118,23 @@ def test_bad_inputs_are_one_line_and_exit_2(lora_run, tmp_path):
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("dpokit: error: "), result.stderr
         assert expected in lines[0], lines[0]
+
+
+@pytest.mark.subprocess
+def test_a_hub_split_evaluates_as_the_same_local_file(lora_run, tmp_path):
+    """--hub reads a Hugging Face dataset split (here from an offline cache) as --data reads the file."""
+    out, logged = lora_run
+    repo = tmp_path / "hf-cache" / "datasets--me--case"
+    commit = "5c6cb2a5d3e4f1b0a9c8d7e6f5a4b3c2d1e0f9a8"
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    (repo / "snapshots" / commit / "test.jsonl").write_bytes(open(VALIDATION, "rb").read())
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hf-cache"), "HF_HUB_OFFLINE": "1"}
+    command = [*DPOKIT, "eval", str(out), "--hub", "me/case", "--split", "test", "--json"]
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (evaluated,) = json.loads(result.stdout)["checkpoints"]
+    assert evaluated["pairs"] == 256 and worst_difference(evaluated["metrics"], logged) < 1e-6
+    result = subprocess.run([*command[:-2], "nope"], capture_output=True, text=True, env=env)
+    assert result.returncode == 2 and result.stderr.startswith("dpokit: error: me/case split 'nope'"), result.stderr
