@@ -1,4 +1,5 @@
-"""The `dpokit` command: run, list, copy and print recipes and their configs; pack and validate data.
+"""The `dpokit` command: run, list, copy and print recipes and their configs; pack and validate data;
+evaluate checkpoints.
 
 Recipes are the `*.py` files of the `dpokit.recipes` folder; the configs of recipe R are the
 `configs/R/*.yaml` files beside them. Both are found by scanning those folders, so adding a recipe
@@ -284,6 +285,56 @@ def cmd_plot(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    """Preference metrics of each CHECKPOINT against its reference on one preference set."""
+    from dpokit.distributed.group import resolve_device
+    from dpokit.errors import DpokitError
+    from dpokit.training.eval_checkpoint import EvalData, eval_table, evaluate_checkpoint
+
+    if (args.data is None) == (args.hub is None):
+        raise CliError("eval: give --data FILE (a preference file) or --hub REPO (a Hugging Face dataset), one of them")
+    if args.hub is None and (args.split or args.subset or args.revision):
+        raise CliError("eval: --split, --subset and --revision go with --hub REPO")
+    if args.hub is None and not Path(args.data).is_file():
+        raise CliError(f"{args.data}: preference data file not found")
+    data = EvalData(
+        path=args.data,
+        hub=args.hub,
+        split=args.split,
+        subset=args.subset,
+        revision=args.revision,
+        format=args.format,
+        keys=parse_key_names(args.key_names),
+    )
+    device = resolve_device(args.device)
+    results = []
+    for checkpoint in args.checkpoints:
+        try:
+            result = evaluate_checkpoint(
+                checkpoint,
+                data,
+                reference=args.reference,
+                base=args.base,
+                tokenizer=args.tokenizer,
+                template=args.template,
+                batch_size=args.batch_size,
+                max_length=args.max_length,
+                max_prompt_length=args.max_prompt_length,
+                beta=args.loss_beta,
+                dtype=args.dtype,
+                device=device,
+            )
+        except DpokitError as e:  # a data file's fix names a PreferenceDataset setting eval does not expose
+            raise CliError(e.detail if e.fix_param else str(e)) from None
+        results.append(result)
+    label = data.label()
+    if args.json:
+        print(json.dumps({"data": label, "checkpoints": [r.as_dict() for r in results]}))
+    else:
+        print(eval_table(results, label))
+    return 0
+
+
 def _add_hub_arguments(parser: argparse.ArgumentParser, instead: str) -> None:
     """--hub / --split / --subset / --revision: read a Hugging Face dataset's split."""
     parser.add_argument(
@@ -447,6 +498,57 @@ def build_parser() -> argparse.ArgumentParser:
         "sft_loss, peak_memory, mfu (default: every one some run has)",
     )
     plot.set_defaults(func=cmd_plot)
+
+    evaluate = sub.add_parser(
+        "eval",
+        help="preference metrics of checkpoints against a reference",
+        description="Implicit-reward preference accuracy, reward margin, chosen / rejected rewards and "
+        "log-probs and the preference loss of each CHECKPOINT on a preference set, as a training run's "
+        "validation computes them; one column per checkpoint (or --json). A CHECKPOINT is an HF folder "
+        "(e.g. a run's final/), a PEFT adapter folder (e.g. final/adapter) or a run's output_dir, whose "
+        "config.yaml then supplies the loss, beta, average_logps, ld_alpha, batch size, lengths and "
+        "tokenizer. The reference: --reference, else the base with adapters off (adapters, LoRA runs), "
+        "else the weights the run started from (a run's HF folder).",
+    )
+    evaluate.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT", help="HF folder, adapter folder or run dir")
+    evaluate.add_argument("--data", help="preference data: .jsonl, .jsonl.gz, .json or .parquet")
+    _add_hub_arguments(evaluate, "instead of --data")
+    evaluate.add_argument("--format", default="auto", help="data format (default: auto-detect)")
+    evaluate.add_argument(
+        "--key-names",
+        action="append",
+        metavar="FIELD=NAME[,...]",
+        help="renamed fields, e.g. prompt=question,chosen=good (repeatable)",
+    )
+    evaluate.add_argument("--reference", metavar="REF", help="the reference checkpoint (HF folder, adapter or run dir)")
+    evaluate.add_argument(
+        "--base", metavar="DIR", help="an adapter's base model folder (default: its base_model_name_or_path)"
+    )
+    evaluate.add_argument(
+        "--tokenizer",
+        help="'byte', a tokenizer.json or tokenizer.model file, or a checkpoint directory (default: the run's, "
+        "else the checkpoint's tokenizer files)",
+    )
+    evaluate.add_argument("--template", help="chat template, e.g. llama3 or chatml (default: the tokenizer's)")
+    evaluate.add_argument(
+        "--batch-size", type=_positive_int, help="pairs per batch (default: the run's eval_batch_size, else 8)"
+    )
+    evaluate.add_argument(
+        "--max-length",
+        type=_positive_int,
+        help="truncate prompt + response to this many tokens (default: the run's validation max_seq_len, "
+        "else the model's)",
+    )
+    evaluate.add_argument(
+        "--max-prompt-length", type=_positive_int, help="the prompt is cut to this first (default max-length / 2)"
+    )
+    evaluate.add_argument(
+        "--loss-beta", type=float, metavar="B", help="the loss's beta (default: the run's loss, else DPO with 0.1)"
+    )
+    evaluate.add_argument("--dtype", help="bf16 / fp32 (default: the run's dtype, else as the checkpoint stores it)")
+    evaluate.add_argument("--device", default="auto", help="cpu, cuda, mps or auto (default: cuda if available)")
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    evaluate.set_defaults(func=cmd_eval)
     return parser
 
 
