@@ -28,7 +28,7 @@ Parts (each with its own time limit; elapsed seconds are printed per part):
 Tolerances (norm-relative error ||a - b|| / ||b||, in float64, per log-prob vector and per gradient
 tensor; the worst is printed):
 
-  fp32: log-probs <= 1e-5, gradients <= 1e-4. Both paths do the same math in fp32 (TF32 is switched
+  fp32: logits and log-probs <= 1e-5, gradients <= 1e-4. Both paths do the same math in fp32 (TF32 is switched
         off here for matmuls and cuDNN); they differ only in accumulation order (an online softmax
         over 128-key blocks vs SDPA's kernel, fused vs separate elementwise ops). fp32 rounding is
         6e-8, and an order change over a few thousand terms moves a sum by ~sqrt(n) * 6e-8 ~ 4e-6
@@ -113,7 +113,8 @@ THROUGHPUT_DPOKIT = (
     "dpokit prefix+ffd bf16-master ref=precomputed",
 )
 THROUGHPUT_PEER = "TRL bf16"
-PEER_MODULES = ("trl", "transformers", "accelerate", "datasets")
+# what the TRL runner imports, directly or through datasets (the GPU image has all but trl, datasets, dill, multiprocess)
+PEER_MODULES = ("trl", "transformers", "accelerate", "datasets", "dill", "multiprocess", "pandas", "pyarrow", "xxhash")
 
 
 @dataclass(frozen=True)
@@ -234,12 +235,12 @@ def worst(errors: dict[str, float]) -> tuple[str, float]:
     return name, errors[name]
 
 
-def compare_fp32(got: dict, want: dict) -> tuple[bool, str]:
+def compare_fp32(got: dict, want: dict, label: str = "logps") -> tuple[bool, str]:
     """got / want: {"logps": tensor, "grads": {name: tensor}} (grads may be absent)."""
     ok, parts = True, []
     e = rel_err(got["logps"], want["logps"])
     ok &= e <= FP32_TOL["logps"]
-    parts.append(f"logps err {e:.1e} (tol {FP32_TOL['logps']:.0e})")
+    parts.append(f"{label} err {e:.1e} (tol {FP32_TOL['logps']:.0e})")
     if "grads" in got:
         name, e = worst({n: rel_err(g, want["grads"][n]) for n, g in got["grads"].items()})
         ok &= e <= FP32_TOL["grads"]
@@ -247,7 +248,7 @@ def compare_fp32(got: dict, want: dict) -> tuple[bool, str]:
     return bool(ok), ", ".join(parts)
 
 
-def compare_bf16(got: dict, baseline: dict, exact: dict) -> tuple[bool, str]:
+def compare_bf16(got: dict, baseline: dict, exact: dict, label: str = "logps") -> tuple[bool, str]:
     """got (candidate, bf16) and baseline (SDPA / eager, bf16) against exact (fp32 of the same weights)."""
     ok, parts = True, []
     keys = ["logps"] + (["grads"] if "grads" in got else [])
@@ -265,7 +266,9 @@ def compare_bf16(got: dict, baseline: dict, exact: dict) -> tuple[bool, str]:
             where = f" at {where}"
         within = e_got <= 2 * e_base + BF16_FLOOR
         ok &= within
-        parts.append(f"{key} err vs fp32 {e_got:.1e} {'<=' if within else '>'} 2 x {e_base:.1e} + 2^-8{where}")
+        parts.append(
+            f"{label if key == 'logps' else key} err vs fp32 {e_got:.1e} {'<=' if within else '>'} 2 x {e_base:.1e} + 2^-8{where}"
+        )
     return bool(ok), ", ".join(parts)
 
 
@@ -436,10 +439,11 @@ def part_compile(args, shapes: Shapes, report: Report) -> None:
         def check(what: str, got: dict, want: dict, exact_result: dict | None) -> None:
             if "compile" in args.perturb:
                 got = perturbed(got)
+            label = "logits" if what.endswith("logits") else "logps"
             if exact_result is None:
-                ok, detail = compare_fp32(got, want)
+                ok, detail = compare_fp32(got, want, label)
             else:
-                ok, detail = compare_bf16(got, want, exact_result)
+                ok, detail = compare_bf16(got, want, exact_result, label)
             report.check(f"compile {precision} {variant} {what}", ok, detail)
 
         # full logits of the padded batch (the forward every recipe's model(...) call makes)
