@@ -549,6 +549,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", default="auto", help="cpu, cuda, mps or auto (default: cuda if available)")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     evaluate.set_defaults(func=cmd_eval)
+
+    from dpokit import generate_cli
+
+    generate_cli.add_parsers(sub, _positive_int)
     return parser
 
 
