@@ -43,7 +43,17 @@ def test_logits_match_transformers(name, tmp_path):
     assert diff <= 1e-5, f"{name}: max abs logit diff {diff}"
 
 
-@pytest.mark.parametrize("name", ["llama3_1_rope_scaling", "qwen2_5_tied_bias", "qwen3_tied_head_dim", "mistral_gqa"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "llama3_1_rope_scaling",
+        "qwen2_5_tied_bias",
+        "qwen3_tied_head_dim",
+        "mistral_gqa",
+        "gemma2_softcap_windows",
+        "gemma3_text_local_global",
+    ],
+)
 def test_hf_to_dpokit_to_hf_is_exact_and_loads_without_warnings(name, tmp_path):
     reference = write_hf_checkpoint(name, tmp_path / "in")
     (tmp_path / "in" / "tokenizer_config.json").write_text('{"model_max_length": 128}\n')
@@ -80,7 +90,16 @@ def test_iter_hf_weights_yields_every_parameter_once_with_our_names(tmp_path):
         assert torch.equal(tensor, ours.state_dict()[key].to(torch.bfloat16)), key
 
 
-@pytest.mark.parametrize("name", ["llama3_2_tied_head_dim", "qwen2_5_untied_bias", "qwen3_untied"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "llama3_2_tied_head_dim",
+        "qwen2_5_untied_bias",
+        "qwen3_untied",
+        "gemma2_softcap_windows",
+        "gemma3_text_local_global",
+    ],
+)
 def test_peft_loads_our_adapter_and_matches_our_outputs(name, tmp_path):
     peft = pytest.importorskip("peft")
     reference = write_hf_checkpoint(name, tmp_path / "base")
@@ -126,3 +145,24 @@ def test_a_mistral_sliding_window_shorter_than_the_context_is_refused(window, re
             model_from_hf_config(tmp_path)
     else:
         model_from_hf_config(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["gemma2_softcap_windows", "gemma3_text_local_global"])
+def test_gemma_export_keeps_the_fields_transformers_computes_with(name, tmp_path):
+    """Windows per layer, score scale, soft-caps and both RoPE tables survive dpokit -> HF."""
+    reference = write_hf_checkpoint(name, tmp_path / "in")
+    save_hf_checkpoint(load_hf_checkpoint(tmp_path / "in"), tmp_path / "out", source_dir=tmp_path / "in")
+    exported = transformers.AutoConfig.from_pretrained(tmp_path / "out").to_dict()
+    expected = reference.config.to_dict()
+    for key in (
+        "layer_types",
+        "sliding_window",
+        "query_pre_attn_scalar",
+        "attn_logit_softcapping",
+        "final_logit_softcapping",
+        "rope_parameters",
+        "head_dim",
+        "hidden_activation",
+        "tie_word_embeddings",
+    ):
+        assert exported[key] == expected[key], key
