@@ -1,7 +1,8 @@
 """Model builders: plain `nn.Module`s, generic builders plus zero-argument presets.
 
 Families (each with a `lora_` twin taking lora_targets/lora_rank/lora_alpha/lora_dropout/quantize_base):
-Llama 3 / 3.1 / 3.2 (`llama3.py`), Qwen2.5 (`qwen2_5.py`), Qwen3 (`qwen3.py`), SmolLM2 (`smollm2.py`).
+Llama 3 / 3.1 / 3.2 (`llama3.py`), Qwen2.5 (`qwen2_5.py`), Qwen3 (`qwen3.py`), SmolLM2 (`smollm2.py`),
+Gemma 2 / Gemma 3 text decoders (`gemma.py`).
 Any Llama/Qwen2/Qwen3
 Hugging Face directory: `model_from_hf_config`, `load_hf_checkpoint` (see `hf_checkpoint.py`).
 """
@@ -9,6 +10,22 @@ Hugging Face directory: `model_from_hf_config`, `load_hf_checkpoint` (see `hf_ch
 from dpokit.models.blocks import prepare_blocks
 from dpokit.models.builders import llama, lora_llama
 from dpokit.models.dtypes import resolve_dtype
+from dpokit.models.gemma import (
+    gemma2_2b,
+    gemma2_9b,
+    gemma2_27b,
+    gemma3_1b,
+    gemma3_4b,
+    gemma3_12b,
+    gemma3_27b,
+    lora_gemma2_2b,
+    lora_gemma2_9b,
+    lora_gemma2_27b,
+    lora_gemma3_1b,
+    lora_gemma3_4b,
+    lora_gemma3_12b,
+    lora_gemma3_27b,
+)
 from dpokit.models.hf_checkpoint import (
     iter_hf_weights,
     load_hf_checkpoint,

@@ -1,9 +1,9 @@
 """Zero-argument model presets (and their LoRA twins): the tiny demo model here, the real
-families in llama3.py, qwen2_5.py, qwen3.py and smollm2.py (all re-exported from `dpokit.models`)."""
+families in llama3.py, qwen2_5.py, qwen3.py, smollm2.py and gemma.py (all re-exported from `dpokit.models`)."""
 
 from __future__ import annotations
 
-from dpokit.models import llama3, qwen2_5, qwen3, smollm2
+from dpokit.models import gemma, llama3, qwen2_5, qwen3, smollm2
 from dpokit.models.builders import llama, lora_llama
 from dpokit.models.llama3 import LLAMA3_8B, llama3_8b, lora_llama3_8b  # noqa: F401  (historic home)
 from dpokit.models.transformer import TransformerDecoder
@@ -28,6 +28,7 @@ ARCHITECTURES = {
     **qwen2_5.ARCHITECTURES,
     **qwen3.ARCHITECTURES,
     **smollm2.ARCHITECTURES,
+    **gemma.ARCHITECTURES,
 }
 
 
