@@ -442,6 +442,19 @@ def _gemma3_text_config(config: Mapping, source: str) -> tuple[dict, str]:
     return text, f"{source} (text_config)"
 
 
+def refuse_multimodal_weights(checkpoint_dir: str | Path) -> None:
+    """A multimodal checkpoint's config builds its text decoder, but its weights are not loaded:
+    the vision tower would be neither trained nor saved back, so the folder is refused by name."""
+    config, source = read_hf_config(checkpoint_dir)
+    if config.get("model_type") in MULTIMODAL_TEXT_CONFIGS:
+        architecture = (config.get("architectures") or [config["model_type"]])[0]
+        raise CheckpointError(
+            f"{source}: a {architecture} checkpoint (text decoder + vision tower): dpokit loads text decoders "
+            "only; save its language model as a text-only checkpoint first (config.json = its text_config, "
+            "weights model.language_model.* renamed model.*) and load that"
+        )
+
+
 # model_type of a multimodal wrapper -> (config, source) -> (its text decoder's config, source)
 MULTIMODAL_TEXT_CONFIGS: dict[str, Callable[[Mapping, str], tuple[dict, str]]] = {"gemma3": _gemma3_text_config}
 

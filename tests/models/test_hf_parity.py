@@ -166,3 +166,59 @@ def test_gemma_export_keeps_the_fields_transformers_computes_with(name, tmp_path
         "tie_word_embeddings",
     ):
         assert exported[key] == expected[key], key
+
+
+def test_gemma_published_config_form_gives_the_same_logits(tmp_path):
+    """Published Gemma configs use the legacy fields: Gemma 2 without layer_types (layer 0 slides,
+    then every other layer), rope_theta and hidden_act; Gemma 3 with rope_theta / rope_scaling for
+    the global layers, rope_local_base_freq and sliding_window_pattern. transformers 5 reads them
+    as we do."""
+    legacy = {
+        "gemma2_softcap_windows": dict(
+            rope_theta=10_000.0, hidden_act="gelu_pytorch_tanh", cache_implementation="hybrid"
+        ),
+        "gemma3_text_local_global": dict(
+            rope_theta=50_000.0,
+            rope_scaling={"rope_type": "linear", "factor": 4.0},
+            rope_local_base_freq=100.0,
+            sliding_window_pattern=2,
+            _sliding_window_pattern=2,
+        ),
+    }
+    for name, fields in legacy.items():
+        folder = tmp_path / name
+        write_hf_checkpoint(name, folder)
+        config = json.loads((folder / "config.json").read_text())
+        for key in ("rope_parameters", "layer_types", "_sliding_window_pattern", "sliding_window_pattern"):
+            config.pop(key, None)
+        (folder / "config.json").write_text(json.dumps({**config, **fields}))
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager").float().eval()
+        assert "sliding_attention" in theirs.config.layer_types and "full_attention" in theirs.config.layer_types
+        ours = load_hf_checkpoint(folder).eval()
+        assert ours.args["layer_types"] == tuple(theirs.config.layer_types)
+        with torch.no_grad():
+            assert (ours(TOKENS) - hf_logits(theirs, TOKENS)).abs().max().item() <= 1e-5, name
+
+
+def test_a_gemma3_multimodal_checkpoint_builds_its_text_decoder_and_refuses_its_weights(tmp_path):
+    text = FAMILIES["gemma3_text_local_global"][1]
+    config = transformers.Gemma3Config(
+        text_config=text,
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=40,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=28,
+            patch_size=14,
+        ),
+        mm_tokens_per_image=4,
+    )
+    transformers.Gemma3ForConditionalGeneration(config).save_pretrained(tmp_path)
+    theirs = transformers.AutoModelForCausalLM.from_config(transformers.Gemma3TextConfig(**text))
+    with torch.device("meta"):
+        ours = model_from_hf_config(tmp_path)
+    assert ours.args["local_rope_theta"] == 100.0 and ours.args["qk_norm"] == "head"
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters())
+    with pytest.raises(CheckpointError, match=r"Gemma3ForConditionalGeneration checkpoint \(text decoder \+ vision"):
+        load_hf_checkpoint(tmp_path)
