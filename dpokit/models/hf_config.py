@@ -450,8 +450,8 @@ def refuse_multimodal_weights(checkpoint_dir: str | Path) -> None:
         architecture = (config.get("architectures") or [config["model_type"]])[0]
         raise CheckpointError(
             f"{source}: a {architecture} checkpoint (text decoder + vision tower): dpokit loads text decoders "
-            "only; save its language model as a text-only checkpoint first (config.json = its text_config, "
-            "weights model.language_model.* renamed model.*) and load that"
+            "only; save its text decoder as a Gemma3ForCausalLM folder first (config.json: its text_config; "
+            "weights: its language_model.model.* tensors named model.*) and load that"
         )
 
 

@@ -222,3 +222,45 @@ def test_a_gemma3_multimodal_checkpoint_builds_its_text_decoder_and_refuses_its_
     assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters())
     with pytest.raises(CheckpointError, match=r"Gemma3ForConditionalGeneration checkpoint \(text decoder \+ vision"):
         load_hf_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "name, change, message",
+    [
+        ("gemma2_softcap_windows", {"hidden_activation": "gelu"}, r"hidden_activation='gelu' is not supported"),
+        ("gemma2_softcap_windows", {"hidden_act": "gelu"}, r"hidden_act='gelu' is not supported"),
+        ("gemma2_softcap_windows", {"use_bidirectional_attention": True}, r"use_bidirectional_attention=True"),
+        ("gemma2_softcap_windows", {"sliding_window": None}, r"sliding_window=None: sliding_attention layers"),
+        ("gemma2_softcap_windows", {"layer_types": ["full_attention"]}, r"layer_types must name 2 layers"),
+        ("gemma2_softcap_windows", {"final_logit_softcapping": -1}, r"final_logit_softcapping=-1"),
+        (
+            "gemma3_text_local_global",
+            {"rope_parameters": {"rope_type": "default", "rope_theta": 1.0}},
+            r"rope_parameters must be per layer type",
+        ),
+        (
+            "gemma3_text_local_global",
+            {"rope_parameters": {"sliding_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1.0}}},
+            r"rope scaling of the sliding layers is not implemented",
+        ),
+        (
+            "gemma3_text_local_global",
+            {"layer_types": None, "sliding_window_pattern": None, "_sliding_window_pattern": 2},
+            r"_sliding_window_pattern=2 without layer_types",
+        ),
+        (
+            "gemma3_text_local_global",
+            {"altup_num_inputs": 4},
+            r"config field\(s\) \['altup_num_inputs'\] not understood",
+        ),
+    ],
+)
+def test_gemma_configs_we_would_not_reproduce_are_refused_in_one_line(name, change, message, tmp_path):
+    write_hf_checkpoint(name, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.update(change)
+    config = {k: v for k, v in config.items() if v is not None or k in ("sliding_window",)}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=message) as error:
+        model_from_hf_config(tmp_path)
+    assert str(error.value).startswith(str(tmp_path)) and "\n" not in str(error.value)
