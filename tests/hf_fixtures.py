@@ -251,7 +251,40 @@ FAMILIES = {
             eos_token_id=None,
         ),
     ),
+    "gemma2_softcap_windows": (  # Gemma 2's layout: sliding / full layers, soft-capped scores and logits
+        "Gemma2Config",
+        dict(
+            COMMON,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            query_pre_attn_scalar=24,
+            attn_logit_softcapping=3.0,
+            final_logit_softcapping=4.0,
+            sliding_window=7,
+            rope_theta=10_000.0,
+        ),
+    ),
+    "gemma3_text_local_global": (  # Gemma 3: q/k norms, local RoPE on sliding layers, linear scaling on global ones
+        "Gemma3TextConfig",
+        dict(
+            COMMON,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            head_dim=16,
+            query_pre_attn_scalar=20,
+            sliding_window=6,
+            sliding_window_pattern=2,
+            rope_parameters={
+                "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 50_000.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+            },
+        ),
+    ),
 }
+# model_types whose RMSNorm scales by (1 + weight): their random norm weights are centred on 0.
+UNIT_OFFSET_NORMS = {"gemma2", "gemma3_text"}
 
 
 def hf_model(name: str, seed: int = 0):
@@ -260,10 +293,11 @@ def hf_model(name: str, seed: int = 0):
     config = getattr(transformers, class_name)(**kwargs)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
+    offset = 0.0 if config.model_type in UNIT_OFFSET_NORMS else 1.0
     with torch.no_grad():
         for pname, p in model.named_parameters():
             if "norm" in pname:
-                p.copy_(1 + 0.2 * torch.randn_like(p))
+                p.copy_(offset + 0.2 * torch.randn_like(p))
             else:
                 p.normal_(0, 0.08)
     return model

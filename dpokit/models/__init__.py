@@ -2,14 +2,30 @@
 
 Families (each with a `lora_` twin taking lora_targets/lora_rank/lora_alpha/lora_dropout/quantize_base):
 Llama 3 / 3.1 / 3.2 (`llama3.py`), Qwen2.5 (`qwen2_5.py`), Qwen3 (`qwen3.py`), SmolLM2 (`smollm2.py`),
-Phi-3 / Phi-4 (`phi.py`), Qwen3 MoE (`qwen3_moe.py`), OLMo 2 (`olmo2.py`).
-Any Llama/Qwen2/Qwen3/Qwen3-MoE/Mistral/Phi-3/OLMo 2
+Phi-3 / Phi-4 (`phi.py`), Qwen3 MoE (`qwen3_moe.py`), OLMo 2 (`olmo2.py`), Gemma 2 / Gemma 3 text (`gemma.py`).
+Any Llama/Qwen2/Qwen3/Qwen3-MoE/Mistral/Phi-3/OLMo 2/Gemma 2/Gemma 3
 Hugging Face directory: `model_from_hf_config`, `load_hf_checkpoint` (see `hf_checkpoint.py`).
 """
 
 from dpokit.models.blocks import prepare_blocks
 from dpokit.models.builders import llama, lora_llama
 from dpokit.models.dtypes import resolve_dtype
+from dpokit.models.gemma import (
+    gemma2_2b,
+    gemma2_9b,
+    gemma2_27b,
+    gemma3_1b,
+    gemma3_4b,
+    gemma3_12b,
+    gemma3_27b,
+    lora_gemma2_2b,
+    lora_gemma2_9b,
+    lora_gemma2_27b,
+    lora_gemma3_1b,
+    lora_gemma3_4b,
+    lora_gemma3_12b,
+    lora_gemma3_27b,
+)
 from dpokit.models.hf_checkpoint import (
     iter_hf_weights,
     load_hf_checkpoint,

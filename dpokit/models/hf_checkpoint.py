@@ -47,6 +47,7 @@ from dpokit.models.hf_config import (
     hf_config_to_kwargs,
     model_from_hf_config,
     read_hf_config,
+    refuse_multimodal_weights,
 )
 from dpokit.models.lora import (
     LoRALinear,
@@ -156,6 +157,7 @@ def _expected_keys(kwargs: dict) -> dict[str, torch.Size]:
 
 def _plan(checkpoint_dir: Path) -> tuple[dict, list[tuple[Path, list[tuple[str, str]]]]]:
     """Check the checkpoint's keys against config.json; return (expected shapes, per-file key pairs)."""
+    refuse_multimodal_weights(checkpoint_dir)  # Gemma 3 4B-27B: config.json alone builds the text decoder
     family, kwargs = hf_config_to_kwargs(checkpoint_dir)
     expected = _expected_keys(kwargs)
     plan, seen, unexpected = [], {}, []

@@ -26,6 +26,7 @@ from dpokit.models.moe import MoE
 from dpokit.models.transformer import (
     FULL_ATTENTION,
     SLIDING_ATTENTION,
+    LinearRopeScaling,
     LongRopeScaling,
     RopeScaling,
     TransformerDecoder,
@@ -396,6 +397,237 @@ def _qwen_window_config(args: Mapping) -> dict:
     }
 
 
+# ------------------------------------------------------------------ Gemma 2 / Gemma 3 (text)
+# Sandwich norms ((1 + w) RMSNorm, zero-initialised), GeGLU (tanh GELU), embeddings scaled by
+# sqrt(hidden_size), score scale query_pre_attn_scalar^-1/2, sliding-window layers (layer_types),
+# tied head. Gemma 2 soft-caps scores and logits; Gemma 3 adds per-head q/k norms and a second,
+# unscaled RoPE table (rope_local_base_freq) for its sliding layers.
+_GEMMA2_KEYS = {
+    **_LLAMA_KEYS,
+    "layers.{}.pre_feedforward_layernorm.weight": "model.layers.{}.pre_feedforward_layernorm.weight",
+    "layers.{}.post_feedforward_layernorm.weight": "model.layers.{}.post_feedforward_layernorm.weight",
+}
+_GEMMA3_KEYS = {**_GEMMA2_KEYS, **{k: v for k, v in _QWEN3_KEYS.items() if "_norm." in k}}
+_GEMMA_REQUIRED = {
+    "hidden_activation": "gelu_pytorch_tanh",
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "use_bidirectional_attention": False,
+}
+_GEMMA_FIELDS = frozenset(
+    {
+        "query_pre_attn_scalar",
+        "attn_logit_softcapping",
+        "final_logit_softcapping",
+        "sliding_window",
+        "layer_types",
+        "cache_implementation",  # generation: which KV cache to build ("hybrid"), not the forward
+        "hidden_act",  # Gemma 1's activation field, still in Gemma 2 configs; transformers reads hidden_activation
+    }
+)
+_GEMMA3_FIELDS = _GEMMA_FIELDS | {"rope_local_base_freq", "sliding_window_pattern", "_sliding_window_pattern"}
+_GEMMA_SWITCHES = dict(norm_placement="sandwich", unit_offset_norm=True, activation="gelu_tanh", embedding_scale=True)
+_GEMMA_FREE = ("attn_scale", "attn_softcap", "logit_softcap", "sliding_window", "norm_scale_in_fp32")
+
+
+def _gemma_layer_types(config: Mapping, source: str, pattern: int) -> tuple[str, ...]:
+    """layer_types as written, else transformers' rule: every `pattern`-th layer is global (full
+    attention), the others slide (Gemma 2: pattern 2, layer 0 slides; Gemma 3: 6)."""
+    n_layers = config["num_hidden_layers"]
+    layer_types = config.get("layer_types")
+    if layer_types is None:
+        return tuple("sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n_layers))
+    if len(layer_types) != n_layers or set(layer_types) - {"full_attention", "sliding_attention"}:
+        raise CheckpointError(
+            f"{source}: layer_types must name {n_layers} layers as full_attention / sliding_attention, "
+            f"got {list(layer_types)!r}"
+        )
+    return tuple(layer_types)
+
+
+def _gemma_kwargs(config: Mapping, source: str, layer_types: tuple[str, ...], softcaps: tuple) -> dict:
+    """The switches Gemma 2 and 3 share; `softcaps`: transformers' defaults (attention, logits)."""
+    window = config.get("sliding_window", 4096)
+    if "sliding_attention" in layer_types and not (isinstance(window, int) and window > 0):
+        raise CheckpointError(f"{source}: sliding_window={window!r}: sliding_attention layers need a positive window")
+    if config.get("hidden_act", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
+        raise CheckpointError(
+            f"{source}: hidden_act={config['hidden_act']!r} is not supported (only 'gelu_pytorch_tanh')"
+        )
+    caps = []
+    for name, default in zip(("attn_logit_softcapping", "final_logit_softcapping"), softcaps):
+        cap = config.get(name, default)
+        if cap is not None and not (isinstance(cap, (int, float)) and cap > 0):
+            raise CheckpointError(f"{source}: {name}={cap!r} must be a positive number or null")
+        caps.append(None if cap is None else float(cap))
+    scalar = config.get("query_pre_attn_scalar", 256)
+    if not (isinstance(scalar, (int, float)) and scalar > 0):
+        raise CheckpointError(f"{source}: query_pre_attn_scalar={scalar!r} must be a positive number")
+    n_heads = config["num_attention_heads"]
+    return dict(
+        _GEMMA_SWITCHES,
+        # transformers' Gemma defaults where config.json leaves a field out
+        head_dim=config.get("head_dim", 256) or config["hidden_size"] // n_heads,
+        tie_embeddings=bool(config.get("tie_word_embeddings", True)),
+        attn_scale=scalar**-0.5,
+        attn_softcap=caps[0],
+        logit_softcap=caps[1],
+        sliding_window=window if "sliding_attention" in layer_types else None,
+        layer_types=layer_types,
+    )
+
+
+def _gemma2_kwargs(config: Mapping, source: str) -> dict:
+    kwargs = _gemma_kwargs(config, source, _gemma_layer_types(config, source, 2), softcaps=(50.0, 30.0))
+    return dict(kwargs, max_seq_len=config.get("max_position_embeddings", 8192))
+
+
+def _gemma3_window_pattern(config: Mapping, source: str) -> int:
+    pattern = config.get("sliding_window_pattern", 6)
+    legacy = config.get("_sliding_window_pattern")
+    # transformers 5 reads only `sliding_window_pattern`; older versions wrote `_sliding_window_pattern`
+    if config.get("layer_types") is None and legacy is not None and legacy != pattern:
+        raise CheckpointError(
+            f"{source}: _sliding_window_pattern={legacy!r} without layer_types: transformers 5 would use "
+            f"sliding_window_pattern={pattern!r} instead; write layer_types to say which layers slide"
+        )
+    if not (isinstance(pattern, int) and pattern > 0):
+        raise CheckpointError(f"{source}: sliding_window_pattern={pattern!r} must be a positive integer")
+    return pattern
+
+
+def _gemma3_rope_sets(config: Mapping, source: str) -> tuple[dict, dict]:
+    """(global, local) RoPE parameters as transformers resolves them: `rope_parameters` per layer
+    type (what transformers 5 writes), completed by the legacy rope_scaling / rope_theta (global
+    layers) and rope_local_base_freq (sliding layers) that published checkpoints carry."""
+    params = config.get("rope_parameters") or {}
+    if set(params) - {"full_attention", "sliding_attention"}:
+        raise CheckpointError(
+            f"{source}: rope_parameters must be per layer type (full_attention / sliding_attention), "
+            f"got keys {sorted(params)}"
+        )
+    full = dict(params.get("full_attention") or {"rope_type": "default"})
+    full.update(config.get("rope_scaling") or {})
+    full.setdefault("rope_theta", config.get("rope_theta", 1_000_000.0))
+    local = dict(params.get("sliding_attention") or {"rope_type": "default"})
+    local.setdefault("rope_theta", config.get("rope_local_base_freq", 10_000.0))
+    return full, local
+
+
+def _gemma3_rope(config: Mapping, source: str) -> tuple[float, RopeScaling | LinearRopeScaling | None]:
+    """The global layers' RoPE: default, linear (Gemma 3 4B-27B: factor 8) or llama3."""
+    full, _ = _gemma3_rope_sets(config, source)
+    if full.get("rope_type", full.get("type")) == "linear":
+        extra = set(full) - {"rope_type", "type", "rope_theta", "factor"}
+        if extra or not isinstance(full.get("factor"), (int, float)) or full["factor"] <= 0:
+            raise CheckpointError(
+                f"{source}: linear rope scaling needs a positive factor and nothing else, got {full!r}"
+            )
+        return float(full["rope_theta"]), LinearRopeScaling(float(full["factor"]))
+    return _rope({"rope_parameters": full}, f"{source} (full_attention rope)")
+
+
+def _gemma3_kwargs(config: Mapping, source: str) -> dict:
+    layer_types = _gemma_layer_types(config, source, _gemma3_window_pattern(config, source))
+    kwargs = _gemma_kwargs(config, source, layer_types, softcaps=(None, None))
+    _, local = _gemma3_rope_sets(config, source)
+    extra = set(local) - {"rope_type", "type", "rope_theta"}
+    if local.get("rope_type", local.get("type", "default")) != "default" or extra:
+        raise CheckpointError(f"{source}: rope scaling of the sliding layers is not implemented, got {local!r}")
+    return dict(
+        kwargs,
+        max_seq_len=config.get("max_position_embeddings", 131_072),
+        qk_norm="head",
+        local_rope_theta=float(local["rope_theta"]),
+    )
+
+
+def _query_pre_attn_scalar(args: Mapping) -> float:
+    """The scalar s with s^-1/2 == attn_scale exactly (an integer where one is: 256, 168, 144)."""
+    scale = args["attn_scale"] if args["attn_scale"] is not None else args["head_dim"] ** -0.5
+    exact = round(scale**-2)
+    return exact if exact > 0 and exact**-0.5 == scale else scale**-2
+
+
+def _gemma_config(args: Mapping) -> dict:
+    layer_types = list(args["layer_types"])
+    return dict(
+        query_pre_attn_scalar=_query_pre_attn_scalar(args),
+        attn_logit_softcapping=args["attn_softcap"],
+        final_logit_softcapping=args["logit_softcap"],
+        layer_types=layer_types,
+        # a model without sliding layers keeps transformers' default window out of its masks
+        sliding_window=args["sliding_window"] if "sliding_attention" in layer_types else None,
+    )
+
+
+def _gemma3_config(args: Mapping) -> dict:
+    """Gemma 3's export in the published (legacy) form: rope_theta / rope_scaling for the global
+    layers, rope_local_base_freq for the sliding ones (transformers 5 turns them into
+    rope_parameters per layer type)."""
+    local = args["local_rope_theta"]
+    return dict(_gemma_config(args), rope_local_base_freq=args["rope_theta"] if local is None else local)
+
+
+def _gemma3_describes(args: Mapping) -> bool:
+    # sliding layers rotate by their own unscaled table, so a model whose sliding layers use the
+    # global one (local_rope_theta None) is Gemma 3 only without sliding layers
+    slides = "sliding_attention" in tuple(args.get("layer_types") or ())
+    return _switches(free=(*_GEMMA_FREE, "local_rope_theta"), qk_norm="head", **_GEMMA_SWITCHES)(args) and (
+        args.get("local_rope_theta") is not None or not slides
+    )
+
+
+_GEMMA3_MULTIMODAL_FIELDS = frozenset(
+    {
+        "text_config",
+        "vision_config",
+        "mm_tokens_per_image",
+        "boi_token_index",
+        "eoi_token_index",
+        "image_token_index",
+        "tie_word_embeddings",
+    }
+)
+
+
+def _gemma3_text_config(config: Mapping, source: str) -> tuple[dict, str]:
+    """Gemma3ForConditionalGeneration (model_type gemma3) -> its text decoder's config
+    (text_config as a gemma3_text config). The vision tower is not built."""
+    unknown = set(config) - _GEMMA3_MULTIMODAL_FIELDS - _METADATA_FIELDS
+    if unknown:
+        raise CheckpointError(f"{source}: config field(s) {sorted(unknown)} not understood for model_type 'gemma3'")
+    text = dict(config.get("text_config") or {})
+    text.setdefault("model_type", "gemma3_text")
+    if text["model_type"] != "gemma3_text":
+        raise CheckpointError(f"{source}: text_config.model_type={text['model_type']!r}, expected 'gemma3_text'")
+    tied = config.get("tie_word_embeddings", True)
+    if text.get("tie_word_embeddings", tied) != tied:
+        raise CheckpointError(
+            f"{source}: tie_word_embeddings={tied!r} but text_config.tie_word_embeddings="
+            f"{text['tie_word_embeddings']!r}"
+        )
+    text["tie_word_embeddings"] = tied
+    return text, f"{source} (text_config)"
+
+
+def refuse_multimodal_weights(checkpoint_dir: str | Path) -> None:
+    """A multimodal checkpoint's config builds its text decoder, but its weights are not loaded:
+    the vision tower would be neither trained nor saved back, so the folder is refused by name."""
+    config, source = read_hf_config(checkpoint_dir)
+    if config.get("model_type") in MULTIMODAL_TEXT_CONFIGS:
+        architecture = (config.get("architectures") or [config["model_type"]])[0]
+        raise CheckpointError(
+            f"{source}: a {architecture} checkpoint (text decoder + vision tower): dpokit loads text decoders "
+            "only; save its text decoder as a Gemma3ForCausalLM folder first (config.json: its text_config; "
+            "weights: its language_model.model.* tensors named model.*) and load that"
+        )
+
+
+# model_type of a multimodal wrapper -> (config, source) -> (its text decoder's config, source)
+MULTIMODAL_TEXT_CONFIGS: dict[str, Callable[[Mapping, str], tuple[dict, str]]] = {"gemma3": _gemma3_text_config}
+
+
 FAMILIES: dict[str, Family] = {
     "llama": Family(
         model_type="llama",
@@ -458,6 +690,29 @@ FAMILIES: dict[str, Family] = {
         fields=_QWEN3_MOE_FIELDS,
         to_kwargs=_qwen3_moe_kwargs,
         to_config=_qwen3_moe_config,
+    ),
+    "gemma2": Family(
+        model_type="gemma2",
+        architecture="Gemma2ForCausalLM",
+        keys=_GEMMA2_KEYS,
+        qkv_bias=False,
+        required=_GEMMA_REQUIRED,
+        describes=_switches(free=_GEMMA_FREE, **_GEMMA_SWITCHES),
+        fields=_GEMMA_FIELDS,
+        to_kwargs=_gemma2_kwargs,
+        to_config=_gemma_config,
+    ),
+    "gemma3_text": Family(
+        model_type="gemma3_text",
+        architecture="Gemma3ForCausalLM",
+        keys=_GEMMA3_KEYS,
+        qkv_bias=False,
+        required=_GEMMA_REQUIRED,
+        describes=_gemma3_describes,
+        fields=_GEMMA3_FIELDS,
+        to_kwargs=_gemma3_kwargs,
+        to_config=_gemma3_config,
+        rope=_gemma3_rope,
     ),
 }
 
@@ -703,6 +958,8 @@ def _rope(config: Mapping, source: str) -> tuple[float, RopeScaling | None]:
 def hf_config_to_kwargs(config: Mapping | str | Path) -> tuple[Family, dict]:
     """config.json -> (family, `llama()` keyword arguments). Refuses what we would not reproduce."""
     config, source = read_hf_config(config)
+    if config.get("model_type") in MULTIMODAL_TEXT_CONFIGS:  # e.g. Gemma 3 4B-27B: the text decoder
+        config, source = MULTIMODAL_TEXT_CONFIGS[config["model_type"]](config, source)
     family = family_of(config, source)
     unknown = set(config) - _ARCH_FIELDS - _METADATA_FIELDS - set(family.required) - family.tolerated - family.fields
     if unknown:
@@ -794,7 +1051,9 @@ def hf_config_from_model(model: TransformerDecoder, dtype: torch.dtype, base: Ma
         max_position_embeddings=args["max_seq_len"],
         rms_norm_eps=args["norm_eps"],
         rope_theta=args["rope_theta"],
-        rope_scaling=None
+        rope_scaling={"rope_type": "linear", "factor": scaling.factor}
+        if isinstance(scaling, LinearRopeScaling)
+        else None
         if not isinstance(scaling, RopeScaling)
         else {
             "rope_type": "llama3",

@@ -1,10 +1,10 @@
 """Zero-argument model presets (and their LoRA twins): the tiny demo model here, the real
-families in llama3.py, qwen2_5.py, qwen3.py, qwen3_moe.py, smollm2.py, phi.py and olmo2.py (all re-exported
+families in llama3.py, qwen2_5.py, qwen3.py, qwen3_moe.py, smollm2.py, phi.py, olmo2.py and gemma.py (all re-exported
 from `dpokit.models`)."""
 
 from __future__ import annotations
 
-from dpokit.models import llama3, olmo2, phi, qwen2_5, qwen3, qwen3_moe, smollm2
+from dpokit.models import gemma, llama3, olmo2, phi, qwen2_5, qwen3, qwen3_moe, smollm2
 from dpokit.models.builders import llama, lora_llama
 from dpokit.models.llama3 import LLAMA3_8B, llama3_8b, lora_llama3_8b  # noqa: F401  (historic home)
 from dpokit.models.transformer import TransformerDecoder
@@ -32,6 +32,7 @@ ARCHITECTURES = {
     **phi.ARCHITECTURES,
     **qwen3_moe.ARCHITECTURES,
     **olmo2.ARCHITECTURES,
+    **gemma.ARCHITECTURES,
 }
 
 

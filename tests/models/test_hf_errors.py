@@ -54,7 +54,7 @@ def test_published_style_configs_are_accepted():
 @pytest.mark.parametrize(
     "change, message",
     [
-        (dict(model_type="gemma2"), "model_type 'gemma2' is not supported"),
+        (dict(model_type="gpt_neox"), "model_type 'gpt_neox' is not supported"),
         (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "rope scaling type 'yarn' is not implemented"),
         (dict(rope_scaling={"type": "linear", "factor": 2.0}), "rope scaling type 'linear'"),
         (dict(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}), "'dynamic'"),

@@ -55,6 +55,8 @@ def test_logits_match_transformers(name, tmp_path):
         "qwen3_moe",
         "olmo2_gqa_tied",
         "mistral_window",
+        "gemma2_softcap_windows",
+        "gemma3_text_local_global",
     ],
 )
 def test_hf_to_dpokit_to_hf_is_exact_and_loads_without_warnings(name, tmp_path):
@@ -112,6 +114,8 @@ PEFT_TARGETS = {
         "olmo2_mha",
         "mistral_window",
         "qwen3_window",
+        "gemma2_softcap_windows",
+        "gemma3_text_local_global",
     ],
 )
 def test_peft_loads_our_adapter_and_matches_our_outputs(name, tmp_path):
@@ -329,3 +333,122 @@ def test_a_rope_scaling_or_layout_no_family_writes_is_refused_on_export():
     config = hf_config_from_model(llama(**tiny, fused_projections=True, rope_scaling=longrope), torch.float32)
     assert config["model_type"] == "phi3" and config["rope_scaling"]["attention_factor"] == 1.1
     assert model_from_hf_config(config).args["rope_scaling"] == longrope
+
+
+@pytest.mark.parametrize("name", ["gemma2_softcap_windows", "gemma3_text_local_global"])
+def test_gemma_export_keeps_the_fields_transformers_computes_with(name, tmp_path):
+    """Windows per layer, score scale, soft-caps and both RoPE tables survive dpokit -> HF."""
+    reference = write_hf_checkpoint(name, tmp_path / "in")
+    save_hf_checkpoint(load_hf_checkpoint(tmp_path / "in"), tmp_path / "out", source_dir=tmp_path / "in")
+    exported = transformers.AutoConfig.from_pretrained(tmp_path / "out").to_dict()
+    expected = reference.config.to_dict()
+    for key in (
+        "layer_types",
+        "sliding_window",
+        "query_pre_attn_scalar",
+        "attn_logit_softcapping",
+        "final_logit_softcapping",
+        "rope_parameters",
+        "head_dim",
+        "hidden_activation",
+        "tie_word_embeddings",
+    ):
+        assert exported[key] == expected[key], key
+
+
+def test_gemma_published_config_form_gives_the_same_logits(tmp_path):
+    """Published Gemma configs use the legacy fields: Gemma 2 without layer_types (layer 0 slides,
+    then every other layer), rope_theta and hidden_act; Gemma 3 with rope_theta / rope_scaling for
+    the global layers, rope_local_base_freq and sliding_window_pattern. transformers 5 reads them
+    as we do."""
+    legacy = {
+        "gemma2_softcap_windows": dict(
+            rope_theta=10_000.0, hidden_act="gelu_pytorch_tanh", cache_implementation="hybrid"
+        ),
+        "gemma3_text_local_global": dict(
+            rope_theta=50_000.0,
+            rope_scaling={"rope_type": "linear", "factor": 4.0},
+            rope_local_base_freq=100.0,
+            sliding_window_pattern=2,
+            _sliding_window_pattern=2,
+        ),
+    }
+    for name, fields in legacy.items():
+        folder = tmp_path / name
+        write_hf_checkpoint(name, folder)
+        config = json.loads((folder / "config.json").read_text())
+        for key in ("rope_parameters", "layer_types", "_sliding_window_pattern", "sliding_window_pattern"):
+            config.pop(key, None)
+        (folder / "config.json").write_text(json.dumps({**config, **fields}))
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager").float().eval()
+        assert "sliding_attention" in theirs.config.layer_types and "full_attention" in theirs.config.layer_types
+        ours = load_hf_checkpoint(folder).eval()
+        assert ours.args["layer_types"] == tuple(theirs.config.layer_types)
+        with torch.no_grad():
+            assert (ours(TOKENS) - hf_logits(theirs, TOKENS)).abs().max().item() <= 1e-5, name
+
+
+def test_a_gemma3_multimodal_checkpoint_builds_its_text_decoder_and_refuses_its_weights(tmp_path):
+    text = FAMILIES["gemma3_text_local_global"][1]
+    config = transformers.Gemma3Config(
+        text_config=text,
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=40,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=28,
+            patch_size=14,
+        ),
+        mm_tokens_per_image=4,
+    )
+    transformers.Gemma3ForConditionalGeneration(config).save_pretrained(tmp_path)
+    theirs = transformers.AutoModelForCausalLM.from_config(transformers.Gemma3TextConfig(**text))
+    with torch.device("meta"):
+        ours = model_from_hf_config(tmp_path)
+    assert ours.args["local_rope_theta"] == 100.0 and ours.args["qk_norm"] == "head"
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters())
+    with pytest.raises(CheckpointError, match=r"Gemma3ForConditionalGeneration checkpoint \(text decoder \+ vision"):
+        load_hf_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "name, change, message",
+    [
+        ("gemma2_softcap_windows", {"hidden_activation": "gelu"}, r"hidden_activation='gelu' is not supported"),
+        ("gemma2_softcap_windows", {"hidden_act": "gelu"}, r"hidden_act='gelu' is not supported"),
+        ("gemma2_softcap_windows", {"use_bidirectional_attention": True}, r"use_bidirectional_attention=True"),
+        ("gemma2_softcap_windows", {"sliding_window": None}, r"sliding_window=None: sliding_attention layers"),
+        ("gemma2_softcap_windows", {"layer_types": ["full_attention"]}, r"layer_types must name 2 layers"),
+        ("gemma2_softcap_windows", {"final_logit_softcapping": -1}, r"final_logit_softcapping=-1"),
+        (
+            "gemma3_text_local_global",
+            {"rope_parameters": {"rope_type": "default", "rope_theta": 1.0}},
+            r"rope_parameters must be per layer type",
+        ),
+        (
+            "gemma3_text_local_global",
+            {"rope_parameters": {"sliding_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1.0}}},
+            r"rope scaling of the sliding layers is not implemented",
+        ),
+        (
+            "gemma3_text_local_global",
+            {"layer_types": None, "sliding_window_pattern": None, "_sliding_window_pattern": 2},
+            r"_sliding_window_pattern=2 without layer_types",
+        ),
+        (
+            "gemma3_text_local_global",
+            {"altup_num_inputs": 4},
+            r"config field\(s\) \['altup_num_inputs'\] not understood",
+        ),
+    ],
+)
+def test_gemma_configs_we_would_not_reproduce_are_refused_in_one_line(name, change, message, tmp_path):
+    write_hf_checkpoint(name, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.update(change)
+    config = {k: v for k, v in config.items() if v is not None or k in ("sliding_window",)}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=message) as error:
+        model_from_hf_config(tmp_path)
+    assert str(error.value).startswith(str(tmp_path)) and "\n" not in str(error.value)

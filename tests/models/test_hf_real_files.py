@@ -31,7 +31,7 @@ HF_REAL = SHARED / "hf-real"
 HH = SHARED / "data" / "hh_rlhf_harmless_base_test.jsonl.gz"
 pytestmark = pytest.mark.skipif(not HF_REAL.is_dir(), reason="../shared/hf-real is not here")
 
-SUPPORTED = {"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2"}
+SUPPORTED = {"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "gemma2", "gemma3"}
 FOLDERS = sorted(p.name for p in HF_REAL.iterdir() if (p / "config.json").is_file()) if HF_REAL.is_dir() else []
 
 HARD_TEXTS = [
@@ -74,6 +74,8 @@ def test_published_configs_build_the_published_parameter_count_or_are_refused_by
     with torch.device("meta"):
         ours = model_from_hf_config(folder)
         config = transformers.AutoConfig.from_pretrained(folder)
+        # a multimodal checkpoint (Gemma 3 4B-27B): we build its text decoder only
+        config = getattr(config, "text_config", None) or config
         theirs = transformers.AutoModelForCausalLM.from_config(config)
     count = sum(p.numel() for p in ours.parameters())
     assert count == sum(p.numel() for p in theirs.parameters()), name
@@ -193,3 +195,24 @@ def test_real_phi_configs_build_their_preset_and_export_what_transformers_reads(
     assert type(again) is type(theirs) and again.architectures == ["Phi3ForCausalLM"]
     for field in ("rope_parameters", "sliding_window", "max_position_embeddings", "original_max_position_embeddings"):
         assert getattr(again, field) == getattr(theirs, field), field
+
+
+def test_the_published_gemma_configs_are_our_presets():
+    """The gemma-2-2b-it and gemma-3-27b-it configs build exactly the presets' architectures; the
+    27B's vision tower and projector are what the preset's published count leaves out."""
+    from test_presets import GEMMA3_VISION_TOWER
+
+    from dpokit.models import ARCHITECTURES, llama
+
+    with torch.device("meta"):
+        assert model_from_hf_config(HF_REAL / "gemma-2-2b-it").args == llama(**ARCHITECTURES["gemma2_2b"]).args
+        ours = model_from_hf_config(HF_REAL / "gemma-3-27b-it")
+        assert ours.args == llama(**ARCHITECTURES["gemma3_27b"]).args
+        full = transformers.AutoModelForImageTextToText.from_config(
+            transformers.AutoConfig.from_pretrained(HF_REAL / "gemma-3-27b-it")
+        )
+    total = sum(p.numel() for p in full.parameters())
+    assert total == 27_432_406_640  # the Hub's safetensors total of google/gemma-3-27b-it
+    vision = sum(p.numel() for n, p in full.named_parameters() if "language_model" not in n)
+    assert vision == GEMMA3_VISION_TOWER + 1152 * 5376 + 1152
+    assert sum(p.numel() for p in ours.parameters()) == total - vision

@@ -9,6 +9,10 @@ import torch
 import dpokit.models as models
 from dpokit.models import ARCHITECTURES, hf_config_from_model, model_from_hf_config
 
+# SigLIP-So400m at 896 px (27 layers), the vision tower of every multimodal Gemma 3; checked against
+# transformers' count of the real 27B config in test_hf_real_files.py.
+GEMMA3_VISION_TOWER = 416_866_032
+
 # Parameter counts as published for each checkpoint (safetensors total on the Hub).
 PUBLISHED_PARAMETERS = {
     "llama3_8b": 8_030_261_248,
@@ -49,12 +53,31 @@ PUBLISHED_PARAMETERS = {
     "olmo2_7b": 7_298_617_344,
     "olmo2_13b": 13_716_198_400,
     "olmo2_32b": 32_234_279_936,
+    # Gemma 2 and Gemma 3 1B: the Hub's safetensors totals.
+    "gemma2_2b": 2_614_341_888,
+    "gemma2_9b": 9_241_705_984,
+    "gemma2_27b": 27_227_128_320,
+    "gemma3_1b": 999_885_952,
+    # Gemma 3 4B / 12B / 27B are multimodal: the published totals (4,300,079,472 / 12,187,325,040 /
+    # 27,432,406,640) less the SigLIP vision tower and the projector (1152 x hidden + 1152), which
+    # these text decoders do not build.
+    "gemma3_4b": 4_300_079_472 - GEMMA3_VISION_TOWER - (1152 * 2560 + 1152),
+    "gemma3_12b": 12_187_325_040 - GEMMA3_VISION_TOWER - (1152 * 3840 + 1152),
+    "gemma3_27b": 27_432_406_640 - GEMMA3_VISION_TOWER - (1152 * 5376 + 1152),
 }
 
 
 def meta_build(name, **kwargs):
     with torch.device("meta"):
         return getattr(models, name)(**kwargs)
+
+
+def with_layers(arch: dict, n_layers: int) -> dict:
+    """`arch` cut to its first `n_layers` layers (per-layer attention kinds included)."""
+    cut = {**arch, "n_layers": n_layers}
+    if arch.get("layer_types") is not None:
+        cut["layer_types"] = arch["layer_types"][:n_layers]
+    return cut
 
 
 def full_count(name: str, lora: bool = False) -> int:
@@ -67,7 +90,7 @@ def full_count(name: str, lora: bool = False) -> int:
 
     def count(n_layers):
         with torch.device("meta"):
-            model = builder(**{**arch, "n_layers": n_layers})
+            model = builder(**with_layers(arch, n_layers))
         return sum(p.numel() for n, p in model.named_parameters() if ".lora_" not in n)
 
     one, two = count(1), count(2)
@@ -104,12 +127,16 @@ def test_every_architecture_has_a_published_count_and_working_builders():
         "phi4",
         "olmo2_1b",
         "olmo2_32b",
+        "gemma2_2b",
+        "gemma2_27b",
+        "gemma3_1b",
+        "gemma3_27b",
     ],
 )
 def test_config_json_round_trips_and_transformers_agrees(name):
     transformers = pytest.importorskip("transformers")
     with torch.device("meta"):  # two layers: what is compared is the config translation
-        model = models.llama(**{**ARCHITECTURES[name], "n_layers": 2})
+        model = models.llama(**with_layers(ARCHITECTURES[name], 2))
     config = hf_config_from_model(model, torch.bfloat16)
     with torch.device("meta"):
         again = model_from_hf_config(config)
