@@ -314,9 +314,12 @@ def hf_logits(model, tokens: torch.Tensor) -> torch.Tensor:
         return model(input_ids=tokens).logits
 
 
-def write_tokenizer(directory, chat_template: str, vocab_size: int = 96, **config_fields) -> None:
+def write_tokenizer(
+    directory, chat_template: str, vocab_size: int = 96, extra_specials: tuple[str, ...] = (), **config_fields
+) -> None:
     """A byte-level BPE tokenizer.json (+ tokenizer_config.json with `chat_template`) whose ids
-    stay below `vocab_size` - 8, so they fit the tiny models; the chat special tokens come last."""
+    stay below `vocab_size`, so they fit the tiny models; the chat special tokens (8, plus
+    `extra_specials`) come last."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -330,7 +333,9 @@ def write_tokenizer(directory, chat_template: str, vocab_size: int = 96, **confi
     # 256 byte tokens do not fit a 96-token model, so the tiny checkpoints use a bigger vocabulary:
     # callers pass vocab_size >= 300 for real tokenizers; the model fixtures below do so.
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size - 8, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        vocab_size=vocab_size - 8 - len(extra_specials),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tok.train_from_iterator(["hello world 123, UPPER lower case"] * 10, trainer)
     tok.add_special_tokens(
@@ -343,6 +348,7 @@ def write_tokenizer(directory, chat_template: str, vocab_size: int = 96, **confi
             "<|im_start|>",
             "<|im_end|>",
             "<|endoftext|>",
+            *extra_specials,
         ]
     )
     tok.save(str(directory / "tokenizer.json"))

@@ -13,7 +13,8 @@ pytest.importorskip("tokenizers")
 
 from dpokit.config import check_keys, instantiate, load_config  # noqa: E402
 from dpokit.models import LoRALinear, load_hf_checkpoint  # noqa: E402
-from hf_fixtures import LLAMA3_2_JINJA, QWEN2_5_JINJA, QWEN3_JINJA, SMOLLM2_JINJA, write_tokenizer  # noqa: E402
+from hf_fixtures import FIXTURES, LLAMA3_2_JINJA, QWEN2_5_JINJA, QWEN3_JINJA, SMOLLM2_JINJA, write_tokenizer  # noqa: E402
+from sentencepiece_fixtures import sentencepiece_bpe  # noqa: E402
 
 RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "dpo_lora_single_device.py"
 CONFIGS = RECIPE.parent / "configs" / "dpo_lora_single_device"
@@ -59,6 +60,45 @@ FAKES = {
         QWEN3_JINJA,
         "qwen3",
     ),
+    # SentencePiece-style tokenizers (byte fallback: the `tokenizers` backend), 900 tokens
+    "mistral_7b": (
+        transformers.MistralConfig(**{**SMALL, "vocab_size": 1024, "tie_word_embeddings": False}, sliding_window=None),
+        (FIXTURES / "mistral_v0_2_chat_template.jinja").read_text(),
+        "mistral",
+    ),
+    "gemma3_1b": (
+        transformers.Gemma3TextConfig(
+            **{**SMALL, "vocab_size": 1024}, head_dim=16, sliding_window=8, query_pre_attn_scalar=16
+        ),
+        (FIXTURES / "gemma3_chat_template.jinja").read_text(),
+        "gemma3",
+    ),
+    "phi4": (
+        transformers.Phi3Config(
+            **{**SMALL, "tie_word_embeddings": False},
+            rope_theta=250_000.0,
+            sliding_window=None,
+            original_max_position_embeddings=256,
+            pad_token_id=None,
+            bos_token_id=None,
+            eos_token_id=None,
+        ),
+        (FIXTURES / "phi4_chat_template.jinja").read_text(),
+        "phi4",
+    ),
+}
+# name -> how its tokenizer folder is written (default: `write_tokenizer`, byte-level BPE)
+SENTENCEPIECE = {
+    "mistral_7b": (
+        lambda: sentencepiece_bpe("llama", ["<unk>", "<s>", "</s>"], bos="<s>"),
+        {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"},
+    ),
+    "gemma3_1b": (
+        lambda: sentencepiece_bpe(
+            "gemma", ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>"], bos="<bos>"
+        ),
+        {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>"},
+    ),
 }
 
 
@@ -73,8 +113,16 @@ def fake_checkpoint(name, directory):
     config, chat_template, _ = FAKES[name]
     torch.manual_seed(0)
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(directory)
+    if name in SENTENCEPIECE:
+        tokenizer_json, fields = SENTENCEPIECE[name]
+        (directory / "tokenizer.json").write_text(tokenizer_json())
+        (directory / "tokenizer_config.json").write_text(json.dumps({**fields, "chat_template": chat_template}))
+        return directory
     bos = {"bos_token": "<|begin_of_text|>"} if name.startswith("llama") else {}
-    write_tokenizer(directory, chat_template, vocab_size=320, **bos)
+    extra = ("<|im_sep|>",) if name == "phi4" else ()
+    if name == "phi4":
+        bos = {"bos_token": "<|endoftext|>", "eos_token": "<|im_end|>"}
+    write_tokenizer(directory, chat_template, vocab_size=320, extra_specials=extra, **bos)
     return directory
 
 
@@ -103,7 +151,7 @@ def test_config_validates_and_builds_against_a_checkpoint(name, tmp_path, capsys
     lora = [n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, LoRALinear)]
     assert sorted(set(lora)) == sorted(cfg.model.lora.lora_targets)
     plain = load_hf_checkpoint(ckpt)
-    tokens = torch.randint(0, 320, (1, 9))
+    tokens = torch.randint(0, 320, (1, 9))  # below every fake's vocabulary
     assert torch.equal(model(tokens), plain(tokens))  # weights loaded, adapters start at zero
     dataset = instantiate(cfg.train_dataset, tokenizer=tokenizer)
     assert len(dataset) == 6
@@ -146,7 +194,7 @@ def test_recipe_trains_on_a_checkpoint_and_writes_an_hf_folder(tmp_path):
     assert {p.name for p in (final / "adapter").iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
     merged = transformers.AutoModelForCausalLM.from_pretrained(final).float().eval()
     trained = load_hf_checkpoint(final)
-    tokens = torch.randint(0, 320, (1, 9))
+    tokens = torch.randint(0, 320, (1, 9))  # below every fake's vocabulary
     with torch.no_grad():
         assert (merged(input_ids=tokens).logits - trained(tokens)).abs().max() <= 1e-5
         assert not torch.allclose(trained(tokens), load_hf_checkpoint(ckpt)(tokens))  # it trained
@@ -195,7 +243,7 @@ def test_recipe_trains_an_moe_checkpoint_and_logs_the_router_aux_loss(tmp_path):
     final = tmp_path / "out" / "final"
     merged = transformers.AutoModelForCausalLM.from_pretrained(final).float().eval()
     trained = load_hf_checkpoint(final)
-    tokens = torch.randint(0, 320, (1, 9))
+    tokens = torch.randint(0, 320, (1, 9))  # below every fake's vocabulary
     with torch.no_grad():
         assert (merged(input_ids=tokens).logits - trained(tokens)).abs().max() <= 1e-5
         assert not torch.allclose(trained(tokens), load_hf_checkpoint(ckpt)(tokens))  # it trained
