@@ -320,9 +320,10 @@ def instantiate_datasets(cfg: DictConfig, tokenizer: Any, say: Callable[[str], N
 SAMPLE_KEYS = ("prompts", "max_new_tokens", "temperature", "top_k", "top_p")
 
 
-def sample_prompts(node: DictConfig | None, *, seed: int = 0):
+def sample_prompts(node: DictConfig | None, *, seed: int = 0, tokenizer: Any = None):
     """The `samples:` section as a `dpokit.training.SamplePrompts` (None when null): prompts to
-    decode at each validation by the policy and the reference."""
+    decode at each validation by the policy and the reference. With `tokenizer`, every prompt is
+    rendered now, so one its chat template refuses stops the run before step 1."""
     if node is None:
         return None
     if not isinstance(node, DictConfig):
@@ -330,12 +331,15 @@ def sample_prompts(node: DictConfig | None, *, seed: int = 0):
     for key in node.keys():
         if key not in SAMPLE_KEYS:
             raise ConfigError(f"unknown key 'samples.{key}'{_did_you_mean(str(key), SAMPLE_KEYS)}")
-    prompts = OmegaConf.to_container(node.get("prompts")) if node.get("prompts") is not None else None
-    if not isinstance(prompts, list) or not prompts:
+    prompts = node.get("prompts")
+    prompts = OmegaConf.to_container(prompts) if isinstance(prompts, ListConfig) else None
+    if not prompts:
         raise ConfigError("samples.prompts: expected a non-empty list of prompts (strings or message lists)")
     for i, prompt in enumerate(prompts):
         if not (isinstance(prompt, str) and prompt) and not (
-            isinstance(prompt, list) and prompt and all(isinstance(m, dict) and "content" in m for m in prompt)
+            isinstance(prompt, list)
+            and prompt
+            and all(isinstance(m, dict) and isinstance(m.get("role"), str) and "content" in m for m in prompt)
         ):
             raise ConfigError(f"samples.prompts[{i}]: expected a string or a list of {{role, content}}, got {prompt!r}")
     from dpokit.generation import Sampling
@@ -352,7 +356,15 @@ def sample_prompts(node: DictConfig | None, *, seed: int = 0):
         )
     except (TypeError, ValueError) as e:
         raise ConfigError(f"samples: {e}") from None
-    return SamplePrompts(prompts=prompts, max_new_tokens=max_new_tokens, sampling=sampling, seed=seed)
+    spec = SamplePrompts(prompts=prompts, max_new_tokens=max_new_tokens, sampling=sampling, seed=seed)
+    if tokenizer is not None:
+        from dpokit.training.samples import encode_prompts
+
+        try:
+            encode_prompts(tokenizer, spec)
+        except DpokitError as e:
+            raise ConfigError(str(e)) from None
+    return spec
 
 
 def checkpointer(node: DictConfig, *, trainable_only: bool = False):

@@ -136,7 +136,13 @@ def cmd_generate(args) -> int:
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
         return tokenizer.encode_prompt(_conversation(args.system, messages))
 
-    encoded = [encode(p) for p in prompts]
+    encoded = []
+    for i, prompt in enumerate(prompts):
+        try:
+            encoded.append(encode(prompt))
+        except (ValueError, KeyError, TypeError) as e:  # a turn the chat template refuses
+            where = f"{args.prompts}: prompt {i + 1}" if args.prompts else f"--prompt {i + 1}"
+            raise DpokitError(f"{where}: {e}") from None
     settings = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, use_cache=not args.no_cache)
     with _adapters(loaded, args):
         if len(prompts) == 1 and not args.json:  # stream it
@@ -187,7 +193,12 @@ def cmd_chat(args) -> int:
             if not message.strip():
                 continue
             history.append({"role": "user", "content": message})
-            prompt = tokenizer.encode_prompt(_conversation(args.system, history))
+            try:
+                prompt = tokenizer.encode_prompt(_conversation(args.system, history))
+            except (ValueError, KeyError, TypeError) as e:  # e.g. --system with a template that has none
+                print(f"dpokit: error: {e}", file=sys.stderr)
+                history.pop()
+                continue
             reply = ""
             for piece in stream_text(
                 loaded.model,

@@ -278,7 +278,7 @@ def train(cfg, env) -> None:
 
     # Resume: model + optimizer shards, scheduler, data position, RNG, step.
     checkpoints = checkpointer(cfg.checkpoint)
-    samples = sample_prompts(cfg.samples, seed=cfg.seed)  # null: no samples
+    samples = sample_prompts(cfg.samples, seed=cfg.seed, tokenizer=tokenizer)  # null: no samples
     start_step = checkpoints.resume(cfg.resume, model, optimizer, scheduler, sampler)
     warning = checkpoints.check_metric(validation_sets, eval_every=cfg.eval_every)  # keep_top_k's metric
     if warning:

@@ -36,13 +36,12 @@ from dpokit.distributed import (
     shard_model,
     state_dict_tensors,
 )
-from dpokit.errors import DpokitError, RunInterrupted
+from dpokit.errors import RunInterrupted
 from dpokit.fileio import atomic_dir
 from dpokit.losses import is_reference_free
-from dpokit.models import MergeRounding, disable_adapter, resolve_dtype, save_peft_adapter
+from dpokit.models import MergeRounding, resolve_dtype, save_peft_adapter
 from dpokit.training import (
     AdapterOffReference,
-    NoReference,
     RunReport,
     StepTimer,
     StopRequests,
@@ -55,7 +54,7 @@ from dpokit.training import (
     eval_batches,
     evaluate_preference,
     evaluation_due,
-    precomputed_references,
+    lora_references,
     process_group,
     sample_completions,
     seed_everything,
@@ -64,7 +63,6 @@ from dpokit.training import (
     warmup_warning,
 )
 
-STRATEGIES = ("adapter_off", "precomputed")
 CONFIG_KEYS = (
     "output_dir",
     "seed",
@@ -207,31 +205,24 @@ def train(cfg, env) -> None:
     logps_settings = {"average_logps": cfg.average_logps, "ld_alpha": cfg.ld_alpha}
     # The reference is the base (adapters off): run beside the policy, or its log-probs computed
     # once and cached under a key of the base weights, data and settings (a sweep pays it once).
-    adapters_off = AdapterOffReference(model, **logps_settings)
-    validation_references = None
-    if is_reference_free(loss_fn):  # SimPO, CPO, ORPO, ...: no reference forward
-        reference = NoReference()
-    elif cfg.reference.strategy == "precomputed":
-        with disable_adapter(model):
-            reference, validation_references, note = precomputed_references(
-                model,
-                train_set.pairs if packed else train_set,
-                validation_sets,
-                collate,
-                weights=fingerprint.hexdigest(),
-                cache_dir=cfg.reference.cache_dir,
-                batch_size=cfg.eval_batch_size,
-                device=env.device,
-                dtype=cfg.dtype,
-                param_dtype=cfg.fsdp.param_dtype,
-                **logps_settings,
-            )
+    reference, validation_references, note = lora_references(
+        model,
+        cfg.reference.strategy,
+        train_set.pairs if packed else train_set,
+        validation_sets,
+        collate,
+        reference_free=is_reference_free(loss_fn),
+        weights=fingerprint.hexdigest,
+        cache_dir=cfg.reference.cache_dir,
+        batch_size=cfg.eval_batch_size,
+        device=env.device,
+        dtype=cfg.dtype,
+        param_dtype=cfg.fsdp.param_dtype,
+        **logps_settings,
+    )
+    if note:
         report.say(note)
-    elif cfg.reference.strategy == "adapter_off":
-        reference = adapters_off
-    else:
-        raise DpokitError(f"reference.strategy: unknown {cfg.reference.strategy!r}; choose from {list(STRATEGIES)}")
-    validation_references = validation_references or dict.fromkeys(validation_sets, reference)
+    adapters_off = AdapterOffReference(model, **logps_settings)  # what the samples' reference decodes
 
     total_steps = total_training_steps(
         steps_per_epoch=sampler.steps_per_epoch, epochs=cfg.epochs, max_steps=cfg.max_steps
@@ -245,7 +236,7 @@ def train(cfg, env) -> None:
     # Resume: adapter + optimizer shards (the base is the initial checkpoint's), scheduler, data
     # position, RNG, step.
     checkpoints = checkpointer(cfg.checkpoint, trainable_only=True)
-    samples = sample_prompts(cfg.samples, seed=cfg.seed)  # null: no samples
+    samples = sample_prompts(cfg.samples, seed=cfg.seed, tokenizer=tokenizer)  # null: no samples
     start_step = checkpoints.resume(cfg.resume, model, optimizer, scheduler, sampler)
     warning = checkpoints.check_metric(validation_sets, eval_every=cfg.eval_every)  # keep_top_k's metric
     if warning:

@@ -25,7 +25,6 @@ from dpokit.losses import is_reference_free
 from dpokit.models import (
     adapter_params,
     cast_base,
-    disable_adapter,
     parameter_summary,
     prepare_blocks,
     read_hf_config,
@@ -33,7 +32,6 @@ from dpokit.models import (
 )
 from dpokit.training import (
     AdapterOffReference,
-    NoReference,
     RunReport,
     StepTimer,
     StopRequests,
@@ -45,7 +43,7 @@ from dpokit.training import (
     eval_batches,
     evaluate_preference,
     evaluation_due,
-    precomputed_references,
+    lora_references,
     resolve_device,
     sample_completions,
     save_lora_checkpoint,
@@ -56,7 +54,6 @@ from dpokit.training import (
     weights_fingerprint,
 )
 
-STRATEGIES = ("adapter_off", "precomputed")
 CONFIG_KEYS = (
     "output_dir",
     "seed",
@@ -147,31 +144,23 @@ def main(cfg) -> None:
     report.say(f"model: {parameter_summary(model)}")
     # The reference is the base (adapters off): run beside the policy, or its log-probs computed
     # once and cached under a key of the base weights, data and settings (a sweep pays it once).
-    # Reference-free losses (SimPO, CPO, ORPO, ...) never run the reference forward.
-    adapters_off = AdapterOffReference(model, **logps_settings)
-    validation_references = None
-    if is_reference_free(loss_fn):
-        reference = NoReference()
-    elif cfg.reference.strategy == "precomputed":
-        with disable_adapter(model):
-            reference, validation_references, note = precomputed_references(
-                model,
-                train_set.pairs if packed else train_set,
-                validation_sets,
-                partial(collate_preference_pairs, pad_id=tokenizer.pad_id),
-                weights=weights_fingerprint(model),
-                cache_dir=cfg.reference.cache_dir,
-                batch_size=cfg.eval_batch_size,
-                device=device,
-                dtype=cfg.dtype,
-                **logps_settings,
-            )
+    reference, validation_references, note = lora_references(
+        model,
+        cfg.reference.strategy,
+        train_set.pairs if packed else train_set,
+        validation_sets,
+        partial(collate_preference_pairs, pad_id=tokenizer.pad_id),
+        reference_free=is_reference_free(loss_fn),
+        weights=lambda: weights_fingerprint(model),
+        cache_dir=cfg.reference.cache_dir,
+        batch_size=cfg.eval_batch_size,
+        device=device,
+        dtype=cfg.dtype,
+        **logps_settings,
+    )
+    if note:
         report.say(note)
-    elif cfg.reference.strategy == "adapter_off":
-        reference = adapters_off
-    else:
-        raise DpokitError(f"reference.strategy: unknown {cfg.reference.strategy!r}; choose from {list(STRATEGIES)}")
-    validation_references = validation_references or dict.fromkeys(validation_sets, reference)
+    adapters_off = AdapterOffReference(model, **logps_settings)  # what the samples' reference decodes
 
     total_steps = total_training_steps(
         steps_per_epoch=sampler.steps_per_epoch, epochs=cfg.epochs, max_steps=cfg.max_steps
@@ -184,7 +173,7 @@ def main(cfg) -> None:
 
     # Resume: adapters + optimizer, scheduler, data position, RNG, step (the base is checkpoint_dir's).
     checkpoints = checkpointer(cfg.checkpoint, trainable_only=True)
-    samples = sample_prompts(cfg.samples, seed=cfg.seed)  # null: no samples
+    samples = sample_prompts(cfg.samples, seed=cfg.seed, tokenizer=tokenizer)  # null: no samples
     start_step = checkpoints.resume(cfg.resume, model, optimizer, scheduler, sampler)
     warning = checkpoints.check_metric(validation_sets, eval_every=cfg.eval_every)  # keep_top_k's metric
     if warning:

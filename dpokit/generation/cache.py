@@ -26,19 +26,19 @@ class KVCache:
         capacity: int,
         n_kv_heads: int,
         head_dim: int,
-        dtype: torch.dtype,
         device: torch.device | str,
     ):
-        shape = (n_layers, batch, n_kv_heads, capacity, head_dim)
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        # Allocated at the first write, in the dtype the attention computes in (under FSDP2 mixed
+        # precision that is the all-gathered bf16, not the sharded fp32 parameters').
+        self.shape = (n_layers, batch, n_kv_heads, capacity, head_dim)
+        self.keys = self.values = None
         self.positions = torch.zeros(batch, capacity, dtype=torch.long, device=device)
         self.valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
         self.capacity, self.start, self.length = capacity, 0, 0
 
     @classmethod
-    def for_model(cls, model: nn.Module, *, batch: int, capacity: int, dtype: torch.dtype | None = None):
-        """A cache shaped for `model` (a TransformerDecoder) in its parameters' dtype and device."""
+    def for_model(cls, model: nn.Module, *, batch: int, capacity: int):
+        """A cache shaped for `model` (a TransformerDecoder), on its parameters' device."""
         args = model.args
         weight = model.embed_tokens.weight
         return cls(
@@ -47,7 +47,6 @@ class KVCache:
             capacity=capacity,
             n_kv_heads=args["n_kv_heads"],
             head_dim=args["head_dim"],
-            dtype=dtype or weight.dtype,
             device=weight.device,
         )
 
@@ -63,6 +62,9 @@ class KVCache:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this forward's k, v [B, Hkv, T, D] for `layer`; return every cached k, v so far."""
+        if self.keys is None:
+            self.keys = k.new_zeros(self.shape)
+            self.values = v.new_zeros(self.shape)
         self.keys[layer, :, :, self.start : self.length] = k
         self.values[layer, :, :, self.start : self.length] = v
         return self.keys[layer, :, :, : self.length], self.values[layer, :, :, : self.length]

@@ -19,12 +19,9 @@ REPLACEMENT = "\ufffd"
 
 
 def stop_ids(tokenizer) -> list[int]:
-    """The ids that end a reply: the chat template's end of turn (and the tokenizer's EOS if any)."""
-    ids = {tokenizer.eot_id}
-    eos = getattr(tokenizer, "eos_id", None)
-    if isinstance(eos, int):
-        ids.add(eos)
-    return sorted(ids)
+    """The ids that end a reply: the chat template's end of turn (the token a reply is trained to
+    end with; `Tokenizer.encode_response`)."""
+    return [tokenizer.eot_id]
 
 
 def stream_text(

@@ -41,7 +41,7 @@ def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, softcap: float | None):
     if softcap is None:
         return logits, None
     tanh = logits.div_(softcap).tanh_()
-    slope = 1.0 - tanh * tanh
+    slope = tanh.square().neg_().add_(1.0)
     return tanh.mul_(softcap), slope
 
 
@@ -146,7 +146,8 @@ def chunked_token_logps(
     output head, or the tied embedding), labels [N] with `ignore_index` for unscored positions.
     Returns [N] fp32 (fp64 for fp64 inputs), 0 at ignored positions, differentiable w.r.t. hidden and weight. Ignored
     positions are dropped before any logits are computed, so prompts and padding cost nothing.
-    Peak extra memory is about two [chunk_size, V] fp32 buffers, independent of N.
+    Peak extra memory is about two [chunk_size, V] fp32 buffers (three with `softcap`: the slope
+    dz/d(W h) is kept), independent of N.
     """
     if hidden.dim() != 2 or weight.dim() != 2 or labels.shape != hidden.shape[:1]:
         raise ValueError(

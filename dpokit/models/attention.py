@@ -145,8 +145,8 @@ def build_attention_mask(document_ids: torch.Tensor, branch_ids: torch.Tensor, b
 
 
 def _eager_attention(q, k, v, mask: torch.Tensor | None, scale: float | None, softcap: float, enable_gqa: bool):
-    """softmax(softcap * tanh(q k^T * scale / softcap) masked) v, in the activation dtype's
-    upcast: the path for logit soft-capping (Gemma 2), which SDPA cannot express."""
+    """softmax(softcap * tanh(q k^T * scale / softcap), masked) v, the softmax in fp32: the path
+    for attention soft-capping (Gemma 2), which SDPA cannot express."""
     if enable_gqa and k.shape[1] != q.shape[1]:
         repeat = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
@@ -169,6 +169,20 @@ def _dense(q, k, v, mask, *, scale, softcap, enable_gqa):
     )
 
 
+_SCORE_MODS: dict = {}
+
+
+def _softcap_score_mod(softcap: float):
+    """One FlexAttention score_mod per cap value: a new closure each call would recompile."""
+    if softcap not in _SCORE_MODS:
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return torch.tanh(score / softcap) * softcap
+
+        _SCORE_MODS[softcap] = score_mod
+    return _SCORE_MODS[softcap]
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -186,11 +200,7 @@ def attention(
         return segmented_attention(q, k, v, mask, scale=scale, softcap=softcap, enable_gqa=enable_gqa)
     if BlockMask is not None and isinstance(mask, BlockMask):
         global _compiled_flex
-        score_mod = None
-        if softcap is not None:
-
-            def score_mod(score, b, h, q_idx, kv_idx):
-                return torch.tanh(score / softcap) * softcap
+        score_mod = None if softcap is None else _softcap_score_mod(softcap)
 
         if q.device.type != "cuda":  # eager FlexAttention: forward only, slow; for checks on CPU
             return flex_attention(q, k, v, score_mod=score_mod, block_mask=mask, scale=scale, enable_gqa=enable_gqa)

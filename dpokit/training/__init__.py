@@ -19,6 +19,7 @@ from dpokit.training.reference import (
 )
 from dpokit.training.reference_cache import (
     TensorFingerprint,
+    lora_references,
     precompute_reference_logps,
     precomputed_references,
     reference_logps_key,
@@ -41,6 +42,7 @@ from dpokit.training.step import StepTimer, accumulate_gradients, clip_and_step
 from dpokit.training.throughput import Throughput
 
 __all__ = [
+    "lora_references",
     "precomputed_references",
     "weights_fingerprint",
     "SamplePrompts",

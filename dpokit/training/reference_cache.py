@@ -21,7 +21,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -29,8 +29,12 @@ from torch import nn
 from dpokit.distributed.fsdp import reshard
 from dpokit.distributed.group import all_gather_tensor, get_rank, get_world_size
 from dpokit.distributed.sampler import eval_batches
+from dpokit.errors import DpokitError
 from dpokit.training.forward import policy_logps
 from dpokit.training.reference import PrecomputedReference
+
+# Bumped when dpokit's reference arithmetic changes, so older cached tables are not read.
+CACHE_VERSION = 2
 
 
 class TensorFingerprint:
@@ -92,13 +96,19 @@ def reference_logps_key(
     ld_alpha: float | None,
     dtype: str,
     param_dtype: str | None,
+    architecture: Mapping | None = None,
 ) -> str:
     """The cache key of precomputed reference log-probs: everything they depend on, the weights'
     fingerprint (`TensorFingerprint`), every split's token ids and the settings of the forward.
-    `ld_alpha` enters only when set, so caches written before LD-DPO existed keep their keys."""
+    `ld_alpha` enters only when set, so caches written before LD-DPO existed keep their keys;
+    `architecture` (the decoder's `args`) with `CACHE_VERSION`, so another architecture or a change
+    of dpokit's arithmetic never reads a stale table."""
     settings = {"average_logps": average_logps, "dtype": dtype, "param_dtype": param_dtype}
     if ld_alpha is not None:
         settings["ld_alpha"] = ld_alpha
+    if architecture is not None:  # what the weights compute: RoPE, windows, soft-caps, norms, ...
+        settings["architecture"] = repr(sorted(architecture.items()))
+        settings["version"] = CACHE_VERSION
     fingerprints = {name: dataset_fingerprint(data) for name, data in datasets.items()}
     return reference_cache_key(weights=weights, datasets=fingerprints, settings=settings)
 
@@ -185,6 +195,26 @@ def precompute_reference_logps(
     return {name: PrecomputedReference(*table) for name, table in tables.items()}, False
 
 
+def _check_one_rope_per_pair(model: nn.Module, splits: dict[str, Sequence[dict]]) -> None:
+    """LongRoPE (Phi-3 128k) rotates a whole batch by its long factors once any sequence in it
+    passes the switch length, so a pair's log-probs would depend on its batch mates, which differ
+    between the precomputing pass and training: refused for such data."""
+    switch = getattr(model, "rope_switch_length", None)
+    if switch is None:
+        return
+    for name, data in splits.items():
+        for i in range(len(data)):
+            pair = data[i]
+            longest = len(pair["prompt_ids"]) + max(len(pair["chosen_ids"]), len(pair["rejected_ids"]))
+            if longest > switch:
+                raise DpokitError(
+                    f"reference.strategy=precomputed: {name} pair {i} has {longest} tokens, more than the "
+                    f"{switch} after which LongRoPE switches factors for its whole batch; use "
+                    "reference.strategy=adapter_off (LoRA) or swap (full), or max_seq_len <= "
+                    f"{switch}"
+                )
+
+
 def reference_splits(train_pairs: Sequence[dict], validation_sets: dict) -> dict[str, Sequence[dict]]:
     """The splits a precomputed reference covers: "train", "validation" and "validation/<name>"."""
     return {"train": train_pairs} | {
@@ -211,8 +241,10 @@ def precomputed_references(
     reference log-probs of every split from the cache under `cache_dir`, or one no-grad pass of
     `model` (holding the reference weights, fingerprinted as `weights`) written there."""
     splits = reference_splits(train_pairs, validation_sets)
+    _check_one_rope_per_pair(model, splits)
     key = reference_logps_key(
         weights=weights,
+        architecture=getattr(model, "args", None),
         datasets=splits,
         average_logps=average_logps,
         ld_alpha=ld_alpha,
@@ -237,3 +269,56 @@ def precomputed_references(
     )
     validation = {name: tables["validation" if name is None else f"validation/{name}"] for name in validation_sets}
     return tables["train"], validation, note
+
+
+LORA_STRATEGIES = ("adapter_off", "precomputed")
+
+
+def lora_references(
+    model: nn.Module,
+    strategy: str,
+    train_pairs: Sequence[dict],
+    validation_sets: dict,
+    collate: Callable[[list[dict]], dict],
+    *,
+    reference_free: bool,
+    weights: Callable[[], str],
+    cache_dir: str | Path | None,
+    batch_size: int,
+    device: torch.device,
+    dtype: str,
+    param_dtype: str | None = None,
+    average_logps: bool = False,
+    ld_alpha: float | None = None,
+) -> tuple[object, dict, str | None]:
+    """The reference of a LoRA recipe: the base model, i.e. `model` with its adapters off, run
+    beside the policy ("adapter_off") or as log-probs computed once and cached ("precomputed",
+    keyed by `weights()`, the base weights' fingerprint). Returns (train reference, {validation
+    set name: reference}, a line to report or None); reference-free losses get `NoReference`."""
+    from dpokit.models.lora import disable_adapter
+    from dpokit.training.reference import AdapterOffReference, NoReference
+
+    if strategy not in LORA_STRATEGIES:
+        raise DpokitError(f"reference.strategy: unknown {strategy!r}; choose from {list(LORA_STRATEGIES)}")
+    if reference_free:  # SimPO, CPO, ORPO, ...: no reference forward at all
+        reference = NoReference()
+    elif strategy == "adapter_off":
+        reference = AdapterOffReference(model, average_logps=average_logps, ld_alpha=ld_alpha)
+    else:
+        with disable_adapter(model):
+            reference, validation, note = precomputed_references(
+                model,
+                train_pairs,
+                validation_sets,
+                collate,
+                weights=weights(),
+                cache_dir=cache_dir,
+                batch_size=batch_size,
+                device=device,
+                dtype=dtype,
+                param_dtype=param_dtype,
+                average_logps=average_logps,
+                ld_alpha=ld_alpha,
+            )
+        return reference, validation, note
+    return reference, dict.fromkeys(validation_sets, reference), None

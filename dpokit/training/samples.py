@@ -17,7 +17,8 @@ from torch import nn
 
 from dpokit.data.tokenizer import Message
 from dpokit.distributed.fsdp import reshard
-from dpokit.generation import Sampling, generate
+from dpokit.errors import DpokitError
+from dpokit.generation import Sampling, generate, stop_ids
 
 
 @dataclass(frozen=True)
@@ -32,17 +33,31 @@ class SamplePrompts:
         return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
 
 
+def encode_prompts(tokenizer, spec: SamplePrompts) -> list[list[int]]:
+    """Each prompt rendered with the chat template and its generation prompt; a prompt the template
+    refuses (e.g. a system message for Mistral) is a DpokitError naming samples.prompts[i]."""
+    encoded = []
+    for i, prompt in enumerate(spec.prompts):
+        try:
+            encoded.append(tokenizer.encode_prompt(spec.messages(prompt)))
+        except (ValueError, KeyError, TypeError) as e:
+            raise DpokitError(f"samples.prompts[{i}]: {e}") from None
+    return encoded
+
+
 def sample_completions(model: nn.Module, reference, tokenizer, spec: SamplePrompts, *, step: int) -> list[dict]:
-    """[{"prompt", "policy", "reference"}] for every prompt of `spec` ("reference" is None when the
-    reference exists only as precomputed log-probs, or the loss has none)."""
+    """[{"prompt", "policy", "reference"}] for every prompt of `spec`; "reference" is what
+    `reference.generating()` decodes (None when there is no reference model: precomputed log-probs
+    or a reference-free loss in the full recipe; the LoRA recipes always pass the base)."""
     conversations = [spec.messages(p) for p in spec.prompts]
-    prompt_ids = [tokenizer.encode_prompt(c) for c in conversations]
-    settings = dict(max_new_tokens=spec.max_new_tokens, sampling=spec.sampling, stop_ids=[tokenizer.eot_id])
+    prompt_ids = encode_prompts(tokenizer, spec)
+    stops = stop_ids(tokenizer)
+    settings = dict(max_new_tokens=spec.max_new_tokens, sampling=spec.sampling, stop_ids=stops)
 
     def decode(module: nn.Module) -> list[str]:
         generator = torch.Generator(device=module.embed_tokens.weight.device).manual_seed(spec.seed + step)
         outs = generate(module, prompt_ids, generator=generator, **settings)
-        return [tokenizer.decode([t for t in out if t != tokenizer.eot_id]) for out in outs]
+        return [tokenizer.decode([t for t in out if t not in stops]) for out in outs]
 
     policy = decode(model)
     reshard(model)  # no backward follows this forward

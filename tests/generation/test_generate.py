@@ -111,3 +111,18 @@ def test_sampling_filters_and_frequencies():
     assert (freq - want).abs().max() < 0.015 and freq[keep:].sum() == 0
     with pytest.raises(ValueError, match="top_p"):
         Sampling(top_p=0)
+
+
+def test_the_cache_takes_the_dtype_attention_computes_in():
+    """Under FSDP2 mixed precision the parameters are fp32 shards while attention runs in bf16:
+    the cache must hold what the layers write, not the parameters' dtype."""
+    import copy
+
+    model = lora_llama(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, max_seq_len=64)
+    cache = KVCache.for_model(model, batch=1, capacity=8)  # sized from the fp32 model
+    low = copy.deepcopy(model).to(torch.bfloat16)
+    positions = torch.arange(8)[None]
+    cache.advance(positions)
+    with torch.no_grad():
+        out = low(torch.randint(1, 64, (1, 8)), positions, cache=cache)
+    assert cache.keys.dtype == torch.bfloat16 and torch.isfinite(out).all()

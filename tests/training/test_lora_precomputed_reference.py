@@ -96,3 +96,42 @@ def test_a_sweep_pays_the_reference_once_and_trains_as_adapter_off(tmp_path):
     # A table lookup, not a forward: the reference phase is a small fraction of the policy's.
     train = [r for r in runs["second"][1] if r["split"] == "train"]
     assert train and all(r["reference_s"] < 0.2 * r["policy_s"] for r in train)
+
+
+def test_the_same_weights_in_another_architecture_are_another_key(tmp_path):
+    """The weights' fingerprint does not see RoPE theta, windows or soft-caps: the key must."""
+    from dpokit.models import lora_llama
+
+    model = tiny_lora_model("llama")
+    other = lora_llama(**{**model.args, "rope_theta": 1234.0}, lora_targets=["q_proj", "v_proj"], lora_rank=4)
+    other.load_state_dict(model.state_dict(), strict=False)
+    assert weights_fingerprint(other) == weights_fingerprint(model)
+    pairs, validation = random_pairs(5, seed=6), {None: random_pairs(3, seed=7)}
+    collate = lambda items: collate_preference_pairs(items, pad_id=0)  # noqa: E731
+    notes = []
+    for m in (model, other):
+        _, _, note = precomputed_references(
+            m, pairs, validation, collate, weights=weights_fingerprint(m), cache_dir=tmp_path,
+            batch_size=4, device=torch.device("cpu"), dtype="fp32",
+        )  # fmt: skip
+        notes.append(note)
+    assert all("precomputed" in n for n in notes)  # the second did not read the first's table
+
+
+def test_longrope_data_past_the_switch_is_refused_for_a_precomputed_reference(tmp_path):
+    from dpokit.errors import DpokitError
+    from dpokit.models import lora_llama
+    from dpokit.models.transformer import LongRopeScaling
+
+    model = lora_llama(
+        vocab_size=64, dim=32, n_layers=1, n_heads=4, n_kv_heads=2, hidden_dim=64, max_seq_len=64,
+        fused_projections=True, lora_targets=["qkv_proj"], lora_rank=4,
+        rope_scaling=LongRopeScaling((1.0, 1.5, 2.0, 3.0), (2.0, 4.0, 8.0, 16.0), 12, attention_factor=1.1),
+    )  # fmt: skip
+    pairs = random_pairs(6, seed=8)  # up to 24 tokens: past the 12 of the switch
+    collate = lambda items: collate_preference_pairs(items, pad_id=0)  # noqa: E731
+    with pytest.raises(DpokitError, match="LongRoPE switches factors for its whole batch"):
+        precomputed_references(
+            model, pairs, {None: pairs}, collate, weights="w", cache_dir=tmp_path, batch_size=4,
+            device=torch.device("cpu"), dtype="fp32",
+        )  # fmt: skip

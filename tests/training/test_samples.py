@@ -84,9 +84,24 @@ def test_full_distributed_samples_are_the_exported_policy_and_the_initial_one(tm
         ("samples={prompts: [hi], max_new_tokens: 0}", "samples.max_new_tokens: expected a positive integer"),
         ("samples={prompts: [hi], top_p: 0}", "samples: top_p must be in (0, 1]"),
         ("samples={prompts: [hi], temprature: 1}", "unknown key 'samples.temprature' (did you mean 'temperature'?)"),
+        ("samples={prompts: hello}", "samples.prompts: expected a non-empty list"),
+        ("samples={prompts: [[{content: hi}]]}", "samples.prompts[0]: expected a string or a list of {role, content}"),
+        ("samples={prompts: [[{role: tool, content: hi}]]}", "samples.prompts[0]: "),
     ],
 )
 def test_bad_samples_settings_are_one_line(tmp_path, override, message):
     result = dpokit_run("dpo_lora_single_device", "--config", "tiny", f"output_dir={tmp_path}", override)
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_samples_under_fsdp_mixed_precision(tmp_path):
+    """fsdp.param_dtype=bf16 (every real full config): the all-gathered weights compute in bf16
+    while the shards stay fp32; decoding must follow the compute dtype."""
+    out = tmp_path / "run"
+    result = dpokit_run(
+        "dpo_full_distributed", "--config", "tiny", f"output_dir={out}", "max_steps=2", "eval_every=2",
+        "fsdp.param_dtype=bf16", SAMPLES, nproc=2,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert sorted(sample_records(out)) == [0, 2]
