@@ -289,7 +289,7 @@ def cmd_eval(args) -> int:
     """Preference metrics of each CHECKPOINT against its reference on one preference set."""
     from dpokit.distributed.group import resolve_device
     from dpokit.errors import DpokitError
-    from dpokit.training.eval_checkpoint import EvalData, eval_table, evaluate_checkpoint
+    from dpokit.eval_checkpoint import EvalData, eval_table, evaluate_checkpoint
 
     if (args.data is None) == (args.hub is None):
         raise CliError("eval: give --data FILE (a preference file) or --hub REPO (a Hugging Face dataset), one of them")

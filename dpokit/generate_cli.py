@@ -1,6 +1,6 @@
 """`dpokit generate` and `dpokit chat`: look at what a checkpoint says.
 
-CHECKPOINT is anything `dpokit.models.resolve.load_for_inference` loads: an HF folder (a run's
+CHECKPOINT is anything `dpokit.resolve.load_for_inference` loads: an HF folder (a run's
 `final/`, a downloaded model), a PEFT adapter folder on its base (`final/adapter`), or a run's
 output_dir. Prompts are user messages rendered with the checkpoint's chat template (and its
 generation prompt), or with --raw plain text continued as it is.
@@ -63,9 +63,9 @@ def add_parsers(sub, positive_int) -> None:
 
 def _load(args):
     from dpokit.distributed.group import resolve_device
+    from dpokit.eval_checkpoint import eval_tokenizer
     from dpokit.generation import Sampling
-    from dpokit.models.resolve import load_for_inference
-    from dpokit.training.eval_checkpoint import eval_tokenizer
+    from dpokit.resolve import load_for_inference
 
     try:
         sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)

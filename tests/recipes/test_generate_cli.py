@@ -8,10 +8,10 @@ import sys
 
 import pytest
 
+from dpokit.eval_checkpoint import eval_tokenizer
 from dpokit.generation import generate, stop_ids
 from dpokit.models import disable_adapter
-from dpokit.models.resolve import load_for_inference
-from dpokit.training.eval_checkpoint import eval_tokenizer
+from dpokit.resolve import load_for_inference
 
 pytestmark = pytest.mark.subprocess
 DPOKIT = [sys.executable, "-m", "dpokit.cli"]

@@ -9,9 +9,9 @@ import torch.nn.functional as F
 
 from dpokit.data import PreferenceDataset, bundled_task_path, byte_tokenizer
 from dpokit.errors import DpokitError
+from dpokit.eval_checkpoint import EvalData, eval_table, evaluate_checkpoint
 from dpokit.models import adapter_params, load_hf_checkpoint, save_hf_checkpoint, tiny
-from dpokit.models.resolve import load_for_inference
-from dpokit.training.eval_checkpoint import EvalData, eval_table, evaluate_checkpoint
+from dpokit.resolve import load_for_inference
 from dpokit.training.export import save_lora_checkpoint
 
 BETA = 0.1

@@ -27,7 +27,7 @@ from dpokit.data.validate import load_tokenizer
 from dpokit.distributed.sampler import eval_batches
 from dpokit.errors import DpokitError
 from dpokit.losses.registry import is_reference_free
-from dpokit.models.resolve import InferenceModel, load_for_inference
+from dpokit.resolve import InferenceModel, load_for_inference
 from dpokit.training.evaluate import preference_eval_metrics
 from dpokit.training.reference import AdapterOffReference, FrozenCopyReference, NoReference
 
@@ -172,7 +172,7 @@ def evaluate_checkpoint(
     dtype: torch.dtype | str | None = None,
     device: torch.device | str = "cpu",
 ) -> CheckpointEval:
-    """Preference metrics of `checkpoint` (see `dpokit.models.resolve.load_for_inference`) over
+    """Preference metrics of `checkpoint` (see `dpokit.resolve.load_for_inference`) over
     every pair of `data`, against `reference` (a checkpoint; default: see the module docstring).
     Settings left None are the run's where the checkpoint belongs to one, else: DPO with
     beta 0.1, summed log-probs, `DEFAULT_BATCH_SIZE` pairs a batch, no truncation below the
