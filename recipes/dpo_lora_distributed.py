@@ -212,7 +212,7 @@ def train(cfg, env) -> None:
         validation_sets,
         collate,
         reference_free=is_reference_free(loss_fn),
-        weights=fingerprint.hexdigest,
+        weights=lambda: fingerprint.hexdigest(),  # hashed as the base weights streamed in
         cache_dir=cfg.reference.cache_dir,
         batch_size=cfg.eval_batch_size,
         device=env.device,
