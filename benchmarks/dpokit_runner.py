@@ -31,6 +31,8 @@ os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")  # torchao's n
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# This checkout's dpokit, not an installed one (an editable install may point at another tree).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from master_weights import MasterWeights  # noqa: E402
 from shared_io import Stopwatch, emit, read_model_config, read_workload, throughput_result  # noqa: E402
 

@@ -52,6 +52,19 @@ MODELS = {
         num_key_value_heads=4,
         vocab_size=32000,
     ),
+    # The SmolLM2-135M architecture (HuggingFaceTB/SmolLM2-135M's config.json: tied embeddings,
+    # 49,152-token vocabulary, RoPE theta 100,000; N = 134M in matmuls): the LoRA plan's model.
+    "smollm2-135m": dict(
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=49152,
+        rope_theta=100000.0,
+        max_position_embeddings=8192,
+        tie_word_embeddings=True,
+    ),
     # a few million parameters, for smoke runs of the harness itself.
     "tiny": dict(
         hidden_size=128,
@@ -72,11 +85,11 @@ ASSISTANT = "\n\nAssistant:"
 
 
 def hf_config(model: str, max_length: int) -> dict:
+    """A preset's sizes (and any of the defaults below it overrides: RoPE theta, context, tying)."""
     sizes = MODELS[model]
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
-        **sizes,
         "head_dim": sizes["hidden_size"] // sizes["num_attention_heads"],
         "max_position_embeddings": max(2048, 2 * max_length),
         "rms_norm_eps": 1e-5,
@@ -91,11 +104,13 @@ def hf_config(model: str, max_length: int) -> dict:
         "bos_token_id": EOS_ID,
         "eos_token_id": EOS_ID,
         "use_cache": False,
+        **sizes,
     }
 
 
 def random_hf_state_dict(config: dict, seed: int) -> dict[str, torch.Tensor]:
-    """N(0, 0.02) matrices (HF's initializer_range), ones for the RMSNorm weights."""
+    """N(0, 0.02) matrices (HF's initializer_range), ones for the RMSNorm weights; no lm_head.weight
+    when the head is tied to the embedding (as HF saves a tied model)."""
     g = torch.Generator().manual_seed(seed)
     d, ffn, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
     hd, h, kv = config["head_dim"], config["num_attention_heads"], config["num_key_value_heads"]
@@ -106,8 +121,9 @@ def random_hf_state_dict(config: dict, seed: int) -> dict[str, torch.Tensor]:
     sd = {
         "model.embed_tokens.weight": normal(vocab, d),
         "model.norm.weight": torch.ones(d),
-        "lm_head.weight": normal(vocab, d),
     }
+    if not config.get("tie_word_embeddings"):
+        sd["lm_head.weight"] = normal(vocab, d)
     for i in range(config["num_hidden_layers"]):
         p = f"model.layers.{i}."
         sd.update(

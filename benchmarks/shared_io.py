@@ -17,6 +17,13 @@ matmuls (every linear layer and the output head; the embedding lookup is not a m
   reference  (2 N per computed token) + 1 x attention,  forward only (0 when precomputed)
   attention  forward = 4 x n_layers x n_heads x head_dim x (visible query-key pairs): QK^T and AV,
              2 FLOPs per multiply-add each, counting only the pairs the causal/document mask keeps.
+
+LoRA (lora_step_model_flops; n = adapter parameters, A and B of every adapted projection): the base
+is frozen, so a trained token costs forward 2N + input-gradient 2N (no weight gradient) + 6n for
+the adapters; the reference is the base with adapters off, 2N per computed token; attention as
+above (x3 policy, x1 reference). The same per-token weight count as
+dpokit.training.throughput.flops_per_token (4|W| frozen, 6|W| trained, 2|W| reference), which
+leaves attention out.
 """
 
 from __future__ import annotations
@@ -113,6 +120,48 @@ def step_model_flops(
     return float(policy + reference)
 
 
+# Projection name -> (in, out) features from an HF Llama config (the LoRA targets).
+def projection_shapes(config: dict) -> dict[str, tuple[int, int]]:
+    d, ffn = config["hidden_size"], config["intermediate_size"]
+    heads, kv_heads = config["num_attention_heads"], config.get("num_key_value_heads", config["num_attention_heads"])
+    head_dim = config.get("head_dim") or d // heads
+    return {
+        "q_proj": (d, heads * head_dim),
+        "k_proj": (d, kv_heads * head_dim),
+        "v_proj": (d, kv_heads * head_dim),
+        "o_proj": (heads * head_dim, d),
+        "gate_proj": (d, ffn),
+        "up_proj": (d, ffn),
+        "down_proj": (ffn, d),
+    }
+
+
+def lora_adapter_params(config: dict, rank: int, targets) -> int:
+    """n: parameters of the LoRA adapters (A: [rank, in], B: [out, rank]) on `targets` in every layer."""
+    shapes = projection_shapes(config)
+    unknown = set(targets) - set(shapes)
+    if unknown:
+        raise ValueError(f"unknown LoRA target(s) {sorted(unknown)}; choose from {list(shapes)}")
+    return config["num_hidden_layers"] * sum(rank * (shapes[t][0] + shapes[t][1]) for t in targets)
+
+
+def lora_step_model_flops(
+    config: dict,
+    pairs: list[dict],
+    *,
+    adapter_params: int,
+    prefix_sharing: bool = False,
+    reference_forward: bool = True,
+) -> float:
+    """Model FLOPs of one LoRA DPO step over `pairs` (see the module docstring)."""
+    n = matmul_params(config)
+    tokens = sum(computed_tokens(p, prefix_sharing) for p in pairs)
+    attn = sum(attention_flops_per_pair(config, visible_pairs(p, prefix_sharing)) for p in pairs)
+    policy = (4 * n + 6 * adapter_params) * tokens + 3 * attn
+    reference = 2 * n * tokens + attn if reference_forward else 0
+    return float(policy + reference)
+
+
 # ----------------------------------------------------------------------------- measuring
 
 
@@ -183,10 +232,22 @@ def throughput_result(
     prefix_sharing: bool = False,
     reference_forward: bool = True,
     losses: list[float] | None = None,
+    lora_adapter_params: int | None = None,
     **extra,
 ) -> dict:
-    """The dict every throughput runner emits."""
-    flops = step_model_flops(config, pairs, prefix_sharing=prefix_sharing, reference_forward=reference_forward)
+    """The dict every throughput runner emits. With `lora_adapter_params` (n) the model FLOPs are
+    LoRA's (frozen base, n trained adapter parameters: lora_step_model_flops)."""
+    if lora_adapter_params is None:
+        flops = step_model_flops(config, pairs, prefix_sharing=prefix_sharing, reference_forward=reference_forward)
+    else:
+        flops = lora_step_model_flops(
+            config,
+            pairs,
+            adapter_params=lora_adapter_params,
+            prefix_sharing=prefix_sharing,
+            reference_forward=reference_forward,
+        )
+        extra["lora_adapter_params"] = lora_adapter_params
     return dict(
         name=name,
         framework=framework,

@@ -14,6 +14,11 @@ trades a second forward for memory; --gradient-checkpointing turns it back on), 
 clipping, constant learning rate. `padding_free` is not offered: TRL 1.16 disables it ("temporarily
 unavailable after a refactor": setting it warns and falls back to padding). Step time = wall time
 between the Trainer's on_step_begin and on_step_end callbacks, after the warmup steps.
+
+LoRA (--lora-rank > 0, benchmarks/lora_plan.py): `peft_config=LoraConfig(r, lora_alpha, target_modules,
+lora_dropout=0)` and no ref_model, so TRL's reference is the same PEFT model with its adapter
+disabled (or precompute_ref_log_probs). --base-dtype bf16 loads the model in bf16 (PEFT keeps the
+adapters in fp32: `autocast_adapter_dtype=True`, its default) under `bf16=True` autocast.
 """
 
 from __future__ import annotations
@@ -83,6 +88,11 @@ def main(argv=None) -> int:
     ap.add_argument("--reference", default="frozen_copy", choices=("frozen_copy", "precomputed"))
     ap.add_argument("--gradient-checkpointing", action="store_true")
     ap.add_argument("--compile", action="store_true", help="TrainingArguments.torch_compile")
+    ap.add_argument("--base-dtype", default="fp32", choices=("fp32", "bf16"), help="dtype the model is loaded in")
+    ap.add_argument("--lora-rank", type=int, default=0, help="> 0: LoRA DPO through PEFT (a LoraConfig)")
+    ap.add_argument("--lora-alpha", type=float, default=32.0)
+    ap.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
+    ap.add_argument("--lr", type=float, default=None, help="default 1e-5 (full), 1e-4 (LoRA)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--warmup-steps", type=int, default=1)
@@ -100,17 +110,34 @@ def main(argv=None) -> int:
     dataset = Dataset.from_list([{k: p[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for p in used])
     device = "cuda" if torch.cuda.is_available() else "cpu"
 
+    base_dtype = torch.bfloat16 if args.base_dtype == "bf16" else torch.float32
+    lora = args.lora_rank > 0
+    targets = [t for t in args.lora_targets.split(",") if t]
+
     def load():
-        return AutoModelForCausalLM.from_pretrained(assets / "model", attn_implementation="sdpa", dtype=torch.float32)
+        return AutoModelForCausalLM.from_pretrained(assets / "model", attn_implementation="sdpa", dtype=base_dtype)
 
     model = load()
-    ref_model = None if args.reference == "precomputed" else load()
+    # PEFT: the reference is the policy with its adapter disabled (TRL's own choice without ref_model).
+    ref_model = None if args.reference == "precomputed" or lora else load()
+    peft_config = None
+    if lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(
+            r=args.lora_rank,
+            lora_alpha=args.lora_alpha,
+            target_modules=targets,
+            lora_dropout=0.0,
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
     with tempfile.TemporaryDirectory() as out:
         training_args = DPOConfig(
             output_dir=out,
             per_device_train_batch_size=args.batch_size,
             max_steps=total_steps,
-            learning_rate=1e-5,
+            learning_rate=args.lr or (1e-4 if lora else 1e-5),
             lr_scheduler_type="constant",
             warmup_steps=0,
             max_grad_norm=0.0,
@@ -135,18 +162,24 @@ def main(argv=None) -> int:
         trainer = PretokenizedDPOTrainer(
             model=model,
             ref_model=ref_model,
+            peft_config=peft_config,
             args=training_args,
             train_dataset=dataset,
             processing_class=id_tokenizer(meta["pad_id"], meta["eos_id"], config["vocab_size"]),
             callbacks=[times],
         )
         setup_seconds = time.perf_counter() - started  # includes the precompute pass when enabled
+        trained = [p for p in trainer.model.parameters() if p.requires_grad]
+        adapter_params = sum(p.numel() for p in trained) if lora else None
+        adapter_dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in trained})
         trainer.train()
     timed = times.seconds[args.warmup_steps :]
     step_logs = [log for log in times.logs if "loss" in log]
     emit(
         throughput_result(
-            name=args.name or f"TRL {args.dtype}" + (" precomputed-ref" if args.reference == "precomputed" else ""),
+            name=args.name
+            or f"TRL{'+PEFT' if lora else ''} {args.dtype}"
+            + (" precomputed-ref" if args.reference == "precomputed" else ""),
             framework="trl",
             config=config,
             pairs=used[args.warmup_steps * args.batch_size :],
@@ -155,8 +188,15 @@ def main(argv=None) -> int:
             device=device,
             reference_forward=args.reference != "precomputed",
             losses=[log["loss"] for log in step_logs],
+            lora_adapter_params=adapter_params,
+            lora_rank=args.lora_rank or None,
+            lora_alpha=args.lora_alpha if lora else None,
+            lora_targets=targets if lora else None,
+            base_dtype=args.base_dtype,
+            trainable_dtypes=adapter_dtypes,
+            peft_version=__import__("peft").__version__ if lora else None,
             dtype=args.dtype,
-            reference=args.reference,
+            reference="adapter_off" if lora and args.reference != "precomputed" else args.reference,
             compile=args.compile,
             gradient_checkpointing=args.gradient_checkpointing,
             batch_size=args.batch_size,
