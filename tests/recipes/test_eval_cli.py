@@ -90,9 +90,11 @@ def test_two_runs_side_by_side(lora_run, full_run):
     both = evaluate(lora_out, full_out, extra=["--loss-beta", "0.5"])
     assert [r["checkpoint"] for r in both] == [str(lora_out), str(full_out)]
     assert all(r["settings"]["beta"] == 0.5 for r in both)
-    # beta scales the rewards: the run's own were logged at beta 0.3 (LoRA) and 0.1 (full).
-    assert both[0]["metrics"]["reward_margin"] == pytest.approx(lora_logged["reward_margin"] * 0.5 / 0.3, rel=1e-5)
-    assert both[1]["metrics"]["reward_margin"] == pytest.approx(full_logged["reward_margin"] * 0.5 / 0.1, rel=1e-5)
+    # beta scales the rewards: the run's own were logged at beta 0.3 (LoRA) and 0.1 (full). A
+    # margin is a mean of small differences of fp32 log-probs (~1e-4 of ~100), so the rounding of
+    # beta * (policy - reference) shows at 1e-4 relative.
+    assert both[0]["metrics"]["reward_margin"] == pytest.approx(lora_logged["reward_margin"] * 0.5 / 0.3, rel=1e-3)
+    assert both[1]["metrics"]["reward_margin"] == pytest.approx(full_logged["reward_margin"] * 0.5 / 0.1, rel=1e-3)
 
 
 @pytest.mark.subprocess
