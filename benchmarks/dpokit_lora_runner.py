@@ -56,6 +56,7 @@ from dpokit.training import (  # noqa: E402
     weights_fingerprint,
 )
 from dpokit.training.forward import policy_logps  # noqa: E402
+from dpokit.training.host_memory import retain_freed_cpu_memory  # noqa: E402
 from dpokit.training.throughput import flops_per_token  # noqa: E402
 
 DEFAULT_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
@@ -80,11 +81,18 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--name", default=None)
+    ap.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="leave glibc malloc as it is (the recipes call retain_freed_cpu_memory; this measures without)",
+    )
     ap.add_argument("--profile", action="store_true", help="torch.profiler over the timed steps (to stderr)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    if not args.default_malloc:
+        retain_freed_cpu_memory()
     assets = Path(args.assets)
     config = read_model_config(assets / "model")
     workload = read_workload(assets / "pairs.json")

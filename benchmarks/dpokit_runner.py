@@ -40,6 +40,7 @@ from dpokit.data import PackedBatch, collate_packed, collate_preference_pairs, p
 from dpokit.losses import dpo_loss  # noqa: E402
 from dpokit.models import load_hf_checkpoint  # noqa: E402
 from dpokit.training.forward import policy_logps  # noqa: E402
+from dpokit.training.host_memory import retain_freed_cpu_memory  # noqa: E402
 from dpokit.training.packed_forward import packed_policy_logps  # noqa: E402
 from dpokit.training.reference import StateDictSwapReference  # noqa: E402
 from dpokit.training.scoring import PolicyLogps  # noqa: E402
@@ -163,6 +164,11 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--name", default=None)
     ap.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="leave glibc malloc as it is (the recipes call retain_freed_cpu_memory; this measures without)",
+    )
+    ap.add_argument(
         "--profile", action="store_true", help="run the timed steps under torch.profiler and print where the time goes"
     )
     args = ap.parse_args(argv)
@@ -171,6 +177,8 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    if not args.default_malloc:
+        retain_freed_cpu_memory()
     assets = Path(args.assets)
     config = read_model_config(assets / "model")
     workload = read_workload(assets / "pairs.json")

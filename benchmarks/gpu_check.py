@@ -20,6 +20,13 @@ Parts (each with its own time limit; elapsed seconds are printed per part):
   chunked     `benchmarks/chunked_logprobs.py` (one fresh process per path): the peak memory of the
               output head + log-probs forward and backward, `chunked_token_logps` vs the materialised
               logits + log_softmax, at vocabulary 128,256 (CUDA: torch.cuda.max_memory_allocated).
+  offload     activation offloading (`prepare_blocks(activation_offloading=True)`, issue 17 item 3) and
+              activation checkpointing, alone and together, against the plain model: the DPO-loss
+              gradients of a padded bf16 batch (equal within the fp32 tolerance: the offloaded
+              tensors come back bit for bit, only kernel order may differ), and on CUDA the peak
+              memory (`max_memory_allocated`, must fall: offloading < plain, checkpointing +
+              offloading < checkpointing) and the step time of each, printed as ratios to plain.
+              On CPU offloading changes nothing (CPU tensors stay); the memory checks are SKIPPED.
   throughput  `run_all.py`'s machinery for the `gpu-100m` model: dpokit padded / FFD / prefix+FFD /
               prefix+FFD with a precomputed reference (bf16 weights + fp32 master weights) and TRL
               bf16, useful tokens/s, peak memory and MFU against the matmul peak measured here. TRL
@@ -42,7 +49,7 @@ tensor; the worst is printed):
 
 --perturb PARTS (or DPOKIT_GPU_CHECK_PERTURB=PARTS, comma-separated) deliberately corrupts one side of a part's
 comparison (FlexAttention's log-probs and gradients x 1.1; the compiled logits, log-probs and
-gradients x 1.1; the chunked peak + the materialised peak), so those checks must FAIL: the test
+gradients x 1.1; the chunked peak + the materialised peak; the offloaded gradients x 1.1), so those checks must FAIL: the test
 suite runs it to show the assertions can fail.
 """
 
@@ -80,11 +87,11 @@ from dpokit.models import llama, prepare_blocks  # noqa: E402
 from dpokit.training.forward import policy_logps  # noqa: E402
 from dpokit.training.packed_forward import packed_policy_logps  # noqa: E402
 
-PARTS = ("flex", "compile", "chunked", "throughput")
-PERTURBABLE = ("flex", "compile", "chunked")
+PARTS = ("flex", "compile", "chunked", "offload", "throughput")
+PERTURBABLE = ("flex", "compile", "chunked", "offload")
 BUDGET_S = 480.0  # the whole command: 8 minutes
 # Seconds per part on the GPU; a part that runs over is a FAIL (and the rest still runs).
-PART_LIMITS_S = {"flex": 120.0, "compile": 120.0, "chunked": 45.0, "throughput": 180.0}
+PART_LIMITS_S = {"flex": 110.0, "compile": 110.0, "chunked": 45.0, "offload": 40.0, "throughput": 170.0}
 FP32_TOL = {"logps": 1e-5, "grads": 1e-4}
 BF16_FLOOR = 2.0**-8
 PERTURB = 1.1
@@ -132,6 +139,7 @@ class Shapes:
     response: tuple[int, int]
     window: int  # the sliding window of the sliding-window variant (softcapped: window - 1)
     chunked: dict  # chunked_logprobs.py flags
+    offload: dict  # the offload part's model (llama kwargs) and padded batch (pairs, tokens per sequence)
     model: str  # make_assets.py preset of the throughput table
     max_length: int
     batch_size: int
@@ -152,6 +160,11 @@ GPU = Shapes(
     response=(5, 150),
     window=96,
     chunked=dict(tokens=8192, hidden=2048, vocab=128_256, chunk_size=1024, repeats=1),
+    offload=dict(
+        model=dict(vocab_size=32000, dim=1024, n_layers=8, n_heads=16, n_kv_heads=4, hidden_dim=2816),
+        pairs=8,
+        tokens=1024,
+    ),
     model="gpu-100m",
     max_length=1024,
     batch_size=16,
@@ -171,6 +184,9 @@ DRY = Shapes(
     response=(1, 10),
     window=6,
     chunked=dict(tokens=2048, hidden=64, vocab=8192, chunk_size=256, repeats=0),
+    offload=dict(
+        model=dict(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64), pairs=2, tokens=24
+    ),
     model="tiny",
     max_length=64,
     batch_size=2,
@@ -517,7 +533,86 @@ def part_chunked(args, shapes: Shapes, report: Report, limit_s: float) -> None:
     )
 
 
-# ----------------------------------------------------------------------------- part 4: throughput
+# ----------------------------------------------------------------------------- part 4: offloading
+
+
+def part_offload(args, shapes: Shapes, report: Report) -> None:
+    device, cuda = args.device, args.device.startswith("cuda")
+    spec = shapes.offload
+    g = random.Random(7)
+    half = spec["tokens"] // 2
+    pairs = [
+        {
+            "prompt_ids": [g.randrange(1, spec["model"]["vocab_size"]) for _ in range(half)],
+            "chosen_ids": [g.randrange(1, spec["model"]["vocab_size"]) for _ in range(half)],
+            "rejected_ids": [g.randrange(1, spec["model"]["vocab_size"]) for _ in range(half)],
+        }
+        for _ in range(spec["pairs"])
+    ]
+    batch = collate_preference_pairs(pairs, pad_id=0).to(device)
+    forward = lambda m: policy_logps(m, batch)  # noqa: E731
+    torch.manual_seed(11)
+    base = llama(**spec["model"], max_seq_len=spec["tokens"], rope_theta=10_000.0).to(device, torch.bfloat16)
+    ref = reference_logps(base, forward)
+    settings = {
+        "plain": {},
+        "checkpointing": dict(activation_checkpointing=True),
+        "offloading": dict(activation_offloading=True),
+        "checkpointing+offloading": dict(activation_checkpointing=True, activation_offloading=True),
+    }
+    results, peaks, seconds = {}, {}, {}
+    for name, knobs in settings.items():
+        model = copy.deepcopy(base)
+        prepare_blocks(model, **knobs)
+        dpo_result(model, forward, True, ref)  # warm-up: kernels, the pinned-memory pool
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        results[name] = dpo_result(model, forward, True, ref)
+        if cuda:
+            torch.cuda.synchronize()
+            peaks[name] = torch.cuda.max_memory_allocated()
+        seconds[name] = time.perf_counter() - t0
+        del model
+    # Offloading moves tensors, it does not change the math: the same as the run without it up to
+    # the run-to-run noise of the GPU's kernels (atomics in attention backward), measured here.
+    again = dpo_result(copy.deepcopy(base), forward, True, ref)
+    noise = max(rel_err(g, results["plain"]["grads"][n]) for n, g in again["grads"].items())
+    tol = max(FP32_TOL["grads"], 2 * noise)
+    for name in ("offloading", "checkpointing+offloading"):
+        got = perturbed(results[name]) if "offload" in args.perturb else results[name]
+        than = "checkpointing" if name.startswith("checkpointing") else "plain"
+        errors = {"logps": rel_err(got["logps"], results[than]["logps"])}
+        errors.update({n: rel_err(g, results[than]["grads"][n]) for n, g in got["grads"].items()})
+        where, err = worst(errors)
+        report.check(
+            f"offload {name} logps+grads == {than}",
+            err <= tol,
+            f"worst err {err:.1e} at {where} (tol {tol:.0e}: max(1e-4, 2 x run-to-run {noise:.1e}))",
+        )
+    print(
+        "  step time / plain: "
+        + ", ".join(f"{n} {seconds[n] / seconds['plain']:.2f}x ({seconds[n]:.3f} s)" for n in settings),
+        flush=True,
+    )
+    if not cuda:
+        report.skip("offload peak memory", "CPU tensors are not offloaded (CUDA only)")
+        return
+    print(
+        "  peak memory / plain (max_memory_allocated): "
+        + ", ".join(f"{n} {peaks[n] / peaks['plain']:.2f}x ({peaks[n] / 2**30:.2f} GiB)" for n in settings),
+        flush=True,
+    )
+    for name, than in (("offloading", "plain"), ("checkpointing+offloading", "checkpointing")):
+        report.check(
+            f"offload {name} peak memory < {than}",
+            peaks[name] < peaks[than],
+            f"{peaks[name] / 2**30:.2f} GiB vs {peaks[than] / 2**30:.2f} GiB ({peaks[name] / peaks[than]:.2f}x)",
+        )
+
+
+# ----------------------------------------------------------------------------- part 5: throughput
 
 
 def missing_modules(python: str) -> list[str]:
@@ -653,7 +748,7 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--perturb",
         default=os.environ.get("DPOKIT_GPU_CHECK_PERTURB", ""),
-        help="comma-separated parts among flex,compile,chunked: corrupt one side of their comparisons "
+        help="comma-separated parts among flex,compile,chunked,offload: corrupt one side of their comparisons "
         "(their checks must FAIL)",
     )
     ap.add_argument(
@@ -710,6 +805,8 @@ def main(argv=None) -> int:
                     part_compile(args, shapes, report)
                 elif part == "chunked":
                     part_chunked(args, shapes, report, limit_s)
+                elif part == "offload":
+                    part_offload(args, shapes, report)
                 else:
                     part_throughput(args, shapes, report, limit_s)
         except (PartTimeout, subprocess.TimeoutExpired) as e:

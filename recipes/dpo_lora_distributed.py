@@ -56,6 +56,7 @@ from dpokit.training import (
     evaluation_due,
     lora_references,
     process_group,
+    retain_freed_cpu_memory,
     sample_completions,
     seed_everything,
     total_training_steps,
@@ -158,6 +159,7 @@ def main(cfg) -> None:
 
 def train(cfg, env) -> None:
     seed_everything(cfg.seed + env.rank)
+    retain_freed_cpu_memory()  # CPU steps reuse their large blocks instead of page-faulting anew
     save_dtype = resolve_dtype(cfg.save_dtype, "save_dtype")  # checked before training, not after
     output_dir = Path(cfg.output_dir)
     claim_output_dir(output_dir, is_main=env.is_main)  # created, writable, and no other run's

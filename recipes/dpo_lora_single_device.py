@@ -45,6 +45,7 @@ from dpokit.training import (
     evaluation_due,
     lora_references,
     resolve_device,
+    retain_freed_cpu_memory,
     sample_completions,
     save_lora_checkpoint,
     seed_everything,
@@ -60,6 +61,7 @@ CONFIG_KEYS = (
     "device",
     "dtype",
     "activation_checkpointing",
+    "activation_offloading",
     "compile",
     "checkpoint_dir",
     "tokenizer",
@@ -102,10 +104,15 @@ CONFIG_KEYS = (
 def main(cfg) -> None:
     """DPO with LoRA on a single device; the reference is the model with adapters off."""
     seed_everything(cfg.seed)
+    retain_freed_cpu_memory()  # CPU steps reuse their large blocks instead of page-faulting anew
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # several copies would race on one output_dir
         raise DpokitError("dpo_lora_single_device runs on one process; for several use dpo_lora_distributed")
     device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype, "dtype")
     save_dtype = resolve_dtype(cfg.save_dtype, "save_dtype")  # checked before training, not after
+    if cfg.activation_offloading and device.type != "cuda":
+        raise DpokitError(f"activation_offloading: true needs a CUDA device; this run is on {device.type}")
+    if cfg.activation_offloading and cfg.compile:
+        raise DpokitError("activation_offloading: true with compile: true is not supported; choose one")
     if cfg.checkpoint_dir is not None:
         read_hf_config(cfg.checkpoint_dir)  # the export copies its config: a bad path fails now
     output_dir = Path(cfg.output_dir)
@@ -136,7 +143,12 @@ def main(cfg) -> None:
     # Model: only the adapters train; the reference is the same module with adapters off. The
     # frozen base is cast to `dtype`, the adapters stay fp32 so small updates are not rounded away.
     model = cast_base(instantiate(cfg.model), dtype).to(device)
-    prepare_blocks(model, activation_checkpointing=cfg.activation_checkpointing, compile_blocks=cfg.compile)
+    prepare_blocks(
+        model,
+        activation_checkpointing=cfg.activation_checkpointing,
+        activation_offloading=cfg.activation_offloading,
+        compile_blocks=cfg.compile,
+    )
     trainable = list(adapter_params(model).values())
     loss_fn = instantiate(cfg.loss)
     check_gt_rewards(loss_fn, train_set.pairs if packed else train_set)  # RPO needs rewards in the data

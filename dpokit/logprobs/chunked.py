@@ -1,20 +1,29 @@
-"""Per-token log-probs straight from hidden states, never holding more than one chunk of logits.
+"""Per-token log-probs straight from hidden states, never holding more than one tile of logits.
 
     logp_i = z_i[y_i] - logsumexp(z_i),   z_i = W h_i  (h_i: [D] hidden state, W: [V, D] output head)
 
 The plain path materialises z for every token ([N, V] floats: 2 GB for 4,096 tokens at V = 128,256
 in fp32) and autograd keeps it, plus softmax-sized temporaries, for the backward. Here the tokens
-are processed `chunk_size` rows at a time; only the per-token logsumexp is kept, and the backward
-recomputes each chunk's logits to form dlogp/dz = g * (onehot(y) - softmax(z)) and accumulates
+are processed `chunk_size` rows at a time and, within a chunk, the vocabulary `vocab_tile` columns
+at a time; only the per-token logsumexp is kept. The logsumexp is accumulated online over the
+tiles (running max m and sum s: s <- s exp(m - m') + sum exp(z_tile - m'), m' = max(m, max z_tile)),
+and the backward recomputes each tile's logits to form dlogp/dz = g * (onehot(y) - softmax(z)) and
+accumulates
 
-    grad_h = (dlogp/dz) W,      grad_W = sum over chunks of (dlogp/dz)^T h.
+    grad_h = sum over tiles of (dlogp/dz) W_tile,      grad_W[tile] = sum over chunks of (dlogp/dz)^T h.
 
 When W needs no gradient (a frozen head: LoRA recipes, the reference pass), the forward already
-stores the per-token unit gradient W^T (onehot(y) - softmax(z)) [N, D] (the size of the hidden
-states), so the backward is a scale and needs no recomputation.
+stores the per-token unit gradient W^T (onehot(y) - softmax(z)) = W[y] - (sum_v exp(z_v - m) W_v) / s
+[N, D] (the size of the hidden states; the sum is rescaled with m like s), so the backward is a
+scale and needs no recomputation.
 
 With logit soft-capping (Gemma 2), z_i = c tanh(W h_i / c); the chain rule multiplies dlogp/dz by
 dz/d(W h) = 1 - tanh^2(W h / c) = 1 - (z / c)^2 before it meets W.
+
+Tiles: on CUDA one tile is the whole vocabulary (one matmul per chunk, as before tiles existed). On
+the CPU tiles of `CPU_VOCAB_TILE` columns keep each temporary a few MB, reused while still in
+cache: a [chunk, V] fp32 buffer allocated per chunk is fresh memory every time (page faults, and on
+machines that reclaim idle memory, again every step), which cost more than the softmax itself.
 
 Entry point for padded and packed batches alike: flatten to hidden [N, D] and labels [N]
 (`ignore_index` where a position is not scored); the result is [N] fp32 with 0 at ignored positions.
@@ -28,6 +37,7 @@ import torch.nn.functional as F
 from dpokit.logprobs.from_logits import IGNORE_INDEX
 
 DEFAULT_CHUNK_SIZE = 1024
+CPU_VOCAB_TILE = 4096
 
 
 def _upcast(x: torch.Tensor) -> torch.Tensor:
@@ -35,8 +45,16 @@ def _upcast(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
-def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, softcap: float | None):
-    """(z [c, V] in at least fp32, dz/d(W h) [c, V] or None when there is no soft-capping)."""
+def _tiles(weight: torch.Tensor, tile: int | None) -> list[tuple[int, int]]:
+    """[start, end) column ranges of the vocabulary; None: one tile on CUDA, CPU_VOCAB_TILE elsewhere."""
+    vocab = weight.shape[0]
+    if tile is None:
+        tile = vocab if weight.device.type == "cuda" else CPU_VOCAB_TILE
+    return [(start, min(start + tile, vocab)) for start in range(0, vocab, tile)]
+
+
+def _tile_logits(h: torch.Tensor, weight: torch.Tensor, softcap: float | None):
+    """(z [c, n] in at least fp32, dz/d(W h) [c, n] or None when there is no soft-capping)."""
     logits = _upcast(F.linear(h, weight))
     if softcap is None:
         return logits, None
@@ -45,87 +63,123 @@ def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, softcap: float | None):
     return tanh.mul_(softcap), slope
 
 
-def _chunk_softmax_stats(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, softcap: float | None = None):
-    """One chunk: (label logits [c], logsumexp [c], exp(z - max) [c, V], row sums [c, 1], slope);
-    the [c, V] buffer is reused in place so a chunk costs one logits-sized allocation (two when
-    soft-capped: the slope dz/d(W h))."""
-    logits, slope = _chunk_logits(h, weight, softcap)
-    picked = logits.gather(1, labels[:, None]).squeeze(1)
-    row_max = logits.amax(-1, keepdim=True)
-    exp = logits.sub_(row_max).exp_()
-    sums = exp.sum(-1, keepdim=True)
-    return picked, (sums.log() + row_max).squeeze(1), exp, sums, slope
+def _in_tile(labels: torch.Tensor, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(label column within the tile, clamped into it [c]; whether the label falls in the tile [c])."""
+    return (labels - start).clamp_(0, end - start - 1), (labels >= start) & (labels < end)
 
 
-def _one_hot_minus(probs: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
-    """In place: probs -> scale * (onehot(labels) - probs)."""
-    if scale is None:
-        probs.neg_()
-        probs[torch.arange(probs.shape[0], device=probs.device), labels] += 1.0
-    else:
-        probs.mul_(-scale[:, None])
-        probs[torch.arange(probs.shape[0], device=probs.device), labels] += scale
-    return probs
+def _pick(values: torch.Tensor, column: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
+    """values[i, column[i]] where inside[i], else 0 ([c])."""
+    return torch.where(inside, values.gather(1, column[:, None]).squeeze(1), 0.0)
+
+
+def _chunk_forward(h, weight, labels, softcap, tile, unit: bool):
+    """One chunk of tokens: (label logits [c], logsumexp [c], unit gradient [c, D] or None), the
+    logsumexp (and the unit gradient's softmax-weighted sum of rows of W) accumulated online."""
+    picked = label_slope = running_max = sums = weighted = None
+    for start, end in _tiles(weight, tile):
+        z, slope = _tile_logits(h, weight[start:end], softcap)
+        column, inside = _in_tile(labels, start, end)
+        picked = _pick(z, column, inside) + (0.0 if picked is None else picked)
+        if unit and slope is not None:
+            label_slope = _pick(slope, column, inside) + (0.0 if label_slope is None else label_slope)
+        tile_max = z.amax(-1)
+        new_max = tile_max if running_max is None else torch.maximum(running_max, tile_max)
+        exp = z.sub_(new_max[:, None]).exp_()  # exp(z - running max), in place
+        rescale = None if running_max is None else torch.exp(running_max - new_max)
+        sums = exp.sum(-1) if rescale is None else sums.mul_(rescale).add_(exp.sum(-1))
+        if unit:
+            if slope is not None:
+                exp.mul_(slope)
+            term = (exp.to(weight.dtype) @ weight[start:end]).to(z.dtype)
+            weighted = term if rescale is None else weighted.mul_(rescale[:, None]).add_(term)
+        running_max = new_max
+        del z, slope, exp
+    lse = sums.log() + running_max
+    if not unit:
+        return picked, lse, None
+    label_rows = weight[labels].to(weighted.dtype)  # W[y]: the one-hot part of the unit gradient
+    if label_slope is not None:
+        label_rows.mul_(label_slope[:, None])
+    return picked, lse, label_rows.sub_(weighted.div_(sums[:, None]))
 
 
 class _ChunkedTokenLogps(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, chunk_size, softcap):
+    def forward(ctx, hidden, weight, labels, chunk_size, softcap, tile):
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         n = hidden.shape[0]
         dtype = torch.promote_types(hidden.dtype, torch.float32)
         out = torch.empty(n, dtype=dtype, device=hidden.device)
         lse = torch.empty(n, dtype=dtype, device=hidden.device)
-        unit_grad = None
-        if need_hidden and not need_weight:
-            unit_grad = torch.empty(n, hidden.shape[1], dtype=dtype, device=hidden.device)
+        unit = need_hidden and not need_weight
+        unit_grad = torch.empty(n, hidden.shape[1], dtype=dtype, device=hidden.device) if unit else None
         for start in range(0, n, chunk_size):
             rows = slice(start, start + chunk_size)
-            picked, chunk_lse, exp, sums, slope = _chunk_softmax_stats(hidden[rows], weight, labels[rows], softcap)
+            picked, chunk_lse, chunk_unit = _chunk_forward(hidden[rows], weight, labels[rows], softcap, tile, unit)
             out[rows], lse[rows] = picked - chunk_lse, chunk_lse
-            if unit_grad is not None:
-                dz = _one_hot_minus(exp.div_(sums), labels[rows])
-                if slope is not None:
-                    dz.mul_(slope)
-                unit_grad[rows] = dz.to(weight.dtype) @ weight
-            del exp, slope
-        if unit_grad is not None:
+            if unit:
+                unit_grad[rows] = chunk_unit
+        if unit:
             ctx.save_for_backward(unit_grad)
         else:
             ctx.save_for_backward(hidden, weight, labels, lse)
-        ctx.chunk_size, ctx.unit, ctx.hidden_dtype = chunk_size, unit_grad is not None, hidden.dtype
-        ctx.softcap = softcap
+        ctx.chunk_size, ctx.unit, ctx.hidden_dtype = chunk_size, unit, hidden.dtype
+        ctx.softcap, ctx.tile = softcap, tile
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         if ctx.unit:
             (unit_grad,) = ctx.saved_tensors
-            return (unit_grad * grad_out.to(unit_grad.dtype)[:, None]).to(ctx.hidden_dtype), None, None, None, None
+            grad_hidden = (unit_grad * grad_out.to(unit_grad.dtype)[:, None]).to(ctx.hidden_dtype)
+            return grad_hidden, None, None, None, None, None
         hidden, weight, labels, lse = ctx.saved_tensors
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_out = grad_out.to(lse.dtype)
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
-        grad_weight = torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device) if need_weight else None
-        for start in range(0, hidden.shape[0], ctx.chunk_size):
+        starts = range(0, hidden.shape[0], ctx.chunk_size)
+        tiles = _tiles(weight, ctx.tile)
+        # The weight gradient: each tile's rows written by the first chunk, added to by the others;
+        # low-precision weights over several chunks sum in fp32 (bf16 sums of chunks lose bits).
+        grad_weight = None
+        if need_weight:
+            low_sum = len(starts) > 1 and weight.dtype != lse.dtype
+            grad_weight = torch.empty(weight.shape, dtype=lse.dtype if low_sum else weight.dtype, device=weight.device)
+        for index, start in enumerate(starts):
             rows = slice(start, start + ctx.chunk_size)
-            h = hidden[rows]
-            logits, slope = _chunk_logits(h, weight, ctx.softcap)
-            dz = _one_hot_minus(logits.sub_(lse[rows, None]).exp_(), labels[rows], grad_out[rows])
-            if slope is not None:
-                dz.mul_(slope)
-            dz = dz.to(weight.dtype)
+            h, g = hidden[rows], grad_out[rows]
+            chunk_grad = None  # grad_h of the chunk, summed over tiles (in at least fp32 when several)
+            for v0, v1 in tiles:
+                w = weight[v0:v1]
+                z, slope = _tile_logits(h, w, ctx.softcap)
+                column, inside = _in_tile(labels[rows], v0, v1)
+                dz = z.sub_(lse[rows, None]).exp_().mul_(-g[:, None])  # -g softmax(z)
+                dz.scatter_add_(1, column[:, None], torch.where(inside, g, 0.0)[:, None])  # + g onehot(y)
+                if slope is not None:
+                    dz.mul_(slope)
+                dz = dz.to(weight.dtype)
+                if need_hidden and len(tiles) == 1:
+                    chunk_grad = dz @ w
+                elif need_hidden:
+                    term = (dz @ w).to(lse.dtype)
+                    chunk_grad = term if chunk_grad is None else chunk_grad.add_(term)
+                if need_weight:
+                    rows_of_w = grad_weight[v0:v1]
+                    if index == 0 and rows_of_w.dtype == dz.dtype:
+                        torch.mm(dz.t(), h, out=rows_of_w)
+                    elif index == 0:
+                        rows_of_w.copy_(dz.t() @ h)
+                    elif rows_of_w.dtype == dz.dtype:
+                        rows_of_w.addmm_(dz.t(), h)
+                    else:
+                        rows_of_w.add_(dz.t() @ h)  # fp32 += bf16 in place
+                del z, slope, dz
             if need_hidden:
-                grad_hidden[rows] = dz @ weight
-            if need_weight:
-                if grad_weight.dtype == dz.dtype:
-                    grad_weight.addmm_(dz.t(), h)
-                else:  # low-precision weights: accumulate the chunks in fp32
-                    grad_weight += (dz.t() @ h).float()
-            del logits, slope, dz
+                grad_hidden[rows] = chunk_grad
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
-        return grad_hidden, grad_weight, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None
 
 
 def chunked_token_logps(
@@ -136,18 +190,21 @@ def chunked_token_logps(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     ignore_index: int = IGNORE_INDEX,
     softcap: float | None = None,
+    vocab_tile: int | None = None,
 ) -> torch.Tensor:
     """log softmax(hidden @ weight.T)[label] per token, one chunk of logits at a time.
 
     softcap: logits -> softcap * tanh(logits / softcap) before the softmax (Gemma 2's
     final_logit_softcapping), in the forward and the backward.
+    vocab_tile: vocabulary columns per tile of logits; None: the whole vocabulary on CUDA,
+    `CPU_VOCAB_TILE` elsewhere (see the module doc).
 
     hidden [N, D] (any float dtype; the logits are upcast to fp32 per chunk), weight [V, D] (the
     output head, or the tied embedding), labels [N] with `ignore_index` for unscored positions.
     Returns [N] fp32 (fp64 for fp64 inputs), 0 at ignored positions, differentiable w.r.t. hidden and weight. Ignored
     positions are dropped before any logits are computed, so prompts and padding cost nothing.
-    Peak extra memory is about two [chunk_size, V] fp32 buffers (three with `softcap`: the slope
-    dz/d(W h) is kept), independent of N.
+    Peak extra memory is about two [chunk_size, vocab_tile] fp32 buffers (three with `softcap`:
+    the slope dz/d(W h) is kept), independent of N.
     """
     if hidden.dim() != 2 or weight.dim() != 2 or labels.shape != hidden.shape[:1]:
         raise ValueError(
@@ -158,17 +215,19 @@ def chunked_token_logps(
         raise ValueError(f"hidden size {hidden.shape[1]} does not match the weight's {weight.shape[1]}")
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    mask = labels != ignore_index
-    scored = mask.all().item()
-    rows = None if scored else mask.nonzero().squeeze(1)
+    if vocab_tile is not None and vocab_tile <= 0:
+        raise ValueError(f"vocab_tile must be positive, got {vocab_tile}")
+    rows = (labels != ignore_index).nonzero().squeeze(1)  # the one host sync: how many are scored
+    scored = rows.numel() == labels.numel()
     h, y = (hidden, labels) if scored else (hidden.index_select(0, rows), labels.index_select(0, rows))
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        values = _ChunkedTokenLogps.apply(h, weight, y, chunk_size, softcap)
+        values = _ChunkedTokenLogps.apply(h, weight, y, chunk_size, softcap, vocab_tile)
     else:  # the reference pass: forward only, nothing saved
         values = torch.empty(h.shape[0], dtype=torch.promote_types(h.dtype, torch.float32), device=h.device)
-        for s in range(0, h.shape[0], chunk_size):
-            picked, lse, _, _, _ = _chunk_softmax_stats(h[s : s + chunk_size], weight, y[s : s + chunk_size], softcap)
-            values[s : s + chunk_size] = picked - lse
+        for start in range(0, h.shape[0], chunk_size):
+            chunk = slice(start, start + chunk_size)
+            picked, lse, _ = _chunk_forward(h[chunk], weight, y[chunk], softcap, vocab_tile, unit=False)
+            values[chunk] = picked - lse
     if scored:
         return values
     return torch.zeros(labels.shape[0], dtype=values.dtype, device=values.device).index_put((rows,), values)

@@ -102,22 +102,38 @@ def segment_mask(document_ids: torch.Tensor, branch_ids: torch.Tensor) -> Segmen
 def segmented_attention(
     q, k, v, mask: SegmentMask, *, scale: float | None = None, softcap: float | None = None, enable_gqa: bool = False
 ) -> torch.Tensor:
-    """SDPA per document of a `SegmentMask`, reassembled into [B, H, T, D]."""
-    rows: list[list[torch.Tensor]] = [[] for _ in range(mask.batch)]
-    cursor = [0] * mask.batch
+    """SDPA per document of a `SegmentMask`, reassembled into [B, H, T, D].
 
-    def pad(row: int, upto: int) -> None:
-        if upto > cursor[row]:
-            rows[row].append(q.new_zeros(1, q.shape[1], upto - cursor[row], v.shape[-1]))
-
+    q, k and v are cut with one `split` per row (rows, then documents and the gaps between them)
+    rather than one slice per document: a slice's backward writes its gradient into a zero tensor
+    of the whole input, so per-document slices cost a full-size fill and add per document in the
+    backward, where a split's backward is one concatenation."""
+    by_row: list[list[Segment]] = [[] for _ in range(mask.batch)]
     for seg in mask.segments:
-        pad(seg.row, seg.start)
-        sl = (slice(seg.row, seg.row + 1), slice(None), slice(seg.start, seg.end))
-        rows[seg.row].append(_dense(q[sl], k[sl], v[sl], seg.mask, scale=scale, softcap=softcap, enable_gqa=enable_gqa))
-        cursor[seg.row] = seg.end
-    for row in range(mask.batch):
-        pad(row, mask.seq_len)
-    return torch.cat([torch.cat(pieces, dim=2) for pieces in rows], dim=0)
+        by_row[seg.row].append(seg)
+    rows = []
+    for segments, q_row, k_row, v_row in zip(by_row, q.split(1), k.split(1), v.split(1)):
+        sizes: list[int] = []
+        documents: list[Segment | None] = []  # per piece: its segment, or None for a gap (padding)
+        cursor = 0
+        for seg in segments:
+            if seg.start > cursor:
+                sizes.append(seg.start - cursor)
+                documents.append(None)
+            sizes.append(seg.end - seg.start)
+            documents.append(seg)
+            cursor = seg.end
+        if cursor < mask.seq_len:
+            sizes.append(mask.seq_len - cursor)
+            documents.append(None)
+        pieces = []
+        for seg, qs, ks, vs in zip(documents, q_row.split(sizes, 2), k_row.split(sizes, 2), v_row.split(sizes, 2)):
+            if seg is None:
+                pieces.append(q.new_zeros(1, q.shape[1], qs.shape[2], v.shape[-1]))
+            else:
+                pieces.append(_dense(qs, ks, vs, seg.mask, scale=scale, softcap=softcap, enable_gqa=enable_gqa))
+        rows.append(torch.cat(pieces, dim=2))
+    return torch.cat(rows, dim=0)
 
 
 def flex_available(device: torch.device) -> bool:

@@ -326,15 +326,18 @@ def _describes_qwen3_moe(args: Mapping) -> bool:
 MISTRAL_DEFAULT_WINDOW = 4096  # transformers' MistralConfig default when config.json has no sliding_window
 
 
+def _checked_window(window, source: str):
+    """A config's `sliding_window`: a positive integer, or None (full attention)."""
+    if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 1):
+        raise CheckpointError(f"{source}: sliding_window must be a positive integer or null, got {window!r}")
+    return window
+
+
 def _mistral_kwargs(config: Mapping, source: str) -> dict:
     """Mistral's `sliding_window` (absent: transformers' default, 4096) on every layer; null is full
     attention. transformers masks key k for query q unless 0 <= q - k < window, as our decoder does."""
-    window = config.get("sliding_window", MISTRAL_DEFAULT_WINDOW)
-    if window is None:
-        return {}
-    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
-        raise CheckpointError(f"{source}: sliding_window must be a positive integer or null, got {window!r}")
-    return {"sliding_window": window}
+    window = _checked_window(config.get("sliding_window", MISTRAL_DEFAULT_WINDOW), source)
+    return {} if window is None else {"sliding_window": window}
 
 
 def _mistral_describes(args: Mapping) -> bool:
@@ -359,9 +362,7 @@ def _qwen_window_kwargs(config: Mapping, source: str) -> dict:
     use, window, layer_types = config.get("use_sliding_window", False), config.get("sliding_window", 4096), None
     if use not in (True, False, None):
         raise CheckpointError(f"{source}: use_sliding_window must be true or false, got {use!r}")
-    if use and window is not None:
-        if not isinstance(window, int) or isinstance(window, bool) or window < 1:
-            raise CheckpointError(f"{source}: sliding_window must be a positive integer or null, got {window!r}")
+    if use and _checked_window(window, source) is not None:
         layer_types = config.get("layer_types")
         if layer_types is None:
             first = config.get("max_window_layers", 28)
@@ -794,9 +795,7 @@ def _phi3_rope(config: Mapping, source: str) -> tuple[float, LongRopeScaling | N
 
 
 def _phi3_to_kwargs(config: Mapping, source: str) -> dict:
-    window = config.get("sliding_window")
-    if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 1):
-        raise CheckpointError(f"{source}: sliding_window must be a positive integer or null, got {window!r}")
+    window = _checked_window(config.get("sliding_window"), source)
     # transformers 5 keeps key k for query q when q - k < sliding_window (Phi-3-mini-4k: 2047 of
     # 4096), which is our window rule; a window of at least the context never masks anything.
     return dict(

@@ -8,6 +8,7 @@ from dpokit.distributed.sampler import eval_batches, training_sampler
 from dpokit.training.evaluate import evaluate_preference
 from dpokit.training.export import save_lora_checkpoint
 from dpokit.training.forward import check_gt_rewards, policy_logps, preference_loss
+from dpokit.training.host_memory import retain_freed_cpu_memory
 from dpokit.training.loggers import MetricLogger, open_loggers
 from dpokit.training.metrics import JsonlLogger, PairMetrics, preference_accuracy
 from dpokit.training.reference import (
@@ -77,6 +78,7 @@ __all__ = [
     "process_group",
     "reference_logps_key",
     "resolve_device",
+    "retain_freed_cpu_memory",
     "save_lora_checkpoint",
     "seed_everything",
     "total_training_steps",

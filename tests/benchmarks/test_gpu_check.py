@@ -16,8 +16,9 @@ pytestmark = [pytest.mark.subprocess, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "benchmarks" / "gpu_check.py"
-# Checks per part of the dry run (3 variants x 2 layouts x (2 fp32 + 1 bf16); 3 cases x 3; 1).
-EXPECTED = {"flex": 18, "compile": 9, "chunked": 1}
+# Checks per part of the dry run (3 variants x 2 layouts x (2 fp32 + 1 bf16); 3 cases x 3; 1; the two
+# offloaded runs against their twins without offloading; the memory checks are CUDA only).
+EXPECTED = {"flex": 18, "compile": 9, "chunked": 1, "offload": 2}
 
 
 def run_check(tmp_path, *args: str) -> tuple[int, str]:
@@ -52,12 +53,15 @@ def test_dry_run_passes_every_part(tmp_path):
     assert "SKIP flex gradients: " in out
     # TRL: a row or a skip with its reason, never silently absent
     assert ("PASS throughput TRL bf16 ran" in out) or re.search(r"^SKIP throughput TRL bf16: .+ lacks ", out, re.M)
-    for part in ("flex", "compile", "chunked", "throughput"):
+    assert "SKIP offload peak memory: " in out
+    for part in ("flex", "compile", "chunked", "offload", "throughput"):
         assert re.search(rf"^== {part}: \d+\.\d s$", out, re.M), part
 
 
 def test_perturbed_comparisons_fail(tmp_path):
-    code, out = run_check(tmp_path, "--parts", "flex,compile,chunked", "--perturb", "flex,compile,chunked")
+    code, out = run_check(
+        tmp_path, "--parts", "flex,compile,chunked,offload", "--perturb", "flex,compile,chunked,offload"
+    )
     assert code == 1, out
     for part, count in EXPECTED.items():
         assert lines(out, "PASS", part) == [], (part, out)

@@ -90,6 +90,7 @@ def test_config_values_are_checked_before_anything_loads(override, message, conf
             "checkpoint_dir=/nonexistent",
             "/nonexistent: no config.json (expected a Hugging Face model directory)",
         ),
+        ("activation_offloading=true", "activation_offloading: true needs a CUDA device; this run is on cpu"),
     ],
 )
 def test_paths_and_devices_are_checked_before_training(override, message, tmp_path):

@@ -1,0 +1,176 @@
+"""Where a step's time goes, before and after: this checkout against an earlier one, in one run.
+
+Runs the same dpokit steps (the full-parameter runner in the FFD and prefix-shared layouts, bf16
+weights with fp32 master weights, a precomputed reference; and the LoRA runner's prefix-shared
+step with the adapter-off reference) from two source trees, alternating, each in a fresh
+process, under torch.profiler. The profiler's self CPU time is grouped by the runner's op groups
+(matmul, attention, casts, elementwise, ...); the "non-matmul share" is what is neither matmul
+nor attention. A second, unprofiled run of each gives tokens/s and MFU against the bf16 matmul
+peak measured at the start and the end of the run.
+
+    git worktree add ../dpokit-before <commit>           # the tree to compare against
+    python benchmarks/overheads.py --before ../dpokit-before --markdown benchmarks/overheads.md
+
+--before may be omitted (this tree alone). Both trees read this tree's assets (make_assets.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from shared_io import parse_result  # noqa: E402
+
+GROUP_LINE = re.compile(r"^\s+([0-9.]+) s\s+[0-9.]+%\s+(.+)$")
+MATMUL, ATTENTION = "matmul (linear layers, output head)", "attention (SDPA)"
+
+CASES = (
+    (
+        "full ffd bf16-master ref=precomputed",
+        "dpokit_runner.py",
+        "assets",
+        ["--layout", "ffd", "--dtype", "bf16m", "--reference", "precomputed"],
+    ),
+    (
+        "full prefix+ffd bf16-master ref=precomputed",
+        "dpokit_runner.py",
+        "assets",
+        ["--layout", "prefix", "--dtype", "bf16m", "--reference", "precomputed"],
+    ),
+    ("LoRA prefix+ffd bf16 ref=adapter_off", "dpokit_lora_runner.py", "lora_assets", ["--layout", "prefix"]),
+)
+
+
+def profile_groups(stderr: str) -> dict[str, float]:
+    """{op group: self CPU seconds} from a runner's --profile output."""
+    groups = {}
+    in_profile = False
+    for line in stderr.splitlines():
+        if line.startswith("profile:"):
+            in_profile = True
+            continue
+        match = GROUP_LINE.match(line) if in_profile else None
+        if match:
+            groups[match.group(2).strip()] = float(match.group(1))
+        elif in_profile and groups:
+            break
+    return groups
+
+
+def run_case(tree: Path, runner: str, flags: list[str], *, profile: bool, timeout: float) -> dict | None:
+    cmd = [sys.executable, str(tree / "benchmarks" / runner), *flags] + (["--profile"] if profile else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=tree)
+    result = parse_result(proc.stdout)
+    if result is None:
+        print(f"  failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-2000:]}", file=sys.stderr)
+        return None
+    if profile:
+        result["profile"] = profile_groups(proc.stderr)
+    return result
+
+
+def matmul_peak(timeout: float) -> float:
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "matmul_peak.py")], capture_output=True, text=True, timeout=timeout
+    )
+    return parse_result(proc.stdout)["bf16"]
+
+
+def shares(groups: dict[str, float]) -> dict[str, float]:
+    total = sum(groups.values()) or 1.0
+    out = {g: t / total for g, t in groups.items()}
+    out["non-matmul"] = 1.0 - out.get(MATMUL, 0.0) - out.get(ATTENTION, 0.0)
+    return out
+
+
+def table(rows: list[dict], peak: float) -> list[str]:
+    groups = sorted({g for r in rows for g in r["profile"]}, key=lambda g: (g not in (MATMUL, ATTENTION), g))
+    head = ["case", "tree", "tok/s", "MFU", "step s (profiled)", *groups, "non-matmul share"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        s = shares(r["profile"])
+        cells = [
+            r["case"],
+            r["tree"],
+            f"{r['tokens_per_s']:.0f}",
+            f"{r['model_flops_per_s'] / peak:.1%}",
+            f"{r['profiled_seconds'] / r['profiled_steps']:.2f}",
+            *(f"{s.get(g, 0.0):.1%}" for g in groups),
+            f"**{s['non-matmul']:.1%}**",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--before", help="an earlier dpokit source tree (e.g. a git worktree)")
+    ap.add_argument("--assets", default=str(HERE / ".assets"), help="make_assets.py --model cpu-50m output")
+    ap.add_argument(
+        "--lora-assets", default=str(HERE / ".assets-lora"), help="make_assets.py --model smollm2-135m output"
+    )
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--warmup-steps", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=1, help="each (case, tree) keeps its fastest round")
+    ap.add_argument("--only", help="regex over case names")
+    ap.add_argument("--timeout", type=float, default=1200)
+    ap.add_argument("--json", default=str(HERE / "overheads.json"))
+    ap.add_argument("--markdown")
+    args = ap.parse_args(argv)
+
+    trees = [("after", HERE.parent)] + ([("before", Path(args.before).resolve())] if args.before else [])
+    paths = {"assets": str(Path(args.assets).resolve()), "lora_assets": str(Path(args.lora_assets).resolve())}
+    common = [
+        "--batch-size",
+        str(args.batch_size),
+        "--steps",
+        str(args.steps),
+        "--warmup-steps",
+        str(args.warmup_steps),
+    ]
+    cases = [c for c in CASES if not args.only or re.search(args.only, c[0])]
+    peaks = [matmul_peak(args.timeout)]
+    best: dict[tuple[str, str], dict] = {}
+    for round_index in range(args.rounds):
+        for case, runner, assets_key, flags in cases:
+            for tree_name, tree in trees if round_index % 2 == 0 else trees[::-1]:
+                argv_case = ["--assets", paths[assets_key], *flags, *common]
+                print(f"round {round_index + 1}: {case} [{tree_name}]", file=sys.stderr, flush=True)
+                plain = run_case(tree, runner, argv_case, profile=False, timeout=args.timeout)
+                profiled = run_case(tree, runner, argv_case, profile=True, timeout=args.timeout)
+                if plain is None or profiled is None:
+                    continue
+                row = dict(plain, case=case, tree=tree_name, profile=profiled["profile"])
+                row["profiled_seconds"], row["profiled_steps"] = profiled["seconds"], profiled["steps"]
+                key = (case, tree_name)
+                if key not in best or row["tokens_per_s"] > best[key]["tokens_per_s"]:
+                    best[key] = row
+    peaks.append(matmul_peak(args.timeout))
+    peak = max(peaks)
+    rows = [best[(c[0], t)] for c in cases for t, _ in trees if (c[0], t) in best]
+    lines = [f"bf16 matmul peak (best of start/end): {peak / 1e12:.3f} TFLOP/s", "", *table(rows, peak), ""]
+    for case, *_ in cases:
+        if (case, "after") in best and (case, "before") in best:
+            a, b = best[(case, "after")], best[(case, "before")]
+            share_a, share_b = shares(a["profile"])["non-matmul"], shares(b["profile"])["non-matmul"]
+            lines.append(
+                f"- {case}: tokens/s after / before = **{a['tokens_per_s'] / b['tokens_per_s']:.2f}x**; "
+                f"non-matmul share {share_b:.1%} -> {share_a:.1%} (**{share_b / share_a:.2f}x** smaller); "
+                f"peak memory after / before {a['peak_memory_bytes'] / b['peak_memory_bytes']:.2f}x"
+            )
+    print("\n".join(lines))
+    Path(args.json).write_text(json.dumps({"peak_bf16": peak, "rows": rows}, indent=1))
+    if args.markdown:
+        Path(args.markdown).write_text("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

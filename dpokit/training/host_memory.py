@@ -1,0 +1,44 @@
+"""CPU training without page faults: glibc keeps large freed blocks for reuse.
+
+A training step on the CPU allocates the same large temporaries every step (logits chunks, the
+output head's gradient and its fp32 copy, activations). glibc's malloc serves every block above
+`M_MMAP_THRESHOLD` (at most 32 MiB by default) with a fresh `mmap` and returns it with `munmap` on
+free, so each step touches those pages anew: one page fault per 4 KiB, paid inside casts and
+matmuls (measured in docs/benchmarks.md: about 1.7 million faults in a short benchmark, and the
+same step 1.3-1.8x faster once they are gone). On CUDA the caching allocator does this already.
+
+`retain_freed_cpu_memory()` raises the mmap threshold and the trim threshold so that freed blocks
+stay in the process's heap and the next step reuses them: the resident size stays at the step's
+peak instead of dropping between steps (the peak itself, what `max RSS` reports, moves by a few
+percent either way). It changes nothing off glibc (macOS, musl) and is a no-op when called again.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+
+# mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+# Blocks up to this size come from the heap: a [1024, 128256] fp32 logits chunk is 0.5 GiB.
+MMAP_THRESHOLD_BYTES = 1 << 30
+# Free memory at the heap's top is given back to the system only above this much (an int).
+TRIM_THRESHOLD_BYTES = 2**31 - 1
+
+
+@functools.cache
+def retain_freed_cpu_memory() -> bool:
+    """Tell glibc's malloc to keep large freed blocks for reuse. True when it took effect."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        mallopt = ctypes.CDLL(name).mallopt
+    except (OSError, AttributeError):  # not glibc
+        return False
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    mmap_ok = mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1
+    trim_ok = mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES) == 1
+    return mmap_ok and trim_ok
