@@ -84,6 +84,7 @@ import torch  # noqa: E402
 from dpokit.data import collate_packed, collate_preference_pairs, first_fit_decreasing, pair_length  # noqa: E402
 from dpokit.losses import dpo_loss  # noqa: E402
 from dpokit.models import llama, prepare_blocks  # noqa: E402
+from dpokit.models.blocks import ActivationOffload, enable_activation_offloading, transformer_blocks  # noqa: E402
 from dpokit.training.forward import policy_logps  # noqa: E402
 from dpokit.training.packed_forward import packed_policy_logps  # noqa: E402
 
@@ -560,20 +561,26 @@ def part_offload(args, shapes: Shapes, report: Report) -> None:
         "offloading": dict(activation_offloading=True),
         "checkpointing+offloading": dict(activation_checkpointing=True, activation_offloading=True),
     }
-    results, peaks, seconds = {}, {}, {}
+    results, peaks, seconds, offloaded = {}, {}, {}, {}
     for name, knobs in settings.items():
         model = copy.deepcopy(base)
-        prepare_blocks(model, **knobs)
+        # prepare_blocks' order (checkpointing inside offloading), with an offload whose bytes we read
+        prepare_blocks(model, activation_checkpointing=knobs.get("activation_checkpointing", False))
+        offload = ActivationOffload() if knobs.get("activation_offloading") else None
+        for block in transformer_blocks(model) if offload else ():
+            enable_activation_offloading(block, offload)
         dpo_result(model, forward, True, ref)  # warm-up: kernels, the pinned-memory pool
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
+        before = offload.offloaded_bytes if offload else 0
         t0 = time.perf_counter()
         results[name] = dpo_result(model, forward, True, ref)
         if cuda:
             torch.cuda.synchronize()
             peaks[name] = torch.cuda.max_memory_allocated()
         seconds[name] = time.perf_counter() - t0
+        offloaded[name] = (offload.offloaded_bytes - before) if offload else 0
         del model
     # Offloading moves tensors, it does not change the math: the same as the run without it up to
     # the run-to-run noise of the GPU's kernels (atomics in attention backward), measured here.
@@ -599,6 +606,12 @@ def part_offload(args, shapes: Shapes, report: Report) -> None:
     if not cuda:
         report.skip("offload peak memory", "CPU tensors are not offloaded (CUDA only)")
         return
+    print(
+        "  copied to the host per step: "
+        + ", ".join(f"{n} {offloaded[n] / 2**30:.2f} GiB" for n in settings if offloaded[n])
+        + f" (the bf16 weights: {sum(p.numel() * p.element_size() for p in base.parameters()) / 2**30:.2f} GiB)",
+        flush=True,
+    )
     print(
         "  peak memory / plain (max_memory_allocated): "
         + ", ".join(f"{n} {peaks[n] / peaks['plain']:.2f}x ({peaks[n] / 2**30:.2f} GiB)" for n in settings),

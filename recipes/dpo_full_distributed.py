@@ -175,7 +175,8 @@ def main(cfg) -> None:
 
 def train(cfg, env) -> None:
     seed_everything(cfg.seed + env.rank)
-    retain_freed_cpu_memory()  # CPU steps reuse their large blocks instead of page-faulting anew
+    if env.device.type == "cpu" or cfg.fsdp.cpu_offload:  # the step's large blocks live in host memory
+        retain_freed_cpu_memory()  # reuse them instead of page-faulting fresh ones every step
     save_dtype = resolve_dtype(cfg.save_dtype, "save_dtype")  # checked before training, not after
     output_dir = Path(cfg.output_dir)
     claim_output_dir(output_dir, is_main=env.is_main)  # created, writable, and no other run's

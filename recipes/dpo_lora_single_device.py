@@ -104,10 +104,11 @@ CONFIG_KEYS = (
 def main(cfg) -> None:
     """DPO with LoRA on a single device; the reference is the model with adapters off."""
     seed_everything(cfg.seed)
-    retain_freed_cpu_memory()  # CPU steps reuse their large blocks instead of page-faulting anew
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # several copies would race on one output_dir
         raise DpokitError("dpo_lora_single_device runs on one process; for several use dpo_lora_distributed")
     device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype, "dtype")
+    if device.type == "cpu":
+        retain_freed_cpu_memory()  # the step reuses its large blocks instead of page-faulting fresh ones
     save_dtype = resolve_dtype(cfg.save_dtype, "save_dtype")  # checked before training, not after
     if cfg.activation_offloading and device.type != "cuda":
         raise DpokitError(f"activation_offloading: true needs a CUDA device; this run is on {device.type}")

@@ -13,15 +13,16 @@ accumulates
     grad_h = sum over tiles of (dlogp/dz) W_tile,      grad_W[tile] = sum over chunks of (dlogp/dz)^T h.
 
 When W needs no gradient (a frozen head: LoRA recipes, the reference pass), the forward already
-stores the per-token unit gradient W^T (onehot(y) - softmax(z)) = W[y] - (sum_v exp(z_v - m) W_v) / s
-[N, D] (the size of the hidden states; the sum is rescaled with m like s), so the backward is a
-scale and needs no recomputation.
+stores the per-token unit gradient W^T (onehot(y) - softmax(z)) = (1 - p_y) W[y] - sum_{v != y} p_v W_v
+[N, D] (the size of the hidden states; the sum is accumulated online like s, and 1 - p_y =
+-expm1(z_y - lse) is exact even for a confident token), so the backward is a scale and needs no
+recomputation.
 
 With logit soft-capping (Gemma 2), z_i = c tanh(W h_i / c); the chain rule multiplies dlogp/dz by
 dz/d(W h) = 1 - tanh^2(W h / c) = 1 - (z / c)^2 before it meets W.
 
-Tiles: on CUDA one tile is the whole vocabulary (one matmul per chunk, as before tiles existed). On
-the CPU tiles of `CPU_VOCAB_TILE` columns keep each temporary a few MB, reused while still in
+Tiles: on CUDA one tile is the whole vocabulary (one matmul per chunk, as before tiles existed).
+Elsewhere (the CPU) tiles of `CPU_VOCAB_TILE` columns keep each temporary a few MB, reused while still in
 cache: a [chunk, V] fp32 buffer allocated per chunk is fresh memory every time (page faults, and on
 machines that reclaim idle memory, again every step), which cost more than the softmax itself.
 
@@ -45,12 +46,16 @@ def _upcast(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
-def _tiles(weight: torch.Tensor, tile: int | None) -> list[tuple[int, int]]:
-    """[start, end) column ranges of the vocabulary; None: one tile on CUDA, CPU_VOCAB_TILE elsewhere."""
+def _tiles(weight: torch.Tensor, tile: int | None) -> list[tuple[int, int, torch.Tensor]]:
+    """(start, end, weight rows) per tile of the vocabulary; None: one tile on CUDA, CPU_VOCAB_TILE
+    columns elsewhere. One tile is `weight` itself, not a view (autocast caches its cast of a
+    weight, not of views of it)."""
     vocab = weight.shape[0]
     if tile is None:
         tile = vocab if weight.device.type == "cuda" else CPU_VOCAB_TILE
-    return [(start, min(start + tile, vocab)) for start in range(0, vocab, tile)]
+    if tile >= vocab:
+        return [(0, vocab, weight)]
+    return [(start, min(start + tile, vocab), weight[start : start + tile]) for start in range(0, vocab, tile)]
 
 
 def _tile_logits(h: torch.Tensor, weight: torch.Tensor, softcap: float | None):
@@ -75,10 +80,14 @@ def _pick(values: torch.Tensor, column: torch.Tensor, inside: torch.Tensor) -> t
 
 def _chunk_forward(h, weight, labels, softcap, tile, unit: bool):
     """One chunk of tokens: (label logits [c], logsumexp [c], unit gradient [c, D] or None), the
-    logsumexp (and the unit gradient's softmax-weighted sum of rows of W) accumulated online."""
+    logsumexp (and the unit gradient's softmax-weighted sum of rows of W) accumulated online.
+
+    The unit gradient is slope_y (1 - p_y) W[y] - sum over v != y of p_v slope_v W_v: the label's
+    own term is left out of the (low-precision) matmul and 1 - p_y = -expm1(z_y - lse) is exact in
+    fp32, so a confident token (p_y near 1) keeps its small gradient's relative precision."""
     picked = label_slope = running_max = sums = weighted = None
-    for start, end in _tiles(weight, tile):
-        z, slope = _tile_logits(h, weight[start:end], softcap)
+    for start, end, w in _tiles(weight, tile):
+        z, slope = _tile_logits(h, w, softcap)
         column, inside = _in_tile(labels, start, end)
         picked = _pick(z, column, inside) + (0.0 if picked is None else picked)
         if unit and slope is not None:
@@ -91,41 +100,54 @@ def _chunk_forward(h, weight, labels, softcap, tile, unit: bool):
         if unit:
             if slope is not None:
                 exp.mul_(slope)
-            term = (exp.to(weight.dtype) @ weight[start:end]).to(z.dtype)
+            exp.scatter_(
+                1, column[:, None], torch.where(inside, 0.0, exp.gather(1, column[:, None]).squeeze(1))[:, None]
+            )
+            term = (exp.to(weight.dtype) @ w).to(z.dtype)
             weighted = term if rescale is None else weighted.mul_(rescale[:, None]).add_(term)
         running_max = new_max
         del z, slope, exp
     lse = sums.log() + running_max
     if not unit:
         return picked, lse, None
-    label_rows = weight[labels].to(weighted.dtype)  # W[y]: the one-hot part of the unit gradient
+    label_scale = torch.special.expm1(picked - lse).neg_()  # 1 - p_y
     if label_slope is not None:
-        label_rows.mul_(label_slope[:, None])
+        label_scale.mul_(label_slope)
+    label_rows = weight[labels].to(weighted.dtype).mul_(label_scale[:, None])
     return picked, lse, label_rows.sub_(weighted.div_(sums[:, None]))
+
+
+def _forward_chunks(hidden, weight, labels, chunk_size, softcap, tile, unit: bool):
+    """(log-probs [N], logsumexp [N], unit gradient [N, D] or None), chunk by chunk."""
+    n = hidden.shape[0]
+    dtype = torch.promote_types(hidden.dtype, torch.float32)
+    out = torch.empty(n, dtype=dtype, device=hidden.device)
+    lse = torch.empty(n, dtype=dtype, device=hidden.device)
+    unit_grad = torch.empty(n, hidden.shape[1], dtype=dtype, device=hidden.device) if unit else None
+    for start in range(0, n, chunk_size):
+        rows = slice(start, start + chunk_size)
+        picked, chunk_lse, chunk_unit = _chunk_forward(hidden[rows], weight, labels[rows], softcap, tile, unit)
+        out[rows], lse[rows] = picked - chunk_lse, chunk_lse
+        if unit:
+            unit_grad[rows] = chunk_unit
+    return out, lse, unit_grad
 
 
 class _ChunkedTokenLogps(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, chunk_size, softcap, tile):
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        n = hidden.shape[0]
-        dtype = torch.promote_types(hidden.dtype, torch.float32)
-        out = torch.empty(n, dtype=dtype, device=hidden.device)
-        lse = torch.empty(n, dtype=dtype, device=hidden.device)
         unit = need_hidden and not need_weight
-        unit_grad = torch.empty(n, hidden.shape[1], dtype=dtype, device=hidden.device) if unit else None
-        for start in range(0, n, chunk_size):
-            rows = slice(start, start + chunk_size)
-            picked, chunk_lse, chunk_unit = _chunk_forward(hidden[rows], weight, labels[rows], softcap, tile, unit)
-            out[rows], lse[rows] = picked - chunk_lse, chunk_lse
-            if unit:
-                unit_grad[rows] = chunk_unit
+        out, lse, unit_grad = _forward_chunks(hidden, weight, labels, chunk_size, softcap, tile, unit)
         if unit:
             ctx.save_for_backward(unit_grad)
         else:
             ctx.save_for_backward(hidden, weight, labels, lse)
         ctx.chunk_size, ctx.unit, ctx.hidden_dtype = chunk_size, unit, hidden.dtype
         ctx.softcap, ctx.tile = softcap, tile
+        # The backward recomputes the logits as the forward made them (autocast is off there).
+        device = hidden.device.type
+        ctx.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
         return out
 
     @staticmethod
@@ -140,19 +162,23 @@ class _ChunkedTokenLogps(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
         starts = range(0, hidden.shape[0], ctx.chunk_size)
         tiles = _tiles(weight, ctx.tile)
+        device, autocast_dtype, autocast_on = ctx.autocast
         # The weight gradient: each tile's rows written by the first chunk, added to by the others;
         # low-precision weights over several chunks sum in fp32 (bf16 sums of chunks lose bits).
         grad_weight = None
         if need_weight:
             low_sum = len(starts) > 1 and weight.dtype != lse.dtype
-            grad_weight = torch.empty(weight.shape, dtype=lse.dtype if low_sum else weight.dtype, device=weight.device)
+            grad_dtype = lse.dtype if low_sum else weight.dtype
+            grad_weight = torch.empty(weight.shape, dtype=grad_dtype, device=weight.device)
+            if not starts:  # no scored token: no gradient
+                grad_weight.zero_()
         for index, start in enumerate(starts):
             rows = slice(start, start + ctx.chunk_size)
             h, g = hidden[rows], grad_out[rows]
             chunk_grad = None  # grad_h of the chunk, summed over tiles (in at least fp32 when several)
-            for v0, v1 in tiles:
-                w = weight[v0:v1]
-                z, slope = _tile_logits(h, w, ctx.softcap)
+            for v0, v1, w in tiles:
+                with torch.autocast(device, dtype=autocast_dtype, enabled=autocast_on):
+                    z, slope = _tile_logits(h, w, ctx.softcap)
                 column, inside = _in_tile(labels[rows], v0, v1)
                 dz = z.sub_(lse[rows, None]).exp_().mul_(-g[:, None])  # -g softmax(z)
                 dz.scatter_add_(1, column[:, None], torch.where(inside, g, 0.0)[:, None])  # + g onehot(y)
@@ -199,7 +225,7 @@ def chunked_token_logps(
     vocab_tile: vocabulary columns per tile of logits; None: the whole vocabulary on CUDA,
     `CPU_VOCAB_TILE` elsewhere (see the module doc).
 
-    hidden [N, D] (any float dtype; the logits are upcast to fp32 per chunk), weight [V, D] (the
+    hidden [N, D] (any float dtype; the logits are upcast to fp32 per tile), weight [V, D] (the
     output head, or the tied embedding), labels [N] with `ignore_index` for unscored positions.
     Returns [N] fp32 (fp64 for fp64 inputs), 0 at ignored positions, differentiable w.r.t. hidden and weight. Ignored
     positions are dropped before any logits are computed, so prompts and padding cost nothing.
@@ -220,14 +246,17 @@ def chunked_token_logps(
     rows = (labels != ignore_index).nonzero().squeeze(1)  # the one host sync: how many are scored
     scored = rows.numel() == labels.numel()
     h, y = (hidden, labels) if scored else (hidden.index_select(0, rows), labels.index_select(0, rows))
+    in_range = ((y >= 0) & (y < weight.shape[0])).all()
+    if y.device.type == "cuda":
+        torch._assert_async(in_range, "chunked_token_logps: a label outside [0, vocabulary size)")
+    elif not in_range:
+        raise ValueError(
+            f"labels must be in [0, {weight.shape[0]}) or {ignore_index}; got {int(y.min())}..{int(y.max())}"
+        )
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         values = _ChunkedTokenLogps.apply(h, weight, y, chunk_size, softcap, vocab_tile)
     else:  # the reference pass: forward only, nothing saved
-        values = torch.empty(h.shape[0], dtype=torch.promote_types(h.dtype, torch.float32), device=h.device)
-        for start in range(0, h.shape[0], chunk_size):
-            chunk = slice(start, start + chunk_size)
-            picked, lse, _ = _chunk_forward(h[chunk], weight, y[chunk], softcap, vocab_tile, unit=False)
-            values[chunk] = picked - lse
+        values, _, _ = _forward_chunks(h, weight, y, chunk_size, softcap, vocab_tile, unit=False)
     if scored:
         return values
     return torch.zeros(labels.shape[0], dtype=values.dtype, device=values.device).index_put((rows,), values)

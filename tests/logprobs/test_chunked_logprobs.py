@@ -3,6 +3,7 @@ and policy_logps (the recipes' default path) against the materialised model forw
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dpokit.data import PaddedBatch
@@ -229,3 +230,67 @@ def test_length_desensitized_logps_matches_loop():
         want.append(total)
     torch.testing.assert_close(got, torch.tensor(want), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(length_desensitized_logps(per_token, b.labels, 3, ld_alpha=1.0), per_token.sum(-1))
+
+
+@pytest.mark.parametrize("weight_grad", [True, False])
+def test_no_scored_token_gives_zero_gradients(weight_grad):
+    hidden, weight, labels = make(weight_grad=weight_grad)
+    labels[:] = -100
+    out = chunked_token_logps(hidden, weight, labels, vocab_tile=30)
+    (out * 2).sum().backward()
+    assert torch.all(out == 0) and torch.all(hidden.grad == 0)
+    if weight_grad:
+        assert torch.all(weight.grad == 0)
+
+
+def test_a_label_outside_the_vocabulary_is_refused():
+    hidden, weight, labels = make()
+    labels[1] = V
+    with pytest.raises(ValueError, match=rf"labels must be in \[0, {V}\) or -100; got [0-9]+..{V}$"):
+        chunked_token_logps(hidden, weight, labels)
+
+
+@pytest.mark.parametrize("vocab_tile", [V, 30])
+def test_frozen_bf16_head_keeps_a_confident_tokens_small_gradient_precise(vocab_tile):
+    """The unit gradient (1 - p_y) W[y] - sum_{v != y} p_v W_v of a token with p_y near 1 is small;
+    it must not come out of a difference of two large bf16-rounded terms: per token, the chunked
+    path's error (against float64 of the same bf16 inputs) stays within that of the materialised
+    bf16 logits path (the bf16 rounding of the logits themselves bounds both)."""
+    g = torch.Generator().manual_seed(3)
+    weight = torch.randn(V, D, generator=g).bfloat16()
+    labels = torch.randint(0, V, (N,), generator=g)
+    scale = torch.linspace(0.02, 0.5, N)[:, None]  # hidden states along their label's row: p_y 0.1 .. 0.999+
+    hidden = (weight[labels].float() * scale + 0.05 * torch.randn(N, D, generator=g)).bfloat16().requires_grad_()
+    h2 = hidden.detach().clone().requires_grad_()
+    h64 = hidden.detach().double().requires_grad_()
+    chunked_token_logps(hidden, weight, labels, vocab_tile=vocab_tile).sum().backward()
+    plain(h2, weight, labels).sum().backward()
+    torch.log_softmax(h64 @ weight.double().t(), -1).gather(1, labels[:, None]).sum().backward()
+    p_label = torch.softmax(h64.detach() @ weight.double().t(), -1).gather(1, labels[:, None]).squeeze(1)
+    assert p_label.max() > 0.999 and p_label.min() < 0.5  # confident and unsure tokens
+
+    def error(grad):
+        return (grad.double() - h64.grad).norm(dim=1) / h64.grad.norm(dim=1)
+
+    chunked, materialised = error(hidden.grad), error(h2.grad)
+    worst = (chunked - 2 * materialised).argmax()
+    assert torch.all(chunked <= 2 * materialised + 2e-3), (
+        f"token {worst} (p_y {p_label[worst]:.5f}): error {chunked[worst]:.3g} vs materialised {materialised[worst]:.3g}"
+    )
+
+
+def test_autocast_backward_recomputes_the_forwards_logits():
+    """Under autocast the forward's logits are bf16; the backward (where autocast is off) must
+    recompute those same logits, or its softmax does not sum to 1 against the forward's logsumexp.
+    Reference: float64 from the forward's bf16 logits, the gradient through the fp32 weights."""
+    hidden, weight, labels = make()
+    labels[:] = labels.clamp(min=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = chunked_token_logps(hidden, weight, labels, vocab_tile=30)
+    upstream = torch.randn(N, dtype=torch.float64)
+    (got * upstream.float()).sum().backward()
+    z = (hidden.detach().bfloat16() @ weight.detach().bfloat16().t()).double()
+    dz = upstream[:, None] * (F.one_hot(labels, V).double() - torch.softmax(z, -1))
+    torch.testing.assert_close(got.double(), torch.log_softmax(z, -1).gather(1, labels[:, None]).squeeze(1))
+    torch.testing.assert_close(hidden.grad.double(), dz @ weight.detach().double(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(weight.grad.double(), dz.t() @ hidden.detach().double(), rtol=1e-4, atol=1e-4)

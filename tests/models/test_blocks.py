@@ -41,6 +41,12 @@ def check_knobs_keep_the_numbers(device):
             torch.testing.assert_close(grad, want_grads[name], rtol=1e-5, atol=1e-6, msg=f"{knobs}: {name}")
 
 
+def test_offloading_inside_compiled_blocks_is_refused():
+    model = llama(vocab_size=32, dim=32, n_layers=1, n_heads=4, n_kv_heads=2, hidden_dim=64, max_seq_len=16)
+    with pytest.raises(ValueError, match="activation offloading inside compiled blocks is not supported"):
+        prepare_blocks(model, activation_offloading=True, compile_blocks=True)
+
+
 def test_offloading_leaves_cpu_tensors_and_the_numbers_alone():
     offload = ActivationOffload(min_bytes=0)
     t = torch.randn(4, 4)
@@ -57,5 +63,9 @@ def test_offloaded_cuda_activations_come_back_exactly():
     assert host.device.type == "cpu" and host.is_pinned()
     assert torch.equal(offload.unpack(packed), t)
     weight = torch.nn.Parameter(torch.randn(256, 256, device="cuda"))
-    assert offload.pack(weight) is weight  # saved weights stay where they are
+    offload.keep = {weight.untyped_storage().data_ptr()}
+    view = weight.t()  # what F.linear saves: a view, not a Parameter
+    assert offload.pack(view) is view  # saved weights stay where they are
+    expanded = torch.randn(256, 1, device="cuda").expand(256, 256)
+    assert offload.pack(expanded) is expanded  # not materialised on the host
     check_knobs_keep_the_numbers("cuda")

@@ -16,7 +16,8 @@ def minor_faults() -> int:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_a_freed_large_block_is_reused_without_page_faults():
-    assert retain_freed_cpu_memory() is True
+    if not retain_freed_cpu_memory():
+        pytest.skip("not glibc: mallopt is not there")
     assert retain_freed_cpu_memory() is True  # a second call is a no-op
     pages = (64 << 20) // resource.getpagesize()  # a 64 MiB block: above glibc's default mmap threshold
     faults = []
