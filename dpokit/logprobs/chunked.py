@@ -100,9 +100,7 @@ def _chunk_forward(h, weight, labels, softcap, tile, unit: bool):
         if unit:
             if slope is not None:
                 exp.mul_(slope)
-            exp.scatter_(
-                1, column[:, None], torch.where(inside, 0.0, exp.gather(1, column[:, None]).squeeze(1))[:, None]
-            )
+            exp.scatter_(1, column[:, None], _pick(exp, column, ~inside)[:, None])  # the label's own term: 0
             term = (exp.to(weight.dtype) @ w).to(z.dtype)
             weighted = term if rescale is None else weighted.mul_(rescale[:, None]).add_(term)
         running_max = new_max

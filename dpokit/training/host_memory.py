@@ -4,8 +4,9 @@ A training step on the CPU allocates the same large temporaries every step (logi
 output head's gradient and its fp32 copy, activations). glibc's malloc serves every block above
 `M_MMAP_THRESHOLD` (at most 32 MiB by default) with a fresh `mmap` and returns it with `munmap` on
 free, so each step touches those pages anew: one page fault per 4 KiB, paid inside casts and
-matmuls (measured in docs/benchmarks.md: about 1.7 million faults in a short benchmark, and the
-same step 1.3-1.8x faster once they are gone). On CUDA the caching allocator does this already.
+matmuls (docs/benchmarks.md "Step overheads": 674,000 minor faults in 4 timed steps of the
+full-parameter benchmark step, 57,000 with this setting). On CUDA the caching allocator does this
+already.
 
 `retain_freed_cpu_memory()` raises the mmap threshold and the trim threshold so that freed blocks
 stay in the process's heap and the next step reuses them: the resident size stays at the step's
