@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from dpokit.models.cpu_attention import flash_attention, flash_attention_applies
+
 try:  # FlexAttention is in torch >= 2.5; dpokit supports older builds without it.
     from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 except ImportError:  # pragma: no cover - depends on the torch build
@@ -180,6 +182,8 @@ def _dense(q, k, v, mask, *, scale, softcap, enable_gqa):
     """One SDPA-shaped call: causal (mask None) or a boolean mask; eager when soft-capped."""
     if softcap is not None:
         return _eager_attention(q, k, v, mask, scale, softcap, enable_gqa)
+    if (enable_gqa or k.shape[1] == q.shape[1]) and flash_attention_applies(q, k, mask):
+        return flash_attention(q, k, v, mask, scale=scale)  # CPU bf16 training: a faster backward
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=enable_gqa
     )
