@@ -5,7 +5,7 @@ weights with fp32 master weights, a precomputed reference; and the LoRA runner's
 step with the adapter-off reference) from two source trees, alternating, each in a fresh
 process, under torch.profiler. The profiler's self CPU time is grouped by the runner's op groups
 (matmul, attention, casts, elementwise, ...); the "non-matmul share" is what is neither matmul
-nor attention. A second, unprofiled run of each gives tokens/s and MFU against the bf16 matmul
+nor attention, the "not-matmul share" everything but the matmuls (attention included). A second, unprofiled run of each gives tokens/s and MFU against the bf16 matmul
 peak measured at the start and the end of the run.
 
     git worktree add ../dpokit-before <commit>           # the tree to compare against
@@ -44,6 +44,20 @@ CASES = (
         ["--layout", "prefix", "--dtype", "bf16m", "--reference", "precomputed"],
     ),
     ("LoRA prefix+ffd bf16 ref=adapter_off", "dpokit_lora_runner.py", "lora_assets", ["--layout", "prefix"]),
+    # Compiled blocks recompile for the first new batch shape and for the first gradient-mode change
+    # (dynamic shapes, no_grad probes): five warmup steps keep those compiles out of the timed steps.
+    (
+        "full ffd bf16-master ref=precomputed compile",
+        "dpokit_runner.py",
+        "assets",
+        ["--layout", "ffd", "--dtype", "bf16m", "--reference", "precomputed", "--compile", "--warmup-steps", "5"],
+    ),
+    (
+        "full prefix+ffd bf16-master ref=precomputed compile",
+        "dpokit_runner.py",
+        "assets",
+        ["--layout", "prefix", "--dtype", "bf16m", "--reference", "precomputed", "--compile", "--warmup-steps", "5"],
+    ),
 )
 
 
@@ -89,12 +103,13 @@ def shares(groups: dict[str, float]) -> dict[str, float]:
     total = sum(groups.values()) or 1.0
     out = {g: t / total for g, t in groups.items()}
     out["non-matmul"] = 1.0 - out.get(MATMUL, 0.0) - out.get(ATTENTION, 0.0)
+    out["not matmul"] = 1.0 - out.get(MATMUL, 0.0)
     return out
 
 
 def table(rows: list[dict], peak: float) -> list[str]:
     groups = sorted({g for r in rows for g in r["profile"]}, key=lambda g: (g not in (MATMUL, ATTENTION), g))
-    head = ["case", "tree", "tok/s", "MFU", "step s (profiled)", *groups, "non-matmul share"]
+    head = ["case", "tree", "tok/s", "MFU", "step s (profiled)", *groups, "non-matmul share", "not-matmul share"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         s = shares(r["profile"])
@@ -106,6 +121,7 @@ def table(rows: list[dict], peak: float) -> list[str]:
             f"{r['profiled_step']:.2f}",
             *(f"{s.get(g, 0.0):.1%}" for g in groups),
             f"**{s['non-matmul']:.1%}**",
+            f"{s['not matmul']:.1%}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
@@ -145,7 +161,7 @@ def main(argv=None) -> int:
     for round_index in range(args.rounds):
         for case, runner, assets_key, flags in cases:
             for tree_name, tree in trees if round_index % 2 == 0 else trees[::-1]:
-                argv_case = ["--assets", paths[assets_key], *flags, *common]
+                argv_case = ["--assets", paths[assets_key], *common, *flags]  # a case's own flags win
                 print(f"round {round_index + 1}: {case} [{tree_name}]", file=sys.stderr, flush=True)
                 plain = run_case(tree, runner, argv_case, profile=False, timeout=args.timeout)
                 profiled = run_case(tree, runner, argv_case, profile=True, timeout=args.timeout)
@@ -165,10 +181,14 @@ def main(argv=None) -> int:
     for case, *_ in cases:
         if (case, "after") in best and (case, "before") in best:
             a, b = best[(case, "after")], best[(case, "before")]
-            share_a, share_b = shares(a["profile"])["non-matmul"], shares(b["profile"])["non-matmul"]
+            share_a, share_b = shares(a["profile"]), shares(b["profile"])
             lines.append(
                 f"- {case}: tokens/s after / before = **{a['tokens_per_s'] / b['tokens_per_s']:.2f}x**; "
-                f"non-matmul share {share_b:.1%} -> {share_a:.1%} (**{share_b / share_a:.2f}x** smaller); "
+                f"MFU {b['model_flops_per_s'] / peak:.1%} -> {a['model_flops_per_s'] / peak:.1%}; "
+                f"non-matmul share {share_b['non-matmul']:.1%} -> {share_a['non-matmul']:.1%} "
+                f"(**{share_b['non-matmul'] / share_a['non-matmul']:.2f}x** smaller); "
+                f"not-matmul share {share_b['not matmul']:.1%} -> {share_a['not matmul']:.1%} "
+                f"({share_b['not matmul'] / share_a['not matmul']:.2f}x); "
                 f"peak memory after / before {a['peak_memory_bytes'] / b['peak_memory_bytes']:.2f}x"
             )
     print("\n".join(lines))

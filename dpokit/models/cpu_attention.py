@@ -2,9 +2,10 @@
 
 torch's CPU flash-attention backward is slow for low-precision inputs and short sequences: on an
 Intel Xeon with AMX (2 cores, torch 2.13, 8 query / 4 key-value heads of 64) it took 1.23 ms for
-a bf16 sequence of 128 tokens and 0.46 ms for the same call on fp32 copies; the two meet near 420
-tokens, and above that bf16 is faster. A packed DPO step's documents (prompt + response) are
-mostly shorter than that, and that backward was the largest non-matmul item of the step.
+a bf16 sequence of 128 tokens and 0.46 ms for the same call on fp32 copies (1.25x at 256 tokens);
+the two meet between 320 and 420 tokens (run to run), and above that bf16 is faster. Most
+documents of a packed DPO step (prompt + response) are shorter than that, and that backward was
+the largest non-matmul item of the step.
 
 `flash_attention` runs the same forward as `F.scaled_dot_product_attention` (same kernel, same
 inputs, bit for bit) and, for sequences up to `FP32_BACKWARD_MAX_LENGTH`, the same backward
@@ -18,7 +19,7 @@ import functools
 
 import torch
 
-FP32_BACKWARD_MAX_LENGTH = 384
+FP32_BACKWARD_MAX_LENGTH = 320
 
 _forward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
