@@ -69,6 +69,9 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="bf16", choices=("fp32", "bf16"), help="the frozen base's dtype (adapters fp32)")
     ap.add_argument("--reference", default="adapter_off", choices=("adapter_off", "precomputed"))
     ap.add_argument("--compile", action="store_true", help="torch.compile each transformer block (prepare_blocks)")
+    ap.add_argument(
+        "--activation-checkpointing", action="store_true", help="recompute each block in the backward (prepare_blocks)"
+    )
     ap.add_argument("--lora-rank", type=int, default=16)
     ap.add_argument("--lora-alpha", type=float, default=32.0)
     ap.add_argument("--lora-targets", default=DEFAULT_TARGETS)
@@ -114,7 +117,7 @@ def main(argv=None) -> int:
     # checkpoint is stored in bf16 anyway), then the recipe's cast_base: adapters back to fp32.
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     model = cast_base(load_hf_checkpoint(assets / "model", lora=lora, dtype=dtype, device=device), dtype)
-    prepare_blocks(model, activation_checkpointing=False, compile_blocks=args.compile)
+    prepare_blocks(model, activation_checkpointing=args.activation_checkpointing, compile_blocks=args.compile)
     trainable = list(adapter_params(model).values())
     n_adapter = sum(p.numel() for p in trainable)
     expected = lora_adapter_params(config, args.lora_rank, targets)

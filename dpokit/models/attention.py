@@ -182,7 +182,7 @@ def _dense(q, k, v, mask, *, scale, softcap, enable_gqa):
     """One SDPA-shaped call: causal (mask None) or a boolean mask; eager when soft-capped."""
     if softcap is not None:
         return _eager_attention(q, k, v, mask, scale, softcap, enable_gqa)
-    if (enable_gqa or k.shape[1] == q.shape[1]) and flash_attention_applies(q, k, mask):
+    if flash_attention_applies(q, k, v, mask, enable_gqa=enable_gqa):
         return flash_attention(q, k, v, mask, scale=scale)  # CPU bf16 training: a faster backward
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=enable_gqa

@@ -1,41 +1,29 @@
-"""CPU attention for bf16 / fp16 training: torch's flash kernel, its backward run in fp32 when short.
+"""CPU attention for bf16 training: torch's flash kernel, its backward run in fp32 when short.
 
-torch's CPU flash-attention backward is slow for low-precision inputs and short sequences: on an
-Intel Xeon with AMX (2 cores, torch 2.13, 8 query / 4 key-value heads of 64) it took 1.23 ms for
-a bf16 sequence of 128 tokens and 0.46 ms for the same call on fp32 copies (1.25x at 256 tokens);
-the two meet between 320 and 420 tokens (run to run), and above that bf16 is faster. Most
-documents of a packed DPO step (prompt + response) are shorter than that, and that backward was
-the largest non-matmul item of the step.
+torch's CPU flash-attention backward is slow for bf16 inputs and short sequences: on an Intel Xeon
+with AMX (2 cores, torch 2.13, 8 query / 4 key-value heads of 64) it took 1.23 ms for a sequence
+of 128 tokens and 0.46 ms for the same call on fp32 copies; the fp32 copies were still 1.25x
+faster at 256 tokens, the two met between 320 and 420 tokens (run to run), and above that bf16
+is faster (`benchmarks/cpu_attention.py`). Most documents of a packed DPO step (prompt +
+response) are shorter than that, and that backward was the largest non-matmul item of the step.
 
-`flash_attention` runs the same forward as `F.scaled_dot_product_attention` (same kernel, same
-inputs, bit for bit) and, for sequences up to `FP32_BACKWARD_MAX_LENGTH`, the same backward
-kernel on fp32 copies of its inputs: the exact math of the low-precision backward, which itself
-accumulates in fp32, with nothing rounded to bf16 before the gradients' final cast.
+`flash_attention` runs exactly the forward `F.scaled_dot_product_attention` runs (the same kernel
+on the same inputs: bit for bit) and, for sequences up to `FP32_BACKWARD_MAX_LENGTH`, the same
+backward kernel on fp32 copies of its inputs: the same algorithm, with fp32 where the bf16 kernel
+rounds its intermediates to bf16 before their matmuls, and one rounding of each gradient at the end.
+It takes only the calls for which `F.scaled_dot_product_attention` itself would pick that kernel.
 """
 
 from __future__ import annotations
 
-import functools
-
 import torch
+from torch.autograd.function import once_differentiable
+from torch.nn.attention import SDPBackend
 
 FP32_BACKWARD_MAX_LENGTH = 320
 
 _forward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
-
-
-@functools.cache
-def _kernel_takes_grouped_heads() -> bool:
-    """Whether this torch's CPU flash kernels accept fewer key/value heads than query heads."""
-    q = torch.zeros(1, 2, 1, 8, requires_grad=True)
-    kv = torch.zeros(1, 1, 1, 8, requires_grad=True)
-    try:
-        out, lse = _forward(q, kv, kv, 0.0, True)
-        _backward(out, q, kv, kv, out, lse, 0.0, True)
-    except RuntimeError:
-        return False
-    return True
 
 
 def _bias(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -55,6 +43,7 @@ class _FlashAttention(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         q, k, v, out, lse, mask = ctx.saved_tensors
         causal = mask is None
@@ -66,24 +55,32 @@ class _FlashAttention(torch.autograd.Function):
         return *(g.to(t.dtype) for g, t in zip(grads, (q, k, v))), None, None
 
 
-def flash_attention_applies(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) -> bool:
-    """Whether `flash_attention` takes this call: bf16 / fp16 self-attention on the CPU that autograd
-    will differentiate (anything else goes to `F.scaled_dot_product_attention` as it is)."""
-    return (
+def flash_attention_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, *, enable_gqa: bool) -> bool:
+    """Whether `flash_attention` takes this call: bf16 self-attention on the CPU that autograd will
+    differentiate, and that `F.scaled_dot_product_attention` would send to its flash kernel (the
+    backend flags, strides, mask shape and head counts are its checks). Anything else goes to
+    `F.scaled_dot_product_attention` as it is."""
+    if not (
         q.device.type == "cpu"
-        and q.dtype in (torch.bfloat16, torch.float16)
+        and q.dtype == k.dtype == v.dtype == torch.bfloat16
         and torch.is_grad_enabled()
         and q.requires_grad
         and not torch.compiler.is_compiling()
         and q.shape[-2] == k.shape[-2]
-        and (k.shape[1] == q.shape[1] or _kernel_takes_grouped_heads())
         and (mask is None or mask.dtype == torch.bool)
-    )
+    ):
+        return False
+    try:
+        choice = torch._fused_sdp_choice(q, k, v, mask, 0.0, mask is None, scale=None, enable_gqa=enable_gqa)
+    except TypeError:  # a torch whose chooser predates enable_gqa: keep its own path
+        return False
+    return choice == SDPBackend.FLASH_ATTENTION.value
 
 
 def flash_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None, *, scale: float | None = None
 ) -> torch.Tensor:
     """softmax(scale q k^T, masked) v: q [B, H, L, D], k/v [B, Hkv, L, D] (H a multiple of Hkv), mask
-    None (causal) or boolean broadcastable to [B, 1, L, L] (True = may attend)."""
-    return _FlashAttention.apply(q, k, v, mask, q.shape[-1] ** -0.5 if scale is None else scale)
+    None (causal) or boolean [L, L] or [B or 1, H or 1, L, L] (True = may attend); scale None =
+    1 / sqrt(D). Check `flash_attention_applies` first."""
+    return _FlashAttention.apply(q, k, v, mask, scale)
