@@ -131,12 +131,15 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim) if unit_offset else torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.scale_in_fp32:
+            # torch's kernel normalises in fp32 and rounds once to x's dtype: the values of
+            # (x.float() * rsqrt(mean(x^2) + eps)).to(x.dtype) in fewer passes over x (the .to()
+            # rounds where autocast handed back fp32)
+            return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps).to(x.dtype)
         x_fp32 = x.float()
         normed = x_fp32 * torch.rsqrt(x_fp32.pow(2).mean(-1, keepdim=True) + self.eps)
         scale = 1.0 + self.weight.float() if self.unit_offset else self.weight
-        if self.scale_in_fp32:
-            return (scale.float() * normed).to(x.dtype)
-        return scale * normed.to(x.dtype)
+        return (scale.float() * normed).to(x.dtype)
 
 
 NormFactory = Callable[[int], RMSNorm]

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dpokit.models import llama, tiny
-from dpokit.models.transformer import RopeScaling, apply_rope, rope_inverse_frequencies
+from dpokit.models.transformer import RMSNorm, RopeScaling, apply_rope, rope_inverse_frequencies
 
 
 def small(**kw):
@@ -85,3 +85,38 @@ def test_tiny_preset_is_small():
 def test_bad_head_counts_are_refused():
     with pytest.raises(ValueError, match="multiple"):
         small(n_heads=4, n_kv_heads=3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_is_the_fp32_formula_rounded_once_with_gradients_as_precise(dtype):
+    """Llama's RMSNorm: weight * (x.float() * rsqrt(mean(x^2) + eps)).to(x.dtype). The output is
+    exactly that formula's; fp32 gradients are the formula's exactly, bf16 gradients at least as
+    close to float64 as the formula's autograd gives."""
+    gen = torch.Generator().manual_seed(0)
+    x64 = torch.randn(3, 37, 96, generator=gen, dtype=torch.float64) * 3
+    w64 = torch.randn(96, generator=gen, dtype=torch.float64) * 0.1 + 1
+    grad = torch.randn(3, 37, 96, generator=gen, dtype=torch.float64)
+
+    def formula(x, w):
+        x32 = x.to(torch.promote_types(x.dtype, torch.float32))
+        return w * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-5)).to(x.dtype)
+
+    def run(fn, dt):
+        x, w = x64.to(dt).requires_grad_(), w64.to(dt).requires_grad_()
+        out = fn(x, w)
+        return [out, *torch.autograd.grad(out, (x, w), grad.to(dt))]
+
+    norm = RMSNorm(96, eps=1e-5)
+
+    def module(x, w):
+        return torch.func.functional_call(norm, {"weight": w}, (x,))
+
+    exact = run(formula, torch.float64)
+    ours, theirs = run(module, dtype), run(formula, dtype)
+    assert torch.equal(ours[0], theirs[0])
+    if dtype == torch.float32:
+        for a, b in zip(ours, theirs):
+            assert torch.equal(a, b)
+    else:
+        for a, b, e in zip(ours[1:], theirs[1:], exact[1:]):
+            assert (a.double() - e).norm() <= 1.05 * (b.double() - e).norm()
