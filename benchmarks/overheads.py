@@ -31,34 +31,21 @@ from shared_io import parse_result  # noqa: E402
 GROUP_LINE = re.compile(r"^\s+([0-9.]+) s\s+[0-9.]+%\s+(.+)$")
 MATMUL, ATTENTION = "matmul (linear layers, output head)", "attention (SDPA)"
 
-CASES = (
-    (
-        "full ffd bf16-master ref=precomputed",
-        "dpokit_runner.py",
-        "assets",
-        ["--layout", "ffd", "--dtype", "bf16m", "--reference", "precomputed"],
-    ),
+# The full-parameter steps: (case name, runner flags), each run eager and with compiled blocks.
+FULL_STEPS = (
+    ("full ffd bf16-master ref=precomputed", ["--layout", "ffd", "--dtype", "bf16m", "--reference", "precomputed"]),
     (
         "full prefix+ffd bf16-master ref=precomputed",
-        "dpokit_runner.py",
-        "assets",
         ["--layout", "prefix", "--dtype", "bf16m", "--reference", "precomputed"],
     ),
+)
+# Compiled blocks recompile for the first new batch shape and for the first gradient-mode change
+# (dynamic shapes, no_grad probes): five warmup steps keep those compiles out of the timed steps.
+COMPILED = ["--compile", "--warmup-steps", "5"]
+CASES = (
+    *((name, "dpokit_runner.py", "assets", flags) for name, flags in FULL_STEPS),
     ("LoRA prefix+ffd bf16 ref=adapter_off", "dpokit_lora_runner.py", "lora_assets", ["--layout", "prefix"]),
-    # Compiled blocks recompile for the first new batch shape and for the first gradient-mode change
-    # (dynamic shapes, no_grad probes): five warmup steps keep those compiles out of the timed steps.
-    (
-        "full ffd bf16-master ref=precomputed compile",
-        "dpokit_runner.py",
-        "assets",
-        ["--layout", "ffd", "--dtype", "bf16m", "--reference", "precomputed", "--compile", "--warmup-steps", "5"],
-    ),
-    (
-        "full prefix+ffd bf16-master ref=precomputed compile",
-        "dpokit_runner.py",
-        "assets",
-        ["--layout", "prefix", "--dtype", "bf16m", "--reference", "precomputed", "--compile", "--warmup-steps", "5"],
-    ),
+    *((f"{name} compile", "dpokit_runner.py", "assets", flags + COMPILED) for name, flags in FULL_STEPS),
 )
 
 
