@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 # This checkout's dpokit, not an installed one (an editable install may point at another tree).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from master_weights import MasterWeights  # noqa: E402
+from op_groups import op_group  # noqa: E402
 from shared_io import Stopwatch, emit, read_model_config, read_workload, throughput_result  # noqa: E402
 
 from dpokit.data import PackedBatch, collate_packed, collate_preference_pairs, pack_preference_dataset  # noqa: E402
@@ -88,44 +89,13 @@ def forward_logps(model, batch, *, chunked: bool) -> PolicyLogps:
     return policy_logps(model, batch, materialize_logits=not chunked)
 
 
-# Profiler op names -> where the time goes (first match wins; the rest is "other").
-OP_GROUPS = (
-    ("matmul (linear layers, output head)", ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear")),
-    ("attention (SDPA)", ("scaled_dot_product", "flash_attention", "_efficient_attention", "flex_attention")),
-    ("softmax / logsumexp / log-probs", ("logsumexp", "softmax", "exp", "gather", "log")),
-    ("optimizer (AdamW)", ("adam", "_foreach", "lerp", "addcdiv", "addcmul", "sqrt")),
-    ("dtype casts (autocast)", ("aten::to", "aten::_to_copy", "aten::copy_")),
-    (
-        "elementwise (norms, RoPE, SwiGLU, residual)",
-        (
-            "mul",
-            "add",
-            "silu",
-            "rsqrt",
-            "pow",
-            "mean",
-            "cat",
-            "neg",
-            "sub",
-            "div",
-            "where",
-            "index",
-            "masked",
-            "tril",
-            "eq",
-            "ne",
-        ),
-    ),
-)
-
-
 def print_profile(profiler, seconds: float) -> None:
     """Self CPU time per op group and the top ops, to stderr (stdout carries the result line)."""
     averages = profiler.key_averages()
     groups: dict[str, float] = {}
     for event in averages:
-        name = event.key.lower()
-        group = next((g for g, keys in OP_GROUPS if any(k in name for k in keys)), "other")
+        name = event.key
+        group = op_group(name)
         groups[group] = groups.get(group, 0.0) + event.self_cpu_time_total / 1e6
     total = sum(groups.values())
     print(f"\nprofile: {seconds:.2f} s wall in the timed steps, {total:.2f} s self CPU time in ops", file=sys.stderr)

@@ -7,7 +7,10 @@ process, under torch.profiler. The profiler's self CPU time is grouped by the ru
 (matmul, attention, casts, elementwise, ...); the "non-matmul share" is what is neither matmul
 nor attention, the "all-but-matmul share" everything but the matmuls (attention included). A
 second, unprofiled run of each gives tokens/s and MFU against the bf16 matmul peak measured at the
-start and the end of the run.
+start and the end of the run. A third run times every op of the timed steps by hand
+(`op_timing.py`: no profiler, whose page faults inflate the memory-bound ops on these VMs) and gives
+the non-matmul share of the wall-clock step: 1 - (matmul + attention seconds) / step seconds, Python
+and dispatch between the ops included.
 
     git worktree add ../dpokit-before <commit>           # the tree to compare against
     python benchmarks/overheads.py --before ../dpokit-before --markdown benchmarks/overheads.md
@@ -26,10 +29,13 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from op_groups import ATTENTION, MATMUL  # noqa: E402
+from op_timing import RESULT_PREFIX as OP_TIMING_PREFIX  # noqa: E402
 from shared_io import parse_result  # noqa: E402
 
 GROUP_LINE = re.compile(r"^\s+([0-9.]+) s\s+[0-9.]+%\s+(.+)$")
-MATMUL, ATTENTION = "matmul (linear layers, output head)", "attention (SDPA)"
+BETWEEN_OPS = "between ops (Python, dispatch)"
+MODES = ("plain", "profiled", "op-timed")
 
 # The full-parameter steps: (case name, runner flags), each run eager and with compiled blocks.
 FULL_STEPS = (
@@ -65,15 +71,31 @@ def profile_groups(stderr: str) -> dict[str, float]:
     return groups
 
 
-def run_case(tree: Path, runner: str, flags: list[str], *, profile: bool, timeout: float) -> dict | None:
-    cmd = [sys.executable, str(tree / "benchmarks" / runner), *flags] + (["--profile"] if profile else [])
+def op_timing(stdout: str) -> dict | None:
+    """op_timing.py's report: {"seconds", "steps", "ops", "groups": {op group: seconds}}."""
+    lines = [line for line in stdout.splitlines() if line.startswith(OP_TIMING_PREFIX)]
+    return json.loads(lines[-1][len(OP_TIMING_PREFIX) :]) if lines else None
+
+
+def run_case(tree: Path, runner: str, flags: list[str], *, mode: str, timeout: float) -> dict | None:
+    """One run of a case in `mode`: "plain", "profiled" (the runner's --profile) or "op-timed"
+    (this checkout's op_timing.py around `tree`'s runner)."""
+    if mode == "op-timed":
+        cmd = [sys.executable, str(HERE / "op_timing.py"), "--tree", str(tree), runner, *flags]
+    else:
+        cmd = [sys.executable, str(tree / "benchmarks" / runner), *flags] + (
+            ["--profile"] if mode == "profiled" else []
+        )
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=tree)
     result = parse_result(proc.stdout)
-    if result is None:
+    timed = op_timing(proc.stdout) if mode == "op-timed" else None
+    if result is None or (mode == "op-timed" and timed is None):
         print(f"  failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-2000:]}", file=sys.stderr)
         return None
-    if profile:
+    if mode == "profiled":
         result["profile"] = profile_groups(proc.stderr)
+    if timed is not None:
+        result["op_timing"] = timed
     return result
 
 
@@ -93,6 +115,39 @@ def shares(groups: dict[str, float]) -> dict[str, float]:
     out["non-matmul"] = 1.0 - out.get(MATMUL, 0.0) - out.get(ATTENTION, 0.0)
     out["all but matmul"] = 1.0 - out.get(MATMUL, 0.0)
     return out
+
+
+def timed_shares(report: dict) -> dict[str, float]:
+    """Each op group's share of the op-timed run's wall-clock step, the time between ops, and the
+    non-matmul share: 1 - (matmul + attention) / step."""
+    wall = report["seconds"] or 1.0
+    out = {g: t / wall for g, t in report["groups"].items()}
+    out[BETWEEN_OPS] = 1.0 - sum(out.values())
+    out["non-matmul"] = 1.0 - out.get(MATMUL, 0.0) - out.get(ATTENTION, 0.0)
+    return out
+
+
+def timed_table(rows: list[dict]) -> list[str]:
+    """Shares of the wall-clock step from the op-timed runs."""
+    groups = sorted(
+        {g for r in rows for g in r["op_timing"]["groups"]}, key=lambda g: (g not in (MATMUL, ATTENTION), g)
+    )
+    head = ["case", "tree", "step s (op-timed)", "ops per step", *groups, BETWEEN_OPS, "non-matmul share of the step"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        report = r["op_timing"]
+        s = timed_shares(report)
+        cells = [
+            r["case"],
+            r["tree"],
+            f"{report['seconds'] / report['steps']:.2f}",
+            f"{report['ops'] / report['steps']:.0f}",
+            *(f"{s.get(g, 0.0):.1%}" for g in groups),
+            f"{s[BETWEEN_OPS]:.1%}",
+            f"**{s['non-matmul']:.1%}**",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def table(rows: list[dict], peak: float) -> list[str]:
@@ -146,14 +201,16 @@ def main(argv=None) -> int:
     peaks = [matmul_peak(args.timeout)]
     plain_best: dict[tuple[str, str], dict] = {}  # the fastest plain round: tokens/s, MFU
     profiled_best: dict[tuple[str, str], dict] = {}  # the fastest profiled round: the op groups
+    timed_best: dict[tuple[str, str], dict] = {}  # the fastest op-timed round: the op groups' seconds
     for round_index in range(args.rounds):
         for case, runner, assets_key, flags in cases:
             for tree_name, tree in trees if round_index % 2 == 0 else trees[::-1]:
                 argv_case = ["--assets", paths[assets_key], *common, *flags]  # a case's own flags win
                 print(f"round {round_index + 1}: {case} [{tree_name}]", file=sys.stderr, flush=True)
-                plain = run_case(tree, runner, argv_case, profile=False, timeout=args.timeout)
-                profiled = run_case(tree, runner, argv_case, profile=True, timeout=args.timeout)
-                if plain is None or profiled is None:
+                plain, profiled, timed = (
+                    run_case(tree, runner, argv_case, mode=m, timeout=args.timeout) for m in MODES
+                )
+                if plain is None or profiled is None or timed is None:
                     continue
                 key = (case, tree_name)
                 if key not in plain_best or plain["tokens_per_s"] > plain_best[key]["tokens_per_s"]:
@@ -161,15 +218,30 @@ def main(argv=None) -> int:
                 step = profiled["seconds"] / profiled["steps"]
                 if key not in profiled_best or step < profiled_best[key]["profiled_step"]:
                     profiled_best[key] = {"profile": profiled["profile"], "profiled_step": step}
+                report = timed["op_timing"]
+                if key not in timed_best or report["seconds"] < timed_best[key]["op_timing"]["seconds"]:
+                    timed_best[key] = {"op_timing": report}
     peaks.append(matmul_peak(args.timeout))
-    best = {key: dict(row, **profiled_best[key]) for key, row in plain_best.items()}
+    best = {key: dict(row, **profiled_best[key], **timed_best[key]) for key, row in plain_best.items()}
     peak = max(peaks)
     rows = [best[(c[0], t)] for c in cases for t, _ in trees if (c[0], t) in best]
-    lines = [f"bf16 matmul peak (best of start/end): {peak / 1e12:.3f} TFLOP/s", "", *table(rows, peak), ""]
+    lines = [
+        f"bf16 matmul peak (best of start/end): {peak / 1e12:.3f} TFLOP/s",
+        "",
+        "torch.profiler, shares of the ops' self CPU time:",
+        "",
+        *table(rows, peak),
+        "",
+        "Op-timed (op_timing.py), shares of the wall-clock step:",
+        "",
+        *timed_table(rows),
+        "",
+    ]
     for case, *_ in cases:
         if (case, "after") in best and (case, "before") in best:
             a, b = best[(case, "after")], best[(case, "before")]
             share_a, share_b = shares(a["profile"]), shares(b["profile"])
+            timed_a, timed_b = timed_shares(a["op_timing"]), timed_shares(b["op_timing"])
             lines.append(
                 f"- {case}: tokens/s after / before = **{a['tokens_per_s'] / b['tokens_per_s']:.2f}x**; "
                 f"MFU {b['model_flops_per_s'] / peak:.1%} -> {a['model_flops_per_s'] / peak:.1%}; "
@@ -177,6 +249,8 @@ def main(argv=None) -> int:
                 f"(**{share_b['non-matmul'] / share_a['non-matmul']:.2f}x** smaller); "
                 f"all-but-matmul share {share_b['all but matmul']:.1%} -> {share_a['all but matmul']:.1%} "
                 f"({share_b['all but matmul'] / share_a['all but matmul']:.2f}x smaller); "
+                f"op-timed non-matmul share of the step {timed_b['non-matmul']:.1%} -> {timed_a['non-matmul']:.1%} "
+                f"(**{timed_b['non-matmul'] / timed_a['non-matmul']:.2f}x** smaller); "
                 f"peak memory after / before {a['peak_memory_bytes'] / b['peak_memory_bytes']:.2f}x"
             )
     print("\n".join(lines))
