@@ -16,7 +16,9 @@ falls outside every group, so `step - sum(groups)` is the mode's cost plus Pytho
 share of a group against the plain run's step time is not inflated by it.
 
 Ops are timed where they are dispatched: a CPU step (synchronous kernels) is timed exactly; on CUDA
-the kernels are asynchronous and these figures are launch times, not kernel times.
+the kernels are asynchronous and these figures are launch times, not kernel times. Compiled blocks
+(`--compile`) are refused: under an active dispatch mode torch.compile'd code runs op by op, eagerly,
+so the figures would be the eager step's.
 """
 
 from __future__ import annotations
@@ -68,6 +70,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tree", default=str(HERE.parent), help="the dpokit source tree whose runner to run")
     ap.add_argument("runner", help="a runner script in TREE/benchmarks, e.g. dpokit_runner.py")
     args, runner_argv = ap.parse_known_args(argv)
+    if "--compile" in runner_argv:
+        ap.error("--compile: compiled code runs eagerly under a dispatch mode; time it with the runner's --profile")
     bench = Path(args.tree).resolve() / "benchmarks"
     # The runner's own helpers, imported first so that its `from shared_io import Stopwatch` gets
     # the patched class: the timer runs only inside the timed steps.

@@ -35,7 +35,6 @@ from shared_io import parse_result  # noqa: E402
 
 GROUP_LINE = re.compile(r"^\s+([0-9.]+) s\s+[0-9.]+%\s+(.+)$")
 BETWEEN_OPS = "between ops (Python, dispatch)"
-MODES = ("plain", "profiled", "op-timed")
 
 # The full-parameter steps: (case name, runner flags), each run eager and with compiled blocks.
 FULL_STEPS = (
@@ -207,10 +206,11 @@ def main(argv=None) -> int:
             for tree_name, tree in trees if round_index % 2 == 0 else trees[::-1]:
                 argv_case = ["--assets", paths[assets_key], *common, *flags]  # a case's own flags win
                 print(f"round {round_index + 1}: {case} [{tree_name}]", file=sys.stderr, flush=True)
-                plain, profiled, timed = (
-                    run_case(tree, runner, argv_case, mode=m, timeout=args.timeout) for m in MODES
-                )
-                if plain is None or profiled is None or timed is None:
+                compiled = "--compile" in flags  # op_timing.py times eager steps only
+                plain = run_case(tree, runner, argv_case, mode="plain", timeout=args.timeout)
+                profiled = run_case(tree, runner, argv_case, mode="profiled", timeout=args.timeout)
+                timed = None if compiled else run_case(tree, runner, argv_case, mode="op-timed", timeout=args.timeout)
+                if plain is None or profiled is None or (timed is None and not compiled):
                     continue
                 key = (case, tree_name)
                 if key not in plain_best or plain["tokens_per_s"] > plain_best[key]["tokens_per_s"]:
@@ -218,11 +218,11 @@ def main(argv=None) -> int:
                 step = profiled["seconds"] / profiled["steps"]
                 if key not in profiled_best or step < profiled_best[key]["profiled_step"]:
                     profiled_best[key] = {"profile": profiled["profile"], "profiled_step": step}
-                report = timed["op_timing"]
-                if key not in timed_best or report["seconds"] < timed_best[key]["op_timing"]["seconds"]:
+                report = timed["op_timing"] if timed else None
+                if report and (key not in timed_best or report["seconds"] < timed_best[key]["op_timing"]["seconds"]):
                     timed_best[key] = {"op_timing": report}
     peaks.append(matmul_peak(args.timeout))
-    best = {key: dict(row, **profiled_best[key], **timed_best[key]) for key, row in plain_best.items()}
+    best = {key: dict(row, **profiled_best[key], **timed_best.get(key, {})) for key, row in plain_best.items()}
     peak = max(peaks)
     rows = [best[(c[0], t)] for c in cases for t, _ in trees if (c[0], t) in best]
     lines = [
@@ -234,14 +234,15 @@ def main(argv=None) -> int:
         "",
         "Op-timed (op_timing.py), shares of the wall-clock step:",
         "",
-        *timed_table(rows),
+        *timed_table([r for r in rows if "op_timing" in r]),
         "",
     ]
     for case, *_ in cases:
         if (case, "after") in best and (case, "before") in best:
             a, b = best[(case, "after")], best[(case, "before")]
             share_a, share_b = shares(a["profile"]), shares(b["profile"])
-            timed_a, timed_b = timed_shares(a["op_timing"]), timed_shares(b["op_timing"])
+            timed = "op_timing" in a and "op_timing" in b
+            timed_a, timed_b = (timed_shares(a["op_timing"]), timed_shares(b["op_timing"])) if timed else ({}, {})
             lines.append(
                 f"- {case}: tokens/s after / before = **{a['tokens_per_s'] / b['tokens_per_s']:.2f}x**; "
                 f"MFU {b['model_flops_per_s'] / peak:.1%} -> {a['model_flops_per_s'] / peak:.1%}; "
@@ -249,9 +250,13 @@ def main(argv=None) -> int:
                 f"(**{share_b['non-matmul'] / share_a['non-matmul']:.2f}x** smaller); "
                 f"all-but-matmul share {share_b['all but matmul']:.1%} -> {share_a['all but matmul']:.1%} "
                 f"({share_b['all but matmul'] / share_a['all but matmul']:.2f}x smaller); "
-                f"op-timed non-matmul share of the step {timed_b['non-matmul']:.1%} -> {timed_a['non-matmul']:.1%} "
-                f"(**{timed_b['non-matmul'] / timed_a['non-matmul']:.2f}x** smaller); "
-                f"peak memory after / before {a['peak_memory_bytes'] / b['peak_memory_bytes']:.2f}x"
+                + (
+                    f"op-timed non-matmul share of the step {timed_b['non-matmul']:.1%} -> {timed_a['non-matmul']:.1%} "
+                    f"(**{timed_b['non-matmul'] / timed_a['non-matmul']:.2f}x** smaller); "
+                    if timed
+                    else ""
+                )
+                + f"peak memory after / before {a['peak_memory_bytes'] / b['peak_memory_bytes']:.2f}x"
             )
     print("\n".join(lines))
     Path(args.json).write_text(json.dumps({"peak_bf16": peak, "rows": rows}, indent=1))

@@ -111,3 +111,16 @@ def test_a_runner_of_another_tree_is_timed_in_its_steps_only(tmp_path):
     assert report["ops"] == 3 * 3  # mm, add_, relu_ per step; the warmup's five mm are outside
     assert set(report["groups"]) == {op_groups.MATMUL, op_groups.ELEMENTWISE, "other"}
     assert 0 < sum(report["groups"].values()) <= report["seconds"]
+
+
+def test_compiled_runs_are_refused(capsys):
+    """Under a dispatch mode torch.compile'd code runs eagerly: timing it would report the eager step."""
+    import op_timing
+
+    try:
+        op_timing.main(["dpokit_runner.py", "--compile"])
+    except SystemExit as stop:
+        assert stop.code == 2
+    else:
+        raise AssertionError("op_timing.py accepted --compile")
+    assert "compiled code runs eagerly" in capsys.readouterr().err
