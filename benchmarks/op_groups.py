@@ -69,7 +69,7 @@ def op_group(name: str) -> str:
         return ATTENTION
     if plain in LOGPROB_OPS:
         return LOGPROBS
-    if "adam" in base or base.startswith("_foreach") or plain in OPTIMIZER_OPS:
+    if "adam" in name.lower() or base.startswith("_foreach") or plain in OPTIMIZER_OPS:  # + "Optimizer.step#AdamW.step"
         return OPTIMIZER
     if plain in CAST_OPS:
         return CASTS
