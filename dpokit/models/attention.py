@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from dpokit.models.cpu_attention import flash_attention, flash_attention_applies
+from dpokit.models.cpu_attention import flash_attention, flash_attention_applies, segmented_flash_attention
 
 try:  # FlexAttention is in torch >= 2.5; dpokit supports older builds without it.
     from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
@@ -109,7 +109,18 @@ def segmented_attention(
     q, k and v are cut with one `split` per row (rows, then documents and the gaps between them)
     rather than one slice per document: a slice's backward writes its gradient into a zero tensor
     of the whole input, so per-document slices cost a full-size fill and add per document in the
-    backward, where a split's backward is one concatenation."""
+    backward, where a split's backward is one concatenation.
+
+    CPU bf16 training, where every document goes to torch's flash kernel, takes
+    `segmented_flash_attention` instead: the same kernels, all documents in one autograd node."""
+    if (
+        softcap is None
+        and mask.segments
+        and all(
+            flash_attention_applies(*_document(seg, q, k, v), seg.mask, enable_gqa=enable_gqa) for seg in mask.segments
+        )
+    ):
+        return segmented_flash_attention(q, k, v, mask.segments, scale=scale)
     by_row: list[list[Segment]] = [[] for _ in range(mask.batch)]
     for seg in mask.segments:
         by_row[seg.row].append(seg)
@@ -136,6 +147,11 @@ def segmented_attention(
                 pieces.append(_dense(qs, ks, vs, seg.mask, scale=scale, softcap=softcap, enable_gqa=enable_gqa))
         rows.append(torch.cat(pieces, dim=2))
     return torch.cat(rows, dim=0)
+
+
+def _document(seg: Segment, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    """The [1, H, n, D] slices of [B, H, T, D] tensors that hold one segment."""
+    return [t[seg.row : seg.row + 1, :, seg.start : seg.end] for t in tensors]
 
 
 def flex_available(device: torch.device) -> bool:

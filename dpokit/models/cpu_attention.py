@@ -12,6 +12,12 @@ on the same inputs: bit for bit) and, for sequences up to `FP32_BACKWARD_MAX_LEN
 backward kernel on fp32 copies of its inputs: the same algorithm, with fp32 where the bf16 kernel
 rounds its intermediates to bf16 before their matmuls, and one rounding of each gradient at the end.
 It takes only the calls for which `F.scaled_dot_product_attention` itself would pick that kernel.
+
+`segmented_flash_attention` does the same for every document of a packed batch in one autograd
+node: the documents' outputs are written into one [B, T, H, D] buffer (the layout the output
+projection reads, so no copy follows), and its backward casts q, k, v, the output and its gradient
+to fp32 once for the whole batch instead of once per document, and writes each document's
+gradients into whole-batch buffers instead of concatenating them.
 """
 
 from __future__ import annotations
@@ -55,6 +61,97 @@ class _FlashAttention(torch.autograd.Function):
         return *(g.to(t.dtype) for g, t in zip(grads, (q, k, v))), None, None
 
 
+def _spans(segments, batch: int, seq_len: int):
+    """The [start, end) ranges of each row that no segment covers (padding)."""
+    covered: list[list[tuple[int, int]]] = [[] for _ in range(batch)]
+    for seg in segments:
+        covered[seg.row].append((seg.start, seg.end))
+    gaps = []
+    for row, spans in enumerate(covered):
+        cursor = 0
+        for start, end in sorted(spans):
+            if start > cursor:
+                gaps.append((row, cursor, start))
+            cursor = max(cursor, end)
+        if cursor < seq_len:
+            gaps.append((row, cursor, seq_len))
+    return gaps
+
+
+def _like_bthd(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """An uninitialised [B, H, T, D] tensor stored as [B, T, H, D] (the kernels' output layout)."""
+    batch, heads, seq, dim = t.shape
+    return t.new_empty(batch, seq, heads, dim, dtype=dtype or t.dtype).transpose(1, 2)
+
+
+class _SegmentedFlashAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, segments, scale):
+        batch, heads, seq, _ = q.shape
+        out = q.new_empty(batch, seq, heads, v.shape[-1]).transpose(1, 2)  # the output projection's layout
+        lse = q.new_empty(batch, seq, heads, dtype=torch.float32).transpose(1, 2)  # the kernel's layout
+        for seg in segments:
+            rows, span = slice(seg.row, seg.row + 1), slice(seg.start, seg.end)
+            causal = seg.mask is None
+            piece, piece_lse = _forward(
+                q[rows, :, span],
+                k[rows, :, span],
+                v[rows, :, span],
+                0.0,
+                causal,
+                attn_mask=_bias(seg.mask, q.dtype),
+                scale=scale,
+            )
+            out[rows, :, span] = piece
+            lse[rows, :, span] = piece_lse
+        gaps = _spans(segments, batch, seq)
+        for row, start, end in gaps:
+            out[row, :, start:end] = 0
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.segments, ctx.gaps, ctx.scale = segments, gaps, scale
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        q, k, v, out, lse = ctx.saved_tensors
+        short = [seg for seg in ctx.segments if seg.end - seg.start <= FP32_BACKWARD_MAX_LENGTH]
+        long = [seg for seg in ctx.segments if seg.end - seg.start > FP32_BACKWARD_MAX_LENGTH]
+        grads = [_like_bthd(t) for t in (q, k, v)]
+        if short:  # one fp32 copy of each input for all short documents, one rounding of each gradient
+            inputs32 = [t.float() for t in (grad_out, q, k, v, out)]
+            grads32 = [_like_bthd(t, torch.float32) for t in (q, k, v)]
+            _backward_segments(short, inputs32, lse, grads32, ctx.scale, torch.float32)
+            for row, start, end in ctx.gaps + [(seg.row, seg.start, seg.end) for seg in long]:
+                for g in grads32:
+                    g[row, :, start:end] = 0
+            for g, g32 in zip(grads, grads32):
+                g.copy_(g32)
+        else:
+            for row, start, end in ctx.gaps:
+                for g in grads:
+                    g[row, :, start:end] = 0
+        _backward_segments(long, (grad_out, q, k, v, out), lse, grads, ctx.scale, q.dtype)
+        return *grads, None, None
+
+
+def _backward_segments(segments, inputs, lse, grads, scale, dtype):
+    """Each segment's flash backward on slices of `inputs` (grad_out, q, k, v, out), written into
+    the matching slices of `grads` (dq, dk, dv)."""
+    for seg in segments:
+        rows, span = slice(seg.row, seg.row + 1), slice(seg.start, seg.end)
+        pieces = _backward(
+            *(t[rows, :, span] for t in inputs),
+            lse[rows, :, span],
+            0.0,
+            seg.mask is None,
+            attn_mask=_bias(seg.mask, dtype),
+            scale=scale,
+        )
+        for g, piece in zip(grads, pieces):
+            g[rows, :, span] = piece
+
+
 def flash_attention_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, *, enable_gqa: bool) -> bool:
     """Whether `flash_attention` takes this call: bf16 self-attention on the CPU that autograd will
     differentiate, and that `F.scaled_dot_product_attention` would send to its flash kernel (the
@@ -84,3 +181,13 @@ def flash_attention(
     None (causal) or boolean [L, L] or [B or 1, H or 1, L, L] (True = may attend); scale None =
     1 / sqrt(D). Check `flash_attention_applies` first."""
     return _FlashAttention.apply(q, k, v, mask, scale)
+
+
+def segmented_flash_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments, *, scale: float | None = None
+) -> torch.Tensor:
+    """`flash_attention` of every segment (objects with row, start, end and a boolean mask or None,
+    as `dpokit.models.attention.Segment`) of q [B, H, T, D], k/v [B, Hkv, T, D], in one autograd
+    node; positions outside every segment get zero outputs and zero gradients. The values are those
+    of `flash_attention` per segment, bit for bit. Check `flash_attention_applies` per segment first."""
+    return _SegmentedFlashAttention.apply(q, k, v, tuple(segments), scale)

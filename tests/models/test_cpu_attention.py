@@ -114,17 +114,6 @@ def test_takes_only_what_sdpa_would_send_to_its_flash_kernel():
         assert not flash_attention_applies(q, k, v, None, enable_gqa=True)
 
 
-def test_attention_takes_it_once_per_document(monkeypatch):
-    calls = []
-    original = cpu_attention_module._FlashAttention.apply
-    monkeypatch.setattr(cpu_attention_module._FlashAttention, "apply", lambda *a: calls.append(1) or original(*a))
-    documents = torch.tensor([[0] * 5 + [1] * 7])
-    segments = build_attention_mask(documents, torch.zeros_like(documents), "segments")
-    q, k, v = (t.bfloat16().transpose(1, 2).requires_grad_() for t in _qkv(12, batch=1, heads=4, kv_heads=2))
-    attention(q, k, v, segments, enable_gqa=True).float().sum().backward()
-    assert len(calls) == 2 and k.grad.shape == k.shape
-
-
 def test_per_document_gradients_match_float64_as_well_as_the_dense_sdpa_path():
     """The prefix-shared rule per document through segments (this backward) and over the whole row
     through one dense boolean mask and torch's SDPA, both in bf16 against float64."""

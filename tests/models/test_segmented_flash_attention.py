@@ -1,0 +1,90 @@
+"""segmented_flash_attention: every document of a packed batch in one autograd node, with the values
+of flash_attention per document, bit for bit."""
+
+import pytest
+import torch
+
+from dpokit.models import cpu_attention as cpu_attention_module
+from dpokit.models.attention import Segment, attention, build_attention_mask
+from dpokit.models.cpu_attention import flash_attention, segmented_flash_attention
+
+
+def _leaves(batch, length, heads=4, kv_heads=2, dim=16, seed=0):
+    """bf16 q, k, v leaves stored [B, T, H, D] as the model stores them, and their [B, H, T, D] views."""
+    gen = torch.Generator().manual_seed(seed)
+    leaves = [
+        torch.randn(batch, length, h, dim, generator=gen).bfloat16().requires_grad_()
+        for h in (heads, kv_heads, kv_heads)
+    ]
+    return leaves, [t.transpose(1, 2) for t in leaves]
+
+
+def _per_document(q, k, v, segments, scale):
+    """flash_attention per segment, zeros elsewhere, assembled with cat (the reference)."""
+    batch, heads, seq, dim = q.shape
+    rows = []
+    for row in range(batch):
+        pieces, cursor = [], 0
+        for seg in sorted((s for s in segments if s.row == row), key=lambda s: s.start):
+            if seg.start > cursor:
+                pieces.append(q.new_zeros(1, heads, seg.start - cursor, dim))
+            sl = [t[row : row + 1, :, seg.start : seg.end] for t in (q, k, v)]
+            pieces.append(flash_attention(*sl, seg.mask, scale=scale))
+            cursor = seg.end
+        if cursor < seq:
+            pieces.append(q.new_zeros(1, heads, seq - cursor, dim))
+        rows.append(torch.cat(pieces, dim=2))
+    return torch.cat(rows)
+
+
+def _branch_mask(n, seed):
+    gen = torch.Generator().manual_seed(seed)
+    mask = (torch.rand(1, 1, n, n, generator=gen) < 0.5) & torch.ones(n, n, dtype=torch.bool).tril()
+    return mask | torch.eye(n, dtype=torch.bool)
+
+
+@pytest.mark.parametrize("limit", [1000, 30, 0])  # all documents fp32-backward, some, none
+def test_outputs_and_gradients_equal_flash_attention_per_document(monkeypatch, limit):
+    monkeypatch.setattr(cpu_attention_module, "FP32_BACKWARD_MAX_LENGTH", limit)
+    segments = (
+        Segment(0, 0, 5, None),
+        Segment(0, 5, 45, _branch_mask(40, 1)),  # prefix-shared: a branch mask
+        Segment(0, 50, 60, None),  # padding 45..50 and 60..64
+        Segment(1, 3, 64, None),  # padding at the start of the row
+        Segment(2, 0, 64, _branch_mask(64, 2)),
+    )
+    grad = torch.randn(3, 64, 4, 16, generator=torch.Generator().manual_seed(9)).bfloat16()
+    results = []
+    for fn in (segmented_flash_attention, _per_document):
+        leaves, (q, k, v) = _leaves(3, 64)
+        out = fn(q, k, v, segments, scale=0.3)
+        out.transpose(1, 2).backward(grad)
+        results.append([out.detach(), *(t.grad for t in leaves)])
+    for name, ours, want in zip(("out", "dq", "dk", "dv"), *results):
+        assert torch.equal(ours, want), name
+    out, dq = results[0][:2]
+    assert out[0, :, 45:50].eq(0).all() and out[1, :, :3].eq(0).all() and dq[0, 60:].eq(0).all()
+
+
+def test_output_is_stored_as_the_output_projection_reads_it():
+    _, (q, k, v) = _leaves(1, 12)
+    out = segmented_flash_attention(q, k, v, (Segment(0, 0, 12, None),))
+    assert out.transpose(1, 2).is_contiguous()  # [B, T, H, D]: the o_proj input is a view, not a copy
+
+
+def test_attention_routes_cpu_bf16_training_through_one_node(monkeypatch):
+    calls = []
+    original = cpu_attention_module._SegmentedFlashAttention.apply
+    monkeypatch.setattr(
+        cpu_attention_module._SegmentedFlashAttention, "apply", lambda *a: calls.append(len(a[3])) or original(*a)
+    )
+    documents = torch.tensor([[0] * 5 + [1] * 7 + [-1] * 2])
+    mask = build_attention_mask(documents, torch.zeros_like(documents), "segments")
+    leaves, (q, k, v) = _leaves(1, 14)
+    attention(q, k, v, mask, enable_gqa=True).float().sum().backward()
+    assert calls == [2] and leaves[1].grad.shape == leaves[1].shape
+    with torch.no_grad():  # no gradient: torch's SDPA per document, as before
+        attention(q, k, v, mask, enable_gqa=True)
+    attention(q, k, v, mask, softcap=5.0, enable_gqa=True)  # soft-capped: the eager path
+    attention(q.float(), k.float(), v.float(), mask, enable_gqa=True)  # fp32: SDPA
+    assert calls == [2]
