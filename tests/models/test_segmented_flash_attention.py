@@ -1,12 +1,18 @@
 """segmented_flash_attention: every document of a packed batch in one autograd node, with the values
 of flash_attention per document, bit for bit."""
 
+import copy
+
 import pytest
 import torch
 
+from dpokit.data import collate_packed
+from dpokit.models import attention as attention_module
 from dpokit.models import cpu_attention as cpu_attention_module
+from dpokit.models import llama, prepare_blocks
 from dpokit.models.attention import Segment, attention, build_attention_mask
 from dpokit.models.cpu_attention import flash_attention, segmented_flash_attention
+from dpokit.training.packed_forward import packed_policy_logps
 
 
 def _leaves(batch, length, heads=4, kv_heads=2, dim=16, seed=0):
@@ -19,7 +25,7 @@ def _leaves(batch, length, heads=4, kv_heads=2, dim=16, seed=0):
     return leaves, [t.transpose(1, 2) for t in leaves]
 
 
-def _per_document(q, k, v, segments, scale):
+def _per_document(q, k, v, segments, *, scale):
     """flash_attention per segment, zeros elsewhere, assembled with cat (the reference)."""
     batch, heads, seq, dim = q.shape
     rows = []
@@ -88,3 +94,40 @@ def test_attention_routes_cpu_bf16_training_through_one_node(monkeypatch):
     attention(q, k, v, mask, softcap=5.0, enable_gqa=True)  # soft-capped: the eager path
     attention(q.float(), k.float(), v.float(), mask, enable_gqa=True)  # fp32: SDPA
     assert calls == [2]
+
+
+def _packed_step(model, batch):
+    out = packed_policy_logps(model, batch)
+    (out.chosen - 2 * out.rejected).float().sum().backward()
+    return [out.chosen.detach(), out.rejected.detach(), *(p.grad for p in model.parameters())]
+
+
+def test_packed_bf16_step_equals_the_per_document_path_and_checkpointing(monkeypatch):
+    """A bf16 prefix-shared packed step through the model: the one-node attention gives the
+    per-document path's log-probs and gradients exactly, and so does its checkpointed recompute."""
+    torch.manual_seed(0)
+    base = llama(vocab_size=40, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128, max_seq_len=96)
+    base = base.to(torch.bfloat16)
+    pairs = [
+        {"prompt_ids": list(range(1, 1 + n)), "chosen_ids": [3] * (n % 4 + 2), "rejected_ids": [4, 5, 6][: n % 3 + 1]}
+        for n in (9, 14, 5, 20)
+    ]
+    batch = collate_packed([pairs[:3], pairs[3:]], pad_id=0, pack_size=48, prefix_sharing=True)
+    results, calls = {}, []
+    original = cpu_attention_module._SegmentedFlashAttention.apply
+    for name in ("one node", "checkpointed"):
+        model = copy.deepcopy(base)
+        if name == "checkpointed":
+            prepare_blocks(model, activation_checkpointing=True)
+        with monkeypatch.context() as patch:
+            patch.setattr(
+                cpu_attention_module._SegmentedFlashAttention, "apply", lambda *a: calls.append(name) or original(*a)
+            )
+            results[name] = _packed_step(model, batch)
+    assert calls.count("one node") == 2 and calls.count("checkpointed") >= 2  # a node per layer
+    with monkeypatch.context() as patch:  # flash_attention per document, assembled with cat
+        patch.setattr(attention_module, "segmented_flash_attention", _per_document)
+        results["per document"] = _packed_step(copy.deepcopy(base), batch)
+    for other in ("checkpointed", "per document"):
+        for ours, want in zip(results["one node"], results[other]):
+            assert torch.equal(ours, want), other
