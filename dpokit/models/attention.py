@@ -13,7 +13,8 @@ prefix-shared pair, which never see each other). `build_attention_mask` turns th
   - a FlexAttention `BlockMask` on CUDA, which skips fully-masked blocks instead of materialising
     T x T booleans;
   - a `SegmentMask` (the CPU default): documents never attend across each other, so attention is
-    block-diagonal and each document runs its own SDPA call, causal or with its small branch mask.
+    block-diagonal and each document runs its own kernel call, causal or with its small branch mask
+    (CPU bf16 training: all of a layer's calls in one autograd node, `segmented_flash_attention`).
     That costs sum(len(doc)^2) instead of the dense mask's T^2 per row: a 1,024-token pack of four
     256-token documents does a quarter of the dense work.
 
@@ -27,7 +28,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from dpokit.models.cpu_attention import flash_attention, flash_attention_applies, segmented_flash_attention
+from dpokit.models.cpu_attention import (
+    flash_attention,
+    flash_attention_applies,
+    segment_index,
+    segmented_flash_attention,
+)
 
 try:  # FlexAttention is in torch >= 2.5; dpokit supports older builds without it.
     from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
@@ -113,13 +119,7 @@ def segmented_attention(
 
     CPU bf16 training, where every document goes to torch's flash kernel, takes
     `segmented_flash_attention` instead: the same kernels, all documents in one autograd node."""
-    if (
-        softcap is None
-        and mask.segments
-        and all(
-            flash_attention_applies(*_document(seg, q, k, v), seg.mask, enable_gqa=enable_gqa) for seg in mask.segments
-        )
-    ):
+    if softcap is None and _every_document_takes_flash(q, k, v, mask, enable_gqa):
         return segmented_flash_attention(q, k, v, mask.segments, scale=scale)
     by_row: list[list[Segment]] = [[] for _ in range(mask.batch)]
     for seg in mask.segments:
@@ -149,9 +149,20 @@ def segmented_attention(
     return torch.cat(rows, dim=0)
 
 
-def _document(seg: Segment, *tensors: torch.Tensor) -> list[torch.Tensor]:
-    """The [1, H, n, D] slices of [B, H, T, D] tensors that hold one segment."""
-    return [t[seg.row : seg.row + 1, :, seg.start : seg.end] for t in tensors]
+def _every_document_takes_flash(q, k, v, mask: SegmentMask, enable_gqa: bool) -> bool:
+    """Whether `segmented_flash_attention` takes the call: tensors of the mask's shape, and every
+    document one that `flash_attention` would take."""
+    shaped = q.shape[0] == k.shape[0] == v.shape[0] == mask.batch
+    shaped = shaped and q.shape[2] == k.shape[2] == v.shape[2] == mask.seq_len
+    return (
+        shaped
+        and bool(mask.segments)
+        and all(
+            flash_attention_applies(q[index], k[index], v[index], seg.mask, enable_gqa=enable_gqa)
+            for seg in mask.segments
+            for index in [segment_index(seg)]
+        )
+    )
 
 
 def flex_available(device: torch.device) -> bool:

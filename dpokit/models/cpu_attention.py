@@ -16,8 +16,8 @@ It takes only the calls for which `F.scaled_dot_product_attention` itself would 
 `segmented_flash_attention` does the same for every document of a packed batch in one autograd
 node: the documents' outputs are written into one [B, T, H, D] buffer (the layout the output
 projection reads, so no copy follows), and its backward casts q, k, v, the output and its gradient
-to fp32 once for the whole batch instead of once per document, and writes each document's
-gradients into whole-batch buffers instead of concatenating them.
+to fp32 once for the whole batch instead of once per document (when short documents are most of
+it), and writes each document's gradients into whole-batch buffers instead of concatenating them.
 """
 
 from __future__ import annotations
@@ -61,8 +61,13 @@ class _FlashAttention(torch.autograd.Function):
         return *(g.to(t.dtype) for g, t in zip(grads, (q, k, v))), None, None
 
 
-def _spans(segments, batch: int, seq_len: int):
-    """The [start, end) ranges of each row that no segment covers (padding)."""
+def segment_index(seg) -> tuple[slice, slice, slice]:
+    """Indexes the [1, H, n, D] slice of a [B, H, T, D] tensor that holds one segment."""
+    return slice(seg.row, seg.row + 1), slice(None), slice(seg.start, seg.end)
+
+
+def _gaps(segments, batch: int, seq_len: int) -> list[tuple[int, int, int]]:
+    """(row, start, end) of each stretch of a row that no segment covers (padding)."""
     covered: list[list[tuple[int, int]]] = [[] for _ in range(batch)]
     for seg in segments:
         covered[seg.row].append((seg.start, seg.end))
@@ -78,35 +83,29 @@ def _spans(segments, batch: int, seq_len: int):
     return gaps
 
 
-def _like_bthd(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """An uninitialised [B, H, T, D] tensor stored as [B, T, H, D] (the kernels' output layout)."""
-    batch, heads, seq, dim = t.shape
-    return t.new_empty(batch, seq, heads, dim, dtype=dtype or t.dtype).transpose(1, 2)
+def _zero_gaps(gaps, tensors) -> None:
+    for row, start, end in gaps:
+        for t in tensors:
+            t[row, :, start:end] = 0
 
 
 class _SegmentedFlashAttention(torch.autograd.Function):
+    """Takes q [B, H, T, D], k/v [B, Hkv, T, D]; returns the output stored and shaped [B, T, H, D]
+    (a plain tensor, so that callers may change it in place)."""
+
     @staticmethod
     def forward(ctx, q, k, v, segments, scale):
         batch, heads, seq, _ = q.shape
-        out = q.new_empty(batch, seq, heads, v.shape[-1]).transpose(1, 2)  # the output projection's layout
+        out = q.new_empty(batch, seq, heads, v.shape[-1])
+        out_bhtd = out.transpose(1, 2)
         lse = q.new_empty(batch, seq, heads, dtype=torch.float32).transpose(1, 2)  # the kernel's layout
         for seg in segments:
-            rows, span = slice(seg.row, seg.row + 1), slice(seg.start, seg.end)
-            causal = seg.mask is None
-            piece, piece_lse = _forward(
-                q[rows, :, span],
-                k[rows, :, span],
-                v[rows, :, span],
-                0.0,
-                causal,
-                attn_mask=_bias(seg.mask, q.dtype),
-                scale=scale,
+            index = segment_index(seg)
+            out_bhtd[index], lse[index] = _forward(
+                q[index], k[index], v[index], 0.0, seg.mask is None, attn_mask=_bias(seg.mask, q.dtype), scale=scale
             )
-            out[rows, :, span] = piece
-            lse[rows, :, span] = piece_lse
-        gaps = _spans(segments, batch, seq)
-        for row, start, end in gaps:
-            out[row, :, start:end] = 0
+        gaps = _gaps(segments, batch, seq)
+        _zero_gaps(gaps, [out_bhtd])
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.segments, ctx.gaps, ctx.scale = segments, gaps, scale
         return out
@@ -115,41 +114,35 @@ class _SegmentedFlashAttention(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out):
         q, k, v, out, lse = ctx.saved_tensors
+        inputs = [grad_out.transpose(1, 2), q, k, v, out.transpose(1, 2)]
+        grads = [t.new_empty(t.shape[0], t.shape[2], t.shape[1], t.shape[3]).transpose(1, 2) for t in (q, k, v)]
+        _zero_gaps(ctx.gaps, grads)
         short = [seg for seg in ctx.segments if seg.end - seg.start <= FP32_BACKWARD_MAX_LENGTH]
         long = [seg for seg in ctx.segments if seg.end - seg.start > FP32_BACKWARD_MAX_LENGTH]
-        grads = [_like_bthd(t) for t in (q, k, v)]
-        if short:  # one fp32 copy of each input for all short documents, one rounding of each gradient
-            inputs32 = [t.float() for t in (grad_out, q, k, v, out)]
-            grads32 = [_like_bthd(t, torch.float32) for t in (q, k, v)]
-            _backward_segments(short, inputs32, lse, grads32, ctx.scale, torch.float32)
-            for row, start, end in ctx.gaps + [(seg.row, seg.start, seg.end) for seg in long]:
-                for g in grads32:
-                    g[row, :, start:end] = 0
-            for g, g32 in zip(grads, grads32):
-                g.copy_(g32)
-        else:
-            for row, start, end in ctx.gaps:
-                for g in grads:
-                    g[row, :, start:end] = 0
-        _backward_segments(long, (grad_out, q, k, v, out), lse, grads, ctx.scale, q.dtype)
+        short_tokens = sum(seg.end - seg.start for seg in short)
+        # One fp32 copy of each whole input when the short documents are most of the batch (five
+        # casts per layer, not per document); else each short document's slices are cast alone.
+        inputs32 = [t.float() for t in inputs] if 2 * short_tokens >= grad_out.shape[0] * grad_out.shape[1] else inputs
+        _backward_segments(short, inputs32, lse, grads, ctx.scale, torch.float32)
+        _backward_segments(long, inputs, lse, grads, ctx.scale, q.dtype)
         return *grads, None, None
 
 
-def _backward_segments(segments, inputs, lse, grads, scale, dtype):
-    """Each segment's flash backward on slices of `inputs` (grad_out, q, k, v, out), written into
-    the matching slices of `grads` (dq, dk, dv)."""
+def _backward_segments(segments, inputs, lse, grads, scale, dtype) -> None:
+    """Each segment's flash backward in `dtype` on slices of `inputs` (grad_out, q, k, v, out),
+    written (rounded to the gradients' dtype) into the matching slices of `grads` (dq, dk, dv)."""
     for seg in segments:
-        rows, span = slice(seg.row, seg.row + 1), slice(seg.start, seg.end)
+        index = segment_index(seg)
         pieces = _backward(
-            *(t[rows, :, span] for t in inputs),
-            lse[rows, :, span],
+            *(t[index].to(dtype) for t in inputs),
+            lse[index],
             0.0,
             seg.mask is None,
             attn_mask=_bias(seg.mask, dtype),
             scale=scale,
         )
         for g, piece in zip(grads, pieces):
-            g[rows, :, span] = piece
+            g[index] = piece
 
 
 def flash_attention_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, *, enable_gqa: bool) -> bool:
@@ -190,4 +183,4 @@ def segmented_flash_attention(
     as `dpokit.models.attention.Segment`) of q [B, H, T, D], k/v [B, Hkv, T, D], in one autograd
     node; positions outside every segment get zero outputs and zero gradients. The values are those
     of `flash_attention` per segment, bit for bit. Check `flash_attention_applies` per segment first."""
-    return _SegmentedFlashAttention.apply(q, k, v, tuple(segments), scale)
+    return _SegmentedFlashAttention.apply(q, k, v, tuple(segments), scale).transpose(1, 2)

@@ -72,6 +72,43 @@ def test_outputs_and_gradients_equal_flash_attention_per_document(monkeypatch, l
     assert out[0, :, 45:50].eq(0).all() and out[1, :, :3].eq(0).all() and dq[0, 60:].eq(0).all()
 
 
+def test_fused_projection_layout_equal_heads_frozen_keys_and_an_empty_row():
+    """q, k and v cut from one fused [B, T, 3 H D] projection (Phi-3's layout), as many key/value heads
+    as query heads, keys and values without gradients, and a row with no document at all."""
+    segments = (Segment(0, 2, 20, None), Segment(0, 20, 32, _branch_mask(12, 3)), Segment(2, 0, 9, None))
+    grad = torch.randn(3, 32, 4, 16, generator=torch.Generator().manual_seed(4)).bfloat16()
+    results = []
+    for fn in (segmented_flash_attention, _per_document):
+        fused = torch.randn(3, 32, 3 * 64, generator=torch.Generator().manual_seed(5)).bfloat16().requires_grad_()
+        q, k, v = (t.view(3, 32, 4, 16).transpose(1, 2) for t in fused.split(64, dim=-1))
+        out = fn(q, k.detach(), v.detach(), segments, scale=None)
+        out.transpose(1, 2).backward(grad)
+        results.append([out.detach(), fused.grad])
+    for name, ours, want in zip(("out", "dfused"), *results):
+        assert torch.equal(ours, want), name
+    assert results[0][0][1].eq(0).all() and results[0][1][1].eq(0).all()  # the empty row
+
+
+def test_an_in_place_change_of_the_output_is_refused_not_differentiated_wrongly():
+    """The backward reads the output it returned (saved, not copied): a later in-place change is
+    caught by autograd's version check at backward time instead of giving wrong gradients."""
+    leaves, (q, k, v) = _leaves(1, 12)
+    out = segmented_flash_attention(q, k, v, (Segment(0, 0, 12, None),))
+    out.mul_(2)  # allowed: the output is a plain tensor, not a view of the node's internals
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.float().sum().backward()
+
+
+def test_tensors_longer_than_the_mask_are_not_cut_to_fit():
+    """Keys beyond the mask's length: the per-document loop refuses them as before, instead of the
+    one-node path attending over the first positions only."""
+    documents = torch.tensor([[0] * 6 + [1] * 6])
+    mask = build_attention_mask(documents, torch.zeros_like(documents), "segments")
+    _, (q, k, v) = _leaves(1, 16)
+    with pytest.raises(RuntimeError, match="split"):
+        attention(q, k, v, mask, enable_gqa=True)
+
+
 def test_output_is_stored_as_the_output_projection_reads_it():
     _, (q, k, v) = _leaves(1, 12)
     out = segmented_flash_attention(q, k, v, (Segment(0, 0, 12, None),))
@@ -124,7 +161,8 @@ def test_packed_bf16_step_equals_the_per_document_path_and_checkpointing(monkeyp
                 cpu_attention_module._SegmentedFlashAttention, "apply", lambda *a: calls.append(name) or original(*a)
             )
             results[name] = _packed_step(model, batch)
-    assert calls.count("one node") == 2 and calls.count("checkpointed") >= 2  # a node per layer
+    assert calls.count("one node") == 2  # a node per layer
+    assert calls.count("checkpointed") == 4  # and again in each layer's recompute
     with monkeypatch.context() as patch:  # flash_attention per document, assembled with cat
         patch.setattr(attention_module, "segmented_flash_attention", _per_document)
         results["per document"] = _packed_step(copy.deepcopy(base), batch)
