@@ -16,8 +16,7 @@ It takes only the calls for which `F.scaled_dot_product_attention` itself would 
 `segmented_flash_attention` does the same for every document of a packed batch in one autograd
 node: the documents' outputs are written into one [B, T, H, D] buffer (the layout the output
 projection reads, so no copy follows), and its backward casts q, k, v, the output and its gradient
-to fp32 once for the whole batch instead of once per document (when short documents are most of
-it), and writes each document's gradients into whole-batch buffers instead of concatenating them.
+to fp32 once for the whole batch instead of once per document, and writes each document's gradients into whole-batch buffers instead of concatenating them.
 """
 
 from __future__ import annotations
@@ -119,22 +118,21 @@ class _SegmentedFlashAttention(torch.autograd.Function):
         _zero_gaps(ctx.gaps, grads)
         short = [seg for seg in ctx.segments if seg.end - seg.start <= FP32_BACKWARD_MAX_LENGTH]
         long = [seg for seg in ctx.segments if seg.end - seg.start > FP32_BACKWARD_MAX_LENGTH]
-        short_tokens = sum(seg.end - seg.start for seg in short)
-        # One fp32 copy of each whole input when the short documents are most of the batch (five
-        # casts per layer, not per document); else each short document's slices are cast alone.
-        inputs32 = [t.float() for t in inputs] if 2 * short_tokens >= grad_out.shape[0] * grad_out.shape[1] else inputs
+        # One fp32 copy of each whole input (five casts per layer, not five per document): cheaper
+        # than casting document by document even where long documents or padding come along.
+        inputs32 = [t.float() for t in inputs] if short else inputs
         _backward_segments(short, inputs32, lse, grads, ctx.scale, torch.float32)
         _backward_segments(long, inputs, lse, grads, ctx.scale, q.dtype)
         return *grads, None, None
 
 
 def _backward_segments(segments, inputs, lse, grads, scale, dtype) -> None:
-    """Each segment's flash backward in `dtype` on slices of `inputs` (grad_out, q, k, v, out),
+    """Each segment's flash backward on slices of `inputs` (grad_out, q, k, v, out, all of `dtype`),
     written (rounded to the gradients' dtype) into the matching slices of `grads` (dq, dk, dv)."""
     for seg in segments:
         index = segment_index(seg)
         pieces = _backward(
-            *(t[index].to(dtype) for t in inputs),
+            *(t[index] for t in inputs),
             lse[index],
             0.0,
             seg.mask is None,
