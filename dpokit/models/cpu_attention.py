@@ -16,7 +16,8 @@ It takes only the calls for which `F.scaled_dot_product_attention` itself would 
 `segmented_flash_attention` does the same for every document of a packed batch in one autograd
 node: the documents' outputs are written into one [B, T, H, D] buffer (the layout the output
 projection reads, so no copy follows), and its backward casts q, k, v, the output and its gradient
-to fp32 once for the whole batch instead of once per document, and writes each document's gradients into whole-batch buffers instead of concatenating them.
+to fp32 once for the whole batch instead of once per document, and writes each document's
+gradients into whole-batch buffers instead of concatenating them.
 """
 
 from __future__ import annotations
@@ -89,8 +90,9 @@ def _zero_gaps(gaps, tensors) -> None:
 
 
 class _SegmentedFlashAttention(torch.autograd.Function):
-    """Takes q [B, H, T, D], k/v [B, Hkv, T, D]; returns the output stored and shaped [B, T, H, D]
-    (a plain tensor, so that callers may change it in place)."""
+    """Takes q [B, H, T, D], k/v [B, Hkv, T, D]; returns the output stored and shaped [B, T, H, D]:
+    a plain tensor, not a view of the node's internals (the backward reads it, so an in-place
+    change made later is refused by autograd's version check)."""
 
     @staticmethod
     def forward(ctx, q, k, v, segments, scale):
